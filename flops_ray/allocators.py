@@ -1,0 +1,114 @@
+"""Query allocators: how one group's step budget ``A0`` is split over the ``B`` samples of a batch.
+
+Each allocator maps per-sample features (pilot trace estimates ``T_j``, clean losses, embeddings) to
+integer counts that are multiples of the pair size, at least the floor, and sum exactly to ``A0``.
+Create one by name with :func:`create_allocator`, the way timm creates models.
+
+>>> import torch
+>>> from flops_ray.config import AllocatorConfig
+from flops_ray.gaussian_allocator import GaussianAllocator
+>>> alloc = create_allocator(AllocatorConfig(kind="neyman"))
+>>> feats = AllocationFeatures(traces=torch.tensor([1.0, 1.0, 16.0, 16.0]),
+...                            losses=torch.zeros(4), embeddings=torch.eye(4))
+>>> alloc.allocate(feats, total=40, minimum=2, unit=2, gen=torch.Generator()).tolist()
+[4, 4, 16, 16]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from flops_ray.budget import to_counts
+from flops_ray.config import AllocatorConfig
+from flops_ray.gaussian_allocator import GaussianAllocator
+
+
+@dataclass(frozen=True)
+class AllocationFeatures:
+    """What an allocator may look at for one group and one batch."""
+
+    traces: torch.Tensor
+    """``(B,)`` pilot estimates of ``T_j``."""
+    losses: torch.Tensor
+    """``(B,)`` clean (unperturbed) losses."""
+    embeddings: torch.Tensor
+    """``(B, D)`` sample embeddings (CLS / pre-logits), for the Gaussian allocator's kernel."""
+
+
+class Allocator(Protocol):
+    """Splits a budget; stateful allocators (Gaussian) keep their parameters across steps."""
+
+    def allocate(
+        self, feats: AllocationFeatures, total: int, minimum: int, unit: int, gen: torch.Generator
+    ) -> torch.Tensor: ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+
+class _Stateless:
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} has no state, got keys {sorted(state)}")
+
+
+class EqualAllocator(_Stateless):
+    """``A_j = A0 / B``: the baseline every method is compared to."""
+
+    def allocate(self, feats, total, minimum, unit, gen):
+        return to_counts(torch.ones_like(feats.losses), total, minimum, unit)
+
+
+class NeymanAllocator(_Stateless):
+    """Closed-form optimum of ``J(A)`` (proof of Theorem 2): ``A_j ~ sqrt(T_j)``, water-filled above the floor."""
+
+    def allocate(self, feats, total, minimum, unit, gen):
+        return to_counts(feats.traces.clamp_min(0).sqrt(), total, minimum, unit)
+
+
+def bernoulli_weights(losses: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
+    """Relative allocation of the Bernoulli allocator (eq. 6).
+
+    A sample whose clean loss is below the batch mean is cut to ``1/2`` with probability ``p``; the
+    pruned half-shares are spread equally over the unpruned samples, so the weights sum to ``B``.
+    """
+    below = losses < losses.mean()
+    pruned = below & (torch.rand(losses.shape, generator=gen, dtype=torch.float64) < p)
+    n_pruned, n_kept = int(pruned.sum()), int((~pruned).sum())
+    weights = torch.ones(losses.shape, dtype=torch.float64)
+    weights[pruned] = 0.5
+    weights[~pruned] += 0.5 * n_pruned / n_kept
+    return weights
+
+
+class BernoulliAllocator(_Stateless):
+    """Bernoulli allocator (paper eq. 6): prunes easy samples to half their queries with probability ``p``."""
+
+    def __init__(self, p: float):
+        self.p = p
+
+    def allocate(self, feats, total, minimum, unit, gen):
+        return to_counts(bernoulli_weights(feats.losses, self.p, gen), total, minimum, unit)
+
+
+ALLOCATORS: dict[str, Callable[[AllocatorConfig], Allocator]] = {
+    "equal": lambda cfg: EqualAllocator(),
+    "neyman": lambda cfg: NeymanAllocator(),
+    "bernoulli": lambda cfg: BernoulliAllocator(cfg.bernoulli_p),
+    "gaussian": lambda cfg: GaussianAllocator(cfg.gaussian_draws, cfg.gaussian_iters, cfg.gaussian_lr),
+}
+
+
+def create_allocator(cfg: AllocatorConfig) -> Allocator:
+    """Build the allocator ``cfg.kind`` names (``equal``, ``bernoulli``, ``gaussian``, ``neyman``)."""
+    if cfg.kind not in ALLOCATORS:
+        raise ValueError(f"allocator.kind: unknown allocator {cfg.kind!r}; known: {sorted(ALLOCATORS)}")
+    return ALLOCATORS[cfg.kind](cfg)

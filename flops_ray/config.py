@@ -1,0 +1,264 @@
+"""Typed, frozen configuration for forward-only training.
+
+Every field carries a docstring; ``validate()`` raises :class:`ConfigError` naming the field
+that is wrong, so a bad YAML fails before any forward pass is spent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+ESTIMATORS = ("lr", "spsa", "es", "bp")
+ALLOCATORS = ("equal", "bernoulli", "gaussian", "neyman")
+REDUCTIONS = ("driver", "allreduce")
+OPTIMIZERS = ("adam", "sgd")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+def _require(ok: bool, name: str, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: {why}")
+
+
+@dataclass(frozen=True)
+class GroupConfig:
+    """One layer group: a query perturbs exactly one group (DESIGN section 1)."""
+
+    name: str
+    """Label used in logs and metrics."""
+    modules: tuple[str, ...]
+    """fnmatch patterns over ``model.named_modules()`` names, e.g. ``("blocks.0.*",)``.
+    LR perturbs the outputs of the matched ``nn.Linear`` modules; SPSA/ES perturb their parameters."""
+    sigma: float
+    """Noise scale of this group's perturbations (> 0)."""
+    queries_per_sample: int
+    """Mean queries per data point for this group; the group's step budget is this times the batch."""
+
+    def validate(self, prefix: str = "group") -> None:
+        where = f"{prefix}[{self.name}]"
+        _require(bool(self.name), f"{where}.name", "must be a non-empty string")
+        _require(len(self.modules) > 0, f"{where}.modules", "empty layer group (no module patterns)")
+        _require(math.isfinite(self.sigma) and self.sigma > 0, f"{where}.sigma", f"must be > 0, got {self.sigma}")
+        _require(
+            self.queries_per_sample > 0 and self.queries_per_sample % 2 == 0,
+            f"{where}.queries_per_sample",
+            f"must be a positive even number (antithetic pairs), got {self.queries_per_sample}",
+        )
+
+
+@dataclass(frozen=True)
+class EstimatorConfig:
+    """How one query's loss becomes a gradient term (paper eqs. 1-3)."""
+
+    kind: str = "lr"
+    """``lr`` (perturb module outputs), ``spsa`` (two-sided parameter), ``es`` (one-sided parameter with
+    clean-loss baseline), or ``bp`` (backprop baseline, no queries)."""
+    antithetic: bool = True
+    """LR only: use ``(+eps, -eps)`` pairs; if False, LR subtracts the clean loss (one-sided baseline).
+    SPSA is always antithetic and ES never is."""
+    pilot_queries: int = 4
+    """Queries per sample spent first to estimate ``T_j`` (reused in the gradient, counted in the budget)."""
+    floor: int = 2
+    """Fewest queries any sample gets (even, >= 2)."""
+    trace_coords: int = 512
+    """Coordinates sub-sampled per group to estimate ``T_j = Tr Cov[G]``."""
+    max_rows: int = 256
+    """Most perturbed rows in one batched forward on a replica (memory bound, not a semantic knob)."""
+
+    @property
+    def paired(self) -> bool:
+        """Whether queries come in antithetic pairs sharing one noise draw."""
+        return self.kind == "spsa" or (self.kind == "lr" and self.antithetic)
+
+    @property
+    def unit(self) -> int:
+        """Queries per independent noise draw (2 for antithetic pairs)."""
+        return 2 if self.paired else 1
+
+    def validate(self) -> None:
+        _require(self.kind in ESTIMATORS, "estimator.kind", f"must be one of {ESTIMATORS}, got {self.kind!r}")
+        _require(self.floor >= 2 and self.floor % 2 == 0, "estimator.floor", f"must be even and >= 2, got {self.floor}")
+        _require(
+            self.pilot_queries >= 2 * self.unit and self.pilot_queries % 2 == 0,
+            "estimator.pilot_queries",
+            f"must be even and give >= 2 independent draws ({2 * self.unit} queries), got {self.pilot_queries}",
+        )
+        _require(self.trace_coords >= 1, "estimator.trace_coords", f"must be >= 1, got {self.trace_coords}")
+        _require(self.max_rows >= 2, "estimator.max_rows", f"must be >= 2, got {self.max_rows}")
+
+
+@dataclass(frozen=True)
+class AllocatorConfig:
+    """How a group's per-step budget is split over the batch (paper section 4)."""
+
+    kind: str = "gaussian"
+    """``equal``, ``bernoulli`` (eq. 6), ``gaussian`` (eq. 5, fitted by eqs. 9-11) or ``neyman``
+    (closed-form optimum ``A_j ~ sqrt(T_j)``)."""
+    bernoulli_p: float = 0.5
+    """Bernoulli: probability that a below-mean-loss sample is cut to half its queries."""
+    gaussian_draws: int = 32
+    """Gaussian: allocations ``K`` drawn per likelihood-ratio gradient (eq. 11)."""
+    gaussian_iters: int = 25
+    """Gaussian: Adam iterations on ``lambda`` per training step (warm-started from the last step)."""
+    gaussian_lr: float = 0.05
+    """Gaussian: Adam learning rate on ``lambda`` (in units of the mean allocation)."""
+
+    def validate(self) -> None:
+        _require(self.kind in ALLOCATORS, "allocator.kind", f"must be one of {ALLOCATORS}, got {self.kind!r}")
+        _require(0.0 <= self.bernoulli_p <= 1.0, "allocator.bernoulli_p", f"must be in [0, 1], got {self.bernoulli_p}")
+        _require(self.gaussian_draws >= 2, "allocator.gaussian_draws", f"must be >= 2, got {self.gaussian_draws}")
+        _require(self.gaussian_iters >= 0, "allocator.gaussian_iters", f"must be >= 0, got {self.gaussian_iters}")
+        _require(self.gaussian_lr > 0, "allocator.gaussian_lr", f"must be > 0, got {self.gaussian_lr}")
+
+
+@dataclass(frozen=True)
+class FarmConfig:
+    """Where queries run: in this process, or on a Ray farm of replica actors."""
+
+    backend: str = "local"
+    """``local`` (one in-process replica) or ``ray`` (driver + worker actors)."""
+    workers: int = 2
+    """Ray: number of replica actors."""
+    num_cpus_per_worker: float = 1.0
+    """Ray: CPUs reserved per replica actor."""
+    num_gpus_per_worker: float = 0.0
+    """Ray: GPUs per replica actor (fractions pack several replicas on one GPU)."""
+    replica_resource: str = ""
+    """Ray: name of a custom node resource each replica takes one unit of, capping replicas per node."""
+    address: str = ""
+    """Ray: address of an existing cluster (``auto``, ``ray://...``); empty starts a local Ray on loopback."""
+    shard_cost: int = 64
+    """Target forward passes per shard (one remote call); ~50 ms of work amortises call overhead."""
+    in_flight: int = 2
+    """Ray: calls in flight per replica; completion-order dispatch keeps fast replicas busy."""
+    reduction: str = "driver"
+    """``driver`` (partial sums back to the driver) or ``allreduce`` (torch.distributed among workers)."""
+    max_retries: int = 3
+    """Times a shard is re-dispatched after its worker died before the step fails."""
+
+    def validate(self) -> None:
+        _require(self.backend in ("local", "ray"), "farm.backend", f"must be 'local' or 'ray', got {self.backend!r}")
+        _require(self.workers >= 1, "farm.workers", f"must be >= 1, got {self.workers}")
+        _require(self.num_cpus_per_worker >= 0, "farm.num_cpus_per_worker", "must be >= 0")
+        _require(self.num_gpus_per_worker >= 0, "farm.num_gpus_per_worker", "must be >= 0")
+        _require(self.shard_cost >= 2, "farm.shard_cost", f"must be >= 2, got {self.shard_cost}")
+        _require(self.in_flight >= 1, "farm.in_flight", f"must be >= 1, got {self.in_flight}")
+        _require(self.reduction in REDUCTIONS, "farm.reduction", f"must be one of {REDUCTIONS}")
+        _require(self.max_retries >= 0, "farm.max_retries", "must be >= 0")
+
+
+def default_groups() -> tuple[GroupConfig, ...]:
+    """Layer groups of the default 4-block digits ViT: bottom, top, head (paper C.1 at small scale)."""
+    return (
+        GroupConfig("bottom", ("blocks.0.*", "blocks.1.*"), sigma=0.02, queries_per_sample=16),
+        GroupConfig("top", ("blocks.2.*", "blocks.3.*"), sigma=0.05, queries_per_sample=16),
+        GroupConfig("head", ("head",), sigma=0.1, queries_per_sample=16),
+    )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A whole forward-only training run. One root ``seed`` determines everything."""
+
+    model: str = "digits_vit"
+    """Model name in the flops_ray registry or any timm model name."""
+    pretrained: str = ""
+    """Path of a local weights file (safetensors or torch state dict) loaded into the model; no hub access."""
+    dataset: str = "digits"
+    """``digits`` (built in) or the path of a Parquet file with image bytes and labels."""
+    num_classes: int = 10
+    """Classes of the dataset (sets the model head)."""
+    img_size: int = 8
+    """Image side the model sees."""
+    groups: tuple[GroupConfig, ...] = field(default_factory=default_groups)
+    """Layer groups; each query perturbs one group."""
+    estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
+    """Gradient estimator."""
+    allocator: AllocatorConfig = field(default_factory=AllocatorConfig)
+    """Query allocator."""
+    farm: FarmConfig = field(default_factory=FarmConfig)
+    """Execution backend."""
+    batch_size: int = 32
+    """Data points per step (``B``)."""
+    steps: int = 300
+    """Optimizer steps."""
+    optimizer: str = "adam"
+    """``adam`` or ``sgd``."""
+    lr: float = 2e-3
+    """Learning rate."""
+    grad_clip: float = 1.0
+    """Clip each group's estimated gradient to this norm (paper recommends clipping attention); 0 disables."""
+    seed: int = 0
+    """Root seed: noise, data order, initial weights and allocator draws all derive from it."""
+    eval_every: int = 50
+    """Evaluate test accuracy every this many steps (0: only at the end)."""
+
+    def validate(self) -> TrainConfig:
+        """Check every field; returns self so calls chain."""
+        _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.steps >= 0, "steps", f"must be >= 0, got {self.steps}")
+        _require(self.lr > 0 and math.isfinite(self.lr), "lr", f"must be > 0, got {self.lr}")
+        _require(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        _require(self.grad_clip >= 0, "grad_clip", "must be >= 0")
+        _require(self.num_classes >= 2, "num_classes", "must be >= 2")
+        _require(len(self.groups) > 0, "groups", "at least one layer group is needed")
+        names = [g.name for g in self.groups]
+        _require(len(set(names)) == len(names), "groups", f"group names must be unique, got {names}")
+        self.estimator.validate()
+        self.allocator.validate()
+        self.farm.validate()
+        for g in self.groups:
+            g.validate()
+            if self.estimator.kind != "bp":
+                minimum = max(self.estimator.floor, self.estimator.pilot_queries)
+                _require(
+                    g.queries_per_sample >= minimum,
+                    f"groups[{g.name}].queries_per_sample",
+                    f"budget {g.queries_per_sample}x{self.batch_size} is below the floor "
+                    f"{minimum}x{self.batch_size} (max of estimator.floor and estimator.pilot_queries)",
+                )
+        return self
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with fields changed (dataclasses.replace)."""
+        return dataclasses.replace(self, **changes)
+
+
+_NESTED = {"estimator": EstimatorConfig, "allocator": AllocatorConfig, "farm": FarmConfig}
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    """Build a validated :class:`TrainConfig` from plain data (a parsed YAML), naming unknown keys."""
+    data = dict(data)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    _require(not unknown, "config", f"unknown keys {unknown}; known keys are {sorted(known)}")
+    for key, cls in _NESTED.items():
+        if key in data:
+            sub = dict(data[key] or {})
+            fields = {f.name for f in dataclasses.fields(cls)}
+            bad = sorted(set(sub) - fields)
+            _require(not bad, key, f"unknown keys {bad}; known keys are {sorted(fields)}")
+            data[key] = cls(**sub)
+    if "groups" in data:
+        groups = []
+        for i, g in enumerate(data["groups"]):
+            fields = {f.name for f in dataclasses.fields(GroupConfig)}
+            bad = sorted(set(g) - fields)
+            _require(not bad, f"groups[{i}]", f"unknown keys {bad}; known keys are {sorted(fields)}")
+            groups.append(GroupConfig(**{**g, "modules": tuple(g.get("modules", ()))}))
+        data["groups"] = tuple(groups)
+    return TrainConfig(**data).validate()
+
+
+def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """Plain data of a config (inverse of :func:`config_from_dict`)."""
+    out = dataclasses.asdict(cfg)
+    out["groups"] = [{**g, "modules": list(g["modules"])} for g in out["groups"]]
+    return out

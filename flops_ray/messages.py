@@ -1,0 +1,82 @@
+"""Typed messages that cross process boundaries between the driver and replicas.
+
+Only seeds, indices and small arrays travel: a replica regenerates every query's noise itself.
+Arrays are numpy (Ray ships numpy zero-copy; torch tensors are pickled, several times slower).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+CLEAN, PILOT, FINALIZE, MAIN = "clean", "pilot", "finalize", "main"
+
+
+@dataclass(frozen=True)
+class ShardItem:
+    """One sample's query range ``[q0, q1)`` within a shard."""
+
+    pos: int
+    """Row of the sample in the step's batch."""
+    sample_id: int
+    """Global index of the sample in the dataset (seeds its noise)."""
+    q0: int
+    q1: int
+    baseline: float = 0.0
+    """The sample's clean loss, subtracted by one-sided estimators (ES, LR without pairs)."""
+
+    @property
+    def cost(self) -> int:
+        """Forward passes this item needs."""
+        return self.q1 - self.q0
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """A chunk of work for one replica call. ``index`` fixes its place in the canonical reduction."""
+
+    kind: str
+    """``clean`` (unperturbed losses and embeddings), ``pilot`` (first queries, trace estimates, kept
+    per sample on the replica), ``finalize`` (a pilot shard's per-sample sums weighted by ``1/(B A_j)``),
+    or ``main`` (the remaining queries, weighted)."""
+    step: int
+    group: int
+    index: int
+    items: tuple[ShardItem, ...]
+    weights: tuple[float, ...] | None = None
+    """Per item ``1 / (B * A_j)`` for ``finalize`` and ``main``; None otherwise."""
+
+    @property
+    def cost(self) -> int:
+        """Forward passes the task needs if nothing is cached (a clean item costs one)."""
+        if self.kind == CLEAN:
+            return len(self.items)
+        return sum(it.cost for it in self.items)
+
+    @property
+    def key(self) -> tuple[int, int, str, int]:
+        return (self.step, self.group, self.kind, self.index)
+
+
+@dataclass
+class ShardResult:
+    """What a replica returns for one :class:`ShardTask`."""
+
+    key: tuple[int, int, str, int]
+    losses: np.ndarray
+    """``(Q,)`` perturbed losses in item order (clean tasks: ``(n_items,)`` clean losses)."""
+    grad: np.ndarray | None = None
+    """``(P_g,)`` weighted gradient sum (``finalize``, ``main``)."""
+    traces: np.ndarray | None = None
+    """``(n_items,)`` trace estimates ``T_j`` (``pilot``)."""
+    embeddings: np.ndarray | None = None
+    """``(n_items, D)`` sample embeddings (``clean``)."""
+    forwards: int = 0
+    """Forward passes actually run for this result (0 when served from the pilot cache)."""
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of array payload, for the wire-traffic figures."""
+        arrays = (self.losses, self.grad, self.traces, self.embeddings)
+        return sum(a.nbytes for a in arrays if a is not None)

@@ -1,0 +1,67 @@
+"""Model registry: flops_ray's own small models by name, any other name goes to timm.
+
+>>> model = create_model("digits_vit", num_classes=10, img_size=8, seed=0)
+>>> sum(p.numel() for p in model.parameters())
+202186
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from flops_ray.seeding import STREAM_INIT, derive_seed
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Decorator adding a model factory under its function name (timm's registry pattern)."""
+    _REGISTRY[fn.__name__] = fn
+    return fn
+
+
+@register_model
+def digits_vit(num_classes: int = 10, img_size: int = 8, **kwargs) -> nn.Module:
+    """The embedded default: a 4-block ViT on 8x8 one-channel digits (2x2 patches, 16 tokens + CLS)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(
+        img_size=img_size,
+        patch_size=2,
+        in_chans=1,
+        embed_dim=64,
+        depth=4,
+        num_heads=4,
+        num_classes=num_classes,
+        **kwargs,
+    )
+
+
+def list_models() -> list[str]:
+    """Names of flops_ray's own models (timm's are listed by ``timm.list_models``)."""
+    return sorted(_REGISTRY)
+
+
+def create_model(name: str, num_classes: int, img_size: int, seed: int, **kwargs) -> nn.Module:
+    """Create a model with weights initialised from the root seed.
+
+    Args:
+        name: a flops_ray model (``digits_vit``) or any timm model name; never downloads weights.
+        num_classes: classifier outputs.
+        img_size: input side in pixels.
+        seed: root seed; the initial weights derive from it.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, STREAM_INIT))
+        if name in _REGISTRY:
+            return _REGISTRY[name](num_classes=num_classes, img_size=img_size, **kwargs)
+        import timm
+
+        if not timm.is_model(name):
+            raise ValueError(
+                f"model: unknown model {name!r}; flops_ray has {list_models()}, timm has none by that name"
+            )
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=img_size, **kwargs)
