@@ -6,8 +6,8 @@ Per query ``q`` of sample ``j`` in group ``g`` (paper eqs. 1-3, DESIGN section 1
   ``G_W = c_q * sum_t eps_t h_t^T``, ``G_b = c_q * sum_t eps_t``.
 - SPSA / ES (perturb parameters ``theta + sigma*eps``): ``G = c_q * eps``.
 
-Antithetic pairs use ``(+eps, -eps)`` with ``b_j = 0``; averaging a pair's two terms gives
-``(L+ - L-)/(2 sigma) * D`` exactly. One-sided variants (ES, LR without pairs) use ``b_j = L_clean``.
+Antithetic pairs use ``(+eps, -eps)``; averaging a pair's two terms gives ``(L+ - L-)/(2 sigma) * D``
+when ``D`` flips sign with ``eps`` (SPSA). ``b_j`` is the sample's clean loss for every estimator.
 Every term is additive, so a sample's estimate over ``[q0, q1)`` can be computed in pieces and summed.
 
 The engine imports no ray and touches no files: the same object runs in-process and inside actors.
@@ -193,10 +193,14 @@ class QueryEngine:
         return draws[rows["draw"]] * rows["sign"][:, None]
 
     def _coefficients(self, task: ShardTask, rows, losses: torch.Tensor) -> torch.Tensor:
-        """``(R,)`` ``c_q = (L_q - b_j) / sigma`` in float64."""
+        """``(R,)`` ``c_q = (L_q - L_clean,j) / sigma`` in float64.
+
+        The clean-loss baseline is subtracted for every estimator: it keeps the estimate unbiased
+        (``E[eps] = 0`` given the upstream noise), cancels exactly within an SPSA pair, and within an LR
+        pair it removes the ``L_clean * eps (h+ - h-)^T`` term that appears when a group's upstream
+        module shifts the input ``h`` of a later one.
+        """
         sigma = self.groups[task.group].sigma
-        if self.est.paired:
-            return losses.double() / sigma
         base = torch.tensor([it.baseline for it in task.items], dtype=torch.float64, device=self.device)
         return (losses.double() - base[rows["item"]]) / sigma
 
@@ -307,18 +311,28 @@ class QueryEngine:
 
         def grad_fn(coef, seg=None, idx=None):
             w = coef[:, None] if seg is None else seg * coef[:, None]  # (R, S)
-            parts = []
-            for m, (_, lin) in enumerate(group.linears):
-                hm = h[m].double().reshape(h[m].shape[0], -1, h[m].shape[-1])  # (R, T, C_in)
-                em = e[m].double().reshape(e[m].shape[0], -1, e[m].shape[-1])  # (R, T, C_out)
-                parts.append(torch.einsum("rs,rto,rti->soi", w, em, hm).flatten(1))
-                if lin.bias is not None:
-                    parts.append(torch.einsum("rs,rto->so", w, em))
-            sums = torch.cat(parts, dim=1)  # (S, P_g)
+            sums = torch.stack([self._lr_segment_sum(group, h, e, w[:, s]) for s in range(w.shape[1])])
             sub = self._lr_subsample(group, h, e, coef, idx) if idx is not None else None
-            return sums, sub
+            return sums, sub  # (S, P_g), (R, K)
 
         return losses_t, grad_fn
+
+    @staticmethod
+    def _lr_segment_sum(group: ResolvedGroup, h, e, w: torch.Tensor) -> torch.Tensor:
+        """``sum_r w_r sum_t eps_rt h_rt^T`` (and ``sum_r w_r sum_t eps_rt`` for biases) as one matmul per linear.
+
+        Only rows with ``w_r != 0`` enter, so a pilot's per-sample sums cost no more than one weighted sum.
+        """
+        rows = w.nonzero().flatten()
+        wr = w[rows]
+        parts = []
+        for m, (_, lin) in enumerate(group.linears):
+            hm = h[m][rows].double().reshape(len(rows), -1, h[m].shape[-1])  # (R, T, C_in)
+            em = e[m][rows].double().reshape(len(rows), -1, e[m].shape[-1]) * wr[:, None, None]  # (R, T, C_out)
+            parts.append((em.flatten(0, 1).T @ hm.flatten(0, 1)).flatten())
+            if lin.bias is not None:
+                parts.append(em.sum((0, 1)))
+        return torch.cat(parts)
 
     def _lr_subsample(self, group, h, e, coef, idx) -> torch.Tensor:
         """Per-row LR terms at flat coordinates ``idx``: ``(R, K)`` without materialising ``(R, P_g)``."""

@@ -24,7 +24,7 @@ class ShardItem:
     q0: int
     q1: int
     baseline: float = 0.0
-    """The sample's clean loss, subtracted by one-sided estimators (ES, LR without pairs)."""
+    """The sample's clean loss, the baseline subtracted from every query's loss."""
 
     @property
     def cost(self) -> int:

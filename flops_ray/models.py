@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -38,6 +39,42 @@ def digits_vit(num_classes: int = 10, img_size: int = 8, **kwargs) -> nn.Module:
         num_classes=num_classes,
         **kwargs,
     )
+
+
+@functools.lru_cache(maxsize=4)
+def _pretrained_digits_state(seed: int, img_size: int, steps: int) -> dict[str, torch.Tensor]:
+    from flops_ray.data import digits
+
+    model = digits_vit(num_classes=5, img_size=img_size)
+    train = digits("train", img_size)
+    keep = train.y < 5
+    x, y = torch.from_numpy(train.x[keep]), torch.from_numpy(train.y[keep])
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
+    gen = torch.Generator().manual_seed(derive_seed(seed, STREAM_INIT, 1))
+    for _ in range(steps):
+        idx = torch.randint(len(y), (64,), generator=gen)
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@register_model
+def digits_vit_pretrained(num_classes: int = 10, img_size: int = 8, pretrain_steps: int = 600, **kwargs) -> nn.Module:
+    """``digits_vit`` pretrained by backprop on digits 0-4 only, with a fresh head for ``num_classes``.
+
+    A local stand-in for the paper's setting (fine-tuning a pretrained ViT on a downstream task) that
+    needs no hub: about 15 s of backprop on 2 CPU cores, cached per process. Its features reach about
+    70% on all ten digits with a linear probe, so forward-only fine-tuning has something to improve.
+    """
+    seed = torch.initial_seed()
+    model = digits_vit(num_classes=5, img_size=img_size, **kwargs)
+    model.load_state_dict(_pretrained_digits_state(seed, img_size, pretrain_steps))
+    # Re-seed: the head must not depend on whether the pretrained state came from the cache.
+    torch.manual_seed(derive_seed(seed, STREAM_INIT, 2))
+    model.reset_classifier(num_classes)
+    return model
 
 
 def list_models() -> list[str]:

@@ -140,7 +140,7 @@ class Trainer:
         if self.cfg.grad_clip > 0:
             for g in self.engine.groups:
                 torch.nn.utils.clip_grad_norm_([p for _, p in g.params], self.cfg.grad_clip)
-        return StepReport(self.step_count, float(loss))
+        return StepReport(self.step_count, loss.item())
 
     # ---- loops and evaluation -----------------------------------------------------------------------
     @torch.no_grad()

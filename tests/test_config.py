@@ -1,0 +1,82 @@
+"""Bad configuration fails early with an error naming the field."""
+
+from __future__ import annotations
+
+import pytest
+from torch import nn
+
+from flops_ray.config import (
+    ConfigError,
+    EstimatorConfig,
+    GroupConfig,
+    TrainConfig,
+    config_from_dict,
+    config_to_dict,
+)
+from flops_ray.engine import QueryEngine
+from flops_ray.models import create_model
+
+
+def _group(**kw) -> GroupConfig:
+    return GroupConfig(**{"name": "g", "modules": ("head",), "sigma": 0.1, "queries_per_sample": 8, **kw})
+
+
+@pytest.mark.parametrize(
+    ("cfg", "field"),
+    [
+        (TrainConfig(groups=(_group(queries_per_sample=2),)), r"groups\[g\]\.queries_per_sample.*below the floor"),
+        (TrainConfig(groups=(_group(sigma=0.0),)), r"groups\[g\]\.sigma"),
+        (TrainConfig(groups=(_group(sigma=-1.0),)), r"groups\[g\]\.sigma"),
+        (TrainConfig(groups=(_group(modules=()),)), r"groups\[g\]\.modules: empty layer group"),
+        (TrainConfig(groups=(_group(queries_per_sample=7),)), r"queries_per_sample.*even"),
+        (TrainConfig(groups=()), r"groups"),
+        (TrainConfig(groups=(_group(), _group())), r"unique"),
+        (TrainConfig(batch_size=0), r"batch_size"),
+        (TrainConfig(lr=0.0), r"^lr"),
+        (TrainConfig(estimator=EstimatorConfig(kind="adjoint")), r"estimator\.kind"),
+        (TrainConfig(estimator=EstimatorConfig(floor=3)), r"estimator\.floor"),
+        (TrainConfig(estimator=EstimatorConfig(pilot_queries=2)), r"estimator\.pilot_queries"),
+    ],
+)
+def test_bad_values_name_the_field(cfg, field):
+    with pytest.raises(ConfigError, match=field):
+        cfg.validate()
+
+
+def test_unknown_keys_are_named():
+    with pytest.raises(ConfigError, match=r"unknown keys \['lerning_rate'\]"):
+        config_from_dict({"lerning_rate": 0.1})
+    with pytest.raises(ConfigError, match=r"allocator: unknown keys \['kind_'\]"):
+        config_from_dict({"allocator": {"kind_": "equal"}})
+
+
+def test_dict_round_trip():
+    cfg = TrainConfig()
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_unknown_module_names_the_pattern():
+    model = create_model("digits_vit", 10, 8, 0)
+    bad = (GroupConfig("g", ("blocks.9.*",), 0.1, 8),)
+    with pytest.raises(ConfigError, match=r"groups\[g\]\.modules: pattern 'blocks.9.\*' matches no module"):
+        QueryEngine(model, bad, EstimatorConfig(), 0)
+
+
+def test_model_without_linears_rejects_lr():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten())
+    groups = (GroupConfig("g", ("0",), 0.1, 8),)
+    with pytest.raises(ConfigError, match="LR needs nn.Linear"):
+        QueryEngine(model, groups, EstimatorConfig(kind="lr"), 0)
+    QueryEngine(model, groups, EstimatorConfig(kind="spsa"), 0)  # parameters exist: SPSA is fine
+
+
+def test_overlapping_groups_are_rejected():
+    model = create_model("digits_vit", 10, 8, 0)
+    groups = (GroupConfig("a", ("head",), 0.1, 8), GroupConfig("b", ("hea*",), 0.1, 8))
+    with pytest.raises(ConfigError, match=r"already in group 'a'"):
+        QueryEngine(model, groups, EstimatorConfig(), 0)
+
+
+def test_unknown_model_is_named():
+    with pytest.raises(ValueError, match="unknown model 'not_a_model'"):
+        create_model("not_a_model", 10, 8, 0)
