@@ -77,7 +77,7 @@ def to_counts(weights: torch.Tensor, total: int, minimum: int, unit: int = 2) ->
         raise ValueError(f"total {total} and minimum {minimum} must be multiples of unit {unit}")
     real = fill_to_total(weights, total / unit, minimum / unit)
     base = real.floor().clamp_min(minimum // unit)
-    short = int(round(total / unit - base.sum().item()))
+    short = round(total / unit - base.sum().item())
     frac = real - base
     # Stable sort on -frac: ties resolve by index, so the result is deterministic.
     extra = torch.argsort(-frac, stable=True)[: max(short, 0)]

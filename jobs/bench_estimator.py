@@ -133,7 +133,7 @@ def _estimate(
 def variance_ratio(bench: BenchConfig) -> dict:
     """Measured MSE(neyman) / MSE(equal) against the prediction from pilot traces (LR, late layer)."""
     module = bench.layers[-1][1]
-    engine, _, est, (x, y, ids), true = _setup(bench, module, "lr")
+    engine, _, _, (x, y, ids), true = _setup(bench, module, "lr")
     engine.set_params(engine.get_params())
     engine.set_batch(0, x, y)
     b = len(ids)

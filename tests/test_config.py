@@ -65,7 +65,7 @@ def test_unknown_module_names_the_pattern():
 def test_model_without_linears_rejects_lr():
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten())
     groups = (GroupConfig("g", ("0",), 0.1, 8),)
-    with pytest.raises(ConfigError, match="LR needs nn.Linear"):
+    with pytest.raises(ConfigError, match=r"LR needs nn\.Linear"):
         QueryEngine(model, groups, EstimatorConfig(kind="lr"), 0)
     QueryEngine(model, groups, EstimatorConfig(kind="spsa"), 0)  # parameters exist: SPSA is fine
 
