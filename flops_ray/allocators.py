@@ -40,11 +40,17 @@ class AllocationFeatures:
 
 
 class Allocator(Protocol):
-    """Splits a budget; stateful allocators (Gaussian) keep their parameters across steps."""
+    """Splits a budget; stateful allocators (Gaussian) keep their parameters across steps.
+
+    ``allocate`` is on the step's critical path and only samples; ``update`` fits the state on the same
+    features for the next step and runs while the step's queries are in flight.
+    """
 
     def allocate(
         self, feats: AllocationFeatures, total: int, minimum: int, unit: int, gen: torch.Generator
     ) -> torch.Tensor: ...
+
+    def update(self, feats: AllocationFeatures, total: int, minimum: int, gen: torch.Generator) -> None: ...
 
     def state_dict(self) -> dict[str, torch.Tensor]: ...
 
@@ -52,6 +58,9 @@ class Allocator(Protocol):
 
 
 class _Stateless:
+    def update(self, feats, total, minimum, gen) -> None:
+        pass
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}
 

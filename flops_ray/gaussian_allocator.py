@@ -6,6 +6,10 @@ the Gaussian RBF kernel and ``S`` is positive definite; the form ``exp(-d_ij^2 /
 is not (a kernel in the 4th power of a distance), and its Cholesky factor fails on real embeddings. ``lambda = (b0, b1, s, g)`` is kept relative to ``A``
 and starts at ``(1, 1/2, 1/5, 1)``, the paper's ``(A, A/2, A/5, 1)``. A draw is clipped at 0 and
 rescaled so the allocation sums to ``A0`` with every entry at least the floor.
+
+The fit is amortised: ``allocate`` samples from the current ``lambda`` and ``update`` takes the warm-started
+LR steps on the same batch's features, for the next step. The driver runs ``update`` while the step's queries
+are in flight, so the fit costs no step time; the paper's fit-then-sample order differs by one step of lag.
 """
 
 from __future__ import annotations
@@ -44,25 +48,30 @@ class GaussianAllocator:
         """``(b0, b1, log s, log g)`` relative to the mean allocation: the paper's ``(A, A/2, A/5, 1)``."""
         return torch.tensor([1.0, 0.5, math.log(0.2), 0.0], dtype=torch.float64)
 
+    @staticmethod
+    def distances(embeddings: torch.Tensor) -> torch.Tensor:
+        """``(B, B)`` cosine distances ``d_ij = 1 - cos(e_i, e_j)``, fixed for a batch."""
+        e = torch.nn.functional.normalize(embeddings.to(torch.float64), dim=-1)
+        return 1.0 - e @ e.T
+
     def distribution(
-        self, lam: torch.Tensor, losses: torch.Tensor, embeddings: torch.Tensor, mean_alloc: float
+        self, lam: torch.Tensor, losses: torch.Tensor, d: torch.Tensor, mean_alloc: float
     ) -> torch.distributions.MultivariateNormal:
-        """``N(mu, S)`` over raw allocations for one batch, differentiable in ``lam``."""
+        """``N(mu, S)`` over raw allocations for one batch (``d``: its :meth:`distances`), differentiable in ``lam``."""
         b0, b1, log_s, log_g = lam
         phi = torch.tanh(losses.to(torch.float64))
         mu = mean_alloc * (b0 + b1 * phi)
-        e = torch.nn.functional.normalize(embeddings.to(torch.float64), dim=-1)
-        d = 1.0 - e @ e.T
         kernel = torch.exp(-d / torch.exp(2 * log_g))
         cov = (mean_alloc * torch.exp(log_s)) ** 2 * kernel
         cov = cov + _JITTER * mean_alloc**2 * torch.eye(len(mu), dtype=torch.float64)
-        return torch.distributions.MultivariateNormal(mu, covariance_matrix=cov)
+        # The covariance is PD by construction (see the module docstring); skip the argument checks.
+        return torch.distributions.MultivariateNormal(mu, scale_tril=torch.linalg.cholesky(cov), validate_args=False)
 
     def expected_objective(
         self, lam: torch.Tensor, feats, total: float, minimum: float, gen: torch.Generator, draws: int = 4096
     ) -> float:
         """Monte Carlo ``E[J(A)]`` under ``lam`` (for tests and reports)."""
-        dist = self.distribution(lam, feats.losses, feats.embeddings, total / feats.losses.numel())
+        dist = self.distribution(lam, feats.losses, self.distances(feats.embeddings), total / feats.losses.numel())
         raw = self._draw(dist, draws, gen)
         alloc = process_draws(raw, total, minimum)
         return allocation_objective(feats.traces.to(torch.float64), alloc).mean().item()
@@ -72,6 +81,10 @@ class GaussianAllocator:
         z = torch.randn((n, dist.loc.numel()), generator=gen, dtype=torch.float64)
         return (dist.loc + z @ dist.scale_tril.T).detach()
 
+    def update(self, feats, total: float, minimum: float, gen: torch.Generator) -> None:
+        """Fit ``lambda`` on this step's features; the next :meth:`allocate` samples from it."""
+        self.fit(feats, total, minimum, gen)
+
     def fit(self, feats, total: float, minimum: float, gen: torch.Generator) -> torch.Tensor:
         """Minimise ``J(lambda) = E[sum_j T_j / A_j]`` by the LR gradient (eq. 11), warm-started.
 
@@ -80,11 +93,12 @@ class GaussianAllocator:
         """
         traces = feats.traces.to(torch.float64)
         mean_alloc = total / traces.numel()
+        d = self.distances(feats.embeddings)
         lam = self.lam.clone().requires_grad_(True)
         opt = torch.optim.Adam([lam], lr=self.lr)
         k = self.draws
         for _ in range(self.iters):
-            dist = self.distribution(lam, feats.losses, feats.embeddings, mean_alloc)
+            dist = self.distribution(lam, feats.losses, d, mean_alloc)
             raw = self._draw(dist, k, gen)
             j = allocation_objective(traces, process_draws(raw, total, minimum))
             baseline = (j.sum() - j) / (k - 1)
@@ -97,9 +111,11 @@ class GaussianAllocator:
         return self.lam
 
     def allocate(self, feats, total, minimum, unit, gen):
-        self.fit(feats, total, minimum, gen)
+        """Sample one allocation from the current ``lambda`` (call :meth:`update` to fit it)."""
         with torch.no_grad():
-            dist = self.distribution(self.lam, feats.losses, feats.embeddings, total / feats.losses.numel())
+            dist = self.distribution(
+                self.lam, feats.losses, self.distances(feats.embeddings), total / feats.losses.numel()
+            )
             alloc = process_draws(self._draw(dist, 1, gen), total, minimum)[0]
         return to_counts(alloc, total, minimum, unit)
 

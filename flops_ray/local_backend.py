@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from flops_ray.engine import QueryEngine
@@ -19,7 +21,10 @@ class LocalBackend:
         self.engine.set_params(params)
         self.engine.set_batch(step, x, y)
 
-    def run(self, tasks: list[ShardTask]) -> list[ShardResult]:
+    def run(self, tasks: list[ShardTask], meanwhile: Callable[[], None] | None = None) -> list[ShardResult]:
+        # One process: nothing to overlap with, so the driver's work simply goes first.
+        if meanwhile is not None:
+            meanwhile()
         return [self.engine.run(t) for t in tasks]
 
     def reduce(self, tasks: list[ShardTask], results: list[ShardResult], sizes: list[int]) -> list[np.ndarray]:

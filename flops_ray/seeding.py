@@ -21,6 +21,7 @@ STREAM_TRACE = 2
 STREAM_ALLOC = 3
 STREAM_DATA = 4
 STREAM_INIT = 5
+STREAM_ALLOC_FIT = 6
 
 
 def _splitmix64(x: int) -> int:

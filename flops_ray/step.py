@@ -8,6 +8,7 @@ in-process backend and the Ray farm give the same result for the same seed.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -17,7 +18,7 @@ import torch
 from flops_ray.allocators import AllocationFeatures, Allocator
 from flops_ray.config import EstimatorConfig, GroupConfig
 from flops_ray.messages import CLEAN, FINALIZE, MAIN, PILOT, ShardItem, ShardResult, ShardTask
-from flops_ray.seeding import STREAM_ALLOC, generator
+from flops_ray.seeding import STREAM_ALLOC, STREAM_ALLOC_FIT, generator
 from flops_ray.shards import plan_chunks
 
 
@@ -27,8 +28,11 @@ class Backend(Protocol):
     def sync(self, step: int, params: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         """Give every replica the step's parameters ``(P,)`` and batch (one broadcast)."""
 
-    def run(self, tasks: list[ShardTask]) -> list[ShardResult]:
-        """Evaluate ``tasks``; results come back in task order whatever order they finished in."""
+    def run(self, tasks: list[ShardTask], meanwhile: Callable[[], None] | None = None) -> list[ShardResult]:
+        """Evaluate ``tasks``; results come back in task order whatever order they finished in.
+
+        ``meanwhile`` is called once, after the tasks are handed out, for driver work that overlaps them.
+        """
 
     def reduce(self, tasks: list[ShardTask], results: list[ShardResult], sizes: list[int]) -> list[np.ndarray]:
         """Per-group gradient sums ``(P_g,)`` of the weighted tasks, in canonical task order."""
@@ -52,6 +56,8 @@ class StepReport:
 
     step: int
     clean_loss: float
+    losses: np.ndarray | None = None
+    """``(B,)`` per-sample clean losses."""
     counts: list[np.ndarray] = field(default_factory=list)
     """Per group ``(B,)`` query counts."""
     traces: list[np.ndarray] = field(default_factory=list)
@@ -59,6 +65,9 @@ class StepReport:
     queries: int = 0
     """Perturbed forward passes run."""
     allocator_seconds: float = 0.0
+    """Sampling allocations: on the step's critical path."""
+    fit_seconds: float = 0.0
+    """Fitting allocator state for the next step: overlapped with the step's queries."""
     seconds: float = 0.0
     bytes_returned: int = 0
 
@@ -108,7 +117,7 @@ def forward_step(
     clean = backend.run(clean_tasks)
     losses = np.concatenate([r.losses for r in clean])
     emb = np.concatenate([r.embeddings for r in clean])
-    report = StepReport(step, float(losses.mean()))
+    report = StepReport(step, float(losses.mean()), losses)
 
     pilot_chunks = plan_chunks(
         [ShardItem(p, int(sample_ids[p]), 0, pilot, float(losses[p])) for p in range(b)], max(shard_cost, pilot), unit
@@ -119,18 +128,20 @@ def forward_step(
     feats_losses = torch.from_numpy(losses)
     feats_emb = torch.from_numpy(emb)
     tasks: list[ShardTask] = []
+    feats, minimum = [], max(estimator.floor, pilot)
     for g, cfg in enumerate(groups):
         traces = np.zeros(b)
         for task, res in zip(pilot_tasks, pilot_results):
             if task.group == g:
                 traces[[it.pos for it in task.items]] = res.traces
+        feats.append(AllocationFeatures(torch.from_numpy(traces), feats_losses, feats_emb))
         ta = time.perf_counter()
         counts = (
             allocators[g]
             .allocate(
-                AllocationFeatures(torch.from_numpy(traces), feats_losses, feats_emb),
+                feats[g],
                 total=cfg.queries_per_sample * b,
-                minimum=max(estimator.floor, pilot),
+                minimum=minimum,
                 unit=unit,
                 gen=generator(root_seed, STREAM_ALLOC, step, g),
             )
@@ -153,7 +164,16 @@ def forward_step(
             ShardTask(MAIN, step, g, i, c, tuple(float(weights[it.pos]) for it in c))
             for i, c in enumerate(plan_chunks(rest, shard_cost, unit))
         ]
-    results = backend.run(tasks)
+
+    def fit_allocators() -> None:
+        tf = time.perf_counter()
+        for g, cfg in enumerate(groups):
+            allocators[g].update(
+                feats[g], cfg.queries_per_sample * b, minimum, generator(root_seed, STREAM_ALLOC_FIT, step, g)
+            )
+        report.fit_seconds = time.perf_counter() - tf
+
+    results = backend.run(tasks, meanwhile=fit_allocators)
     grads = backend.reduce(tasks, results, sizes)
     everything = clean + pilot_results + results
     report.queries = sum(r.forwards for r in pilot_results + results)

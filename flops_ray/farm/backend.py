@@ -1,0 +1,79 @@
+"""The Ray backend: the :class:`~flops_ray.step.Backend` protocol over a farm of replica actors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import ray
+from ray.actor import ActorHandle
+from torch import nn
+
+from flops_ray.config import TrainConfig
+from flops_ray.engine import LossFn, cross_entropy
+from flops_ray.farm.dispatch import Dispatcher
+from flops_ray.farm.ray_init import init_ray
+from flops_ray.farm.worker import StepBatch, Worker, WorkerInfo, WorkerOptions
+from flops_ray.messages import ShardResult, ShardTask
+
+
+class RayBackend:
+    """Shard tasks on ``cfg.farm.workers`` replica actors, started on the Ray that ``cfg.farm`` names.
+
+    Args:
+        cfg: the run's configuration (``farm`` sets replicas, resources, dispatch and reduction).
+        model: the model; it is put in the object store once and every replica loads that copy.
+        loss_fn: per-sample loss (must pickle: a module-level function).
+        worker_options: per-replica knobs, one per worker (default: all at full speed).
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model: nn.Module,
+        loss_fn: LossFn = cross_entropy,
+        worker_options: Sequence[WorkerOptions] | None = None,
+    ):
+        farm = cfg.farm
+        self._owns_ray = init_ray(farm)
+        options = list(worker_options or [WorkerOptions()] * farm.workers)
+        if len(options) != farm.workers:
+            raise ValueError(f"{len(options)} worker options for {farm.workers} workers")
+        # The closure below keeps this reference alive, so replacement replicas load the same copy.
+        model_ref = ray.put(model)
+        resources = {farm.replica_resource: 1} if farm.replica_resource else None
+
+        def make_worker(slot: int) -> ActorHandle:
+            return Worker.options(
+                num_cpus=farm.num_cpus_per_worker, num_gpus=farm.num_gpus_per_worker, resources=resources
+            ).remote(model_ref, cfg.groups, cfg.estimator, cfg.seed, loss_fn, options[slot])
+
+        self.dispatcher = Dispatcher(
+            make_worker,
+            farm.workers,
+            in_flight=farm.in_flight,
+            max_retries=farm.max_retries,
+            keep_partials=farm.reduction == "allreduce",
+        )
+
+    def sync(self, step: int, params: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+        """One ``ray.put`` of the ``(P,)`` parameters and one of the batch, shared by every replica."""
+        params = np.ascontiguousarray(params)
+        batch = StepBatch(step, np.ascontiguousarray(x), np.ascontiguousarray(y))
+        self.dispatcher.sync(ray.put(batch), ray.put(params), params.nbytes + batch.nbytes)
+
+    def run(self, tasks: list[ShardTask], meanwhile: Callable[[], None] | None = None) -> list[ShardResult]:
+        return self.dispatcher.run(tasks, meanwhile)
+
+    def reduce(self, tasks: list[ShardTask], results: list[ShardResult], sizes: list[int]) -> list[np.ndarray]:
+        return self.dispatcher.reduce(tasks, results, sizes)
+
+    def describe(self) -> list[WorkerInfo]:
+        """Where each replica runs (node, GPU ids, torch device)."""
+        return ray.get([slot.handle.describe.remote() for slot in self.dispatcher.slots])
+
+    def close(self) -> None:
+        """Kill the replicas, and shut Ray down if this backend started it."""
+        self.dispatcher.close()
+        if self._owns_ray:
+            ray.shutdown()

@@ -1,0 +1,267 @@
+"""Farm benchmark: scaling efficiency, makespan under uneven allocations, allocator share, wire bytes.
+
+- ``efficiency[W]``: farm queries/s with ``W`` replicas / (``W`` x the in-process batched forward rate of
+  the same model on the same shards, one thread), so a replica is compared with one in-process core.
+- ``makespan_ratio``: per-sample counts spread >= 10x, one replica slowed 2x; step time / ideal, where
+  ideal = total forwards / summed replica speed (each replica's forwards / busy seconds in that run),
+  for completion-order dispatch and for a static per-sample assignment (sample ``j`` -> replica ``j % W``).
+- ``allocator_overhead``: allocator seconds / step seconds of real training steps on the farm.
+- ``bytes_per_step_per_worker``: parameters, batch, task messages and results crossing to and from the
+  replicas per step, divided by the number of replicas.
+- ``costs``: per-call costs behind the step-time model in docs/FARM.md.
+
+    python jobs/bench_farm.py --quick --out runs/bench_farm
+    ray job submit --working-dir . -- python jobs/bench_farm.py --out runs/bench_farm
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+from flops_ray.config import FarmConfig, TrainConfig
+from flops_ray.data import batch_at, digits
+from flops_ray.engine import QueryEngine
+from flops_ray.farm.backend import RayBackend
+from flops_ray.farm.ray_init import init_ray
+from flops_ray.farm.worker import WorkerOptions
+from flops_ray.messages import MAIN, ShardItem, ShardTask
+from flops_ray.models import create_model
+from flops_ray.shards import plan_chunks
+from flops_ray.trainer import Trainer
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What the benchmark measures."""
+
+    workers: tuple[int, ...] = (1, 2)
+    """Replica counts for the efficiency figure (one CPU each)."""
+    batch_size: int = 64
+    """Samples per step (``B``)."""
+    queries_per_sample: int = 128
+    """Mean queries per sample and group in the throughput and makespan workloads."""
+    shard_cost: int = 512
+    """Forward passes per shard (~80 ms on one core for the digits ViT, so the ~1 ms call is amortised)."""
+    spread: float = 16.0
+    """Largest / smallest per-sample count in the makespan workload (>= 10)."""
+    slowdown: float = 2.0
+    """How much slower the slowed replica is."""
+    reps: int = 3
+    """Timed repetitions; the best is kept (the machine is shared)."""
+    train_steps: int = 4
+    """Training steps for the allocator share and the wire bytes."""
+    seed: int = 0
+
+
+QUICK = BenchConfig(reps=2, train_steps=3)
+
+
+def _cfg(bench: BenchConfig, workers: int) -> TrainConfig:
+    farm = FarmConfig(backend="ray", workers=workers, num_cpus_per_worker=1, shard_cost=bench.shard_cost)
+    return TrainConfig(model="digits_vit", batch_size=bench.batch_size, seed=bench.seed, farm=farm)
+
+
+def _batch(bench: BenchConfig):
+    train = digits("train")
+    ids = batch_at(len(train), bench.batch_size, bench.seed, 0)
+    return train.x[ids], train.y[ids], ids
+
+
+def _tasks(cfg: TrainConfig, ids: np.ndarray, counts: np.ndarray, per_sample: bool) -> list[ShardTask]:
+    """MAIN shards of every group for per-sample ``counts``; ``per_sample`` cuts each sample separately."""
+    unit = cfg.estimator.unit
+    items = [ShardItem(j, int(ids[j]), 0, int(counts[j]), 2.3) for j in range(len(ids))]
+    chunks = (
+        [c for it in items for c in plan_chunks([it], cfg.farm.shard_cost, unit)]
+        if per_sample
+        else plan_chunks(items, cfg.farm.shard_cost, unit)
+    )
+    w = 1.0 / (len(ids) * float(np.mean(counts)))
+    return [
+        ShardTask(MAIN, 0, g, i, c, tuple(w for _ in c)) for g in range(len(cfg.groups)) for i, c in enumerate(chunks)
+    ]
+
+
+def _best(reps: int, fn) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def in_process_rate(bench: BenchConfig, tasks: list[ShardTask], x, y) -> float:
+    """Queries/s of one in-process replica on one thread, batched exactly as the farm's shards."""
+    cfg = _cfg(bench, 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        engine = QueryEngine(create_model(cfg.model, 10, 8, cfg.seed), cfg.groups, cfg.estimator, cfg.seed)
+        engine.set_batch(0, x, y)
+        engine.run(tasks[0])  # warm-up
+        seconds = _best(bench.reps, lambda: [engine.run(t) for t in tasks])
+    finally:
+        torch.set_num_threads(threads)
+    return sum(t.cost for t in tasks) / seconds
+
+
+def efficiency(bench: BenchConfig) -> dict:
+    x, y, ids = _batch(bench)
+    cfg = _cfg(bench, 1)
+    tasks = _tasks(cfg, ids, np.full(len(ids), bench.queries_per_sample), per_sample=False)
+    base = in_process_rate(bench, tasks, x, y)
+    out = {"in_process_queries_per_s": base, "efficiency": {}, "farm_queries_per_s": {}}
+    for w in bench.workers:
+        cfg = _cfg(bench, w)
+        model = create_model(cfg.model, 10, 8, cfg.seed)
+        backend = RayBackend(cfg, model)
+        try:
+            params = QueryEngine(model, cfg.groups, cfg.estimator, cfg.seed).get_params().numpy()
+            backend.sync(0, params, x, y)
+            backend.run(tasks)  # warm-up: replicas start and load the batch
+            seconds = _best(bench.reps, lambda b=backend: b.run(tasks))
+        finally:
+            backend.close()
+        rate = sum(t.cost for t in tasks) / seconds
+        out["farm_queries_per_s"][str(w)] = rate
+        out["efficiency"][str(w)] = rate / (w * base)
+        print(f"W={w}: {rate:.0f} q/s, efficiency {out['efficiency'][str(w)]:.3f}", flush=True)
+    return out
+
+
+def spread_counts(bench: BenchConfig, unit: int) -> np.ndarray:
+    """``(B,)`` counts from ``q/sqrt(spread)`` to ``q*sqrt(spread)`` (geometric), shuffled, even."""
+    q = bench.queries_per_sample
+    counts = np.geomspace(q / np.sqrt(bench.spread), q * np.sqrt(bench.spread), bench.batch_size)
+    counts = np.maximum(unit, np.round(counts / unit) * unit).astype(int)
+    return np.random.default_rng(bench.seed).permutation(counts)
+
+
+def makespan(bench: BenchConfig) -> dict:
+    """Dynamic vs static assignment of per-sample shards on two replicas, one slowed down."""
+    x, y, ids = _batch(bench)
+    cfg = _cfg(bench, 2)
+    counts = spread_counts(bench, cfg.estimator.unit)
+    tasks = _tasks(cfg, ids, counts, per_sample=True)
+    model = create_model(cfg.model, 10, 8, cfg.seed)
+    options = [WorkerOptions(), WorkerOptions(slowdown=bench.slowdown)]
+    backend = RayBackend(cfg, model, worker_options=options)
+    handles = [s.handle for s in backend.dispatcher.slots]
+    params = QueryEngine(model, cfg.groups, cfg.estimator, cfg.seed).get_params().numpy()
+
+    def static() -> None:
+        ray.get([handles[t.items[0].pos % len(handles)].run.remote(t, False) for t in tasks])
+
+    def measured(fn) -> float:
+        """Best step time / ideal over the repetitions, speeds from the replicas' own busy time."""
+        ratios = []
+        for _ in range(bench.reps):
+            before = ray.get([h.stats.remote() for h in handles])
+            t0 = time.perf_counter()
+            fn()
+            seconds = time.perf_counter() - t0
+            after = ray.get([h.stats.remote() for h in handles])
+            speed = sum((a.forwards - b.forwards) / (a.busy_seconds - b.busy_seconds) for a, b in zip(after, before))
+            ratios.append(seconds / (sum(t.cost for t in tasks) / speed))
+        return min(ratios)
+
+    try:
+        backend.sync(0, params, x, y)
+        backend.run(tasks)  # warm-up
+        result = {
+            "dynamic": measured(lambda: backend.run(tasks)),
+            "static": measured(static),
+            "counts_spread": float(counts.max() / counts.min()),
+        }
+    finally:
+        backend.close()
+    print(f"makespan / ideal: {result}", flush=True)
+    return result
+
+
+def training(bench: BenchConfig) -> dict:
+    """Real steps (gaussian allocator) on two replicas: allocator share of the step and wire bytes."""
+    cfg = _cfg(bench, 2).replace(batch_size=bench.batch_size)
+    with Trainer(cfg, create_model(cfg.model, 10, 8, cfg.seed), digits("train")) as trainer:
+        trainer.step()  # warm-up: replicas start
+        counters = trainer.backend.dispatcher.counters
+        sent, returned = counters.bytes_sent, counters.bytes_returned
+        logs = trainer.fit(bench.train_steps)
+        wire = counters.bytes_sent - sent + counters.bytes_returned - returned
+    step_s = sum(log.seconds for log in logs)
+    alloc_s = sum(log.allocator_seconds for log in logs)
+    out = {
+        "allocator_overhead": alloc_s / step_s,
+        "step_seconds": step_s / len(logs),
+        "bytes_per_step_per_worker": wire / len(logs) / cfg.farm.workers,
+    }
+    print(f"training: {out}", flush=True)
+    return out
+
+
+@ray.remote(num_cpus=0)
+class _Echo:
+    def ping(self) -> None:
+        return None
+
+
+def costs(bench: BenchConfig) -> dict:
+    """Per-call costs: a pipelined actor call, ``ray.put`` and a driver-side float64 reduction per MiB."""
+    echo = _Echo.remote()
+    ray.get(echo.ping.remote())
+    n = 500
+    t0 = time.perf_counter()
+    ray.get([echo.ping.remote() for _ in range(n)])
+    call = (time.perf_counter() - t0) / n
+    ray.kill(echo)
+    mib = 64
+    arr = np.ones(mib * 2**20 // 4, dtype=np.float32)
+    put = _best(bench.reps, lambda: ray.put(arr)) / mib
+    acc = np.zeros(mib * 2**20 // 8)
+    part = np.ones_like(acc)
+    add = _best(bench.reps, lambda: np.add(acc, part, out=acc)) / mib
+    out = {"call_seconds": call, "put_seconds_per_mib": put, "reduce_seconds_per_mib": add}
+    print(f"costs: {out}", flush=True)
+    return out
+
+
+def main(bench: BenchConfig, out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    init_ray(FarmConfig(workers=max(bench.workers)), num_cpus=os.cpu_count())
+    eff = efficiency(bench)
+    span = makespan(bench)
+    train = training(bench)
+    result = {
+        "efficiency": eff["efficiency"],
+        "makespan_ratio": {"dynamic": span["dynamic"], "static": span["static"]},
+        "allocator_overhead": train["allocator_overhead"],
+        "bytes_per_step_per_worker": train["bytes_per_step_per_worker"],
+        "details": {
+            "in_process_queries_per_s": eff["in_process_queries_per_s"],
+            "farm_queries_per_s": eff["farm_queries_per_s"],
+            "counts_spread": span["counts_spread"],
+            "step_seconds": train["step_seconds"],
+        },
+        "costs": costs(bench),
+    }
+    with open(out / "bench_farm.json", "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (under 5 minutes on 2 cores)")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_farm"))
+    args = parser.parse_args()
+    main(QUICK if args.quick else BenchConfig(), args.out)

@@ -1,0 +1,126 @@
+"""The farm gives the in-process result: any number of replicas, a replica killed mid-step, all-reduce.
+
+DESIGN section 2: a step depends only on seed, step, params, batch and config, never on which replica
+ran which shard or on retries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from flops_ray.config import AllocatorConfig, FarmConfig, TrainConfig
+from flops_ray.data import digits
+from flops_ray.models import create_model
+from flops_ray.trainer import Trainer
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+STEPS = 3
+BASE = TrainConfig(
+    model="digits_vit",
+    batch_size=8,
+    steps=STEPS,
+    allocator=AllocatorConfig(kind="gaussian", gaussian_iters=3),
+    farm=FarmConfig(backend="ray", workers=3, shard_cost=16, num_cpus_per_worker=1),
+)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return digits("train"), None
+
+
+def _trainer(data, **farm) -> Trainer:
+    cfg = BASE.replace(farm=dataclasses.replace(BASE.farm, **farm))
+    return Trainer(cfg, create_model("digits_vit", 10, 8, cfg.seed), *data)
+
+
+def _params_per_step(trainer: Trainer) -> list[torch.Tensor]:
+    with trainer:
+        return [(trainer.step(), trainer.engine.get_params())[1] for _ in range(STEPS)]
+
+
+@pytest.fixture(scope="module")
+def reference(data) -> list[torch.Tensor]:
+    return _params_per_step(_trainer(data, backend="local"))
+
+
+def _assert_same(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
+    for step, (g, w) in enumerate(zip(got, want)):
+        assert torch.allclose(g, w, atol=1e-6), f"step {step}: max diff {(g - w).abs().max().item():.3g}"
+
+
+class _Recording:
+    """Wraps a backend's ``run`` to check every result answers its own task, in task order."""
+
+    def __init__(self, trainer: Trainer):
+        self.tasks = 0
+        run = trainer.backend.run
+
+        def checked(tasks, meanwhile=None):
+            results = run(tasks, meanwhile)
+            assert [r.key for r in results] == [t.key for t in tasks]
+            self.tasks += len(tasks)
+            return results
+
+        trainer.backend.run = checked
+
+
+def test_params_move(reference):
+    """Guards the comparisons below against a step that changes nothing."""
+    assert (reference[0] - reference[-1]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_replicas_match_in_process(data, reference, workers):
+    trainer = _trainer(data, workers=workers)
+    rec = _Recording(trainer)
+    _assert_same(_params_per_step(trainer), reference)
+    c = trainer.backend.dispatcher.counters
+    assert c.accepted == c.completed == c.dispatched == rec.tasks
+    assert c.restarts == c.retried == 0
+
+
+def test_killed_replica_mid_step(data, reference):
+    """A replica killed with shards in flight: they are re-dispatched, its successor re-syncs, same bits."""
+    trainer = _trainer(data)
+    rec = _Recording(trainer)
+    # Step 0 runs a few dozen tasks; the kill lands in the middle of its main shards.
+    trainer.backend.dispatcher.inject_fault(after=30)
+    _assert_same(_params_per_step(trainer), reference)
+    c = trainer.backend.dispatcher.counters
+    assert c.restarts == 1
+    assert c.retried >= 1, "the kill should have caught shards in flight"
+    assert c.accepted == c.completed == rec.tasks, "every task's result is accepted exactly once"
+    assert c.dispatched == c.completed + c.retried
+
+
+def test_allreduce_matches_driver_reduction(data, reference):
+    trainer = _trainer(data, reduction="allreduce")
+    _assert_same(_params_per_step(trainer), reference)
+    c = trainer.backend.dispatcher.counters
+    assert c.recomputed == 0
+    # Partials stay on the replicas: only the one summed vector per step comes back as gradient.
+    assert c.bytes_returned < 3 * STEPS * sum(trainer.sizes) * 8
+
+
+def test_allreduce_survives_a_killed_replica(data, reference):
+    """Partial sums held by the killed replica are recomputed on the survivors before the collective."""
+    trainer = _trainer(data, reduction="allreduce")
+    trainer.backend.dispatcher.inject_fault(after=36)
+    _assert_same(_params_per_step(trainer), reference)
+    c = trainer.backend.dispatcher.counters
+    assert c.restarts == 1
+    assert c.recomputed >= 1, "the killed replica should have held accepted partials"
+
+
+def test_fractional_fake_gpu(data, reference):
+    """Two replicas share the one (fake) GPU at 0.5 each; without CUDA they fall back to the CPU."""
+    trainer = _trainer(data, workers=2, num_gpus_per_worker=0.5)
+    infos = trainer.backend.describe()
+    assert [i.gpu_ids for i in infos] == [("0",), ("0",)]
+    assert {i.device for i in infos} == {"cuda:0" if torch.cuda.is_available() else "cpu"}
+    _assert_same(_params_per_step(trainer), reference)
