@@ -32,7 +32,20 @@ class StepLog:
     allocator_seconds: float
     counts: list[np.ndarray]
     traces: list[np.ndarray]
+    losses: np.ndarray | None = None
+    """``(B,)`` per-sample clean losses of the step's batch."""
     accuracy: float | None = None
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data: ArrayDataset, batch: int = 512) -> float:
+    """Top-1 accuracy of ``model`` on ``data``."""
+    model.eval()
+    correct = 0
+    for s in range(0, len(data), batch):
+        logits = model(torch.from_numpy(np.ascontiguousarray(data.x[s : s + batch])))
+        correct += int((logits.argmax(-1).numpy() == data.y[s : s + batch]).sum())
+    return correct / len(data)
 
 
 def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -117,6 +130,7 @@ class Trainer:
             allocator_seconds=report.allocator_seconds,
             counts=report.counts,
             traces=report.traces,
+            losses=report.losses,
         )
 
     def _apply(self, grads: list[np.ndarray]) -> None:
@@ -134,26 +148,20 @@ class Trainer:
     def _backprop(self, x: np.ndarray, y: np.ndarray) -> StepReport:
         self.optimizer.zero_grad()
         with torch.enable_grad():
-            logits = self.model(torch.from_numpy(x))
-            loss = self.loss_fn(logits, torch.from_numpy(y)).mean()
-            loss.backward()
+            losses = self.loss_fn(self.model(torch.from_numpy(x)), torch.from_numpy(y))
+            losses.mean().backward()
         if self.cfg.grad_clip > 0:
             for g in self.engine.groups:
                 torch.nn.utils.clip_grad_norm_([p for _, p in g.params], self.cfg.grad_clip)
-        return StepReport(self.step_count, loss.item())
+        return StepReport(self.step_count, losses.mean().item(), losses.detach().numpy())
 
     # ---- loops and evaluation -----------------------------------------------------------------------
-    @torch.no_grad()
-    def evaluate(self, data: ArrayDataset | None = None, batch: int = 512) -> float:
+    def evaluate(self, data: ArrayDataset | None = None) -> float:
         """Accuracy of the master model on ``data`` (the test set by default)."""
         data = data or self.test_set
         if data is None:
             raise ValueError("no test set to evaluate on")
-        correct = 0
-        for s in range(0, len(data), batch):
-            logits = self.model(torch.from_numpy(data.x[s : s + batch]))
-            correct += int((logits.argmax(-1).numpy() == data.y[s : s + batch]).sum())
-        return correct / len(data)
+        return accuracy(self.model, data)
 
     def fit(self, steps: int | None = None, callback: Callable[[StepLog], None] | None = None) -> list[StepLog]:
         """Run ``steps`` steps (default ``cfg.steps`` minus those done), evaluating every ``cfg.eval_every``."""

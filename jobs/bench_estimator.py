@@ -61,7 +61,7 @@ QUICK = BenchConfig(queries=(4, 16, 64), cosine_reps=2, variance_reps=120, trace
 
 
 def _setup(bench: BenchConfig, module: str, estimator: str):
-    model = create_model("digits_vit_pretrained", 10, 8, bench.seed).double()
+    model = create_model("digits_vit_pretrained", 10, 8, bench.seed)
     group = GroupConfig("layer", (module,), bench.sigma, 4)
     est = EstimatorConfig(kind=estimator, trace_coords=2048)
     engine = QueryEngine(model, (group,), est, bench.seed)
@@ -71,8 +71,8 @@ def _setup(bench: BenchConfig, module: str, estimator: str):
     params = [p for _, p in engine.groups[0].params]
     for p in model.parameters():
         p.requires_grad_(p in set(params))
-    loss = cross_entropy(model(torch.from_numpy(x).double()), torch.from_numpy(y)).mean()
-    true = torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]).numpy()
+    loss = cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y)).mean()
+    true = torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]).double().numpy()
     return engine, group, est, (x, y, ids), true
 
 

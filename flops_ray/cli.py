@@ -1,0 +1,128 @@
+"""The ``flops-ray`` command: ``train``, ``eval``, ``plot`` and ``bench``, mirroring the Python API.
+
+    flops-ray train --config jobs/configs/digits_ops_lr.yaml --out runs/lr --set steps=100
+    flops-ray eval runs/lr/checkpoint.safetensors
+    flops-ray plot runs/lr
+    flops-ray bench estimator -- --quick --out runs/bench
+
+``train`` is :func:`flops_ray.run.train` (the logic of ``jobs/finetune_vit.py``); ``eval`` is
+:func:`flops_ray.run.evaluate`; ``plot`` is :func:`flops_ray.plot.plot_metrics`; ``bench`` runs
+``jobs/bench_<name>.py`` in a subprocess with this Python.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from flops_ray import run
+
+
+def _jobs_dir(given: str | None) -> Path:
+    # A source checkout keeps jobs/ beside the package; otherwise the working directory's jobs/.
+    if given:
+        return Path(given)
+    beside = Path(__file__).resolve().parents[1] / "jobs"
+    return beside if beside.is_dir() else Path("jobs")
+
+
+def _benches(jobs: Path) -> list[str]:
+    return sorted(p.stem.removeprefix("bench_") for p in jobs.glob("bench_*.py"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``flops-ray`` (every option documented in ``--help``)."""
+    parser = argparse.ArgumentParser(
+        prog="flops-ray",
+        description="Forward-only training with optimal query allocation (FLOPS, ICLR 2025) on a Ray query farm.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n")[1],
+    )
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{train,eval,plot,bench}", help="what to do (each has its own --help)"
+    )
+
+    p_train = sub.add_parser(
+        "train",
+        help="train from a config YAML (the logic of jobs/finetune_vit.py)",
+        description="Train and write OUT/finetune_vit.json, metrics.parquet, checkpoint.safetensors and plots.",
+    )
+    run.add_train_arguments(p_train, default_config=None)
+
+    p_eval = sub.add_parser(
+        "eval",
+        help="test accuracy of a checkpoint",
+        description="Rebuild a checkpoint's model from its stored config and print its test accuracy as JSON.",
+    )
+    p_eval.add_argument("checkpoint", help="a checkpoint.safetensors written by train (or a run directory holding one)")
+    p_eval.add_argument(
+        "--test-dataset", default="", help="Parquet test split (default: the config's dataset's test split)"
+    )
+    p_eval.add_argument("--image-column", default="image", help="Parquet column of encoded images (default: image)")
+    p_eval.add_argument("--label-column", default="label", help="Parquet column of integer labels (default: label)")
+    p_eval.add_argument("--limit", type=int, default=0, help="evaluate only the first N test samples (default: all)")
+
+    p_plot = sub.add_parser(
+        "plot",
+        help="PNG plots of a run's metrics",
+        description="Write curves.png, allocation.png and trace_vs_loss.png from a metrics.parquet.",
+    )
+    p_plot.add_argument("metrics", help="a metrics.parquet, or a run directory holding one")
+    p_plot.add_argument("--out", default=None, help="directory for the PNGs (default: beside the metrics file)")
+
+    p_bench = sub.add_parser(
+        "bench",
+        help="run a benchmark script jobs/bench_<name>.py",
+        description="Run jobs/bench_<name>.py with this Python; arguments after the name (or after --) go to it.",
+    )
+    p_bench.add_argument("name", nargs="?", help="benchmark name, e.g. estimator for jobs/bench_estimator.py")
+    p_bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark script")
+    p_bench.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    p_bench.add_argument("--jobs-dir", default=None, help="directory of the bench_*.py scripts (default: jobs/)")
+    return parser
+
+
+def _in_dir(path: str, name: str) -> Path:
+    p = Path(path)
+    return p / name if p.is_dir() else p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``flops-ray`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    if args.command == "train":
+        run.train_from_args(args)
+    elif args.command == "eval":
+        job = run.JobConfig(
+            test_dataset=args.test_dataset,
+            image_column=args.image_column,
+            label_column=args.label_column,
+            limit=args.limit,
+        )
+        print(json.dumps(run.evaluate(_in_dir(args.checkpoint, run.CHECKPOINT), job), indent=2))
+    elif args.command == "plot":
+        from flops_ray.plot import plot_metrics
+
+        metrics = _in_dir(args.metrics, run.METRICS)
+        for path in plot_metrics(metrics, args.out or metrics.parent):
+            print(path)
+    else:
+        jobs = _jobs_dir(args.jobs_dir)
+        known = _benches(jobs)
+        if args.list or not args.name:
+            print("\n".join(known) if known else f"no bench_*.py in {jobs}")
+            return 0
+        script = jobs / f"bench_{args.name}.py"
+        if not script.is_file():
+            print(f"flops-ray bench: no benchmark {args.name!r} ({script}); known: {known}", file=sys.stderr)
+            return 2
+        rest = args.args[1:] if args.args[:1] == ["--"] else args.args
+        return subprocess.call([sys.executable, str(script), *rest])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

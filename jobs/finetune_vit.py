@@ -1,0 +1,36 @@
+"""Forward-only fine-tuning of a (timm) ViT with optimal query allocation: the main job.
+
+Writes OUT/finetune_vit.json (final test accuracy, steps, queries, wall time, config), OUT/metrics.parquet,
+OUT/checkpoint.safetensors and PNG plots. The logic lives in ``flops_ray.run.train`` (also behind
+``flops-ray train``); this script only parses options.
+
+    python jobs/finetune_vit.py --quick --out runs/quick
+    python jobs/finetune_vit.py --config jobs/configs/digits_ops_spsa.yaml --set steps=100
+    ray job submit --working-dir . -- python jobs/finetune_vit.py --config jobs/configs/digits_ops_lr.yaml --out runs/digits_ops_lr
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from flops_ray import run
+from flops_ray.config import TrainConfig
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "digits_ops_lr.yaml"
+
+
+def main(
+    cfg: TrainConfig, out: str | Path, quick: bool = False, job: run.JobConfig | None = None, resume: bool = False
+) -> dict[str, Any]:
+    """Train ``cfg`` into ``out`` (``quick``: a tiny run for tests); returns the summary."""
+    return run.train(cfg, out, job, quick=quick, resume=resume)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_train_arguments(parser, default_config=str(DEFAULT_CONFIG))
+    args = parser.parse_args()
+    cfg, job = run.load_config(args.config, args.set)
+    main(cfg, run.output_dir(args.out, args.config, job), args.quick, job, args.resume)

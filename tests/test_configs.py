@@ -1,0 +1,101 @@
+"""Every job config loads, validates, binds its layer groups to its model, and shows its submit command."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+
+from flops_ray import run
+from flops_ray.config import ConfigError
+from flops_ray.groups import resolve_groups
+from flops_ray.models import create_model
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "jobs" / "configs").glob("*.yaml"))
+
+
+def test_the_documented_configs_exist():
+    names = {p.stem for p in CONFIGS}
+    assert {"digits_ops_lr", "digits_ops_spsa", "digits_bp", "vit_b16_cifar100"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_config_loads_and_groups_bind_to_the_model(path):
+    cfg, job = run.load_config(path)
+    # Same architecture, built on the meta device: no weights, no pretraining, no memory.
+    name = "digits_vit" if cfg.model == "digits_vit_pretrained" else cfg.model
+    with torch.device("meta"):
+        model = create_model(name, cfg.num_classes, cfg.img_size, cfg.seed)
+    groups = resolve_groups(model, cfg.groups, cfg.estimator.kind)
+    assert all(g.size > 0 for g in groups)
+    assert job.validate() is job
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_header_holds_the_submit_command(path):
+    lines = path.read_text().splitlines()
+    assert lines[0].startswith("# ray job submit "), "the first line must be the ray job submit command"
+    tokens = shlex.split(lines[0][1:])
+    assert tokens[:3] == ["ray", "job", "submit"] and "--working-dir" in tokens
+    entry = tokens[tokens.index("--") + 1 :]
+    assert entry[0] == "python" and (ROOT / entry[1]).is_file()
+    parser = argparse.ArgumentParser()
+    run.add_train_arguments(parser, default_config=None)
+    args = parser.parse_args(entry[2:])
+    assert args.config == f"jobs/configs/{path.name}"
+    assert args.out
+
+
+def test_default_is_ops_lr_on_digits():
+    cfg, _ = run.load_config(ROOT / "jobs" / "configs" / "digits_ops_lr.yaml")
+    assert (cfg.estimator.kind, cfg.allocator.kind, cfg.dataset) == ("lr", "gaussian", "digits")
+    default, _ = run.load_config(None)
+    # Groups, sigmas, budgets and lr are left to flops_ray's defaults.
+    assert (cfg.groups, cfg.lr, cfg.batch_size) == (default.groups, default.lr, default.batch_size)
+
+
+def test_vit_config_is_the_paper_setting():
+    cfg, job = run.load_config(ROOT / "jobs" / "configs" / "vit_b16_cifar100.yaml")
+    assert cfg.model == "vit_base_patch16_224" and cfg.num_classes == 100 and cfg.img_size == 224
+    assert [g.sigma for g in cfg.groups] == [1e-5, 1e-4, 1e-3, 1e-3]
+    assert [g.name for g in cfg.groups][-1] == "head"
+    assert {g.queries_per_sample for g in cfg.groups} == {20}
+    assert (cfg.batch_size, cfg.optimizer, cfg.lr) == (128, "adam", 1e-4)
+    assert cfg.pretrained and cfg.dataset.endswith(".parquet") and job.test_dataset.endswith(".parquet")
+    assert cfg.farm.backend == "ray" and cfg.farm.num_gpus_per_worker >= 1
+
+
+def test_overrides():
+    cfg, job = run.load_config(
+        None,
+        ["steps=10", "allocator.kind=equal", "groups.1.sigma=1e-3", "job.checkpoint_every=5", "farm.backend=ray"],
+    )
+    assert (cfg.steps, cfg.allocator.kind, cfg.groups[1].sigma, job.checkpoint_every) == (10, "equal", 1e-3, 5)
+    assert cfg.farm.backend == "ray"
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("stepz=3", r"unknown keys \['stepz'\]"),
+        ("allocator.kind=best", r"allocator\.kind: must be one of"),
+        ("groups.7.sigma=1", r"groups\.7 is not an index"),
+        ("job.checkpoint_evry=3", r"job: unknown keys \['checkpoint_evry'\]"),
+        ("job.log_every=0", r"job\.log_every: must be >= 1"),
+        ("steps", r"expected key=value"),
+    ],
+)
+def test_bad_overrides_name_the_field(override, match):
+    with pytest.raises(ConfigError, match=match):
+        run.load_config(None, [override])
+
+
+def test_bad_file_names_the_field(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("estimator:\n  kind: lr\n  sigma: 0.1\n")
+    with pytest.raises(ConfigError, match=r"estimator: unknown keys \['sigma'\]"):
+        run.load_config(path)
