@@ -70,6 +70,10 @@ class EstimatorConfig:
     """Coordinates sub-sampled per group to estimate ``T_j = Tr Cov[G]``."""
     max_rows: int = 256
     """Most perturbed rows in one batched forward on a replica (memory bound, not a semantic knob)."""
+    on_nonfinite: str = "raise"
+    """A query whose loss is NaN or inf (or a black-box call that raises): ``raise`` stops the step with an
+    error naming the shard and sample; ``skip`` drops the query (it contributes 0, which shrinks that
+    sample's estimate by the dropped fraction) and counts it in the step's ``skipped``."""
 
     @property
     def paired(self) -> bool:
@@ -91,6 +95,11 @@ class EstimatorConfig:
         )
         _require(self.trace_coords >= 1, "estimator.trace_coords", f"must be >= 1, got {self.trace_coords}")
         _require(self.max_rows >= 2, "estimator.max_rows", f"must be >= 2, got {self.max_rows}")
+        _require(
+            self.on_nonfinite in ("raise", "skip"),
+            "estimator.on_nonfinite",
+            f"must be 'raise' or 'skip', got {self.on_nonfinite!r}",
+        )
 
 
 @dataclass(frozen=True)

@@ -12,14 +12,15 @@ from flops_ray.seeding import STREAM_DATA, generator
 
 @dataclass(frozen=True)
 class ArrayDataset:
-    """Images ``(N, C, H, W)`` float32 and labels ``(N,)`` int64; a sample's id is its index."""
+    """Inputs ``(N, ...)`` (images: ``(N, C, H, W)`` float32) and targets ``(N,)`` (labels: int64); a sample's
+    id is its index."""
 
     x: np.ndarray
     y: np.ndarray
 
     def __post_init__(self):
-        if self.x.ndim != 4 or self.y.ndim != 1 or len(self.x) != len(self.y):
-            raise ValueError(f"dataset needs x (N, C, H, W) and y (N,), got {self.x.shape} and {self.y.shape}")
+        if self.x.ndim < 2 or self.y.ndim != 1 or len(self.x) != len(self.y):
+            raise ValueError(f"dataset needs x (N, ...) and y (N,), got {self.x.shape} and {self.y.shape}")
 
     def __len__(self) -> int:
         return len(self.y)

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from flops_ray.config import EstimatorConfig, GroupConfig
+from flops_ray.blackbox import BlackBox, BlackBoxError
+from flops_ray.config import ConfigError, EstimatorConfig, GroupConfig
 from flops_ray.groups import ResolvedGroup, flatten, resolve_groups, unflatten_into
 from flops_ray.messages import CLEAN, FINALIZE, MAIN, PILOT, ShardResult, ShardTask
 from flops_ray.seeding import STREAM_TRACE, generator, query_noise
@@ -71,6 +72,10 @@ class QueryEngine:
         loss_fn: LossFn = cross_entropy,
         device: str | torch.device = "cpu",
     ):
+        if isinstance(model, BlackBox) and estimator.kind not in ("spsa", "es"):
+            raise ConfigError(
+                f"estimator.kind: a BlackBox is queried through its losses only; use spsa or es, got {estimator.kind!r}"
+            )
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.groups = resolve_groups(self.model, groups, estimator.kind)
@@ -83,6 +88,7 @@ class QueryEngine:
         self._y: torch.Tensor | None = None
         self._out_numel: dict[int, list[int]] = {}
         self._pilot_cache: dict[tuple[int, int], tuple[torch.Tensor, np.ndarray]] = {}
+        self._skipped = 0
 
     # ---- parameters and batch -------------------------------------------------------------------
     def trainable(self) -> list[nn.Parameter]:
@@ -112,12 +118,13 @@ class QueryEngine:
         """Evaluate one shard task (see :class:`~flops_ray.messages.ShardTask` for the kinds)."""
         if self._x is None or task.step != self._step:
             raise RuntimeError(f"replica holds the batch of step {self._step}, task {task.key} needs step {task.step}")
+        self._skipped = 0
         if task.kind == CLEAN:
             return self._clean(task)
         group = self.groups[task.group]
         if task.kind == PILOT:
             sums, losses, traces, forwards = self._pilot(task, group)
-            return ShardResult(task.key, losses, traces=traces, forwards=forwards)
+            return ShardResult(task.key, losses, traces=traces, forwards=forwards, skipped=self._skipped)
         weights = torch.tensor(task.weights, dtype=torch.float64, device=self.device)
         if task.kind == FINALIZE:
             sums, losses, _, forwards = self._pilot(task, group)
@@ -130,13 +137,20 @@ class QueryEngine:
             losses, forwards = losses_t.cpu().numpy(), len(rows["item"])
         else:
             raise ValueError(f"unknown task kind {task.kind!r}")
-        return ShardResult(task.key, losses, grad=grad.cpu().numpy(), forwards=forwards)
+        return ShardResult(task.key, losses, grad=grad.cpu().numpy(), forwards=forwards, skipped=self._skipped)
 
     def _clean(self, task: ShardTask) -> ShardResult:
         pos = torch.tensor([it.pos for it in task.items], device=self.device)
-        logits, emb = model_outputs(self.model, self._x[pos])
-        losses = self.loss_fn(logits, self._y[pos])
-        self._check_finite(task, losses, [it.pos for it in task.items])
+        if isinstance(self.model, BlackBox):
+            # A black box has no embedding to offer; its inputs stand in for the allocator's kernel.
+            u = self.model.search.value.detach()
+            losses = self._box_losses(task, u.expand(len(pos), -1), pos, policy="raise")
+            emb = self._x[pos].flatten(1)
+        else:
+            logits, emb = model_outputs(self.model, self._x[pos])
+            losses = self.loss_fn(logits, self._y[pos])
+        # A sample without a finite clean loss has no baseline to weight its queries by: always an error.
+        self._check_finite(task, losses, [it.pos for it in task.items], policy="raise")
         return ShardResult(
             task.key,
             losses.double().cpu().numpy(),
@@ -202,16 +216,41 @@ class QueryEngine:
         """
         sigma = self.groups[task.group].sigma
         base = torch.tensor([it.baseline for it in task.items], dtype=torch.float64, device=self.device)
-        return (losses.double() - base[rows["item"]]) / sigma
+        coef = (losses.double() - base[rows["item"]]) / sigma
+        # Skipped (non-finite) queries contribute nothing; under "raise" none reach this point.
+        return torch.where(torch.isfinite(coef), coef, torch.zeros_like(coef))
 
-    def _check_finite(self, task: ShardTask, losses: torch.Tensor, pos: list[int]) -> None:
+    def _check_finite(self, task: ShardTask, losses: torch.Tensor, pos: list[int], policy: str | None = None) -> None:
+        """Raise on a non-finite loss (``estimator.on_nonfinite = "raise"``), or count it as skipped."""
         bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
-        if bad:
-            sample = pos[bad[0]]
-            raise NonFiniteLossError(
-                f"shard {task.key}: loss is {losses[bad[0]].item()} for batch row {sample} "
-                f"({len(bad)} non-finite of {len(pos)} queries)"
-            )
+        if not bad:
+            return
+        if (policy or self.est.on_nonfinite) == "skip":
+            self._skipped += len(bad)
+            return
+        row = pos[bad[0]]
+        raise NonFiniteLossError(
+            f"shard {task.key}: loss is {losses[bad[0]].item()} for batch row {row} "
+            f"(sample {self._sample_of(task, row)}; {len(bad)} non-finite of {len(pos)} queries); "
+            "set estimator.on_nonfinite=skip to drop such queries instead"
+        )
+
+    @staticmethod
+    def _sample_of(task: ShardTask, row: int) -> int:
+        return next(it.sample_id for it in task.items if it.pos == row)
+
+    def _box_losses(
+        self, task: ShardTask, u: torch.Tensor, pos: torch.Tensor, policy: str | None = None
+    ) -> torch.Tensor:
+        """The black box on rows ``u (R, d)`` at batch positions ``pos (R,)``; errors name the shard and samples."""
+        try:
+            return self.model.losses(u, self._x[pos], self._y[pos])
+        except BlackBoxError as exc:
+            samples = sorted({self._sample_of(task, r) for r in pos.tolist()})
+            if (policy or self.est.on_nonfinite) == "skip":
+                # The policy drops the whole call: its rows become non-finite and are counted as skipped.
+                return torch.full((len(u),), float("nan"), dtype=u.dtype, device=u.device)
+            raise BlackBoxError(f"shard {task.key}, samples {samples}: {exc}") from exc
 
     def _trace_coords(self, step: int, group: ResolvedGroup) -> torch.Tensor:
         """``(K,)`` sorted coordinates of the group sub-sampled for trace estimates (same on every replica)."""
@@ -252,6 +291,8 @@ class QueryEngine:
 
     def _evaluate_params(self, task: ShardTask, group: ResolvedGroup, rows):
         eps = self._noise(task, rows, group.size)  # (R, P_g), signed
+        if isinstance(self.model, BlackBox):
+            return self._evaluate_box(task, group, rows, eps)
         names = [n for n, _ in group.params]
         shapes = [p.shape for _, p in group.params]
         base = {n: p.detach() for n, p in self.model.named_parameters()}
@@ -272,8 +313,19 @@ class QueryEngine:
             for sl in self._chunks(len(rows["pos"])):
                 out = vmap(one)(group.sigma * eps[sl], self._x[rows["pos"][sl]])
                 losses.append(self.loss_fn(out, self._y[rows["pos"][sl]]))
-        losses_t = torch.cat(losses)
-        self._check_finite(task, losses_t, rows["pos"].tolist())
+        return self._param_result(task, rows, eps, torch.cat(losses))
+
+    def _evaluate_box(self, task: ShardTask, group: ResolvedGroup, rows, eps: torch.Tensor):
+        """Black box: one call of the user's function per chunk of rows, with ``u + sigma * eps``."""
+        u = group.params[0][1].detach()
+        losses = [
+            self._box_losses(task, u + group.sigma * eps[sl], rows["pos"][sl]) for sl in self._chunks(len(rows["pos"]))
+        ]
+        return self._param_result(task, rows, eps, torch.cat(losses))
+
+    def _param_result(self, task: ShardTask, rows, eps: torch.Tensor, losses: torch.Tensor):
+        """Parameter-perturbation losses ``(R,)`` and their ``grad_fn`` (``G = c * eps``)."""
+        self._check_finite(task, losses, rows["pos"].tolist())
 
         def grad_fn(coef, seg=None, idx=None):
             w = coef[:, None] if seg is None else seg * coef[:, None]  # (R, S)
@@ -281,7 +333,7 @@ class QueryEngine:
             sub = (coef[:, None] * eps[:, idx].double()) if idx is not None else None
             return sums, sub
 
-        return losses_t, grad_fn
+        return losses, grad_fn
 
     def _evaluate_lr(self, task: ShardTask, group: ResolvedGroup, rows):
         numel = self._output_numel(group)

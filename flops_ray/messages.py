@@ -74,6 +74,8 @@ class ShardResult:
     """``(n_items, D)`` sample embeddings (``clean``)."""
     forwards: int = 0
     """Forward passes actually run for this result (0 when served from the pilot cache)."""
+    skipped: int = 0
+    """Queries dropped for a non-finite loss (``estimator.on_nonfinite = "skip"``)."""
 
     @property
     def nbytes(self) -> int:

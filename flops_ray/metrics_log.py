@@ -1,7 +1,7 @@
 """Per-step training metrics appended to a Parquet file (one row per step, row groups of ``flush_every``).
 
 Columns: ``step``, ``loss`` (mean clean loss), ``accuracy`` (null between evaluations), ``queries``,
-``seconds``, ``queries_per_s``, ``allocator_seconds``, ``sample_loss`` (list: per-sample clean losses),
+``seconds``, ``queries_per_s``, ``allocator_seconds``, ``skipped``, ``sample_loss`` (list: per-sample clean losses),
 and per layer group ``g``: ``spread/g`` (max/min query count), ``mean_trace/g``, ``counts/g`` and
 ``trace/g`` (lists: per-sample query counts and pilot trace estimates, for the trace-vs-loss plot).
 
@@ -9,7 +9,7 @@ and per layer group ``g``: ``spread/g`` (max/min query count), ``mean_trace/g``,
 >>> from flops_ray.trainer import StepLog
 >>> path = pathlib.Path(tempfile.mkdtemp()) / "m.parquet"
 >>> with MetricsLog(path, ["head"]) as log:
-...     log.append(StepLog(0, 2.3, 8, 0.5, 0.01, [np.array([2, 6])], [np.array([1.0, 9.0])]), np.array([2.0, 2.6]))
+...     log.append(StepLog(0, 2.3, 8, 0.5, 0.01, [np.array([2, 6])], [np.array([1.0, 9.0])], np.array([2.0, 2.6])))
 >>> read_metrics(path).column("spread/head").to_pylist()
 [3.0]
 """
@@ -38,6 +38,7 @@ def metrics_schema(groups: list[str]) -> pa.Schema:
         ("seconds", pa.float64()),
         ("queries_per_s", pa.float64()),
         ("allocator_seconds", pa.float64()),
+        ("skipped", pa.int64()),
         ("sample_loss", pa.list_(pa.float64())),
     ]
     for g in groups:
@@ -103,6 +104,7 @@ class MetricsLog:
             "seconds": log.seconds,
             "queries_per_s": log.queries / log.seconds if log.seconds > 0 else None,
             "allocator_seconds": log.allocator_seconds,
+            "skipped": log.skipped,
             "sample_loss": None if log.losses is None else np.asarray(log.losses, np.float64).tolist(),
         }
         for i, g in enumerate(self.groups):

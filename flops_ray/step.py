@@ -70,6 +70,8 @@ class StepReport:
     """Fitting allocator state for the next step: overlapped with the step's queries."""
     seconds: float = 0.0
     bytes_returned: int = 0
+    skipped: int = 0
+    """Queries dropped for non-finite losses (``estimator.on_nonfinite = "skip"``)."""
 
 
 def forward_step(
@@ -178,5 +180,6 @@ def forward_step(
     everything = clean + pilot_results + results
     report.queries = sum(r.forwards for r in pilot_results + results)
     report.bytes_returned = sum(r.nbytes for r in everything)
+    report.skipped = sum(r.skipped for r in everything)
     report.seconds = time.perf_counter() - t0
     return grads, report

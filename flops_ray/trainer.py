@@ -30,10 +30,15 @@ class StepLog:
     queries: int
     seconds: float
     allocator_seconds: float
+    """Sampling allocations (on the step's critical path)."""
     counts: list[np.ndarray]
     traces: list[np.ndarray]
     losses: np.ndarray | None = None
     """``(B,)`` per-sample clean losses of the step's batch."""
+    skipped: int = 0
+    """Queries dropped for non-finite losses (``estimator.on_nonfinite = "skip"``)."""
+    fit_seconds: float = 0.0
+    """Fitting allocator state for the next step, overlapped with the step's queries on the farm."""
     accuracy: float | None = None
 
 
@@ -131,6 +136,8 @@ class Trainer:
             counts=report.counts,
             traces=report.traces,
             losses=report.losses,
+            skipped=report.skipped,
+            fit_seconds=report.fit_seconds,
         )
 
     def _apply(self, grads: list[np.ndarray]) -> None:

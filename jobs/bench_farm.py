@@ -5,7 +5,9 @@
 - ``makespan_ratio``: per-sample counts spread >= 10x, one replica slowed 2x; step time / ideal, where
   ideal = total forwards / summed replica speed (each replica's forwards / busy seconds in that run),
   for completion-order dispatch and for a static per-sample assignment (sample ``j`` -> replica ``j % W``).
-- ``allocator_overhead``: allocator seconds / step seconds of real training steps on the farm.
+- ``allocator_overhead``: allocator seconds on the step's critical path (sampling the allocation) / step
+  seconds of real training steps on the farm; the Gaussian fit runs while the step's queries are in flight
+  and is reported beside it as ``allocator_fit_share`` (fit seconds / step seconds, overlapped).
 - ``bytes_per_step_per_worker``: parameters, batch, task messages and results crossing to and from the
   replicas per step, divided by the number of replicas.
 - ``costs``: per-call costs behind the step-time model in docs/FARM.md.
@@ -202,6 +204,7 @@ def training(bench: BenchConfig) -> dict:
     alloc_s = sum(log.allocator_seconds for log in logs)
     out = {
         "allocator_overhead": alloc_s / step_s,
+        "allocator_fit_share": sum(log.fit_seconds for log in logs) / step_s,
         "step_seconds": step_s / len(logs),
         "bytes_per_step_per_worker": wire / len(logs) / cfg.farm.workers,
     }
@@ -251,6 +254,7 @@ def main(bench: BenchConfig, out: Path) -> dict:
             "farm_queries_per_s": eff["farm_queries_per_s"],
             "counts_spread": span["counts_spread"],
             "step_seconds": train["step_seconds"],
+            "allocator_fit_share": train["allocator_fit_share"],
         },
         "costs": costs(bench),
     }

@@ -1,0 +1,148 @@
+"""Black-box losses: same estimate as the white-box path, one call per shard chunk, clear errors, skip policy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from flops_ray.blackbox import BlackBox, BlackBoxError, ModuleLoss
+from flops_ray.config import AllocatorConfig, ConfigError, EstimatorConfig, GroupConfig, TrainConfig
+from flops_ray.data import ArrayDataset
+from flops_ray.engine import NonFiniteLossError, cross_entropy
+from flops_ray.trainer import Trainer
+
+GEN = torch.Generator().manual_seed(0)
+X = torch.randn(64, 5, generator=GEN)
+Y = (X[:, 0] > 0).long()
+DATA = ArrayDataset(X.numpy(), Y.numpy())
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 2))
+
+
+def _cfg(groups, **est) -> TrainConfig:
+    return TrainConfig(
+        groups=groups,
+        estimator=EstimatorConfig(kind=est.pop("kind", "spsa"), **est),
+        allocator=AllocatorConfig(kind="neyman"),
+        batch_size=16,
+        lr=1e-2,
+    )
+
+
+def _box(fn=None, **kw) -> BlackBox:
+    mlp = _mlp()
+    loss = ModuleLoss(mlp, cross_entropy)
+    return BlackBox(fn or loss, loss.theta0(), **kw)
+
+
+@pytest.mark.parametrize("kind", ["spsa", "es"])
+def test_module_as_black_box_matches_white_box(kind):
+    """A module behind ``ModuleLoss`` gets the same losses, hence the same step, as the model path (same seeds)."""
+    white = Trainer(_cfg((GroupConfig("all", ("0", "2"), 0.01, 8),), kind=kind), _mlp(), DATA)
+    black = Trainer(_cfg((BlackBox.group(0.01, 8, name="all"),), kind=kind), _box(), DATA)
+    for _ in range(3):
+        a, b = white.step(), black.step()
+        assert a.queries == b.queries and np.array_equal(a.counts[0], b.counts[0])
+    # The white box trains theta; the black box trains u with theta = theta0 + u.
+    assert torch.allclose(white.engine.get_params(), black.model.theta(), atol=1e-5)
+    assert (white.engine.get_params() - ModuleLoss(_mlp(), cross_entropy).theta0()).abs().max() > 1e-3
+
+
+def test_one_call_per_shard_chunk():
+    """The user's function sees many parameter vectors per call: calls = shard chunks, far fewer than queries."""
+    calls = []
+    inner = ModuleLoss(_mlp(), cross_entropy)
+
+    def counted(thetas, x, y):
+        calls.append(len(thetas))
+        return inner(thetas, x, y)
+
+    tr = Trainer(_cfg((BlackBox.group(0.01, 8),)), _box(counted), DATA)
+    log = tr.step()
+    # 1 clean call, then pilot and main shards of at most shard_cost (64) rows each.
+    assert sum(calls) == log.queries + 16
+    assert len(calls) <= 1 + 2 * int(np.ceil(log.queries / 64)) + 2
+    assert max(calls) > 8
+
+
+def test_subspace_projects_a_fixed_matrix():
+    a, b = _box(subspace=4, seed=3), _box(subspace=4, seed=3)
+    assert a.search.value.shape == (4,) and torch.equal(a.projection, b.projection)
+    tr = Trainer(_cfg((BlackBox.group(0.05, 8),)), a, DATA)
+    tr.fit(3)
+    # theta moves only inside the span of W's rows.
+    delta = a.theta() - a.theta0
+    resid = delta - torch.linalg.lstsq(a.projection.T, delta[:, None]).solution[:, 0] @ a.projection
+    assert delta.norm() > 0 and resid.norm() < 1e-4 * delta.norm()
+
+
+def test_lr_on_a_black_box_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"estimator.kind: a BlackBox .* use spsa or es"):
+        Trainer(_cfg((BlackBox.group(0.01, 8),), kind="lr"), _box(), DATA)
+
+
+def _poisoned(bad_sample: int, how: str):
+    inner = ModuleLoss(_mlp(), cross_entropy)
+
+    def fn(thetas, x, y):
+        out = inner(thetas, x, y)
+        hit = (x[:, 1] == X[bad_sample, 1]).nonzero().flatten()
+        perturbed = thetas.shape[0] == 0 or not torch.equal(thetas, thetas[:1].expand_as(thetas))
+        if len(hit) and perturbed:
+            if how == "raise":
+                raise KeyError("backend unavailable")
+            if how == "shape":
+                return out[:-1]
+            out = out.clone()
+            out[hit] = float("nan")
+        return out
+
+    return fn
+
+
+def _batch_sample(tr: Trainer) -> int:
+    from flops_ray.data import batch_at
+
+    return int(batch_at(len(DATA), tr.cfg.batch_size, tr.cfg.seed, tr.step_count)[3])
+
+
+@pytest.mark.parametrize(
+    ("how", "error", "pattern"),
+    [
+        ("nan", NonFiniteLossError, r"shard \(0, 0, '\w+', \d+\): loss is nan for batch row \d+ \(sample {s};"),
+        (
+            "raise",
+            BlackBoxError,
+            r"shard \(0, 0, '\w+', \d+\), samples \[.*\b{s}\b.*\]: the loss function raised KeyError",
+        ),
+        ("shape", BlackBoxError, r"samples \[.*\b{s}\b.*\]: the loss function returned shape \(\d+,\), expected"),
+    ],
+)
+def test_bad_losses_name_shard_and_sample(how, error, pattern):
+    probe = Trainer(_cfg((BlackBox.group(0.01, 8),)), _box(), DATA)
+    bad = _batch_sample(probe)
+    tr = Trainer(_cfg((BlackBox.group(0.01, 8),)), _box(_poisoned(bad, how)), DATA)
+    before = tr.engine.get_params()
+    with pytest.raises(error, match=pattern.format(s=bad)):
+        tr.step()
+    # Nothing was applied: the optimizer never stepped, the step counter did not move.
+    assert torch.equal(tr.engine.get_params(), before) and tr.step_count == 0
+
+
+@pytest.mark.parametrize("how", ["nan", "raise"])
+def test_skip_policy_counts_and_keeps_the_step_finite(how):
+    probe = Trainer(_cfg((BlackBox.group(0.01, 8),)), _box(), DATA)
+    bad = _batch_sample(probe)
+    # Chunks of 8 rows: a call that raises drops only its own rows.
+    cfg = _cfg((BlackBox.group(0.01, 8),), on_nonfinite="skip", max_rows=8)
+    tr = Trainer(cfg, _box(_poisoned(bad, how)), DATA)
+    log = tr.step()
+    if how == "nan":
+        assert log.skipped == log.counts[0][3]  # exactly the poisoned sample's queries
+    assert log.counts[0][3] <= log.skipped < log.queries
+    assert torch.isfinite(tr.engine.get_params()).all() and tr.step_count == 1
