@@ -112,6 +112,8 @@ def cosine_sweep(bench: BenchConfig) -> list[dict]:
                             "queries_per_sample": q,
                             "layer": label,
                             "cosine": float(np.mean(cos)),
+                            # Standard error over the repetitions: "below equal beyond noise" is judged by it.
+                            "cosine_se": float(np.std(cos, ddof=1) / np.sqrt(len(cos))) if len(cos) > 1 else None,
                         }
                     )
                     print(f"cosine {estimator:4s} {label:5s} {alloc:9s} q={q:3d}: {rows[-1]['cosine']:.3f}", flush=True)

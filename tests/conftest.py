@@ -22,6 +22,8 @@ def ray_env():
         mp.setenv("RAY_TMPDIR", root)
         mp.setenv("RAY_AUTH_MODE", "disabled")
         mp.setenv("RAY_DEDUP_LOGS", "0")
+        # A job started from a test must start its own Ray, not join one named by the environment.
+        mp.delenv("RAY_ADDRESS", raising=False)
         yield root
     shutil.rmtree(root, ignore_errors=True)
 

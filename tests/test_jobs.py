@@ -13,6 +13,9 @@ from flops_ray.checkpoint import read_checkpoint
 from flops_ray.metrics_log import read_metrics
 from flops_ray.parquet_data import digits_to_parquet
 
+# The main config runs on a local Ray the job starts: private HOME and RAY_TMPDIR, no auth (conftest.ray_env).
+pytestmark = pytest.mark.usefixtures("ray_env")
+
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "jobs" / "finetune_vit.py"
 
