@@ -10,6 +10,8 @@
   and is reported beside it as ``allocator_fit_share`` (fit seconds / step seconds, overlapped).
 - ``bytes_per_step_per_worker``: parameters, batch, task messages and results crossing to and from the
   replicas per step, divided by the number of replicas.
+- ``blackbox_efficiency[W]``: the same ratio on a black-box objective (prompt tokens of a frozen ViT, ES in a
+  random subspace: :mod:`flops_ray.prompts`), in sample-forwards per second.
 - ``costs``: per-call costs behind the step-time model in docs/FARM.md.
 
     python jobs/bench_farm.py --quick --out runs/bench_farm
@@ -22,14 +24,17 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import ray
 import torch
+from torch import nn
 
-from flops_ray.config import FarmConfig, TrainConfig
+from flops_ray.blackbox import BlackBox
+from flops_ray.config import EstimatorConfig, FarmConfig, TrainConfig
 from flops_ray.data import batch_at, digits
 from flops_ray.engine import QueryEngine
 from flops_ray.farm.backend import RayBackend
@@ -37,6 +42,7 @@ from flops_ray.farm.ray_init import init_ray
 from flops_ray.farm.worker import WorkerOptions
 from flops_ray.messages import MAIN, ShardItem, ShardTask
 from flops_ray.models import create_model
+from flops_ray.prompts import PromptedViT
 from flops_ray.shards import plan_chunks
 from flops_ray.trainer import Trainer
 
@@ -102,13 +108,30 @@ def _best(reps: int, fn) -> float:
     return min(times)
 
 
-def in_process_rate(bench: BenchConfig, tasks: list[ShardTask], x, y) -> float:
-    """Queries/s of one in-process replica on one thread, batched exactly as the farm's shards."""
-    cfg = _cfg(bench, 1)
+Setup = Callable[[BenchConfig, int], tuple[TrainConfig, nn.Module]]
+"""``(bench, workers) -> (config, model)``: the workload an efficiency figure is measured on."""
+
+
+def vit_setup(bench: BenchConfig, workers: int) -> tuple[TrainConfig, nn.Module]:
+    """The digits ViT with the default layer groups and LR."""
+    cfg = _cfg(bench, workers)
+    return cfg, create_model(cfg.model, 10, 8, cfg.seed)
+
+
+def blackbox_setup(bench: BenchConfig, workers: int) -> tuple[TrainConfig, nn.Module]:
+    """A black box: prompt tokens of a frozen digits ViT searched by ES in a 32-dimensional subspace."""
+    cfg = _cfg(bench, workers).replace(groups=(BlackBox.group(0.05, 8),), estimator=EstimatorConfig(kind="es"))
+    prompted = PromptedViT(create_model("digits_vit", 10, 8, cfg.seed), tokens=2)
+    return cfg, BlackBox(prompted, torch.zeros(2 * prompted.vit.embed_dim), subspace=32, seed=cfg.seed)
+
+
+def in_process_rate(bench: BenchConfig, setup: Setup, tasks: list[ShardTask], x, y) -> float:
+    """Sample-forwards/s of one in-process replica on one thread, batched exactly as the farm's shards."""
+    cfg, model = setup(bench, 1)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        engine = QueryEngine(create_model(cfg.model, 10, 8, cfg.seed), cfg.groups, cfg.estimator, cfg.seed)
+        engine = QueryEngine(model, cfg.groups, cfg.estimator, cfg.seed)
         engine.set_batch(0, x, y)
         engine.run(tasks[0])  # warm-up
         seconds = _best(bench.reps, lambda: [engine.run(t) for t in tasks])
@@ -117,15 +140,15 @@ def in_process_rate(bench: BenchConfig, tasks: list[ShardTask], x, y) -> float:
     return sum(t.cost for t in tasks) / seconds
 
 
-def efficiency(bench: BenchConfig) -> dict:
+def efficiency(bench: BenchConfig, setup: Setup = vit_setup) -> dict:
+    """Farm rate with ``W`` replicas / (``W`` x the in-process rate), for each ``W`` of ``bench.workers``."""
     x, y, ids = _batch(bench)
-    cfg = _cfg(bench, 1)
+    cfg, _ = setup(bench, 1)
     tasks = _tasks(cfg, ids, np.full(len(ids), bench.queries_per_sample), per_sample=False)
-    base = in_process_rate(bench, tasks, x, y)
+    base = in_process_rate(bench, setup, tasks, x, y)
     out = {"in_process_queries_per_s": base, "efficiency": {}, "farm_queries_per_s": {}}
     for w in bench.workers:
-        cfg = _cfg(bench, w)
-        model = create_model(cfg.model, 10, 8, cfg.seed)
+        cfg, model = setup(bench, w)
         backend = RayBackend(cfg, model)
         try:
             params = QueryEngine(model, cfg.groups, cfg.estimator, cfg.seed).get_params().numpy()
@@ -137,7 +160,7 @@ def efficiency(bench: BenchConfig) -> dict:
         rate = sum(t.cost for t in tasks) / seconds
         out["farm_queries_per_s"][str(w)] = rate
         out["efficiency"][str(w)] = rate / (w * base)
-        print(f"W={w}: {rate:.0f} q/s, efficiency {out['efficiency'][str(w)]:.3f}", flush=True)
+        print(f"{setup.__name__} W={w}: {rate:.0f} forwards/s, efficiency {out['efficiency'][str(w)]:.3f}", flush=True)
     return out
 
 
@@ -242,6 +265,7 @@ def main(bench: BenchConfig, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     init_ray(FarmConfig(workers=max(bench.workers)), num_cpus=os.cpu_count())
     eff = efficiency(bench)
+    blackbox = efficiency(bench, blackbox_setup)
     span = makespan(bench)
     train = training(bench)
     result = {
@@ -249,9 +273,12 @@ def main(bench: BenchConfig, out: Path) -> dict:
         "makespan_ratio": {"dynamic": span["dynamic"], "static": span["static"]},
         "allocator_overhead": train["allocator_overhead"],
         "bytes_per_step_per_worker": train["bytes_per_step_per_worker"],
+        "blackbox_efficiency": blackbox["efficiency"],
         "details": {
             "in_process_queries_per_s": eff["in_process_queries_per_s"],
             "farm_queries_per_s": eff["farm_queries_per_s"],
+            "blackbox_in_process_forwards_per_s": blackbox["in_process_queries_per_s"],
+            "blackbox_farm_forwards_per_s": blackbox["farm_queries_per_s"],
             "counts_spread": span["counts_spread"],
             "step_seconds": train["step_seconds"],
             "allocator_fit_share": train["allocator_fit_share"],

@@ -32,6 +32,7 @@ from flops_ray.blackbox import BlackBox
 from flops_ray.config import AllocatorConfig, EstimatorConfig, FarmConfig, TrainConfig
 from flops_ray.data import ArrayDataset, digits
 from flops_ray.models import digits_vit
+from flops_ray.prompts import PromptedViT
 from flops_ray.seeding import STREAM_INIT, derive_seed
 from flops_ray.trainer import Trainer
 
@@ -67,35 +68,6 @@ QUICK = PromptConfig(pretrain_steps=60, steps=4, batch_size=16, queries_per_samp
 
 SHIFT = 5
 """The hidden task's labelling: ``(digit + SHIFT) mod 10``."""
-
-
-class PromptedViT(nn.Module):
-    """A frozen ViT whose prompt tokens are its input: a batched black-box loss over prompt vectors.
-
-    ``forward(prompts (R, T*E), x (R, 1, 8, 8), y (R,)) -> (R,)`` cross entropy of each row under its prompt.
-    """
-
-    def __init__(self, vit: nn.Module, tokens: int):
-        super().__init__()
-        self.vit = vit.eval().requires_grad_(False)
-        self.tokens = tokens
-
-    def logits(self, prompts: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``(R, T*E), (R, ...) -> (R, K)``: prompts go after the class token, before the patch tokens."""
-        vit = self.vit
-        t = vit._pos_embed(vit.patch_embed(x))  # (R, 1 + N, E)
-        p = prompts.view(len(x), self.tokens, t.shape[-1])
-        t = torch.cat([t[:, :1], p.to(t.dtype), t[:, 1:]], dim=1)
-        return vit.forward_head(vit.norm(vit.blocks(vit.norm_pre(t))))
-
-    def forward(self, prompts: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return nn.functional.cross_entropy(self.logits(prompts, x), y, reduction="none")
-
-    @torch.no_grad()
-    def accuracy(self, prompt: torch.Tensor, data: ArrayDataset) -> float:
-        x = torch.from_numpy(data.x)
-        pred = self.logits(prompt.expand(len(x), -1), x).argmax(-1).numpy()
-        return float((pred == data.y).mean())
 
 
 def shifted(data: ArrayDataset) -> ArrayDataset:
