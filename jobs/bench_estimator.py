@@ -207,7 +207,6 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(bench: BenchConfig, out: Path) -> dict:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     rows = cosine_sweep(bench)
