@@ -150,6 +150,10 @@ class FarmConfig:
     """``driver`` (partial sums back to the driver) or ``allreduce`` (torch.distributed among workers)."""
     max_retries: int = 3
     """Times a shard is re-dispatched after its worker died before the step fails."""
+    stall_timeout_s: float = 600.0
+    """Ray: seconds without any shard finishing before the step fails (a hung replica or a full cluster)."""
+    collective_timeout_s: float = 60.0
+    """Ray, ``allreduce``: seconds a replica waits in the collective for a peer that may have died."""
 
     def validate(self) -> None:
         _require(self.backend in ("local", "ray"), "farm.backend", f"must be 'local' or 'ray', got {self.backend!r}")
@@ -160,6 +164,12 @@ class FarmConfig:
         _require(self.in_flight >= 1, "farm.in_flight", f"must be >= 1, got {self.in_flight}")
         _require(self.reduction in REDUCTIONS, "farm.reduction", f"must be one of {REDUCTIONS}")
         _require(self.max_retries >= 0, "farm.max_retries", "must be >= 0")
+        _require(self.stall_timeout_s > 0, "farm.stall_timeout_s", f"must be > 0, got {self.stall_timeout_s}")
+        _require(
+            self.collective_timeout_s > 0,
+            "farm.collective_timeout_s",
+            f"must be > 0, got {self.collective_timeout_s}",
+        )
 
 
 def default_groups() -> tuple[GroupConfig, ...]:

@@ -8,6 +8,7 @@ from torch import nn
 from flops_ray.config import (
     ConfigError,
     EstimatorConfig,
+    FarmConfig,
     GroupConfig,
     TrainConfig,
     config_from_dict,
@@ -36,6 +37,10 @@ def _group(**kw) -> GroupConfig:
         (TrainConfig(estimator=EstimatorConfig(kind="adjoint")), r"estimator\.kind"),
         (TrainConfig(estimator=EstimatorConfig(floor=3)), r"estimator\.floor"),
         (TrainConfig(estimator=EstimatorConfig(pilot_queries=2)), r"estimator\.pilot_queries"),
+        (TrainConfig(estimator=EstimatorConfig(on_nonfinite="ignore")), r"estimator\.on_nonfinite"),
+        (TrainConfig(farm=FarmConfig(workers=0)), r"farm\.workers"),
+        (TrainConfig(farm=FarmConfig(stall_timeout_s=0)), r"farm\.stall_timeout_s"),
+        (TrainConfig(farm=FarmConfig(reduction="ring")), r"farm\.reduction"),
     ],
 )
 def test_bad_values_name_the_field(cfg, field):

@@ -54,6 +54,8 @@ class RayBackend:
             in_flight=farm.in_flight,
             max_retries=farm.max_retries,
             keep_partials=farm.reduction == "allreduce",
+            stall_timeout=farm.stall_timeout_s,
+            collective_timeout=farm.collective_timeout_s,
         )
 
     def sync(self, step: int, params: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:

@@ -81,6 +81,7 @@ class Dispatcher:
         max_retries: deaths a task survives before the step fails.
         keep_partials: replicas keep gradient partials for :meth:`allreduce` instead of returning them.
         stall_timeout: seconds without any call finishing before the farm gives up.
+        collective_timeout: seconds a replica waits in an all-reduce for a peer that may have died.
     """
 
     def __init__(
@@ -91,12 +92,14 @@ class Dispatcher:
         max_retries: int,
         keep_partials: bool = False,
         stall_timeout: float = 600.0,
+        collective_timeout: float = 60.0,
     ):
         self.make_worker = make_worker
         self.in_flight = in_flight
         self.max_retries = max_retries
         self.keep_partials = keep_partials
         self.stall_timeout = stall_timeout
+        self.collective_timeout = collective_timeout
         self.counters = DispatchCounters()
         self._fault: tuple[int, Callable[[Dispatcher], None]] | None = None
         self.slots = [_Slot(make_worker(i)) for i in range(workers)]
@@ -296,7 +299,12 @@ class Dispatcher:
 
     def _open_group(self, members: list[_Slot]) -> None:
         address = ray.get(members[0].handle.rendezvous_address.remote())
-        ray.get([s.handle.open_group.remote(rank, len(members), address) for rank, s in enumerate(members)])
+        ray.get(
+            [
+                s.handle.open_group.remote(rank, len(members), address, self.collective_timeout)
+                for rank, s in enumerate(members)
+            ]
+        )
         self._group = tuple(s.handle for s in members)
 
     def close(self) -> None:

@@ -23,9 +23,6 @@ from flops_ray.config import EstimatorConfig, GroupConfig
 from flops_ray.engine import LossFn, QueryEngine
 from flops_ray.messages import FINALIZE, MAIN, ShardResult, ShardTask
 
-COLLECTIVE_TIMEOUT_S = 60.0
-"""How long a replica waits in an all-reduce for a peer that may have died before giving up."""
-
 
 @dataclass(frozen=True)
 class StepBatch:
@@ -154,15 +151,16 @@ class Worker:
             s.bind((ip, 0))
             return ip, s.getsockname()[1]
 
-    def open_group(self, rank: int, world: int, address: tuple[str, int]) -> None:
-        """Join a fresh process group (gloo on CPU, NCCL on GPU), leaving any previous one."""
+    def open_group(self, rank: int, world: int, address: tuple[str, int], timeout_s: float) -> None:
+        """Join a fresh process group (gloo on CPU, NCCL on GPU), leaving any previous one; a collective
+        waits ``timeout_s`` for a peer that may have died."""
         self.close_group()
         dist.init_process_group(
             "nccl" if self.engine.device.type == "cuda" else "gloo",
             init_method=f"tcp://{address[0]}:{address[1]}",
             rank=rank,
             world_size=world,
-            timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+            timeout=timedelta(seconds=timeout_s),
         )
 
     def close_group(self) -> None:
