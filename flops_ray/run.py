@@ -222,9 +222,12 @@ def load_datasets(cfg: TrainConfig, job: JobConfig, model: nn.Module) -> tuple[A
 
 
 # ---- training -------------------------------------------------------------------------------------------
-def _progress(step: int, total: int, loss: float, acc: float | None, qps: float, sec: float) -> str:
+def _progress(step: int, total: int, loss: float, acc: float | None, qps: float, sec: float, eta: float) -> str:
     acc_text = f"{acc:.3f}" if acc is not None else "  -  "
-    return f"step {step:>5}/{total}  loss {loss:.4f}  acc {acc_text}  {qps:>9,.0f} queries/s  {sec:.2f} s/step"
+    return (
+        f"step {step:>5}/{total}  loss {loss:.4f}  acc {acc_text}  {qps:>9,.0f} queries/s  {sec:.2f} s/step"
+        f"  eta {eta / 60:.1f} min"
+    )
 
 
 def train(
@@ -286,7 +289,8 @@ def train(
             train_seconds += log.seconds
             if done % job.log_every == 0 or done == cfg.steps:
                 qps = log.queries / log.seconds if log.seconds > 0 else 0.0
-                print(_progress(done, cfg.steps, log.loss, log.accuracy, qps, log.seconds), flush=True)
+                eta = (cfg.steps - done) * train_seconds / (done - start)
+                print(_progress(done, cfg.steps, log.loss, log.accuracy, qps, log.seconds, eta), flush=True)
             if job.checkpoint_every and done % job.checkpoint_every == 0:
                 save_checkpoint(trainer, ckpt)
         save_checkpoint(trainer, ckpt)

@@ -57,7 +57,7 @@ class BenchConfig:
     seed: int = 0
 
 
-QUICK = BenchConfig(queries=(4, 16, 64), cosine_reps=2, variance_reps=120, trace_pilot=48)
+QUICK = BenchConfig(queries=(4, 16, 64), cosine_reps=4, variance_reps=120, trace_pilot=48)
 
 
 def _setup(bench: BenchConfig, module: str, estimator: str):
