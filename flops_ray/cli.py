@@ -86,8 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _in_dir(path: str, name: str) -> Path:
+    """``path/name`` when ``path`` is a run directory holding ``name``, else ``path``."""
     p = Path(path)
-    return p / name if p.is_dir() else p
+    return p / name if (p / name).exists() else p
 
 
 def main(argv: list[str] | None = None) -> int:

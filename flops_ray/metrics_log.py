@@ -1,4 +1,8 @@
-"""Per-step training metrics appended to a Parquet file (one row per step, row groups of ``flush_every``).
+"""Per-step training metrics as Parquet: a directory of parts that reads as one table (one row per step).
+
+Every ``flush_every`` rows go to a new part, written under a hidden temporary name and renamed into place,
+so a run killed at any moment (``ray job stop``, a preempted head) leaves every flushed row readable; only
+the rows since the last flush are lost, and a resumed run recomputes them.
 
 Columns: ``step``, ``loss`` (mean clean loss), ``accuracy`` (null between evaluations), ``queries``,
 ``seconds``, ``queries_per_s``, ``allocator_seconds``, ``skipped``, ``sample_loss`` (list: per-sample clean losses),
@@ -16,7 +20,6 @@ and per layer group ``g``: ``spread/g`` (max/min query count), ``mean_trace/g``,
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -52,18 +55,39 @@ def metrics_schema(groups: list[str]) -> pa.Schema:
 
 
 def read_metrics(path: str | Path) -> pa.Table:
-    """The metrics table of a run."""
-    return pq.read_table(path)
+    """The metrics table of a run, in step order.
+
+    Raises:
+        FileNotFoundError: nothing has been flushed to ``path`` yet.
+    """
+    path = Path(path)
+    if path.is_dir() and not _parts(path):
+        raise FileNotFoundError(f"{path}: no metrics flushed yet")
+    return pq.read_table(path).sort_by("step")
+
+
+def _parts(path: Path) -> list[Path]:
+    return sorted(path.glob("part-*.parquet"))
+
+
+def _write_atomically(table: pa.Table, path: Path) -> None:
+    # pyarrow skips names starting with "." when it reads the directory, so a half-written part is invisible.
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
 
 
 class MetricsLog:
-    """Accumulates step rows and writes them to ``path`` as Parquet row groups.
+    """Accumulates step rows and flushes them to ``path``, a directory of Parquet parts.
 
     Args:
-        path: the Parquet file (replaced; see ``resume_step``).
+        path: the metrics directory (a new run replaces its parts; see ``resume_step``).
         groups: layer group names (one set of columns each).
-        flush_every: rows per row group.
-        resume_step: keep the rows of an existing file with ``step < resume_step`` (a resumed run).
+        flush_every: rows per part.
+        resume_step: keep the rows of an earlier run with ``step < resume_step`` (a resumed run).
+
+    Raises:
+        ValueError: ``path`` is a file, or holds the metrics of a run with other layer groups.
     """
 
     def __init__(self, path: str | Path, groups: list[str], flush_every: int = 50, resume_step: int | None = None):
@@ -72,27 +96,22 @@ class MetricsLog:
         self.schema = metrics_schema(self.groups)
         self.flush_every = flush_every
         self.rows: list[dict[str, Any]] = []
-        previous = self._previous(resume_step) if resume_step is not None else None
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.writer: pq.ParquetWriter | None = pq.ParquetWriter(self.path, self.schema)
-        if previous is not None and previous.num_rows:
-            self.writer.write_table(previous)
+        if self.path.exists() and not self.path.is_dir():
+            raise ValueError(f"{self.path}: not a metrics directory; move the file or use another --out")
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._keep_before(0 if resume_step is None else resume_step)
 
-    def _previous(self, resume_step: int) -> pa.Table | None:
-        if not self.path.exists():
-            return None
-        try:
-            table = pq.read_table(self.path)
-        except (pa.ArrowInvalid, OSError) as exc:
-            # A run killed before close() leaves no Parquet footer: its rows are lost, training is not.
-            warnings.warn(
-                f"{self.path}: unreadable metrics of the previous run ({exc}); starting a new file", stacklevel=3
-            )
-            return None
-        if table.schema.remove_metadata() != self.schema.remove_metadata():
-            raise ValueError(f"{self.path}: metrics of another run (other layer groups); move it or use another --out")
-        mask = pc.less(table.column("step"), resume_step)
-        return table.filter(mask).replace_schema_metadata(self.schema.metadata)
+    def _keep_before(self, step: int) -> None:
+        """Drop the rows of earlier runs with ``step >= step`` (all of them for a new run)."""
+        for part in _parts(self.path):
+            table = pq.read_table(part)
+            if table.schema.remove_metadata() != self.schema.remove_metadata():
+                raise ValueError(f"{part}: metrics of another run (other layer groups); move it or use another --out")
+            kept = table.filter(pc.less(table.column("step"), step))
+            if kept.num_rows == 0:
+                part.unlink()
+            elif kept.num_rows < table.num_rows:
+                _write_atomically(kept, part)
 
     def append(self, log: StepLog) -> None:
         """Add one step's row."""
@@ -120,17 +139,15 @@ class MetricsLog:
             self.flush()
 
     def flush(self) -> None:
-        """Write the accumulated rows as one row group."""
+        """Write the accumulated rows as one part, named after its first step."""
         if self.rows:
-            self.writer.write_table(pa.Table.from_pylist(self.rows, schema=self.schema))
+            table = pa.Table.from_pylist(self.rows, schema=self.schema)
+            _write_atomically(table, self.path / f"part-{self.rows[0]['step']:09d}.parquet")
             self.rows = []
 
     def close(self) -> None:
-        """Flush and write the Parquet footer (the file is readable only after this)."""
-        if self.writer is not None:
-            self.flush()
-            self.writer.close()
-            self.writer = None
+        """Flush what is left."""
+        self.flush()
 
     def __enter__(self) -> MetricsLog:
         return self
