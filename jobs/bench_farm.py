@@ -99,13 +99,14 @@ def _tasks(cfg: TrainConfig, ids: np.ndarray, counts: np.ndarray, per_sample: bo
     ]
 
 
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def _best(reps: int, fn) -> float:
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    return min(_timed(fn) for _ in range(reps))
 
 
 Setup = Callable[[BenchConfig, int], tuple[TrainConfig, nn.Module]]
@@ -125,39 +126,44 @@ def blackbox_setup(bench: BenchConfig, workers: int) -> tuple[TrainConfig, nn.Mo
     return cfg, BlackBox(prompted, torch.zeros(2 * prompted.vit.embed_dim), subspace=32, seed=cfg.seed)
 
 
-def in_process_rate(bench: BenchConfig, setup: Setup, tasks: list[ShardTask], x, y) -> float:
-    """Sample-forwards/s of one in-process replica on one thread, batched exactly as the farm's shards."""
-    cfg, model = setup(bench, 1)
+def _single_threaded(fn) -> float:
+    """Seconds ``fn`` takes on one torch thread: the in-process reference for one replica on one CPU."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        engine = QueryEngine(model, cfg.groups, cfg.estimator, cfg.seed)
-        engine.set_batch(0, x, y)
-        engine.run(tasks[0])  # warm-up
-        seconds = _best(bench.reps, lambda: [engine.run(t) for t in tasks])
+        return _timed(fn)
     finally:
         torch.set_num_threads(threads)
-    return sum(t.cost for t in tasks) / seconds
 
 
 def efficiency(bench: BenchConfig, setup: Setup = vit_setup) -> dict:
-    """Farm rate with ``W`` replicas / (``W`` x the in-process rate), for each ``W`` of ``bench.workers``."""
+    """Farm rate with ``W`` replicas / (``W`` x the in-process rate), for each ``W`` of ``bench.workers``.
+
+    The in-process reference runs the same shards batched the same way, one thread. Its repetitions are
+    interleaved with the farm's, so both see the same load of this shared machine; the best of each is kept.
+    """
     x, y, ids = _batch(bench)
-    cfg, _ = setup(bench, 1)
+    cfg, model = setup(bench, 1)
     tasks = _tasks(cfg, ids, np.full(len(ids), bench.queries_per_sample), per_sample=False)
-    base = in_process_rate(bench, setup, tasks, x, y)
-    out = {"in_process_queries_per_s": base, "efficiency": {}, "farm_queries_per_s": {}}
+    forwards = sum(t.cost for t in tasks)
+    local = QueryEngine(model, cfg.groups, cfg.estimator, cfg.seed)
+    local.set_batch(0, x, y)
+    _single_threaded(lambda: local.run(tasks[0]))  # warm-up
+    out: dict = {"in_process_queries_per_s": {}, "efficiency": {}, "farm_queries_per_s": {}}
     for w in bench.workers:
         cfg, model = setup(bench, w)
         backend = RayBackend(cfg, model)
         try:
-            params = QueryEngine(model, cfg.groups, cfg.estimator, cfg.seed).get_params().numpy()
-            backend.sync(0, params, x, y)
+            backend.sync(0, local.get_params().numpy(), x, y)
             backend.run(tasks)  # warm-up: replicas start and load the batch
-            seconds = _best(bench.reps, lambda b=backend: b.run(tasks))
+            local_s, farm_s = [], []
+            for _ in range(bench.reps):
+                local_s.append(_single_threaded(lambda: [local.run(t) for t in tasks]))
+                farm_s.append(_timed(lambda b=backend: b.run(tasks)))
         finally:
             backend.close()
-        rate = sum(t.cost for t in tasks) / seconds
+        base, rate = forwards / min(local_s), forwards / min(farm_s)
+        out["in_process_queries_per_s"][str(w)] = base
         out["farm_queries_per_s"][str(w)] = rate
         out["efficiency"][str(w)] = rate / (w * base)
         print(f"{setup.__name__} W={w}: {rate:.0f} forwards/s, efficiency {out['efficiency'][str(w)]:.3f}", flush=True)
