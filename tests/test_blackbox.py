@@ -146,3 +146,22 @@ def test_skip_policy_counts_and_keeps_the_step_finite(how):
         assert log.skipped == log.counts[0][3]  # exactly the poisoned sample's queries
     assert log.counts[0][3] <= log.skipped < log.queries
     assert torch.isfinite(tr.engine.get_params()).all() and tr.step_count == 1
+
+
+def test_failed_step_leaves_the_checkpoint_intact(tmp_path):
+    """A bad loss at step 1 raises; the checkpoint of step 1 is untouched and resumes the run."""
+    from flops_ray.checkpoint import load_checkpoint, save_checkpoint
+    from flops_ray.data import batch_at
+
+    cfg = _cfg((BlackBox.group(0.01, 8),))
+    bad = int(batch_at(len(DATA), cfg.batch_size, cfg.seed, 1)[3])
+    tr = Trainer(cfg, _box(_poisoned(bad, "nan")), DATA)
+    tr.step()
+    path = save_checkpoint(tr, tmp_path / "checkpoint.safetensors")
+    saved = path.read_bytes()
+    with pytest.raises(NonFiniteLossError, match=f"sample {bad};"):
+        tr.step()
+    assert path.read_bytes() == saved
+    resumed = Trainer(cfg, _box(_poisoned(bad, "nan")), DATA)
+    assert load_checkpoint(resumed, path) == 1
+    assert torch.equal(resumed.engine.get_params(), tr.engine.get_params())
