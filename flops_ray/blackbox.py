@@ -34,6 +34,10 @@ class BlackBoxError(RuntimeError):
     """The user's loss function raised, or returned something other than ``(R,)`` losses."""
 
 
+class BlackBoxShapeError(BlackBoxError):
+    """The loss function returned a shape other than ``(R,)``: a bug in the function, never skipped."""
+
+
 class SearchVector(nn.Module):
     """Holds the searched vector ``u (d,)`` as the box's only trainable parameter."""
 
@@ -58,7 +62,8 @@ class BlackBox(nn.Module):
 
     def __init__(self, fn: BatchedLoss, theta0: torch.Tensor, subspace: int = 0, seed: int = 0):
         super().__init__()
-        theta0 = torch.as_tensor(theta0, dtype=torch.float32).flatten()
+        # A copy: the caller's tensor (often a live module's weights) keeps changing after the box is made.
+        theta0 = torch.as_tensor(theta0, dtype=torch.float32).flatten().clone()
         if subspace < 0:
             raise ValueError(f"subspace: must be >= 0, got {subspace}")
         # Registered first: the engine reads the working dtype from the first parameter.
@@ -88,15 +93,16 @@ class BlackBox(nn.Module):
         """``(R,)`` losses of searched vectors ``u (R, d)`` on data rows ``x (R, ...)``, ``y (R,)``.
 
         Raises:
-            BlackBoxError: ``fn`` raised or returned a shape other than ``(R,)``.
+            BlackBoxError: ``fn`` raised.
+            BlackBoxShapeError: ``fn`` returned a shape other than ``(R,)``.
         """
         try:
             out = self.fn(self.thetas(u), x, y)
         except Exception as exc:
             raise BlackBoxError(f"the loss function raised {type(exc).__name__}: {exc}") from exc
-        out = torch.as_tensor(out)
+        out = torch.as_tensor(out, device=u.device)
         if out.shape != (len(u),):
-            raise BlackBoxError(f"the loss function returned shape {tuple(out.shape)}, expected ({len(u)},)")
+            raise BlackBoxShapeError(f"the loss function returned shape {tuple(out.shape)}, expected ({len(u)},)")
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

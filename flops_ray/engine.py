@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from flops_ray.blackbox import BlackBox, BlackBoxError
+from flops_ray.blackbox import BlackBox, BlackBoxError, BlackBoxShapeError
 from flops_ray.config import ConfigError, EstimatorConfig, GroupConfig
 from flops_ray.groups import ResolvedGroup, flatten, resolve_groups, unflatten_into
 from flops_ray.messages import CLEAN, FINALIZE, MAIN, PILOT, ShardResult, ShardTask
@@ -108,7 +108,9 @@ class QueryEngine:
     def set_batch(self, step: int, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray) -> None:
         """Make ``(x, y)`` the batch of ``step``; forgets the previous step's pilot sums."""
         self._step = step
-        self._x = torch.as_tensor(x).to(self.device, self.dtype)
+        x = torch.as_tensor(x)
+        # Token ids and other integer inputs keep their dtype; only floating inputs follow the model's.
+        self._x = x.to(self.device, self.dtype if x.is_floating_point() else x.dtype)
         self._y = torch.as_tensor(y).to(self.device)
         self._pilot_cache.clear()
 
@@ -247,10 +249,10 @@ class QueryEngine:
             return self.model.losses(u, self._x[pos], self._y[pos])
         except BlackBoxError as exc:
             samples = sorted({self._sample_of(task, r) for r in pos.tolist()})
-            if (policy or self.est.on_nonfinite) == "skip":
+            if (policy or self.est.on_nonfinite) == "skip" and not isinstance(exc, BlackBoxShapeError):
                 # The policy drops the whole call: its rows become non-finite and are counted as skipped.
                 return torch.full((len(u),), float("nan"), dtype=u.dtype, device=u.device)
-            raise BlackBoxError(f"shard {task.key}, samples {samples}: {exc}") from exc
+            raise type(exc)(f"shard {task.key}, samples {samples}: {exc}") from exc
 
     def _trace_coords(self, step: int, group: ResolvedGroup) -> torch.Tensor:
         """``(K,)`` sorted coordinates of the group sub-sampled for trace estimates (same on every replica)."""
@@ -402,7 +404,9 @@ class QueryEngine:
                     else:
                         cols.append((em[:, :, sel // n_in] * hm[:, :, sel % n_in]).sum(1))
                 offset += n
-        return coef[:, None] * torch.cat(cols, dim=1)
+        # A skipped row may carry non-finite activations; 0 * inf would put NaN into its trace.
+        terms = coef[:, None] * torch.cat(cols, dim=1)
+        return torch.where(coef[:, None] != 0, terms, 0.0)
 
     @contextlib.contextmanager
     def _hooks(self, group: ResolvedGroup, make_hook):

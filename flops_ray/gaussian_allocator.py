@@ -107,7 +107,9 @@ class GaussianAllocator:
             opt.zero_grad()
             (adv * dist.log_prob(raw)).mean().backward()
             opt.step()
-        self.lam = lam.detach()
+        # Non-finite traces or losses (skipped queries) give a NaN fit: keep the last good lambda.
+        if torch.isfinite(lam).all():
+            self.lam = lam.detach()
         return self.lam
 
     def allocate(self, feats, total, minimum, unit, gen):

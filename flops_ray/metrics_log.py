@@ -41,6 +41,7 @@ def metrics_schema(groups: list[str]) -> pa.Schema:
         ("seconds", pa.float64()),
         ("queries_per_s", pa.float64()),
         ("allocator_seconds", pa.float64()),
+        ("fit_seconds", pa.float64()),
         ("skipped", pa.int64()),
         ("sample_loss", pa.list_(pa.float64())),
     ]
@@ -123,6 +124,7 @@ class MetricsLog:
             "seconds": log.seconds,
             "queries_per_s": log.queries / log.seconds if log.seconds > 0 else None,
             "allocator_seconds": log.allocator_seconds,
+            "fit_seconds": log.fit_seconds,
             "skipped": log.skipped,
             "sample_loss": None if log.losses is None else np.asarray(log.losses, np.float64).tolist(),
         }

@@ -34,7 +34,7 @@ from flops_ray.metrics_log import MetricsLog
 from flops_ray.models import create_model
 from flops_ray.parquet_data import read_parquet
 from flops_ray.plot import plot_metrics
-from flops_ray.trainer import Trainer, accuracy
+from flops_ray.trainer import StepLog, Trainer, accuracy
 
 CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.parquet"
@@ -222,11 +222,13 @@ def load_datasets(cfg: TrainConfig, job: JobConfig, model: nn.Module) -> tuple[A
 
 
 # ---- training -------------------------------------------------------------------------------------------
-def _progress(step: int, total: int, loss: float, acc: float | None, qps: float, sec: float, eta: float) -> str:
-    acc_text = f"{acc:.3f}" if acc is not None else "  -  "
+def _progress(log: StepLog, total: int, eta: float) -> str:
+    acc_text = f"{log.accuracy:.3f}" if log.accuracy is not None else "  -  "
+    qps = log.queries / log.seconds if log.seconds > 0 else 0.0
+    skipped = f"  skipped {log.skipped} queries" if log.skipped else ""
     return (
-        f"step {step:>5}/{total}  loss {loss:.4f}  acc {acc_text}  {qps:>9,.0f} queries/s  {sec:.2f} s/step"
-        f"  eta {eta / 60:.1f} min"
+        f"step {log.step + 1:>5}/{total}  loss {log.loss:.4f}  acc {acc_text}  {qps:>9,.0f} queries/s"
+        f"  {log.seconds:.2f} s/step  eta {eta / 60:.1f} min{skipped}"
     )
 
 
@@ -288,11 +290,13 @@ def train(
             queries += log.queries
             train_seconds += log.seconds
             if done % job.log_every == 0 or done == cfg.steps:
-                qps = log.queries / log.seconds if log.seconds > 0 else 0.0
                 eta = (cfg.steps - done) * train_seconds / (done - start)
-                print(_progress(done, cfg.steps, log.loss, log.accuracy, qps, log.seconds, eta), flush=True)
+                print(_progress(log, cfg.steps, eta), flush=True)
             if job.checkpoint_every and done % job.checkpoint_every == 0:
+                # Rows first: a checkpoint at step N promises every metrics row before N is on disk.
+                metrics.flush()
                 save_checkpoint(trainer, ckpt)
+        metrics.flush()
         save_checkpoint(trainer, ckpt)
         if test_set is not None and last_acc is None:
             last_acc = trainer.evaluate()

@@ -175,11 +175,21 @@ def forward_step(
             )
         report.fit_seconds = time.perf_counter() - tf
 
-    results = backend.run(tasks, meanwhile=fit_allocators)
-    grads = backend.reduce(tasks, results, sizes)
+    # The fit advances allocator state before the queries finish; a failed step must not keep it.
+    saved = [{k: v.clone() for k, v in a.state_dict().items()} for a in allocators]
+    try:
+        results = backend.run(tasks, meanwhile=fit_allocators)
+        grads = backend.reduce(tasks, results, sizes)
+    except BaseException:
+        for allocator, state in zip(allocators, saved):
+            allocator.load_state_dict(state)
+        raise
     everything = clean + pilot_results + results
     report.queries = sum(r.forwards for r in pilot_results + results)
     report.bytes_returned = sum(r.nbytes for r in everything)
-    report.skipped = sum(r.skipped for r in everything)
+    # A finalize re-reads its pilot's queries, whose skips the pilot result already counted.
+    report.skipped = sum(r.skipped for r in clean + pilot_results) + sum(
+        r.skipped for t, r in zip(tasks, results) if t.kind != FINALIZE
+    )
     report.seconds = time.perf_counter() - t0
     return grads, report

@@ -50,18 +50,28 @@ class PromptConfig:
     steps: int = 100
     """Black-box optimizer steps per allocator."""
     batch_size: int = 32
+    """Data points per step (``B``)."""
     queries_per_sample: int = 8
     """Mean queries per data point (the allocators split ``B`` times this)."""
     sigma: float = 0.05
     """ES perturbation scale in ``z``."""
     lr: float = 0.02
+    """Adam learning rate on ``z``."""
     allocators: tuple[str, ...] = ("gaussian", "equal")
     """The first is the headline ``accuracy`` (OPS); the others are compared with it."""
     backend: str = "ray"
     """``ray`` (the query farm on a local or joined Ray) or ``local`` (in-process)."""
     workers: int = 2
+    """Replica actors of the farm (``backend = ray``)."""
     eval_every: int = 10
+    """Test accuracy every this many steps (and after the last)."""
     seed: int = 0
+    """Root seed of the pretraining, the projection, the batches and every query's noise."""
+
+    def __post_init__(self):
+        for name in ("steps", "eval_every", "batch_size", "queries_per_sample", "workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
 
 
 QUICK = PromptConfig(pretrain_steps=60, steps=4, batch_size=16, queries_per_sample=4, eval_every=2)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from flops_ray.blackbox import BlackBox, BlackBoxError, ModuleLoss
+from flops_ray.blackbox import BlackBox, BlackBoxError, BlackBoxShapeError, ModuleLoss
 from flops_ray.config import AllocatorConfig, ConfigError, EstimatorConfig, GroupConfig, TrainConfig
 from flops_ray.data import ArrayDataset
 from flops_ray.engine import NonFiniteLossError, cross_entropy
@@ -120,7 +120,7 @@ def _batch_sample(tr: Trainer) -> int:
             BlackBoxError,
             r"shard \(0, 0, '\w+', \d+\), samples \[.*\b{s}\b.*\]: the loss function raised KeyError",
         ),
-        ("shape", BlackBoxError, r"samples \[.*\b{s}\b.*\]: the loss function returned shape \(\d+,\), expected"),
+        ("shape", BlackBoxShapeError, r"samples \[.*\b{s}\b.*\]: the loss function returned shape \(\d+,\), expected"),
     ],
 )
 def test_bad_losses_name_shard_and_sample(how, error, pattern):
@@ -146,6 +146,34 @@ def test_skip_policy_counts_and_keeps_the_step_finite(how):
         assert log.skipped == log.counts[0][3]  # exactly the poisoned sample's queries
     assert log.counts[0][3] <= log.skipped < log.queries
     assert torch.isfinite(tr.engine.get_params()).all() and tr.step_count == 1
+
+
+def test_skip_policy_still_raises_on_a_wrong_shape():
+    """A wrong output shape is a bug in the function, not a bad query: skipping it would hide it."""
+    probe = Trainer(_cfg((BlackBox.group(0.01, 8),)), _box(), DATA)
+    bad = _batch_sample(probe)
+    tr = Trainer(_cfg((BlackBox.group(0.01, 8),), on_nonfinite="skip"), _box(_poisoned(bad, "shape")), DATA)
+    with pytest.raises(BlackBoxShapeError, match="returned shape"):
+        tr.step()
+
+
+def test_theta0_is_copied_and_integer_inputs_keep_their_dtype():
+    """A box owns its start (the caller's tensor may change); token ids reach the function as integers."""
+    table_rows = torch.zeros(10)
+    tokens = torch.randint(0, 10, (64, 3), generator=torch.Generator().manual_seed(1))
+    target = (tokens.sum(1) % 3).numpy()
+
+    def lookup(thetas, x, y):
+        return (thetas.gather(1, x).sum(1) - y) ** 2
+
+    box = BlackBox(lookup, table_rows)
+    table_rows += 1
+    assert torch.equal(box.theta0, torch.zeros(10))
+    cfg = _cfg((BlackBox.group(0.05, 8),), kind="es").replace(lr=0.05)
+    tr = Trainer(cfg, box, ArrayDataset(tokens.numpy(), target))
+    first = tr.step().loss
+    logs = tr.fit(30)
+    assert np.mean([log.loss for log in logs[-5:]]) < 0.5 * first
 
 
 def test_failed_step_leaves_the_checkpoint_intact(tmp_path):

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from flops_ray.blackbox import BlackBox, ModuleLoss
+from flops_ray.blackbox import BlackBox, BlackBoxError, ModuleLoss
 from flops_ray.config import AllocatorConfig, EstimatorConfig, FarmConfig, TrainConfig
 from flops_ray.data import ArrayDataset
 from flops_ray.engine import cross_entropy
@@ -62,3 +63,23 @@ def test_black_box_on_the_farm_matches_in_process():
     # Parameters, batch and task messages only: the function's state went out once, with the replicas.
     assert per_step < STATE_BYTES / 50, per_step
     assert counters.retried == 0
+
+
+def test_a_failed_step_on_the_farm_leaves_it_ready_for_the_next():
+    """A loss that raises on a replica fails its step; the farm then steps on as if it never happened."""
+    with _trainer(FarmConfig()) as local:
+        local.fit(3)
+        want = local.model.theta()
+    farm = FarmConfig(backend="ray", workers=2, shard_cost=4, num_cpus_per_worker=1)
+    with _trainer(farm) as remote:
+        remote.step()
+        good = remote.train_set
+        # Label 7 of a 2-class loss: every replica's cross-entropy raises on this batch.
+        remote.train_set = ArrayDataset(good.x, np.full_like(good.y, 7))
+        with pytest.raises(BlackBoxError, match="the loss function raised"):
+            remote.step()
+        assert remote.step_count == 1
+        remote.train_set = good
+        remote.fit(2)
+        got = remote.model.theta()
+    assert torch.allclose(got, want, atol=1e-6)

@@ -7,8 +7,9 @@ import torch
 
 from flops_ray.config import AllocatorConfig, EstimatorConfig, GroupConfig, TrainConfig
 from flops_ray.data import digits
+from flops_ray.local_backend import LocalBackend
 from flops_ray.models import create_model
-from flops_ray.trainer import Trainer
+from flops_ray.trainer import Trainer, default_backend
 
 HEAD = (GroupConfig("head", ("head",), sigma=0.1, queries_per_sample=8),)
 
@@ -18,10 +19,10 @@ def data():
     return digits("train"), digits("test")
 
 
-def _trainer(data, **kw) -> Trainer:
+def _trainer(data, backend_factory=None, **kw) -> Trainer:
     cfg = TrainConfig(**{"groups": HEAD, "batch_size": 16, "steps": 4, "lr": 5e-3, **kw})
     model = create_model("digits_vit_pretrained", 10, 8, cfg.seed, pretrain_steps=150)
-    return Trainer(cfg, model, *data)
+    return Trainer(cfg, model, *data, backend_factory=backend_factory)
 
 
 @pytest.mark.parametrize("alloc", ["equal", "bernoulli", "gaussian", "neyman"])
@@ -54,3 +55,41 @@ def test_training_beats_chance(data, estimator):
     assert tr.evaluate() < 0.2
     tr.fit(40)
     assert tr.evaluate() > 0.3
+
+
+class _FailingQueries(LocalBackend):
+    """A backend whose main queries fail (a lost node, say) after the allocator fit has run."""
+
+    fail = False
+
+    def run(self, tasks, meanwhile=None):
+        if self.fail and meanwhile is not None:
+            meanwhile()
+            raise RuntimeError("replicas lost")
+        return super().run(tasks, meanwhile)
+
+
+def test_a_failed_step_keeps_the_allocator_state(data):
+    """The Gaussian fit overlaps the queries; when they fail, the step's fit must not survive it."""
+    backends = []
+
+    def factory(cfg, engine):
+        backends.append(_FailingQueries(default_backend(cfg, engine).engine))
+        return backends[0]
+
+    gaussian = {"allocator": AllocatorConfig(kind="gaussian", gaussian_iters=3)}
+    tr = _trainer(data, factory, **gaussian)
+    ref = _trainer(data, **gaussian)
+    tr.step()
+    ref.step()
+    before = tr.allocators[0].state_dict()["lambda"]
+    backends[0].fail = True
+    with pytest.raises(RuntimeError, match="replicas lost"):
+        tr.step()
+    assert torch.equal(tr.allocators[0].state_dict()["lambda"], before)
+    backends[0].fail = False
+    tr.fit(1)
+    ref.fit(1)
+    # The fit did move lambda, and the retried step is the step a run without the failure takes.
+    assert not torch.equal(tr.allocators[0].state_dict()["lambda"], before)
+    assert torch.equal(tr.engine.get_params(), ref.engine.get_params())

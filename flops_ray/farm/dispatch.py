@@ -129,7 +129,14 @@ class Dispatcher:
     def run(self, tasks: list[ShardTask], meanwhile: Callable[[], None] | None = None) -> list[ShardResult]:
         """Evaluate ``tasks`` on the replicas; results in task order. ``meanwhile`` runs once, right after
         the first calls are submitted, so driver work (the allocator fit) overlaps the replicas' work."""
-        results = self._execute(tasks, meanwhile)
+        try:
+            results = self._execute(tasks, meanwhile)
+        except BaseException:
+            # The failed step's calls may still answer; forget them so the next step waits only on its own.
+            for slot in self.slots:
+                slot.calls.clear()
+                slot.affine.clear()
+            raise
         self.counters.accepted += len(results)
         return results
 
@@ -186,6 +193,8 @@ class Dispatcher:
             if self.keep_partials and value.grad is None and task.weights is not None:
                 slot.held.append(task)
             self._maybe_inject_fault(done)
+        if meanwhile is not None:
+            meanwhile()  # an empty task list: the driver's work still happens
         return results
 
     def _place_affine(self, tasks: list[ShardTask], positions: list[int]) -> list[int]:
