@@ -1,0 +1,139 @@
+"""``jobs/reproduce.py --quick`` runs end to end as a script and writes the JSON and plots issue 6 specifies.
+
+The figures themselves come from the full run in docs/results/; this run only proves the script works.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ["BP", "MeZO", "n-SPSA", "LR", "OPS-SPSA", "OPS-LR", "Neyman-SPSA", "Neyman-LR"]
+DATASETS = ["digits", "shapes"]
+SEEDS = 3
+ALLOCATORS = {"equal", "bernoulli", "gaussian", "neyman"}
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory) -> tuple[dict, Path, str]:
+    out = tmp_path_factory.mktemp("reproduce")
+    proc = subprocess.run(
+        [sys.executable, "jobs/reproduce.py", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads((out / "reproduce.json").read_text()), out, proc.stdout
+
+
+def test_table1_has_every_method_and_dataset_with_sane_statistics(quick):
+    result, _, _ = quick
+    table = result["table1"]
+    assert list(table) == DATASETS
+    for dataset, cells in table.items():
+        assert list(cells) == METHODS, dataset
+        for method, cell in cells.items():
+            where = f"{dataset}/{method}"
+            assert cell["seeds"] >= SEEDS, where
+            assert 0.0 <= cell["accuracy_mean"] <= 1.0, where
+            assert math.isfinite(cell["accuracy_std"]) and 0.0 <= cell["accuracy_std"] <= 0.5, where
+        assert sorted(result["ranking"][dataset]) == sorted(METHODS)
+
+
+def test_allocator_gains_are_seed_by_seed_differences(quick):
+    result, _, _ = quick
+    runs = {(r["dataset"], r["method"], r["seed"]): r["accuracy"] for r in result["runs"]}
+    baselines = {"OPS-SPSA": "n-SPSA", "OPS-LR": "LR", "Neyman-SPSA": "n-SPSA", "Neyman-LR": "LR"}
+    for dataset in DATASETS:
+        gains = result["allocator_gains"][dataset]
+        assert {m: g["baseline"] for m, g in gains.items()} == baselines
+        for method, gain in gains.items():
+            diffs = [runs[dataset, method, s] - runs[dataset, gain["baseline"], s] for s in range(SEEDS)]
+            assert gain["per_seed"] == pytest.approx(diffs)
+            assert gain["mean"] == pytest.approx(sum(diffs) / SEEDS) and math.isfinite(gain["std"])
+
+
+def test_figure5_times_every_method(quick):
+    result, _, _ = quick
+    assert list(result["figure5"]) == DATASETS
+    for dataset, bars in result["figure5"].items():
+        assert list(bars) == METHODS, dataset
+        for method, bar in bars.items():
+            where = f"{dataset}/{method}"
+            assert bar["step_seconds"] > 0 and bar["allocator_seconds"] >= 0 and bar["fit_seconds"] >= 0, where
+            # Quick runs take 2 steps, whose median is their mean: the parts add up exactly.
+            assert bar["allocator_seconds"] + bar["fit_seconds"] <= bar["step_seconds"], where
+            assert bar["farm_step_seconds"] == pytest.approx(bar["step_seconds"] - bar["fit_seconds"]), where
+        assert bars["BP"]["fit_seconds"] == 0, dataset
+        # Equal allocation has nothing to fit (its timer brackets a no-op); the gaussian fits lambda every step.
+        assert bars["LR"]["fit_seconds"] < bars["OPS-LR"]["fit_seconds"], dataset
+
+
+def test_every_run_is_recorded_and_the_summary_is_its_mean(quick):
+    result, _, _ = quick
+    runs = result["runs"]
+    assert len(runs) == len(DATASETS) * len(METHODS) * SEEDS
+    assert {(r["dataset"], r["method"], r["seed"]) for r in runs} == {
+        (d, m, s) for d in DATASETS for m in METHODS for s in range(SEEDS)
+    }
+    for r in runs:
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["curve"][-1] == [result["config"]["steps"], r["accuracy"]]
+    cell = result["table1"]["shapes"]["OPS-LR"]
+    accs = [r["accuracy"] for r in runs if (r["dataset"], r["method"]) == ("shapes", "OPS-LR")]
+    assert cell["accuracy_mean"] == pytest.approx(sum(accs) / len(accs))
+
+
+def test_budgets_match_the_methods(quick):
+    result, _, _ = quick
+    for cells in result["table1"].values():
+        assert cells["BP"]["queries_per_step"] == 0
+        shared = {cells[m]["queries_per_step"] for m in METHODS if m not in ("BP", "MeZO")}
+        assert len(shared) == 1, "every forward method but MeZO spends the same queries per step"
+        assert 0 < cells["MeZO"]["queries_per_step"] <= shared.pop()
+        assert cells["BP"]["count_cv"] == [] and cells["LR"]["count_cv"] == [0.0, 0.0], "equal allocation is even"
+        assert len(cells["OPS-LR"]["count_cv"]) == len(cells["OPS-LR"]["sqrt_trace_cv"]) == 2
+        assert all(v >= 0 and math.isfinite(v) for v in cells["Neyman-LR"]["sqrt_trace_cv"])
+
+
+def test_figure4_sweeps_every_allocator(quick):
+    result, _, _ = quick
+    rows = result["figure4"]["cosine"]
+    assert {r["allocator"] for r in rows} == ALLOCATORS
+    assert all(-1.0 <= r["cosine"] <= 1.0 for r in rows)
+    ratio = result["figure4"]["variance_ratio"]
+    assert 0 < ratio["predicted"] <= 1.0 + 1e-9 and ratio["measured"] > 0
+
+
+def test_plots_and_progress(quick):
+    _, out, stdout = quick
+    for name in ("table1.png", "figure4.png", "figure5.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG", name
+    assert f"[{len(DATASETS) * len(METHODS) * SEEDS}/" in stdout
+    assert "| OPS-LR |" in stdout
+
+
+def test_results_doc_shows_the_committed_full_run(monkeypatch):
+    """docs/RESULTS.md shows the tables of the committed reproduce.json, which is a run of the default config."""
+    monkeypatch.syspath_prepend(str(ROOT / "jobs"))
+    import reproduce
+
+    result = json.loads((ROOT / "docs/results/reproduce.json").read_text())
+    assert result["config"] == json.loads(json.dumps(dataclasses.asdict(reproduce.ReproduceConfig())))
+    doc = (ROOT / "docs/RESULTS.md").read_text()
+    assert "python jobs/reproduce.py --out docs/results" in doc
+    for table in reproduce.tables(result):
+        assert table in doc, table
+    figures = re.findall(r"\]\((results/[^)]+)\)", doc)
+    assert {"results/table1.png", "results/figure4.png", "results/figure5.png"} <= set(figures)
+    assert all((ROOT / "docs" / f).is_file() for f in figures)
