@@ -13,6 +13,8 @@ from typing import Any
 
 ESTIMATORS = ("lr", "spsa", "es", "bp")
 ALLOCATORS = ("equal", "bernoulli", "gaussian", "neyman")
+TRACE_ALLOCATORS = ("gaussian", "neyman")
+"""Allocators that read the pilot's trace estimates, which need two independent draws per sample."""
 REDUCTIONS = ("driver", "allreduce")
 OPTIMIZERS = ("adam", "sgd")
 
@@ -63,7 +65,9 @@ class EstimatorConfig:
     """LR only: use ``(+eps, -eps)`` pairs; if False, LR subtracts the clean loss (one-sided baseline).
     SPSA is always antithetic and ES never is."""
     pilot_queries: int = 4
-    """Queries per sample spent first to estimate ``T_j`` (reused in the gradient, counted in the budget)."""
+    """Queries per sample spent first to estimate ``T_j`` (reused in the gradient, counted in the budget).
+    ``gaussian`` and ``neyman`` allocation need two independent draws (4 queries for antithetic pairs);
+    ``equal`` and ``bernoulli`` read no traces and accept one pair (2), which with a budget of 2 is MeZO."""
     floor: int = 2
     """Fewest queries any sample gets (even, >= 2)."""
     trace_coords: int = 512
@@ -90,9 +94,9 @@ class EstimatorConfig:
         _require(self.kind in ESTIMATORS, "estimator.kind", f"must be one of {ESTIMATORS}, got {self.kind!r}")
         _require(self.floor >= 2 and self.floor % 2 == 0, "estimator.floor", f"must be even and >= 2, got {self.floor}")
         _require(
-            self.pilot_queries >= 2 * self.unit and self.pilot_queries % 2 == 0,
+            self.pilot_queries >= 2 and self.pilot_queries % 2 == 0,
             "estimator.pilot_queries",
-            f"must be even and give >= 2 independent draws ({2 * self.unit} queries), got {self.pilot_queries}",
+            f"must be even and >= 2, got {self.pilot_queries}",
         )
         _require(self.trace_coords >= 1, "estimator.trace_coords", f"must be >= 1, got {self.trace_coords}")
         _require(self.max_rows >= 2, "estimator.max_rows", f"must be >= 2, got {self.max_rows}")
@@ -237,6 +241,14 @@ class TrainConfig:
         self.estimator.validate()
         self.allocator.validate()
         self.farm.validate()
+        if self.estimator.kind != "bp" and self.allocator.kind in TRACE_ALLOCATORS:
+            draws = 2 * self.estimator.unit
+            _require(
+                self.estimator.pilot_queries >= draws,
+                "estimator.pilot_queries",
+                f"{self.allocator.kind} allocation reads trace estimates, which need >= 2 independent draws "
+                f"({draws} queries for {self.estimator.kind}), got {self.estimator.pilot_queries}",
+            )
         for g in self.groups:
             g.validate()
             if self.estimator.kind != "bp":

@@ -264,14 +264,16 @@ class QueryEngine:
         """``T_j ~ unit * (P/K) * sum_k Var_units[G_unit,k]`` from the pilot's per-row sub-sampled terms ``(R, K)``.
 
         A unit is one independent draw (a pair's mean for antithetic estimators); per-query variance is
-        ``unit`` times the unit variance, which is what ``J(A) = sum T_j / A_j`` counts.
+        ``unit`` times the unit variance, which is what ``J(A) = sum T_j / A_j`` counts. A pilot of one
+        draw (MeZO) has no variance to measure: NaN, which only trace-free allocators accept.
         """
         unit = self.est.unit
-        out = np.zeros(len(task.items))
+        out = np.full(len(task.items), np.nan)
         for i in range(len(task.items)):
             g = sub[rows["item"] == i]
             g = g.view(-1, unit, g.shape[-1]).mean(1)
-            out[i] = unit * scale * g.var(dim=0, unbiased=True).sum().item()
+            if len(g) > 1:
+                out[i] = unit * scale * g.var(dim=0, unbiased=True).sum().item()
         return out
 
     # ---- batched perturbed forwards ----------------------------------------------------------------

@@ -70,8 +70,10 @@ def plot_trace_vs_loss(table: pa.Table, out: Path) -> Path:
     losses = _flat(table, "sample_loss")
     for ax, g in zip(axes[0], groups):
         traces = _flat(table, f"trace/{g}") if g in _groups(table) else np.empty(0)
-        if len(traces) and len(traces) == len(losses):
-            ax.scatter(losses, np.maximum(traces, 1e-30), s=4, alpha=0.4)
+        # A one-draw pilot (MeZO) estimates no traces: its NaNs leave the panel empty.
+        known = np.isfinite(traces) if len(traces) == len(losses) else np.zeros(0, bool)
+        if known.any():
+            ax.scatter(losses[known], np.maximum(traces[known], 1e-30), s=4, alpha=0.4)
             ax.set_yscale("log")
         ax.set(xlabel="clean loss", ylabel="trace estimate T_j", title=f"group {g}")
     fig.tight_layout()

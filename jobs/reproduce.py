@@ -55,7 +55,7 @@ class Method:
     allocator: str = "equal"
     """How each group's budget is split over the batch."""
     least_budget: bool = False
-    """Spend the fewest queries per sample the estimator allows (MeZO) instead of the shared budget."""
+    """Spend one pair per data point (MeZO: 2 queries) instead of the shared budget."""
     baseline: str = ""
     """The equal-allocation row this one is compared with seed by seed (allocator gains); empty: none."""
 
@@ -184,7 +184,8 @@ def write_shapes(root: Path, n_train: int, n_test: int, seed: int = 0) -> Path:
 def run_config(rc: ReproduceConfig, method: Method, dataset: str, num_classes: int, seed: int) -> TrainConfig:
     """The training config of one Table 1 cell: flops_ray's defaults with the method's estimator and budget."""
     base = TrainConfig()
-    est = EstimatorConfig(kind=method.estimator)
+    # MeZO's one pair per data point is its pilot too: a one-draw pilot, which equal allocation allows.
+    est = EstimatorConfig(kind=method.estimator, pilot_queries=2 if method.least_budget else 4)
     budget = max(est.floor, est.pilot_queries) if method.least_budget else rc.queries_per_sample
     return base.replace(
         model=rc.model,
@@ -201,9 +202,19 @@ def run_config(rc: ReproduceConfig, method: Method, dataset: str, num_classes: i
     ).validate()
 
 
-def spread(values: list[np.ndarray]) -> float:
-    """Mean over steps of the coefficient of variation (std / mean) of one group's per-sample values."""
+def spread(values: list[np.ndarray]) -> float | None:
+    """Mean over steps of the coefficient of variation (std / mean) of one group's per-sample values.
+
+    None when the values are unknown (MeZO's one-draw pilot estimates no traces).
+    """
+    if not all(np.isfinite(v).all() for v in values):
+        return None
     return float(np.mean([v.std() / max(v.mean(), 1e-30) for v in values]))
+
+
+def mean_per_group(rows: list[list[float | None]]) -> list[float | None]:
+    """Per group, the mean over runs of a :func:`spread` (None where any run's is unknown)."""
+    return [None if None in col else float(np.mean(col)) for col in zip(*rows)]
 
 
 def train_once(cfg: TrainConfig) -> dict:
@@ -248,7 +259,7 @@ def accuracy_summary(runs: list[dict]) -> dict:
         "accuracy_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
         "seeds": len(runs),
         "queries_per_step": runs[0]["queries_per_step"],
-        **{k: np.mean([r[k] for r in runs], axis=0).tolist() for k in ("count_cv", "sqrt_trace_cv")},
+        **{k: mean_per_group([r[k] for r in runs]) for k in ("count_cv", "sqrt_trace_cv")},
     }
 
 
@@ -398,6 +409,10 @@ def main(rc: ReproduceConfig, out: Path) -> dict:
     return result
 
 
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def tables(result: dict) -> list[str]:
     """The Markdown tables docs/RESULTS.md shows, from a ``reproduce.json``: accuracy (Table 1), allocator
     gains, allocation spread (counts' CV / sqrt-traces' CV per group) and seconds per step (Figure 5)."""
@@ -407,7 +422,9 @@ def tables(result: dict) -> list[str]:
         markdown(
             result["allocator_gains"], lambda c: f"{100 * c['mean']:+.1f} ± {100 * c['std']:.1f} vs {c['baseline']}"
         ),
-        markdown(summary, lambda c: ", ".join(f"{a:.2f} / {t:.2f}" for a, t in zip(c["count_cv"], c["sqrt_trace_cv"]))),
+        markdown(
+            summary, lambda c: ", ".join(f"{a:.2f} / {_num(t)}" for a, t in zip(c["count_cv"], c["sqrt_trace_cv"]))
+        ),
         markdown(result["figure5"], lambda c: f"{c['step_seconds']:.3f} ({c['farm_step_seconds']:.3f})"),
     ]
 

@@ -6,6 +6,7 @@ import pytest
 from torch import nn
 
 from flops_ray.config import (
+    AllocatorConfig,
     ConfigError,
     EstimatorConfig,
     FarmConfig,
@@ -36,7 +37,11 @@ def _group(**kw) -> GroupConfig:
         (TrainConfig(lr=0.0), r"^lr"),
         (TrainConfig(estimator=EstimatorConfig(kind="adjoint")), r"estimator\.kind"),
         (TrainConfig(estimator=EstimatorConfig(floor=3)), r"estimator\.floor"),
-        (TrainConfig(estimator=EstimatorConfig(pilot_queries=2)), r"estimator\.pilot_queries"),
+        (TrainConfig(estimator=EstimatorConfig(pilot_queries=3)), r"estimator\.pilot_queries"),
+        (
+            TrainConfig(estimator=EstimatorConfig(kind="spsa", pilot_queries=2), allocator=AllocatorConfig("neyman")),
+            r"estimator\.pilot_queries: neyman allocation reads trace estimates",
+        ),
         (TrainConfig(estimator=EstimatorConfig(on_nonfinite="ignore")), r"estimator\.on_nonfinite"),
         (TrainConfig(farm=FarmConfig(workers=0)), r"farm\.workers"),
         (TrainConfig(farm=FarmConfig(stall_timeout_s=0)), r"farm\.stall_timeout_s"),

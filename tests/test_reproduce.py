@@ -100,7 +100,9 @@ def test_budgets_match_the_methods(quick):
         assert cells["BP"]["queries_per_step"] == 0
         shared = {cells[m]["queries_per_step"] for m in METHODS if m not in ("BP", "MeZO")}
         assert len(shared) == 1, "every forward method but MeZO spends the same queries per step"
-        assert 0 < cells["MeZO"]["queries_per_step"] <= shared.pop()
+        per_sample = result["config"]["queries_per_sample"]
+        assert cells["MeZO"]["queries_per_step"] == shared.pop() * 2 // per_sample, "MeZO: one pair"
+        assert cells["MeZO"]["sqrt_trace_cv"] == [None, None], "a one-pair pilot estimates no trace"
         assert cells["BP"]["count_cv"] == [] and cells["LR"]["count_cv"] == [0.0, 0.0], "equal allocation is even"
         assert len(cells["OPS-LR"]["count_cv"]) == len(cells["OPS-LR"]["sqrt_trace_cv"]) == 2
         assert all(v >= 0 and math.isfinite(v) for v in cells["Neyman-LR"]["sqrt_trace_cv"])

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import pytest
 import torch
 
@@ -33,6 +36,21 @@ def test_step_spends_exactly_the_budget(data, alloc):
     assert log.queries == 8 * 16
     assert sum(int(c.sum()) for c in log.counts) == 8 * 16
     assert all((c >= 4).all() for c in log.counts)
+
+
+def test_mezo_spends_one_pair_per_sample(data):
+    """MeZO: SPSA with one antithetic pair per data point and group; its pilot measures no trace."""
+    tr = _trainer(
+        data,
+        groups=(dataclasses.replace(HEAD[0], queries_per_sample=2),),
+        estimator=EstimatorConfig(kind="spsa", pilot_queries=2),
+        allocator=AllocatorConfig(kind="equal"),
+    )
+    before = tr.engine.get_params()
+    log = tr.step()
+    assert log.queries == 2 * 16 and (log.counts[0] == 2).all()
+    assert np.isnan(log.traces[0]).all()
+    assert not torch.equal(tr.engine.get_params(), before)
 
 
 def test_same_seed_same_parameters(data):
