@@ -37,6 +37,16 @@ class AllocationFeatures:
     embeddings: torch.Tensor
     """``(B, D)`` sample embeddings (CLS / pre-logits), for the Gaussian allocator's kernel."""
 
+    def finite_traces(self) -> torch.Tensor:
+        """``traces``, or a ValueError naming the samples whose pilot measured no finite trace."""
+        bad = (~torch.isfinite(self.traces)).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(
+                f"pilot traces are NaN or inf at batch positions {bad}: trace-based allocators "
+                "(gaussian, neyman) need at least two pilot draws per sample (estimator.pilot_queries)"
+            )
+        return self.traces
+
 
 class Allocator(Protocol):
     """Splits a budget; stateful allocators (Gaussian) keep their parameters across steps.
@@ -79,7 +89,7 @@ class NeymanAllocator(_Stateless):
     """Closed-form optimum of ``J(A)`` (proof of Theorem 2): ``A_j ~ sqrt(T_j)``, water-filled above the floor."""
 
     def allocate(self, feats, total, minimum, unit, gen):
-        return to_counts(feats.traces.clamp_min(0).sqrt(), total, minimum, unit)
+        return to_counts(feats.finite_traces().clamp_min(0).sqrt(), total, minimum, unit)
 
 
 def bernoulli_weights(losses: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:

@@ -78,7 +78,8 @@ class EstimatorConfig:
     """A query whose loss is NaN or inf (or a black-box call that raises): ``raise`` stops the step with an
     error naming the shard and sample; ``skip`` drops the query (it contributes 0, which shrinks that
     sample's estimate by the dropped fraction) and counts it in the step's ``skipped``. A raising black-box
-    call drops all its rows (up to ``max_rows`` queries); a wrong output shape always raises."""
+    call drops all its rows (up to ``max_rows`` queries). The clean pass and a wrong output shape always
+    raise."""
 
     @property
     def paired(self) -> bool:

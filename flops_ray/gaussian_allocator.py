@@ -91,7 +91,7 @@ class GaussianAllocator:
         The gradient is ``mean_k (J(A_k) - b_k) grad log p(A_k | lambda)`` with the leave-one-out
         baseline ``b_k``, which keeps it unbiased while cancelling most of its variance.
         """
-        traces = feats.traces.to(torch.float64)
+        traces = feats.finite_traces().to(torch.float64)
         mean_alloc = total / traces.numel()
         d = self.distances(feats.embeddings)
         lam = self.lam.clone().requires_grad_(True)
@@ -107,7 +107,7 @@ class GaussianAllocator:
             opt.zero_grad()
             (adv * dist.log_prob(raw)).mean().backward()
             opt.step()
-        # Non-finite traces or losses (skipped queries) give a NaN fit: keep the last good lambda.
+        # A diverged fit (NaN) keeps the last good lambda rather than poisoning every later step.
         if torch.isfinite(lam).all():
             self.lam = lam.detach()
         return self.lam

@@ -5,9 +5,10 @@ so a run killed at any moment (``ray job stop``, a preempted head) leaves every 
 the rows since the last flush are lost, and a resumed run recomputes them.
 
 Columns: ``step``, ``loss`` (mean clean loss), ``accuracy`` (null between evaluations), ``queries``,
-``seconds``, ``queries_per_s``, ``allocator_seconds``, ``skipped``, ``sample_loss`` (list: per-sample clean losses),
-and per layer group ``g``: ``spread/g`` (max/min query count), ``mean_trace/g``, ``counts/g`` and
-``trace/g`` (lists: per-sample query counts and pilot trace estimates, for the trace-vs-loss plot).
+``seconds``, ``queries_per_s``, ``allocator_seconds``, ``fit_seconds``, ``skipped``, ``sample_loss`` (list:
+per-sample clean losses), and per layer group ``g``: ``spread/g`` (max/min query count), ``mean_trace/g``
+(null when the pilot measures no trace), ``counts/g`` and ``trace/g`` (lists: per-sample query counts and
+pilot trace estimates, for the trace-vs-loss plot).
 
 >>> import tempfile, pathlib
 >>> from flops_ray.trainer import StepLog
@@ -29,6 +30,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from flops_ray.trainer import StepLog
+
+
+def _column_change(found: pa.Schema, expected: pa.Schema) -> str:
+    """What a resumed run would add and drop, e.g. ``adds ['fit_seconds']``."""
+    added = [n for n in expected.names if n not in found.names]
+    dropped = [n for n in found.names if n not in expected.names]
+    return f"adds {added}, drops {dropped}" if added or dropped else "same names, other types"
 
 
 def metrics_schema(groups: list[str]) -> pa.Schema:
@@ -107,7 +115,10 @@ class MetricsLog:
         for part in _parts(self.path):
             table = pq.read_table(part)
             if table.schema.remove_metadata() != self.schema.remove_metadata():
-                raise ValueError(f"{part}: metrics of another run (other layer groups); move it or use another --out")
+                raise ValueError(
+                    f"{part}: metrics of another run (other layer groups, or an older flops_ray's columns: "
+                    f"{_column_change(table.schema, self.schema)}); move it or use another --out"
+                )
             kept = table.filter(pc.less(table.column("step"), step))
             if kept.num_rows == 0:
                 part.unlink()
@@ -133,7 +144,8 @@ class MetricsLog:
             counts = log.counts[i] if i < len(log.counts) else None
             traces = log.traces[i] if i < len(log.traces) else None
             row[f"spread/{g}"] = float(counts.max() / counts.min()) if counts is not None else None
-            row[f"mean_trace/{g}"] = float(np.mean(traces)) if traces is not None else None
+            traced = traces is not None and bool(np.isfinite(traces).all())
+            row[f"mean_trace/{g}"] = float(np.mean(traces)) if traced else None
             row[f"counts/{g}"] = None if counts is None else np.asarray(counts, np.int64).tolist()
             row[f"trace/{g}"] = None if traces is None else np.asarray(traces, np.float64).tolist()
         self.rows.append(row)

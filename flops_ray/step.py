@@ -121,8 +121,11 @@ def forward_step(
     emb = np.concatenate([r.embeddings for r in clean])
     report = StepReport(step, float(losses.mean()), losses)
 
+    # A sample's trace needs all its pilot draws in one task: chunks hold whole pilots.
     pilot_chunks = plan_chunks(
-        [ShardItem(p, int(sample_ids[p]), 0, pilot, float(losses[p])) for p in range(b)], max(shard_cost, pilot), unit
+        [ShardItem(p, int(sample_ids[p]), 0, pilot, float(losses[p])) for p in range(b)],
+        max(pilot, shard_cost // pilot * pilot),
+        unit,
     )
     pilot_tasks = [ShardTask(PILOT, step, g, i, c) for g in range(len(groups)) for i, c in enumerate(pilot_chunks)]
     pilot_results = backend.run(pilot_tasks)

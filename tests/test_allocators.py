@@ -75,6 +75,17 @@ def test_budget_below_floor_is_an_error():
         to_counts(torch.ones(4), total=6, minimum=2, unit=2)
 
 
+@pytest.mark.parametrize("kind", ["neyman", "gaussian"])
+def test_trace_allocators_reject_missing_traces(kind):
+    """A one-draw pilot (MeZO) measures no trace: the allocators that need one say so, naming the samples."""
+    feats = _synthetic(b=8)
+    feats.traces[[2, 5]] = float("nan")
+    alloc = create_allocator(AllocatorConfig(kind=kind, gaussian_iters=2))
+    with pytest.raises(ValueError, match=r"positions \[2, 5\].*pilot_queries"):
+        alloc.update(feats, total=32, minimum=2, gen=torch.Generator())
+        alloc.allocate(feats, total=32, minimum=2, unit=2, gen=torch.Generator())
+
+
 def test_bernoulli_prunes_only_easy_samples_and_keeps_total():
     losses = torch.tensor([0.1, 0.2, 3.0, 4.0], dtype=torch.float64)
     w = bernoulli_weights(losses, p=1.0, gen=torch.Generator().manual_seed(0))

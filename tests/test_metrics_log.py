@@ -37,11 +37,18 @@ def test_killed_run_keeps_flushed_rows_and_resume_replaces_the_rest(tmp_path):
     assert _steps(path) == [0]
 
 
+def test_a_pilot_without_traces_logs_a_null_mean_trace(tmp_path):
+    path = tmp_path / "metrics.parquet"
+    with MetricsLog(path, ["head"]) as log:
+        log.append(StepLog(0, 2.0, 8, 0.5, 0.01, [np.array([2, 2])], [np.array([np.nan, np.nan])]))
+    assert read_metrics(path).column("mean_trace/head").to_pylist() == [None]
+
+
 def test_other_runs_metrics_are_refused(tmp_path):
     path = tmp_path / "metrics.parquet"
     with MetricsLog(path, ["head"]) as log:
         log.append(_log(0))
-    with pytest.raises(ValueError, match="other layer groups"):
+    with pytest.raises(ValueError, match=r"other layer groups.*adds \['spread/top'"):
         MetricsLog(path, ["top", "head"], resume_step=1)
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="not a metrics directory"):

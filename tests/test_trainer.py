@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from flops_ray.config import AllocatorConfig, EstimatorConfig, GroupConfig, TrainConfig
+from flops_ray.config import AllocatorConfig, EstimatorConfig, FarmConfig, GroupConfig, TrainConfig
 from flops_ray.data import digits
 from flops_ray.local_backend import LocalBackend
 from flops_ray.models import create_model
@@ -51,6 +51,15 @@ def test_mezo_spends_one_pair_per_sample(data):
     assert log.queries == 2 * 16 and (log.counts[0] == 2).all()
     assert np.isnan(log.traces[0]).all()
     assert not torch.equal(tr.engine.get_params(), before)
+
+
+def test_pilot_shards_never_split_a_sample(data):
+    """A 6-query pilot with 16-query shards: each trace still comes from all of its sample's draws."""
+    kw = {"estimator": EstimatorConfig(kind="spsa", pilot_queries=6), "allocator": AllocatorConfig(kind="neyman")}
+    small = _trainer(data, farm=FarmConfig(shard_cost=16), **kw).step()
+    whole = _trainer(data, farm=FarmConfig(shard_cost=1024), **kw).step()
+    assert np.isfinite(small.traces[0]).all()
+    np.testing.assert_allclose(small.traces[0], whole.traces[0], rtol=1e-5)
 
 
 def test_same_seed_same_parameters(data):

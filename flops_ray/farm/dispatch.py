@@ -129,14 +129,7 @@ class Dispatcher:
     def run(self, tasks: list[ShardTask], meanwhile: Callable[[], None] | None = None) -> list[ShardResult]:
         """Evaluate ``tasks`` on the replicas; results in task order. ``meanwhile`` runs once, right after
         the first calls are submitted, so driver work (the allocator fit) overlaps the replicas' work."""
-        try:
-            results = self._execute(tasks, meanwhile)
-        except BaseException:
-            # The failed step's calls may still answer; forget them so the next step waits only on its own.
-            for slot in self.slots:
-                slot.calls.clear()
-                slot.affine.clear()
-            raise
+        results = self._execute(tasks, meanwhile)
         self.counters.accepted += len(results)
         return results
 
@@ -148,6 +141,21 @@ class Dispatcher:
 
     # ---- the dispatch loop ---------------------------------------------------------------------------
     def _execute(self, tasks: list[ShardTask], meanwhile: Callable[[], None] | None = None) -> list[ShardResult]:
+        try:
+            return self._dispatch(tasks, meanwhile)
+        except BaseException:
+            self._forget()
+            raise
+
+    def _forget(self) -> None:
+        """Cancel a failed run's calls and unregister them, so the next step waits only on its own."""
+        for slot in self.slots:
+            for ref in slot.calls:
+                ray.cancel(ref)
+            slot.calls.clear()
+            slot.affine.clear()
+
+    def _dispatch(self, tasks: list[ShardTask], meanwhile: Callable[[], None] | None) -> list[ShardResult]:
         if self._sync is None:
             raise FarmError("sync() must give the replicas a step before tasks run")
         results: list[ShardResult | None] = [None] * len(tasks)
