@@ -51,9 +51,17 @@ class AllocationFeatures:
 class Allocator(Protocol):
     """Splits a budget; stateful allocators (Gaussian) keep their parameters across steps.
 
+    ``needs_traces`` says whether ``allocate`` reads the pilot's trace estimates (which need two
+    independent pilot draws per sample); ``from_config`` builds the allocator from its config section.
+
     ``allocate`` is on the step's critical path and only samples; ``update`` fits the state on the same
     features for the next step and runs while the step's queries are in flight.
     """
+
+    needs_traces: bool
+
+    @classmethod
+    def from_config(cls, cfg: AllocatorConfig) -> Allocator: ...
 
     def allocate(
         self, feats: AllocationFeatures, total: int, minimum: int, unit: int, gen: torch.Generator
@@ -67,6 +75,12 @@ class Allocator(Protocol):
 
 
 class _Stateless:
+    needs_traces = False
+
+    @classmethod
+    def from_config(cls, cfg: AllocatorConfig) -> Allocator:
+        return cls()
+
     def update(self, feats, total, minimum, gen) -> None:
         pass
 
@@ -87,6 +101,8 @@ class EqualAllocator(_Stateless):
 
 class NeymanAllocator(_Stateless):
     """Closed-form optimum of ``J(A)`` (proof of Theorem 2): ``A_j ~ sqrt(T_j)``, water-filled above the floor."""
+
+    needs_traces = True
 
     def allocate(self, feats, total, minimum, unit, gen):
         return to_counts(feats.finite_traces().clamp_min(0).sqrt(), total, minimum, unit)
@@ -113,20 +129,36 @@ class BernoulliAllocator(_Stateless):
     def __init__(self, p: float):
         self.p = p
 
+    @classmethod
+    def from_config(cls, cfg: AllocatorConfig) -> Allocator:
+        return cls(cfg.bernoulli_p)
+
     def allocate(self, feats, total, minimum, unit, gen):
         return to_counts(bernoulli_weights(feats.losses, self.p, gen), total, minimum, unit)
 
 
-ALLOCATORS: dict[str, Callable[[AllocatorConfig], Allocator]] = {
-    "equal": lambda cfg: EqualAllocator(),
-    "neyman": lambda cfg: NeymanAllocator(),
-    "bernoulli": lambda cfg: BernoulliAllocator(cfg.bernoulli_p),
-    "gaussian": lambda cfg: GaussianAllocator(cfg.gaussian_draws, cfg.gaussian_iters, cfg.gaussian_lr),
-}
+ALLOCATORS: dict[str, type[Allocator]] = {}
+"""``allocator.kind`` -> allocator class (each has ``from_config`` and ``needs_traces``)."""
+
+
+def register_allocator(name: str) -> Callable[[type[Allocator]], type[Allocator]]:
+    """Class decorator adding an allocator under ``name`` (timm's registry pattern)."""
+
+    def add(cls: type[Allocator]) -> type[Allocator]:
+        ALLOCATORS[name] = cls
+        return cls
+
+    return add
+
+
+register_allocator("equal")(EqualAllocator)
+register_allocator("neyman")(NeymanAllocator)
+register_allocator("bernoulli")(BernoulliAllocator)
+register_allocator("gaussian")(GaussianAllocator)
 
 
 def create_allocator(cfg: AllocatorConfig) -> Allocator:
     """Build the allocator ``cfg.kind`` names (``equal``, ``bernoulli``, ``gaussian``, ``neyman``)."""
     if cfg.kind not in ALLOCATORS:
         raise ValueError(f"allocator.kind: unknown allocator {cfg.kind!r}; known: {sorted(ALLOCATORS)}")
-    return ALLOCATORS[cfg.kind](cfg)
+    return ALLOCATORS[cfg.kind].from_config(cfg)

@@ -33,8 +33,8 @@ def _benches(jobs: Path) -> list[str]:
     return sorted(p.stem.removeprefix("bench_") for p in jobs.glob("bench_*.py"))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``flops-ray`` (every option documented in ``--help``)."""
+def build_parsers() -> dict[str, argparse.ArgumentParser]:
+    """The ``flops-ray`` parser (key ``""``) and each command's own (``train``, ``eval``, ``plot``, ``bench``)."""
     parser = argparse.ArgumentParser(
         prog="flops-ray",
         description="Forward-only training with optimal query allocation (FLOPS, ICLR 2025) on a Ray query farm.",
@@ -59,11 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_eval.add_argument("checkpoint", help="a checkpoint.safetensors written by train (or a run directory holding one)")
     p_eval.add_argument(
-        "--test-dataset", default="", help="Parquet test split (default: the config's dataset's test split)"
+        "--test-dataset", default=None, help="Parquet test split (default: the config's dataset's test split)"
     )
-    p_eval.add_argument("--image-column", default="image", help="Parquet column of encoded images (default: image)")
-    p_eval.add_argument("--label-column", default="label", help="Parquet column of integer labels (default: label)")
-    p_eval.add_argument("--limit", type=int, default=0, help="evaluate only the first N test samples (default: all)")
+    p_eval.add_argument("--image-column", default=None, help="Parquet column of encoded images (default: the config's)")
+    p_eval.add_argument("--label-column", default=None, help="Parquet column of integer labels (default: the config's)")
+    p_eval.add_argument("--limit", type=int, default=None, help="evaluate only the first N test samples (default: all)")
 
     p_plot = sub.add_parser(
         "plot",
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark script")
     p_bench.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     p_bench.add_argument("--jobs-dir", default=None, help="directory of the bench_*.py scripts (default: jobs/)")
-    return parser
+    return {"": parser, "train": p_train, "eval": p_eval, "plot": p_plot, "bench": p_bench}
 
 
 def _in_dir(path: str, name: str) -> Path:
@@ -93,17 +93,18 @@ def _in_dir(path: str, name: str) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``flops-ray`` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    args = build_parsers()[""].parse_args(argv)
     if args.command == "train":
         run.train_from_args(args)
     elif args.command == "eval":
-        job = run.JobConfig(
-            test_dataset=args.test_dataset,
-            image_column=args.image_column,
-            label_column=args.label_column,
-            limit=args.limit,
-        )
-        print(json.dumps(run.evaluate(_in_dir(args.checkpoint, run.CHECKPOINT), job), indent=2))
+        given = {
+            "test_dataset": args.test_dataset,
+            "image_column": args.image_column,
+            "label_column": args.label_column,
+            "limit": args.limit,
+        }
+        data = {k: v for k, v in given.items() if v is not None}
+        print(json.dumps(run.evaluate(_in_dir(args.checkpoint, run.CHECKPOINT), **data), indent=2))
     elif args.command == "plot":
         from flops_ray.plot import plot_metrics
 

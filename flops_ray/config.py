@@ -11,10 +11,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-ESTIMATORS = ("lr", "spsa", "es", "bp")
-ALLOCATORS = ("equal", "bernoulli", "gaussian", "neyman")
-TRACE_ALLOCATORS = ("gaussian", "neyman")
-"""Allocators that read the pilot's trace estimates, which need two independent draws per sample."""
 REDUCTIONS = ("driver", "allreduce")
 OPTIMIZERS = ("adam", "sgd")
 
@@ -23,14 +19,26 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
 
 
-def _require(ok: bool, name: str, why: str) -> None:
+def require(ok: bool, name: str, why: str) -> None:
+    """Raise :class:`ConfigError` ``"name: why"`` unless ``ok``: the one validation style of every config."""
     if not ok:
         raise ConfigError(f"{name}: {why}")
 
 
+def _registered(kind: str) -> tuple[str, ...]:
+    """Names in the estimator or allocator registry (imported here: the registries import this module)."""
+    if kind == "estimator":
+        from flops_ray.estimators import ESTIMATORS
+
+        return tuple(sorted(ESTIMATORS))
+    from flops_ray.allocators import ALLOCATORS
+
+    return tuple(sorted(ALLOCATORS))
+
+
 @dataclass(frozen=True)
 class GroupConfig:
-    """One layer group: a query perturbs exactly one group (DESIGN section 1)."""
+    """One layer group: a query perturbs exactly one group (docs/DESIGN.md section 1)."""
 
     name: str
     """Label used in logs and metrics."""
@@ -44,10 +52,10 @@ class GroupConfig:
 
     def validate(self, prefix: str = "groups") -> None:
         where = f"{prefix}[{self.name}]"
-        _require(bool(self.name), f"{where}.name", "must be a non-empty string")
-        _require(len(self.modules) > 0, f"{where}.modules", "empty layer group (no module patterns)")
-        _require(math.isfinite(self.sigma) and self.sigma > 0, f"{where}.sigma", f"must be > 0, got {self.sigma}")
-        _require(
+        require(bool(self.name), f"{where}.name", "must be a non-empty string")
+        require(len(self.modules) > 0, f"{where}.modules", "empty layer group (no module patterns)")
+        require(math.isfinite(self.sigma) and self.sigma > 0, f"{where}.sigma", f"must be > 0, got {self.sigma}")
+        require(
             self.queries_per_sample > 0 and self.queries_per_sample % 2 == 0,
             f"{where}.queries_per_sample",
             f"must be a positive even number (antithetic pairs), got {self.queries_per_sample}",
@@ -59,8 +67,8 @@ class EstimatorConfig:
     """How one query's loss becomes a gradient term (paper eqs. 1-3)."""
 
     kind: str = "lr"
-    """``lr`` (perturb module outputs), ``spsa`` (two-sided parameter), ``es`` (one-sided parameter with
-    clean-loss baseline), or ``bp`` (backprop baseline, no queries)."""
+    """``lr`` (perturb module outputs), ``spsa`` (two-sided parameter) or ``es`` (one-sided parameter with
+    clean-loss baseline); the registered families of :mod:`flops_ray.estimators`."""
     antithetic: bool = True
     """LR only: use ``(+eps, -eps)`` pairs; if False, LR subtracts the clean loss (one-sided baseline).
     SPSA is always antithetic and ES never is."""
@@ -92,16 +100,17 @@ class EstimatorConfig:
         return 2 if self.paired else 1
 
     def validate(self) -> None:
-        _require(self.kind in ESTIMATORS, "estimator.kind", f"must be one of {ESTIMATORS}, got {self.kind!r}")
-        _require(self.floor >= 2 and self.floor % 2 == 0, "estimator.floor", f"must be even and >= 2, got {self.floor}")
-        _require(
+        kinds = _registered("estimator")
+        require(self.kind in kinds, "estimator.kind", f"must be one of {kinds}, got {self.kind!r}")
+        require(self.floor >= 2 and self.floor % 2 == 0, "estimator.floor", f"must be even and >= 2, got {self.floor}")
+        require(
             self.pilot_queries >= 2 and self.pilot_queries % 2 == 0,
             "estimator.pilot_queries",
             f"must be even and >= 2, got {self.pilot_queries}",
         )
-        _require(self.trace_coords >= 1, "estimator.trace_coords", f"must be >= 1, got {self.trace_coords}")
-        _require(self.max_rows >= 2, "estimator.max_rows", f"must be >= 2, got {self.max_rows}")
-        _require(
+        require(self.trace_coords >= 1, "estimator.trace_coords", f"must be >= 1, got {self.trace_coords}")
+        require(self.max_rows >= 2, "estimator.max_rows", f"must be >= 2, got {self.max_rows}")
+        require(
             self.on_nonfinite in ("raise", "skip"),
             "estimator.on_nonfinite",
             f"must be 'raise' or 'skip', got {self.on_nonfinite!r}",
@@ -114,7 +123,7 @@ class AllocatorConfig:
 
     kind: str = "gaussian"
     """``equal``, ``bernoulli`` (eq. 6), ``gaussian`` (eq. 5, fitted by eqs. 9-11) or ``neyman``
-    (closed-form optimum ``A_j ~ sqrt(T_j)``)."""
+    (closed-form optimum ``A_j ~ sqrt(T_j)``); the registered allocators of :mod:`flops_ray.allocators`."""
     bernoulli_p: float = 0.5
     """Bernoulli: probability that a below-mean-loss sample is cut to half its queries."""
     gaussian_draws: int = 32
@@ -125,11 +134,12 @@ class AllocatorConfig:
     """Gaussian: Adam learning rate on ``lambda`` (in units of the mean allocation)."""
 
     def validate(self) -> None:
-        _require(self.kind in ALLOCATORS, "allocator.kind", f"must be one of {ALLOCATORS}, got {self.kind!r}")
-        _require(0.0 <= self.bernoulli_p <= 1.0, "allocator.bernoulli_p", f"must be in [0, 1], got {self.bernoulli_p}")
-        _require(self.gaussian_draws >= 2, "allocator.gaussian_draws", f"must be >= 2, got {self.gaussian_draws}")
-        _require(self.gaussian_iters >= 0, "allocator.gaussian_iters", f"must be >= 0, got {self.gaussian_iters}")
-        _require(self.gaussian_lr > 0, "allocator.gaussian_lr", f"must be > 0, got {self.gaussian_lr}")
+        kinds = _registered("allocator")
+        require(self.kind in kinds, "allocator.kind", f"must be one of {kinds}, got {self.kind!r}")
+        require(0.0 <= self.bernoulli_p <= 1.0, "allocator.bernoulli_p", f"must be in [0, 1], got {self.bernoulli_p}")
+        require(self.gaussian_draws >= 2, "allocator.gaussian_draws", f"must be >= 2, got {self.gaussian_draws}")
+        require(self.gaussian_iters >= 0, "allocator.gaussian_iters", f"must be >= 0, got {self.gaussian_iters}")
+        require(self.gaussian_lr > 0, "allocator.gaussian_lr", f"must be > 0, got {self.gaussian_lr}")
 
 
 @dataclass(frozen=True)
@@ -162,16 +172,16 @@ class FarmConfig:
     """Ray, ``allreduce``: seconds a replica waits in the collective for a peer that may have died."""
 
     def validate(self) -> None:
-        _require(self.backend in ("local", "ray"), "farm.backend", f"must be 'local' or 'ray', got {self.backend!r}")
-        _require(self.workers >= 1, "farm.workers", f"must be >= 1, got {self.workers}")
-        _require(self.num_cpus_per_worker >= 0, "farm.num_cpus_per_worker", "must be >= 0")
-        _require(self.num_gpus_per_worker >= 0, "farm.num_gpus_per_worker", "must be >= 0")
-        _require(self.shard_cost >= 2, "farm.shard_cost", f"must be >= 2, got {self.shard_cost}")
-        _require(self.in_flight >= 1, "farm.in_flight", f"must be >= 1, got {self.in_flight}")
-        _require(self.reduction in REDUCTIONS, "farm.reduction", f"must be one of {REDUCTIONS}")
-        _require(self.max_retries >= 0, "farm.max_retries", "must be >= 0")
-        _require(self.stall_timeout_s > 0, "farm.stall_timeout_s", f"must be > 0, got {self.stall_timeout_s}")
-        _require(
+        require(self.backend in ("local", "ray"), "farm.backend", f"must be 'local' or 'ray', got {self.backend!r}")
+        require(self.workers >= 1, "farm.workers", f"must be >= 1, got {self.workers}")
+        require(self.num_cpus_per_worker >= 0, "farm.num_cpus_per_worker", "must be >= 0")
+        require(self.num_gpus_per_worker >= 0, "farm.num_gpus_per_worker", "must be >= 0")
+        require(self.shard_cost >= 2, "farm.shard_cost", f"must be >= 2, got {self.shard_cost}")
+        require(self.in_flight >= 1, "farm.in_flight", f"must be >= 1, got {self.in_flight}")
+        require(self.reduction in REDUCTIONS, "farm.reduction", f"must be one of {REDUCTIONS}")
+        require(self.max_retries >= 0, "farm.max_retries", "must be >= 0")
+        require(self.stall_timeout_s > 0, "farm.stall_timeout_s", f"must be > 0, got {self.stall_timeout_s}")
+        require(
             self.collective_timeout_s > 0,
             "farm.collective_timeout_s",
             f"must be > 0, got {self.collective_timeout_s}",
@@ -192,6 +202,38 @@ def default_groups() -> tuple[GroupConfig, ...]:
 
 
 @dataclass(frozen=True)
+class DataConfig:
+    """Where the samples come from and how they are read: the ``data:`` section."""
+
+    dataset: str = "digits"
+    """``digits`` (built in) or the path of a Parquet file with image bytes and labels."""
+    test_dataset: str = ""
+    """Parquet file of the test split. Empty: the training file's name with ``train`` replaced by
+    ``test`` (``cifar100_train.parquet`` -> ``cifar100_test.parquet``) if that file exists, else no test set."""
+    num_classes: int = 10
+    """Classes of the dataset (sets the model head)."""
+    img_size: int = 8
+    """Image side the model sees."""
+    image_column: str = "image"
+    """Parquet column of encoded images."""
+    label_column: str = "label"
+    """Parquet column of integer labels."""
+    in_chans: int = 0
+    """Image channels (1 or 3); 0 reads them from the model's first convolution."""
+    cache_dir: str = ""
+    """Directory for memory-mapped decoded images (Parquet datasets larger than memory); empty: in memory."""
+    limit: int = 0
+    """Use only the first this many samples of each split (0: all)."""
+
+    def validate(self) -> None:
+        require(bool(self.dataset), "data.dataset", "must be 'digits' or a Parquet path")
+        require(self.num_classes >= 2, "data.num_classes", f"must be >= 2, got {self.num_classes}")
+        require(self.img_size >= 1, "data.img_size", f"must be >= 1, got {self.img_size}")
+        require(self.in_chans in (0, 1, 3), "data.in_chans", f"must be 0 (from the model), 1 or 3, got {self.in_chans}")
+        require(self.limit >= 0, "data.limit", f"must be >= 0, got {self.limit}")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """A whole forward-only training run. One root ``seed`` determines everything."""
 
@@ -199,12 +241,8 @@ class TrainConfig:
     """Model name in the flops_ray registry (``digits_vit``, ``digits_vit_pretrained``) or any timm model name."""
     pretrained: str = ""
     """Path of a local weights file (safetensors or torch state dict) loaded into the model; no hub access."""
-    dataset: str = "digits"
-    """``digits`` (built in) or the path of a Parquet file with image bytes and labels."""
-    num_classes: int = 10
-    """Classes of the dataset (sets the model head)."""
-    img_size: int = 8
-    """Image side the model sees."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The dataset."""
     groups: tuple[GroupConfig, ...] = field(default_factory=default_groups)
     """Layer groups; each query perturbs one group."""
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
@@ -213,6 +251,9 @@ class TrainConfig:
     """Query allocator."""
     farm: FarmConfig = field(default_factory=FarmConfig)
     """Execution backend."""
+    backprop: bool = False
+    """Train the groups' parameters by backprop instead: the baseline every estimator is compared to
+    (no queries; the estimator, allocator and farm settings are unused)."""
     batch_size: int = 32
     """Data points per step (``B``)."""
     steps: int = 300
@@ -230,72 +271,45 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Check every field; returns self so calls chain."""
-        _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
-        _require(self.steps >= 0, "steps", f"must be >= 0, got {self.steps}")
-        _require(self.lr > 0 and math.isfinite(self.lr), "lr", f"must be > 0, got {self.lr}")
-        _require(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        _require(self.grad_clip >= 0, "grad_clip", "must be >= 0")
-        _require(self.num_classes >= 2, "num_classes", "must be >= 2")
-        _require(len(self.groups) > 0, "groups", "at least one layer group is needed")
+        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        require(self.steps >= 0, "steps", f"must be >= 0, got {self.steps}")
+        require(self.lr > 0 and math.isfinite(self.lr), "lr", f"must be > 0, got {self.lr}")
+        require(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        require(self.grad_clip >= 0, "grad_clip", "must be >= 0")
+        require(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
+        require(len(self.groups) > 0, "groups", "at least one layer group is needed")
         names = [g.name for g in self.groups]
-        _require(len(set(names)) == len(names), "groups", f"group names must be unique, got {names}")
+        require(len(set(names)) == len(names), "groups", f"group names must be unique, got {names}")
+        self.data.validate()
         self.estimator.validate()
         self.allocator.validate()
         self.farm.validate()
-        if self.estimator.kind != "bp" and self.allocator.kind in TRACE_ALLOCATORS:
+        for g in self.groups:
+            g.validate()
+        if not self.backprop:
+            self._check_budgets()
+        return self
+
+    def _check_budgets(self) -> None:
+        from flops_ray.allocators import ALLOCATORS
+
+        if ALLOCATORS[self.allocator.kind].needs_traces:
             draws = 2 * self.estimator.unit
-            _require(
+            require(
                 self.estimator.pilot_queries >= draws,
                 "estimator.pilot_queries",
                 f"{self.allocator.kind} allocation reads trace estimates, which need >= 2 independent draws "
                 f"({draws} queries for {self.estimator.kind}), got {self.estimator.pilot_queries}",
             )
+        minimum = max(self.estimator.floor, self.estimator.pilot_queries)
         for g in self.groups:
-            g.validate()
-            if self.estimator.kind != "bp":
-                minimum = max(self.estimator.floor, self.estimator.pilot_queries)
-                _require(
-                    g.queries_per_sample >= minimum,
-                    f"groups[{g.name}].queries_per_sample",
-                    f"budget {g.queries_per_sample}x{self.batch_size} is below the floor "
-                    f"{minimum}x{self.batch_size} (max of estimator.floor and estimator.pilot_queries)",
-                )
-        return self
+            require(
+                g.queries_per_sample >= minimum,
+                f"groups[{g.name}].queries_per_sample",
+                f"budget {g.queries_per_sample}x{self.batch_size} is below the floor "
+                f"{minimum}x{self.batch_size} (max of estimator.floor and estimator.pilot_queries)",
+            )
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with fields changed (dataclasses.replace)."""
         return dataclasses.replace(self, **changes)
-
-
-_NESTED = {"estimator": EstimatorConfig, "allocator": AllocatorConfig, "farm": FarmConfig}
-
-
-def config_from_dict(data: dict[str, Any]) -> TrainConfig:
-    """Build a validated :class:`TrainConfig` from plain data (a parsed YAML), naming unknown keys."""
-    data = dict(data)
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(data) - known)
-    _require(not unknown, "config", f"unknown keys {unknown}; known keys are {sorted(known)}")
-    for key, cls in _NESTED.items():
-        if key in data:
-            sub = dict(data[key] or {})
-            fields = {f.name for f in dataclasses.fields(cls)}
-            bad = sorted(set(sub) - fields)
-            _require(not bad, key, f"unknown keys {bad}; known keys are {sorted(fields)}")
-            data[key] = cls(**sub)
-    if "groups" in data:
-        groups = []
-        for i, g in enumerate(data["groups"]):
-            fields = {f.name for f in dataclasses.fields(GroupConfig)}
-            bad = sorted(set(g) - fields)
-            _require(not bad, f"groups[{i}]", f"unknown keys {bad}; known keys are {sorted(fields)}")
-            groups.append(GroupConfig(**{**g, "modules": tuple(g.get("modules", ()))}))
-        data["groups"] = tuple(groups)
-    return TrainConfig(**data).validate()
-
-
-def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
-    """Plain data of a config (inverse of :func:`config_from_dict`)."""
-    out = dataclasses.asdict(cfg)
-    out["groups"] = [{**g, "modules": list(g["modules"])} for g in out["groups"]]
-    return out

@@ -2,7 +2,7 @@
 
 ``A ~ N(mu, S)`` with ``mu_j = A (b0 + b1 tanh L_j)`` and ``S_ij = (A s)^2 exp(-d_ij / g^2)``,
 ``d_ij = 1 - cos(e_i, e_j)``, ``A = A0 / B``. For unit embeddings ``d_ij = |e_i - e_j|^2 / 2``, so this is
-the Gaussian RBF kernel and ``S`` is positive definite; the form ``exp(-d_ij^2 / (2 g^2))`` of DESIGN.md
+the Gaussian RBF kernel and ``S`` is positive definite; the tempting form ``exp(-d_ij^2 / (2 g^2))`` in ``d``
 is not (a kernel in the 4th power of a distance), and its Cholesky factor fails on real embeddings. ``lambda = (b0, b1, s, g)`` is kept relative to ``A``
 and starts at ``(1, 1/2, 1/5, 1)``, the paper's ``(A, A/2, A/5, 1)``. A draw is clipped at 0 and
 rescaled so the allocation sums to ``A0`` with every entry at least the floor.
@@ -19,6 +19,7 @@ import math
 import torch
 
 from flops_ray.budget import allocation_objective, to_counts
+from flops_ray.config import AllocatorConfig
 
 _JITTER = 1e-4  # relative to A^2: keeps the Cholesky factor defined when g -> 0
 
@@ -36,6 +37,12 @@ def process_draws(raw: torch.Tensor, total: float, minimum: float) -> torch.Tens
 
 class GaussianAllocator:
     """Gaussian allocator with ``lambda`` fitted each step and warm-started from the previous one."""
+
+    needs_traces = True
+
+    @classmethod
+    def from_config(cls, cfg: AllocatorConfig) -> GaussianAllocator:
+        return cls(cfg.gaussian_draws, cfg.gaussian_iters, cfg.gaussian_lr)
 
     def __init__(self, draws: int = 32, iters: int = 25, lr: float = 0.05):
         self.draws = draws

@@ -46,13 +46,14 @@ def _matched_modules(model: nn.Module, cfg: GroupConfig, where: str) -> list[tup
     return [(n, m) for n, m in named if n in matched]
 
 
-def resolve_groups(model: nn.Module, groups: tuple[GroupConfig, ...], estimator: str) -> list[ResolvedGroup]:
+def resolve_groups(model: nn.Module, groups: tuple[GroupConfig, ...], linear_outputs: bool) -> list[ResolvedGroup]:
     """Bind layer groups to ``model``.
 
     Args:
         model: the model whose modules the patterns name.
         groups: layer groups from the config.
-        estimator: ``lr`` perturbs ``nn.Linear`` outputs; ``spsa``/``es``/``bp`` use all parameters.
+        linear_outputs: the group trains only its ``nn.Linear`` modules' weights and biases (LR perturbs
+            their outputs); otherwise every parameter of the matched modules.
 
     Raises:
         ConfigError: a pattern matches nothing, a group has nothing to train, or two groups share a parameter.
@@ -63,7 +64,7 @@ def resolve_groups(model: nn.Module, groups: tuple[GroupConfig, ...], estimator:
         where = f"groups[{cfg.name}]"
         modules = _matched_modules(model, cfg, where)
         linears = [(n, m) for n, m in modules if isinstance(m, nn.Linear)]
-        if estimator == "lr":
+        if linear_outputs:
             params = [(f"{n}.{k}", p) for n, m in linears for k, p in m.named_parameters(recurse=False)]
             if not linears:
                 raise ConfigError(f"{where}.modules: LR needs nn.Linear modules; {cfg.modules} match none")

@@ -7,10 +7,32 @@ Arrays are numpy (Ray ships numpy zero-copy; torch tensors are pickled, several 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 import numpy as np
 
-CLEAN, PILOT, FINALIZE, MAIN = "clean", "pilot", "finalize", "main"
+
+class TaskKind(str, Enum):
+    """What a :class:`ShardTask` asks of a replica (a ``str`` so keys print and sort readably)."""
+
+    CLEAN = "clean"
+    """Unperturbed losses and embeddings of the items."""
+    PILOT = "pilot"
+    """The first queries of each item: trace estimates, per-item sums kept on the replica."""
+    FINALIZE = "finalize"
+    """A pilot's per-item sums weighted by ``1/(B A_j)`` (served from the replica's pilot cache)."""
+    MAIN = "main"
+    """The remaining queries, weighted."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+CLEAN, PILOT, FINALIZE, MAIN = TaskKind.CLEAN, TaskKind.PILOT, TaskKind.FINALIZE, TaskKind.MAIN
+
+
+TaskKey = tuple[int, int | None, str, int]
+"""``(step, group, kind, index)``: names a task in errors and in the all-reduce's bookkeeping."""
 
 
 @dataclass(frozen=True)
@@ -36,12 +58,10 @@ class ShardItem:
 class ShardTask:
     """A chunk of work for one replica call. ``index`` fixes its place in the canonical reduction."""
 
-    kind: str
-    """``clean`` (unperturbed losses and embeddings), ``pilot`` (first queries, trace estimates, kept
-    per sample on the replica), ``finalize`` (a pilot shard's per-sample sums weighted by ``1/(B A_j)``),
-    or ``main`` (the remaining queries, weighted)."""
+    kind: TaskKind
     step: int
-    group: int
+    group: int | None
+    """Layer group the queries perturb; None for a clean task, which perturbs nothing."""
     index: int
     items: tuple[ShardItem, ...]
     weights: tuple[float, ...] | None = None
@@ -55,15 +75,15 @@ class ShardTask:
         return sum(it.cost for it in self.items)
 
     @property
-    def key(self) -> tuple[int, int, str, int]:
-        return (self.step, self.group, self.kind, self.index)
+    def key(self) -> TaskKey:
+        return (self.step, self.group, self.kind.value, self.index)
 
 
 @dataclass
 class ShardResult:
     """What a replica returns for one :class:`ShardTask`."""
 
-    key: tuple[int, int, str, int]
+    key: TaskKey
     losses: np.ndarray
     """``(Q,)`` perturbed losses in item order (clean tasks: ``(n_items,)`` clean losses)."""
     grad: np.ndarray | None = None

@@ -11,10 +11,11 @@ per-sample clean losses), and per layer group ``g``: ``spread/g`` (max/min query
 pilot trace estimates, for the trace-vs-loss plot).
 
 >>> import tempfile, pathlib
->>> from flops_ray.trainer import StepLog
+>>> from flops_ray.step import StepReport
 >>> path = pathlib.Path(tempfile.mkdtemp()) / "m.parquet"
 >>> with MetricsLog(path, ["head"]) as log:
-...     log.append(StepLog(0, 2.3, 8, 0.5, 0.01, [np.array([2, 6])], [np.array([1.0, 9.0])], np.array([2.0, 2.6])))
+...     log.append(StepReport(step=0, loss=2.3, losses=np.array([2.0, 2.6]), counts=[np.array([2, 6])],
+...                           traces=[np.array([1.0, 9.0])], queries=8, seconds=0.5))
 >>> read_metrics(path).column("spread/head").to_pylist()
 [3.0]
 """
@@ -29,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from flops_ray.trainer import StepLog
+from flops_ray.step import StepReport
 
 
 def _column_change(found: pa.Schema, expected: pa.Schema) -> str:
@@ -125,7 +126,7 @@ class MetricsLog:
             elif kept.num_rows < table.num_rows:
                 _write_atomically(kept, part)
 
-    def append(self, log: StepLog) -> None:
+    def append(self, log: StepReport) -> None:
         """Add one step's row."""
         row: dict[str, Any] = {
             "step": log.step,

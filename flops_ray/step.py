@@ -1,8 +1,9 @@
-"""One forward-only step, independent of where queries run (DESIGN section 2).
+"""One forward-only step, independent of where queries run (docs/DESIGN.md section 2).
 
 clean pass -> pilot shards (``T_j``) -> allocation per group -> shard plan -> finalize pilots + main
 shards -> reduction in canonical task order. A :class:`Backend` only executes task lists, so the
-in-process backend and the Ray farm give the same result for the same seed.
+in-process backend and the Ray farm give the same result for the same seed; the task lists come
+from the pure planners in :mod:`flops_ray.plan`.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import torch
 
 from flops_ray.allocators import AllocationFeatures, Allocator
 from flops_ray.config import EstimatorConfig, GroupConfig
-from flops_ray.messages import CLEAN, FINALIZE, MAIN, PILOT, ShardItem, ShardResult, ShardTask
+from flops_ray.messages import ShardResult, ShardTask, TaskKind
+from flops_ray.plan import plan_clean, plan_main, plan_pilot, plan_pilot_chunks
 from flops_ray.seeding import STREAM_ALLOC, STREAM_ALLOC_FIT, generator
-from flops_ray.shards import plan_chunks
 
 
 class Backend(Protocol):
@@ -44,7 +45,9 @@ class Backend(Protocol):
 def reduce_in_order(tasks: list[ShardTask], results: list[ShardResult], sizes: list[int]) -> list[np.ndarray]:
     """Sum the gradient partials of each group in float64, in task index order (deterministic)."""
     grads = [np.zeros(n, dtype=np.float64) for n in sizes]
-    for task, res in sorted(zip(tasks, results), key=lambda tr: (tr[0].group, tr[0].kind != FINALIZE, tr[0].index)):
+    for task, res in sorted(
+        zip(tasks, results), key=lambda tr: (tr[0].group, tr[0].kind != TaskKind.FINALIZE, tr[0].index)
+    ):
         if res.grad is not None:
             grads[task.group] += res.grad
     return grads
@@ -52,10 +55,11 @@ def reduce_in_order(tasks: list[ShardTask], results: list[ShardResult], sizes: l
 
 @dataclass
 class StepReport:
-    """What one step measured (logged per step, never needed for the maths)."""
+    """What one step measured: the trainer returns it, the metrics log writes it, never needed for the maths."""
 
     step: int
-    clean_loss: float
+    loss: float
+    """Mean clean loss of the step's batch."""
     losses: np.ndarray | None = None
     """``(B,)`` per-sample clean losses."""
     counts: list[np.ndarray] = field(default_factory=list)
@@ -64,135 +68,110 @@ class StepReport:
     """Per group ``(B,)`` pilot trace estimates."""
     queries: int = 0
     """Perturbed forward passes run."""
+    seconds: float = 0.0
+    """Wall time of the whole step (the optimizer update included, once the trainer has applied it)."""
     allocator_seconds: float = 0.0
     """Sampling allocations: on the step's critical path."""
     fit_seconds: float = 0.0
     """Fitting allocator state for the next step: overlapped with the step's queries."""
-    seconds: float = 0.0
     bytes_returned: int = 0
     skipped: int = 0
     """Queries dropped for non-finite losses (``estimator.on_nonfinite = "skip"``)."""
+    accuracy: float | None = None
+    """Test accuracy after the step, when the step was an evaluation point."""
 
 
-def forward_step(
-    backend: Backend,
-    *,
-    step: int,
-    params: np.ndarray,
-    x: np.ndarray,
-    y: np.ndarray,
-    sample_ids: np.ndarray,
-    groups: tuple[GroupConfig, ...],
-    sizes: list[int],
-    estimator: EstimatorConfig,
-    allocators: list[Allocator],
-    shard_cost: int,
-    root_seed: int,
-) -> tuple[list[np.ndarray], StepReport]:
-    """Estimate the batch gradient ``g = (1/B) sum_j (1/A_j) sum_q G_jq`` of every group (paper eq. 4).
+class ForwardStep:
+    """Estimates the batch gradient ``g = (1/B) sum_j (1/A_j) sum_q G_jq`` of every group (paper eq. 4).
+
+    Holds what stays fixed across steps; each call runs one step on ``backend``.
 
     Args:
         backend: where the queries run.
-        step: the step counter (seeds the step's noise).
-        params: ``(P,)`` trainable parameters.
-        x: ``(B, ...)`` inputs; y: ``(B,)`` targets; sample_ids: ``(B,)`` dataset indices.
-        groups, sizes: layer groups and their parameter counts ``P_g``.
+        groups: layer groups; sizes: their parameter counts ``P_g``.
         estimator: estimator settings (pair size, pilot, floor).
         allocators: one per group, stateful across steps.
         shard_cost: target forward passes per task.
         root_seed: the run's root seed.
-
-    Returns:
-        Per-group gradient estimates ``(P_g,)`` (float64) and the step's report.
     """
-    t0 = time.perf_counter()
-    b = len(sample_ids)
-    unit, pilot = estimator.unit, estimator.pilot_queries
-    backend.sync(step, params, x, y)
 
-    clean_tasks = [
-        ShardTask(
-            CLEAN, step, -1, i, tuple(ShardItem(p, int(sample_ids[p]), 0, 1) for p in range(s, min(b, s + shard_cost)))
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        groups: tuple[GroupConfig, ...],
+        sizes: list[int],
+        estimator: EstimatorConfig,
+        allocators: list[Allocator],
+        shard_cost: int,
+        root_seed: int,
+    ):
+        self.backend = backend
+        self.groups = groups
+        self.sizes = sizes
+        self.estimator = estimator
+        self.allocators = allocators
+        self.shard_cost = shard_cost
+        self.root_seed = root_seed
+
+    def __call__(
+        self, step: int, params: np.ndarray, x: np.ndarray, y: np.ndarray, sample_ids: np.ndarray
+    ) -> tuple[list[np.ndarray], StepReport]:
+        """Run step ``step`` on parameters ``(P,)`` and the batch ``x (B, ...)``, ``y (B,)``, ``sample_ids (B,)``.
+
+        Returns:
+            Per-group gradient estimates ``(P_g,)`` (float64) and the step's report.
+        """
+        t0 = time.perf_counter()
+        b = len(sample_ids)
+        unit, pilot = self.estimator.unit, self.estimator.pilot_queries
+        self.backend.sync(step, params, x, y)
+        clean = self.backend.run(plan_clean(step, sample_ids, self.shard_cost))
+        losses = np.concatenate([r.losses for r in clean])
+        emb = torch.from_numpy(np.concatenate([r.embeddings for r in clean]))
+        report = StepReport(step, float(losses.mean()), losses)
+
+        pilot_chunks = plan_pilot_chunks(sample_ids, losses, pilot, self.shard_cost, unit)
+        pilot_tasks = plan_pilot(step, len(self.groups), pilot_chunks)
+        pilot_results = self.backend.run(pilot_tasks)
+
+        tasks: list[ShardTask] = []
+        feats, minimum = [], max(self.estimator.floor, pilot)
+        for g, cfg in enumerate(self.groups):
+            traces = np.zeros(b)
+            for task, res in zip(pilot_tasks, pilot_results):
+                if task.group == g:
+                    traces[[it.pos for it in task.items]] = res.traces
+            feats.append(AllocationFeatures(torch.from_numpy(traces), torch.from_numpy(losses), emb))
+            ta = time.perf_counter()
+            gen = generator(self.root_seed, STREAM_ALLOC, step, g)
+            counts = self.allocators[g].allocate(feats[g], cfg.queries_per_sample * b, minimum, unit, gen).numpy()
+            report.allocator_seconds += time.perf_counter() - ta
+            report.counts.append(counts)
+            report.traces.append(traces)
+            tasks += plan_main(step, g, counts, sample_ids, losses, pilot_chunks, pilot, self.shard_cost, unit)
+
+        def fit_allocators() -> None:
+            tf = time.perf_counter()
+            for g, cfg in enumerate(self.groups):
+                gen = generator(self.root_seed, STREAM_ALLOC_FIT, step, g)
+                self.allocators[g].update(feats[g], cfg.queries_per_sample * b, minimum, gen)
+            report.fit_seconds = time.perf_counter() - tf
+
+        # The fit advances allocator state before the queries finish; a failed step must not keep it.
+        saved = [{k: v.clone() for k, v in a.state_dict().items()} for a in self.allocators]
+        try:
+            results = self.backend.run(tasks, meanwhile=fit_allocators)
+            grads = self.backend.reduce(tasks, results, self.sizes)
+        except BaseException:
+            for allocator, state in zip(self.allocators, saved):
+                allocator.load_state_dict(state)
+            raise
+        report.queries = sum(r.forwards for r in pilot_results + results)
+        report.bytes_returned = sum(r.nbytes for r in clean + pilot_results + results)
+        # A finalize re-reads its pilot's queries, whose skips the pilot result already counted.
+        report.skipped = sum(r.skipped for r in clean + pilot_results) + sum(
+            r.skipped for t, r in zip(tasks, results) if t.kind != TaskKind.FINALIZE
         )
-        for i, s in enumerate(range(0, b, shard_cost))
-    ]
-    clean = backend.run(clean_tasks)
-    losses = np.concatenate([r.losses for r in clean])
-    emb = np.concatenate([r.embeddings for r in clean])
-    report = StepReport(step, float(losses.mean()), losses)
-
-    # A sample's trace needs all its pilot draws in one task: chunks hold whole pilots.
-    pilot_chunks = plan_chunks(
-        [ShardItem(p, int(sample_ids[p]), 0, pilot, float(losses[p])) for p in range(b)],
-        max(pilot, shard_cost // pilot * pilot),
-        unit,
-    )
-    pilot_tasks = [ShardTask(PILOT, step, g, i, c) for g in range(len(groups)) for i, c in enumerate(pilot_chunks)]
-    pilot_results = backend.run(pilot_tasks)
-
-    feats_losses = torch.from_numpy(losses)
-    feats_emb = torch.from_numpy(emb)
-    tasks: list[ShardTask] = []
-    feats, minimum = [], max(estimator.floor, pilot)
-    for g, cfg in enumerate(groups):
-        traces = np.zeros(b)
-        for task, res in zip(pilot_tasks, pilot_results):
-            if task.group == g:
-                traces[[it.pos for it in task.items]] = res.traces
-        feats.append(AllocationFeatures(torch.from_numpy(traces), feats_losses, feats_emb))
-        ta = time.perf_counter()
-        counts = (
-            allocators[g]
-            .allocate(
-                feats[g],
-                total=cfg.queries_per_sample * b,
-                minimum=minimum,
-                unit=unit,
-                gen=generator(root_seed, STREAM_ALLOC, step, g),
-            )
-            .numpy()
-        )
-        report.allocator_seconds += time.perf_counter() - ta
-        report.counts.append(counts)
-        report.traces.append(traces)
-        weights = 1.0 / (b * counts)
-        tasks += [
-            ShardTask(FINALIZE, step, g, i, c, tuple(float(weights[it.pos]) for it in c))
-            for i, c in enumerate(pilot_chunks)
-        ]
-        rest = [
-            ShardItem(p, int(sample_ids[p]), pilot, int(counts[p]), float(losses[p]))
-            for p in range(b)
-            if counts[p] > pilot
-        ]
-        tasks += [
-            ShardTask(MAIN, step, g, i, c, tuple(float(weights[it.pos]) for it in c))
-            for i, c in enumerate(plan_chunks(rest, shard_cost, unit))
-        ]
-
-    def fit_allocators() -> None:
-        tf = time.perf_counter()
-        for g, cfg in enumerate(groups):
-            allocators[g].update(
-                feats[g], cfg.queries_per_sample * b, minimum, generator(root_seed, STREAM_ALLOC_FIT, step, g)
-            )
-        report.fit_seconds = time.perf_counter() - tf
-
-    # The fit advances allocator state before the queries finish; a failed step must not keep it.
-    saved = [{k: v.clone() for k, v in a.state_dict().items()} for a in allocators]
-    try:
-        results = backend.run(tasks, meanwhile=fit_allocators)
-        grads = backend.reduce(tasks, results, sizes)
-    except BaseException:
-        for allocator, state in zip(allocators, saved):
-            allocator.load_state_dict(state)
-        raise
-    everything = clean + pilot_results + results
-    report.queries = sum(r.forwards for r in pilot_results + results)
-    report.bytes_returned = sum(r.nbytes for r in everything)
-    # A finalize re-reads its pilot's queries, whose skips the pilot result already counted.
-    report.skipped = sum(r.skipped for r in clean + pilot_results) + sum(
-        r.skipped for t, r in zip(tasks, results) if t.kind != FINALIZE
-    )
-    report.seconds = time.perf_counter() - t0
-    return grads, report
+        report.seconds = time.perf_counter() - t0
+        return grads, report

@@ -1,45 +1,37 @@
 """The trainer: forward-only steps (any estimator x allocator) or backprop, then a torch optimizer.
 
-The backend is a config choice (``farm.backend``); the trainer's code is the same for both.
+The backend is a config choice (``farm.backend``); the trainer's code is the same for both. The
+trainer owns its resumable state (:meth:`Trainer.state_dict`); the checkpointer only writes files.
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 from flops_ray.allocators import create_allocator
+from flops_ray.checkpoint import read_checkpoint, save_checkpoint
 from flops_ray.config import TrainConfig
+from flops_ray.config_dict import config_to_dict
 from flops_ray.data import ArrayDataset, batch_at
-from flops_ray.engine import LossFn, QueryEngine, cross_entropy
-from flops_ray.step import Backend, StepReport, forward_step
+from flops_ray.engine import QueryEngine
+from flops_ray.estimators import estimator_family
+from flops_ray.groups import flatten, resolve_groups
+from flops_ray.local_backend import LocalBackend
+from flops_ray.losses import LossFn, cross_entropy
+from flops_ray.step import Backend, ForwardStep, StepReport
+from flops_ray.train_state import CheckpointError, TrainState, check_resumable
 
-
-@dataclass
-class StepLog:
-    """One step's metrics, as logged."""
-
-    step: int
-    loss: float
-    queries: int
-    seconds: float
-    allocator_seconds: float
-    """Sampling allocations (on the step's critical path)."""
-    counts: list[np.ndarray]
-    traces: list[np.ndarray]
-    losses: np.ndarray | None = None
-    """``(B,)`` per-sample clean losses of the step's batch."""
-    skipped: int = 0
-    """Queries dropped for non-finite losses (``estimator.on_nonfinite = "skip"``)."""
-    fit_seconds: float = 0.0
-    """Fitting allocator state for the next step, overlapped with the step's queries on the farm."""
-    accuracy: float | None = None
+StepHook = Callable[["Trainer", StepReport], None]
+"""Called by :meth:`Trainer.fit` after every step (and its evaluation, if any) with the step's report."""
+BackendFactory = Callable[[TrainConfig, nn.Module, LossFn], Backend]
+"""Builds a backend whose replicas evaluate copies of the model."""
 
 
 @torch.no_grad()
@@ -60,6 +52,15 @@ def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.
     return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9)
 
 
+def default_backend(cfg: TrainConfig, model: nn.Module, loss_fn: LossFn) -> Backend:
+    """The backend ``cfg.farm.backend`` names; replicas get copies of ``model``."""
+    if cfg.farm.backend == "ray":
+        from flops_ray.farm.backend import RayBackend
+
+        return RayBackend(cfg, model, loss_fn)
+    return LocalBackend(QueryEngine(copy.deepcopy(model), cfg.groups, cfg.estimator, cfg.seed, loss_fn))
+
+
 class Trainer:
     """Forward-only training of ``model`` on ``train`` with the estimator and allocator of ``cfg``.
 
@@ -69,7 +70,7 @@ class Trainer:
         train: training data.
         test: held-out data for accuracy (optional).
         loss_fn: per-sample loss.
-        backend_factory: builds the backend from a template engine (defaults from ``cfg.farm``).
+        backend_factory: builds the backend (defaults from ``cfg.farm``).
     """
 
     def __init__(
@@ -79,69 +80,58 @@ class Trainer:
         train: ArrayDataset,
         test: ArrayDataset | None = None,
         loss_fn: LossFn = cross_entropy,
-        backend_factory: Callable[[TrainConfig, QueryEngine], Backend] | None = None,
+        backend_factory: BackendFactory | None = None,
     ):
         self.cfg = cfg.validate()
         self.model = model.eval()
         self.train_set, self.test_set = train, test
         self.loss_fn = loss_fn
-        # The master engine binds groups to the master model; replicas evaluate copies of it.
-        self.engine = QueryEngine(model, cfg.groups, cfg.estimator, cfg.seed, loss_fn)
-        self.params = self.engine.trainable()
+        linear = not cfg.backprop and estimator_family(cfg.estimator, model).linear_outputs
+        self.groups = resolve_groups(model, cfg.groups, linear)
+        self.params = [p for g in self.groups for _, p in g.params]
         for p in self.model.parameters():
             p.requires_grad_(False)
         for p in self.params:
             p.requires_grad_(True)
-        self.sizes = [g.size for g in self.engine.groups]
         self.optimizer = make_optimizer(cfg, self.params)
         self.allocators = [create_allocator(cfg.allocator) for _ in cfg.groups]
         self.step_count = 0
         self.backend: Backend | None = None
-        if cfg.estimator.kind != "bp":
-            factory = backend_factory or default_backend
-            self.backend = factory(cfg, self.engine)
+        self.forward_step: ForwardStep | None = None
+        if not cfg.backprop:
+            self.backend = (backend_factory or default_backend)(cfg, model, loss_fn)
+            self.forward_step = ForwardStep(
+                self.backend,
+                groups=cfg.groups,
+                sizes=[g.size for g in self.groups],
+                estimator=cfg.estimator,
+                allocators=self.allocators,
+                shard_cost=cfg.farm.shard_cost,
+                root_seed=cfg.seed,
+            )
+
+    def get_params(self) -> np.ndarray:
+        """``(P,)`` trainable parameters of the master model, group by group."""
+        return flatten([p.detach() for p in self.params]).cpu().numpy()
 
     # ---- one step -----------------------------------------------------------------------------------
-    def step(self) -> StepLog:
+    def step(self) -> StepReport:
         """One optimizer step on the next batch of the deterministic order."""
         ids = batch_at(len(self.train_set), self.cfg.batch_size, self.cfg.seed, self.step_count)
         x, y = self.train_set.x[ids], self.train_set.y[ids]
         t0 = time.perf_counter()
-        if self.backend is None:
+        if self.forward_step is None:
             report = self._backprop(x, y)
         else:
-            grads, report = forward_step(
-                self.backend,
-                step=self.step_count,
-                params=self.engine.get_params().numpy(),
-                x=x,
-                y=y,
-                sample_ids=ids,
-                groups=self.cfg.groups,
-                sizes=self.sizes,
-                estimator=self.cfg.estimator,
-                allocators=self.allocators,
-                shard_cost=self.cfg.farm.shard_cost,
-                root_seed=self.cfg.seed,
-            )
+            grads, report = self.forward_step(self.step_count, self.get_params(), x, y, ids)
             self._apply(grads)
         self.optimizer.step()
         self.step_count += 1
-        return StepLog(
-            step=report.step,
-            loss=report.clean_loss,
-            queries=report.queries,
-            seconds=time.perf_counter() - t0,
-            allocator_seconds=report.allocator_seconds,
-            counts=report.counts,
-            traces=report.traces,
-            losses=report.losses,
-            skipped=report.skipped,
-            fit_seconds=report.fit_seconds,
-        )
+        report.seconds = time.perf_counter() - t0
+        return report
 
     def _apply(self, grads: list[np.ndarray]) -> None:
-        for g, grad in zip(self.engine.groups, grads):
+        for g, grad in zip(self.groups, grads):
             flat = torch.from_numpy(grad)
             if self.cfg.grad_clip > 0:
                 norm = flat.norm()
@@ -158,7 +148,7 @@ class Trainer:
             losses = self.loss_fn(self.model(torch.from_numpy(x)), torch.from_numpy(y))
             losses.mean().backward()
         if self.cfg.grad_clip > 0:
-            for g in self.engine.groups:
+            for g in self.groups:
                 torch.nn.utils.clip_grad_norm_([p for _, p in g.params], self.cfg.grad_clip)
         return StepReport(self.step_count, losses.mean().item(), losses.detach().numpy())
 
@@ -170,19 +160,67 @@ class Trainer:
             raise ValueError("no test set to evaluate on")
         return accuracy(self.model, data)
 
-    def fit(self, steps: int | None = None, callback: Callable[[StepLog], None] | None = None) -> list[StepLog]:
-        """Run ``steps`` steps (default ``cfg.steps`` minus those done), evaluating every ``cfg.eval_every``."""
+    def fit(self, steps: int | None = None, hooks: Sequence[StepHook] = ()) -> list[StepReport]:
+        """Run ``steps`` steps (default: up to ``cfg.steps``), evaluating every ``cfg.eval_every`` and at the end.
+
+        Every hook is called after each step with the trainer and the step's report (metrics logs,
+        progress lines and checkpoints are hooks), so the loop is written once.
+        """
         target = self.cfg.steps if steps is None else self.step_count + steps
-        logs = []
+        reports = []
+        every = self.cfg.eval_every
         while self.step_count < target:
-            log = self.step()
-            every = self.cfg.eval_every
+            report = self.step()
             if self.test_set is not None and (self.step_count == target or (every and self.step_count % every == 0)):
-                log.accuracy = self.evaluate()
-            logs.append(log)
-            if callback:
-                callback(log)
-        return logs
+                report.accuracy = self.evaluate()
+            reports.append(report)
+            for hook in hooks:
+                hook(self, report)
+        return reports
+
+    # ---- resumable state ----------------------------------------------------------------------------
+    def state_dict(self) -> TrainState:
+        """Everything needed to continue this run exactly."""
+        return TrainState(
+            step=self.step_count,
+            config=config_to_dict(self.cfg),
+            model=self.model.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            allocators=[a.state_dict() for a in self.allocators],
+        )
+
+    def load_state_dict(self, state: TrainState, where: str = "state") -> int:
+        """Continue from ``state`` (same config up to run length, logging and farm); returns the step.
+
+        Raises:
+            CheckpointError: another config, model, optimizer state or allocator count.
+        """
+        check_resumable(state, self.cfg, self.model, self.params, where)
+        if len(state.allocators) != len(self.allocators):
+            raise CheckpointError(
+                f"{where} holds {len(state.allocators)} allocator states, the trainer has {len(self.allocators)}"
+            )
+        try:
+            self.optimizer.load_state_dict(state.optimizer)
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"{where}: optimizer state does not fit the trainer's optimizer ({exc})") from exc
+        for g, (alloc, alloc_state) in enumerate(zip(self.allocators, state.allocators)):
+            try:
+                alloc.load_state_dict(alloc_state)
+            except ValueError as exc:
+                raise CheckpointError(f"{where}: allocator state of group {g} does not fit ({exc})") from exc
+        with torch.no_grad():
+            self.model.load_state_dict(state.model)
+        self.step_count = state.step
+        return self.step_count
+
+    def save(self, path: str | Path) -> Path:
+        """Write a checkpoint of this run to ``path`` (atomically)."""
+        return save_checkpoint(self.state_dict(), path)
+
+    def resume(self, path: str | Path) -> int:
+        """Continue from the checkpoint at ``path``; returns the step it continues from."""
+        return self.load_state_dict(read_checkpoint(path), where=f"checkpoint {path}")
 
     def close(self) -> None:
         if self.backend is not None:
@@ -193,15 +231,3 @@ class Trainer:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def default_backend(cfg: TrainConfig, engine: QueryEngine) -> Backend:
-    """The backend ``cfg.farm.backend`` names; replicas get copies of the engine's model."""
-    if cfg.farm.backend == "ray":
-        from flops_ray.farm.backend import RayBackend
-
-        return RayBackend(cfg, engine.model, engine.loss_fn)
-    from flops_ray.local_backend import LocalBackend
-
-    replica = QueryEngine(copy.deepcopy(engine.model), cfg.groups, cfg.estimator, cfg.seed, engine.loss_fn)
-    return LocalBackend(replica)

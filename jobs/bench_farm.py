@@ -40,7 +40,7 @@ from flops_ray.engine import QueryEngine
 from flops_ray.farm.backend import RayBackend
 from flops_ray.farm.ray_init import init_ray
 from flops_ray.farm.worker import WorkerOptions
-from flops_ray.messages import MAIN, ShardItem, ShardTask
+from flops_ray.messages import ShardItem, ShardTask, TaskKind
 from flops_ray.models import create_model
 from flops_ray.prompts import PromptedViT
 from flops_ray.shards import plan_chunks
@@ -85,7 +85,7 @@ def _batch(bench: BenchConfig):
 
 
 def _tasks(cfg: TrainConfig, ids: np.ndarray, counts: np.ndarray, per_sample: bool) -> list[ShardTask]:
-    """MAIN shards of every group for per-sample ``counts``; ``per_sample`` cuts each sample separately."""
+    """Main shards of every group for per-sample ``counts``; ``per_sample`` cuts each sample separately."""
     unit = cfg.estimator.unit
     items = [ShardItem(j, int(ids[j]), 0, int(counts[j]), 2.3) for j in range(len(ids))]
     chunks = (
@@ -95,7 +95,9 @@ def _tasks(cfg: TrainConfig, ids: np.ndarray, counts: np.ndarray, per_sample: bo
     )
     w = 1.0 / (len(ids) * float(np.mean(counts)))
     return [
-        ShardTask(MAIN, 0, g, i, c, tuple(w for _ in c)) for g in range(len(cfg.groups)) for i, c in enumerate(chunks)
+        ShardTask(kind=TaskKind.MAIN, step=0, group=g, index=i, items=c, weights=tuple(w for _ in c))
+        for g in range(len(cfg.groups))
+        for i, c in enumerate(chunks)
     ]
 
 
@@ -187,7 +189,7 @@ def makespan(bench: BenchConfig) -> dict:
     model = create_model(cfg.model, 10, 8, cfg.seed)
     options = [WorkerOptions(), WorkerOptions(slowdown=bench.slowdown)]
     backend = RayBackend(cfg, model, worker_options=options)
-    handles = [s.handle for s in backend.dispatcher.slots]
+    handles = [s.handle for s in backend.pool.slots]
     params = QueryEngine(model, cfg.groups, cfg.estimator, cfg.seed).get_params().numpy()
 
     def static() -> None:
@@ -225,7 +227,7 @@ def training(bench: BenchConfig) -> dict:
     cfg = _cfg(bench, 2).replace(batch_size=bench.batch_size)
     with Trainer(cfg, create_model(cfg.model, 10, 8, cfg.seed), digits("train")) as trainer:
         trainer.step()  # warm-up: replicas start
-        counters = trainer.backend.dispatcher.counters
+        counters = trainer.backend.counters
         sent, returned = counters.bytes_sent, counters.bytes_returned
         logs = trainer.fit(bench.train_steps)
         wire = counters.bytes_sent - sent + counters.bytes_returned - returned

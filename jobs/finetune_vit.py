@@ -17,12 +17,13 @@ from typing import Any
 
 from flops_ray import run
 from flops_ray.config import TrainConfig
+from flops_ray.job_config import JobConfig, load_config, output_dir
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "digits_ops_lr.yaml"
 
 
 def main(
-    cfg: TrainConfig, out: str | Path, quick: bool = False, job: run.JobConfig | None = None, resume: bool = False
+    cfg: TrainConfig, out: str | Path, quick: bool = False, job: JobConfig | None = None, resume: bool = False
 ) -> dict[str, Any]:
     """Train ``cfg`` into ``out`` (``quick``: a tiny run for tests); returns the summary."""
     return run.train(cfg, out, job, quick=quick, resume=resume)
@@ -32,5 +33,5 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_train_arguments(parser, default_config=str(DEFAULT_CONFIG))
     args = parser.parse_args()
-    cfg, job = run.load_config(args.config, args.set)
-    main(cfg, run.output_dir(args.out, args.config, job), args.quick, job, args.resume)
+    cfg, job = load_config(args.config, args.set)
+    main(cfg, output_dir(args.out, args.config, job), args.quick, job, args.resume)

@@ -29,11 +29,12 @@ import torch
 from torch import nn
 
 from flops_ray.blackbox import BlackBox
-from flops_ray.config import AllocatorConfig, EstimatorConfig, FarmConfig, TrainConfig
+from flops_ray.config import AllocatorConfig, EstimatorConfig, FarmConfig, TrainConfig, require
 from flops_ray.data import ArrayDataset, digits
 from flops_ray.models import digits_vit
 from flops_ray.prompts import PromptedViT
 from flops_ray.seeding import STREAM_INIT, derive_seed
+from flops_ray.step import StepReport
 from flops_ray.trainer import Trainer
 
 
@@ -70,8 +71,7 @@ class PromptConfig:
 
     def __post_init__(self):
         for name in ("steps", "eval_every", "batch_size", "queries_per_sample", "workers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+            require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
 
 
 QUICK = PromptConfig(pretrain_steps=60, steps=4, batch_size=16, queries_per_sample=4, eval_every=2)
@@ -121,16 +121,19 @@ def tune(cfg: PromptConfig, model: PromptedViT, default: torch.Tensor, allocator
         farm=FarmConfig(backend=cfg.backend, workers=cfg.workers),
     )
     curve, t0 = [], time.perf_counter()
+
+    def record(trainer: Trainer, report: StepReport) -> None:
+        # The box answers losses only: accuracy is the frozen model's under the tuned prompt.
+        if trainer.step_count % cfg.eval_every == 0 or trainer.step_count == cfg.steps:
+            acc = model.accuracy(box.theta(), test)
+            curve.append({"step": trainer.step_count, "loss": report.loss, "accuracy": acc})
+            print(
+                f"{allocator:9s} step {trainer.step_count:>4}/{cfg.steps}  loss {report.loss:.3f}  acc {acc:.3f}",
+                flush=True,
+            )
+
     with Trainer(train_cfg, box, train) as trainer:
-        while trainer.step_count < cfg.steps:
-            log = trainer.step()
-            if trainer.step_count % cfg.eval_every == 0 or trainer.step_count == cfg.steps:
-                acc = model.accuracy(box.theta(), test)
-                curve.append({"step": trainer.step_count, "loss": log.loss, "accuracy": acc})
-                print(
-                    f"{allocator:9s} step {trainer.step_count:>4}/{cfg.steps}  loss {log.loss:.3f}  acc {acc:.3f}",
-                    flush=True,
-                )
+        trainer.fit(hooks=[record])
     return {
         "accuracy": curve[-1]["accuracy"],
         # The mean over the curve tells allocators apart by how fast they get there, not only where.

@@ -1,4 +1,4 @@
-"""The paper's evidence at small scale, with one command (issue 6): Table 1, Figure 4 and Figure 5.
+"""The paper's evidence at small scale, with one command: Table 1, Figure 4 and Figure 5.
 
 - Table 1: test accuracy (mean and std over seeds) of BP, MeZO, n-SPSA, LR, OPS-SPSA, OPS-LR and the
   Neyman variants of SPSA and LR, fine-tuning the digits-pretrained ViT's default layer groups at one
@@ -28,17 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-# Python puts a script's own directory first on sys.path, so the sibling job imports as a module.
-from bench_estimator import BenchConfig, cosine_sweep, variance_ratio
-from bench_estimator import plot as plot_cosine
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 
-from flops_ray.config import AllocatorConfig, EstimatorConfig, FarmConfig, TrainConfig
+from flops_ray.config import AllocatorConfig, DataConfig, EstimatorConfig, FarmConfig, TrainConfig
+from flops_ray.estimator_study import EstimatorStudy, cosine_sweep, plot_cosines, variance_ratio
 from flops_ray.models import create_model
 from flops_ray.parquet_data import image_folder_to_parquet
-from flops_ray.run import JobConfig, load_datasets
+from flops_ray.run import load_datasets
 from flops_ray.trainer import Trainer
 
 SHAPES = ("bar", "circle", "cross", "ring", "triangle")
@@ -51,7 +48,7 @@ class Method:
 
     name: str
     estimator: str
-    """``bp``, ``spsa`` or ``lr`` (:class:`~flops_ray.config.EstimatorConfig` kinds)."""
+    """``bp`` (the backprop baseline: ``TrainConfig.backprop``), or an ``EstimatorConfig`` kind (``spsa``, ``lr``)."""
     allocator: str = "equal"
     """How each group's budget is split over the batch."""
     least_budget: bool = False
@@ -98,7 +95,9 @@ class ReproduceConfig:
     """Generated training images (classes in turn)."""
     shapes_test: int = 375
     """Generated test images."""
-    figure4: BenchConfig = field(default_factory=lambda: BenchConfig(queries=(4, 8, 16, 32, 64, 128), cosine_reps=3))
+    figure4: EstimatorStudy = field(
+        default_factory=lambda: EstimatorStudy(queries=(4, 8, 16, 32, 64, 128), cosine_reps=3)
+    )
     """The estimator benchmark's sweep (its own seed, digits batch and layers)."""
 
 
@@ -111,7 +110,7 @@ QUICK = ReproduceConfig(
     eval_every=1,
     shapes_train=160,
     shapes_test=40,
-    figure4=BenchConfig(
+    figure4=EstimatorStudy(
         queries=(4, 8),
         layers=(("late", "blocks.3.mlp.fc2"),),
         cosine_reps=2,
@@ -185,12 +184,13 @@ def run_config(rc: ReproduceConfig, method: Method, dataset: str, num_classes: i
     """The training config of one Table 1 cell: flops_ray's defaults with the method's estimator and budget."""
     base = TrainConfig()
     # MeZO's one pair per data point is its pilot too: a one-draw pilot, which equal allocation allows.
-    est = EstimatorConfig(kind=method.estimator, pilot_queries=2 if method.least_budget else 4)
+    backprop = method.estimator == "bp"
+    est = EstimatorConfig(kind="lr" if backprop else method.estimator, pilot_queries=2 if method.least_budget else 4)
     budget = max(est.floor, est.pilot_queries) if method.least_budget else rc.queries_per_sample
     return base.replace(
         model=rc.model,
-        dataset=dataset,
-        num_classes=num_classes,
+        data=DataConfig(dataset=dataset, num_classes=num_classes),
+        backprop=backprop,
         groups=tuple(dataclasses.replace(g, queries_per_sample=budget) for g in base.groups),
         estimator=est,
         allocator=AllocatorConfig(kind=method.allocator),
@@ -220,8 +220,8 @@ def mean_per_group(rows: list[list[float | None]]) -> list[float | None]:
 def train_once(cfg: TrainConfig) -> dict:
     """Train one config in-process; its final test accuracy, accuracy curve, allocation spread and step timings."""
     t0 = time.perf_counter()
-    model = create_model(cfg.model, cfg.num_classes, cfg.img_size, cfg.seed)
-    train, test = load_datasets(cfg, JobConfig(), model)
+    model = create_model(cfg.model, cfg.data.num_classes, cfg.data.img_size, cfg.seed)
+    train, test = load_datasets(cfg.data, model)
     with Trainer(cfg, model, train, test) as trainer:
         logs = trainer.fit()
 
@@ -382,7 +382,7 @@ def main(rc: ReproduceConfig, out: Path) -> dict:
     print(f"figure 4: cosine sweep on digits ({len(rc.figure4.queries)} budgets)", flush=True)
     cosine = cosine_sweep(rc.figure4)
     ratio = variance_ratio(rc.figure4)
-    plot_cosine(cosine, out / "figure4.png")
+    plot_cosines(cosine, out / "figure4.png")
     figure4_seconds = time.perf_counter() - t0
     print(f"table 1: {len(rc.methods)} methods x {len(rc.datasets)} datasets x {len(rc.seeds)} seeds", flush=True)
     with tempfile.TemporaryDirectory(prefix="reproduce-data-") as data_dir:

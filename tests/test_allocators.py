@@ -75,15 +75,27 @@ def test_budget_below_floor_is_an_error():
         to_counts(torch.ones(4), total=6, minimum=2, unit=2)
 
 
-@pytest.mark.parametrize("kind", ["neyman", "gaussian"])
-def test_trace_allocators_reject_missing_traces(kind):
-    """A one-draw pilot (MeZO) measures no trace: the allocators that need one say so, naming the samples."""
+def _missing_traces():
+    """A one-draw pilot (MeZO) measures no trace: NaN at two samples."""
     feats = _synthetic(b=8)
     feats.traces[[2, 5]] = float("nan")
-    alloc = create_allocator(AllocatorConfig(kind=kind, gaussian_iters=2))
+    return feats
+
+
+def test_neyman_allocation_rejects_missing_traces():
+    """Neyman reads traces when it allocates: the error names the samples and the setting to change."""
+    alloc = create_allocator(AllocatorConfig(kind="neyman"))
     with pytest.raises(ValueError, match=r"positions \[2, 5\].*pilot_queries"):
-        alloc.update(feats, total=32, minimum=2, gen=torch.Generator())
-        alloc.allocate(feats, total=32, minimum=2, unit=2, gen=torch.Generator())
+        alloc.allocate(_missing_traces(), total=32, minimum=2, unit=2, gen=torch.Generator())
+
+
+def test_gaussian_fit_rejects_missing_traces_and_keeps_its_state():
+    """The Gaussian allocator reads traces when it fits: the fit raises and lambda stays as it was."""
+    alloc = create_allocator(AllocatorConfig(kind="gaussian", gaussian_iters=2))
+    before = alloc.state_dict()["lambda"].clone()
+    with pytest.raises(ValueError, match=r"positions \[2, 5\].*pilot_queries"):
+        alloc.update(_missing_traces(), total=32, minimum=2, gen=torch.Generator())
+    assert torch.equal(alloc.state_dict()["lambda"], before)
 
 
 def test_bernoulli_prunes_only_easy_samples_and_keeps_total():

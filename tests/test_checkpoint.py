@@ -9,17 +9,14 @@ import torch
 
 from flops_ray.checkpoint import (
     CheckpointError,
-    load_checkpoint,
     load_model_state,
-    load_pretrained,
     read_checkpoint,
-    save_checkpoint,
-    save_state_dict,
 )
 from flops_ray.config import AllocatorConfig, EstimatorConfig, GroupConfig, TrainConfig
 from flops_ray.data import digits
 from flops_ray.models import create_model
 from flops_ray.trainer import Trainer
+from flops_ray.weights import load_pretrained, save_state_dict
 
 GROUPS = (
     GroupConfig("top", ("blocks.3.mlp.fc2",), sigma=0.05, queries_per_sample=4),
@@ -44,12 +41,12 @@ def _cfg(**kw) -> TrainConfig:
 
 
 def _trainer(cfg: TrainConfig, data, resume_from=None) -> Trainer:
-    model = create_model(cfg.model, cfg.num_classes, cfg.img_size, cfg.seed)
+    model = create_model(cfg.model, cfg.data.num_classes, cfg.data.img_size, cfg.seed)
     if resume_from is not None:
         load_model_state(model, resume_from)
     tr = Trainer(cfg, model, *data)
     if resume_from is not None:
-        load_checkpoint(tr, resume_from)
+        tr.resume(resume_from)
     return tr
 
 
@@ -58,7 +55,7 @@ def _trainer(cfg: TrainConfig, data, resume_from=None) -> Trainer:
     [
         {},
         {"estimator": EstimatorConfig(kind="spsa"), "optimizer": "sgd", "allocator": AllocatorConfig(kind="bernoulli")},
-        {"estimator": EstimatorConfig(kind="bp")},
+        {"backprop": True},
     ],
     ids=["lr-gaussian-adam", "spsa-bernoulli-sgd", "bp"],
 )
@@ -70,7 +67,7 @@ def test_resume_is_exact(tmp_path, data, kw):
 
     first = _trainer(cfg, data)
     first.fit(2)
-    path = save_checkpoint(first, tmp_path / "ck.safetensors")
+    path = first.save(tmp_path / "ck.safetensors")
     resumed = _trainer(cfg, data, resume_from=path)
     assert resumed.step_count == 2
     resumed.fit(2)
@@ -89,40 +86,40 @@ def test_resume_is_exact(tmp_path, data, kw):
 def test_resume_may_change_steps_and_farm(tmp_path, data):
     first = _trainer(_cfg(), data)
     first.step()
-    path = save_checkpoint(first, tmp_path / "ck.safetensors")
+    path = first.save(tmp_path / "ck.safetensors")
     longer = _cfg(steps=50, eval_every=7)
     assert _trainer(longer, data, resume_from=path).step_count == 1
 
 
 def test_different_config_is_named(tmp_path, data):
     first = _trainer(_cfg(), data)
-    path = save_checkpoint(first, tmp_path / "ck.safetensors")
+    path = first.save(tmp_path / "ck.safetensors")
     model = create_model("digits_vit", 10, 8, 0)
     other = Trainer(_cfg(lr=1e-2), model, *data)
     with pytest.raises(CheckpointError, match=r"different config: lr: 0\.002 -> 0\.01"):
-        load_checkpoint(other, path)
+        other.resume(path)
 
 
 def test_different_model_is_named(tmp_path, data):
     first = _trainer(_cfg(), data)
-    path = save_checkpoint(first, tmp_path / "ck.safetensors")
+    path = first.save(tmp_path / "ck.safetensors")
     with pytest.raises(CheckpointError, match=r"shape mismatch head\.weight"):
         load_model_state(create_model("digits_vit", 7, 8, 0), path)
 
 
 def test_frozen_weights_must_be_loaded_first(tmp_path, data):
     first = _trainer(_cfg(), data)
-    path = save_checkpoint(first, tmp_path / "ck.safetensors")
+    path = first.save(tmp_path / "ck.safetensors")
     model = create_model("digits_vit", 10, 8, seed=1)  # other frozen weights, same config otherwise
     tr = Trainer(_cfg(), model, *data)
     with pytest.raises(CheckpointError, match=r"frozen weights .* load_model_state"):
-        load_checkpoint(tr, path)
+        tr.resume(path)
 
 
 def test_truncated_and_corrupt_files(tmp_path, data):
     first = _trainer(_cfg(), data)
     first.step()
-    path = save_checkpoint(first, tmp_path / "ck.safetensors")
+    path = first.save(tmp_path / "ck.safetensors")
     raw = path.read_bytes()
 
     cut = tmp_path / "cut.safetensors"
@@ -153,7 +150,7 @@ def test_truncated_and_corrupt_files(tmp_path, data):
 
 def test_failed_write_keeps_last_good_checkpoint(tmp_path, data, monkeypatch):
     tr = _trainer(_cfg(), data)
-    path = save_checkpoint(tr, tmp_path / "ck.safetensors")
+    path = tr.save(tmp_path / "ck.safetensors")
     before = path.read_bytes()
     tr.step()
 
@@ -162,9 +159,9 @@ def test_failed_write_keeps_last_good_checkpoint(tmp_path, data, monkeypatch):
 
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(tr, path)
+        tr.save(path)
     assert path.read_bytes() == before
-    assert read_checkpoint(path)[1]["step"] == 0
+    assert read_checkpoint(path).step == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.safetensors"]  # no temp file left behind
 
 

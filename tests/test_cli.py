@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from flops_ray.cli import build_parser, main
+from flops_ray.cli import build_parsers, main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,9 +21,8 @@ def test_help_explains_every_option(command, capsys):
         main([*command, "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    parser = build_parser()
-    if command:
-        parser = parser._subparsers._group_actions[0].choices[command[0]]
+    parser = build_parsers()[command[0] if command else ""]
+    # argparse has no public list of a parser's options; _actions is the one place they are.
     for action in parser._actions:
         # An option without help text shows only its name; each must say what it does.
         assert action.help, f"{command} {action.option_strings or action.dest} has no help"

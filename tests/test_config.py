@@ -12,9 +12,8 @@ from flops_ray.config import (
     FarmConfig,
     GroupConfig,
     TrainConfig,
-    config_from_dict,
-    config_to_dict,
 )
+from flops_ray.config_dict import config_from_dict, config_to_dict
 from flops_ray.engine import QueryEngine
 from flops_ray.models import create_model
 

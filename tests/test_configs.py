@@ -11,7 +11,9 @@ import torch
 
 from flops_ray import run
 from flops_ray.config import ConfigError
+from flops_ray.estimators import estimator_family
 from flops_ray.groups import resolve_groups
+from flops_ray.job_config import load_config
 from flops_ray.models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,14 +27,19 @@ def test_the_documented_configs_exist():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_config_loads_and_groups_bind_to_the_model(path):
-    cfg, job = run.load_config(path)
+    cfg, _ = load_config(path)
     # Same architecture, built on the meta device: no weights, no pretraining, no memory.
     name = "digits_vit" if cfg.model == "digits_vit_pretrained" else cfg.model
     with torch.device("meta"):
-        model = create_model(name, cfg.num_classes, cfg.img_size, cfg.seed)
-    groups = resolve_groups(model, cfg.groups, cfg.estimator.kind)
-    assert all(g.size > 0 for g in groups)
-    assert job.validate() is job
+        model = create_model(name, cfg.data.num_classes, cfg.data.img_size, cfg.seed)
+    linear = not cfg.backprop and estimator_family(cfg.estimator, model).linear_outputs
+    groups = resolve_groups(model, cfg.groups, linear)
+    trained = [name for g in groups for name, _ in g.params]
+    # Each parameter trains in one group only, and LR trains exactly the matched linears' weights and biases.
+    assert len(trained) == len(set(trained)) and set(trained) <= dict(model.named_parameters()).keys()
+    if linear:
+        modules = dict(model.named_modules())
+        assert all(isinstance(modules[n.rsplit(".", 1)[0]], torch.nn.Linear) for n in trained)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -51,26 +58,26 @@ def test_header_holds_the_submit_command(path):
 
 
 def test_default_is_ops_lr_on_digits():
-    cfg, _ = run.load_config(ROOT / "jobs" / "configs" / "digits_ops_lr.yaml")
-    assert (cfg.estimator.kind, cfg.allocator.kind, cfg.dataset) == ("lr", "gaussian", "digits")
-    default, _ = run.load_config(None)
+    cfg, _ = load_config(ROOT / "jobs" / "configs" / "digits_ops_lr.yaml")
+    assert (cfg.estimator.kind, cfg.allocator.kind, cfg.data.dataset) == ("lr", "gaussian", "digits")
+    default, _ = load_config(None)
     # Groups, sigmas, budgets and lr are left to flops_ray's defaults.
     assert (cfg.groups, cfg.lr, cfg.batch_size) == (default.groups, default.lr, default.batch_size)
 
 
 def test_vit_config_is_the_paper_setting():
-    cfg, job = run.load_config(ROOT / "jobs" / "configs" / "vit_b16_cifar100.yaml")
-    assert cfg.model == "vit_base_patch16_224" and cfg.num_classes == 100 and cfg.img_size == 224
+    cfg, _ = load_config(ROOT / "jobs" / "configs" / "vit_b16_cifar100.yaml")
+    assert cfg.model == "vit_base_patch16_224" and cfg.data.num_classes == 100 and cfg.data.img_size == 224
     assert [g.sigma for g in cfg.groups] == [1e-5, 1e-4, 1e-3, 1e-3]
     assert [g.name for g in cfg.groups][-1] == "head"
     assert {g.queries_per_sample for g in cfg.groups} == {20}
     assert (cfg.batch_size, cfg.optimizer, cfg.lr) == (128, "adam", 1e-4)
-    assert cfg.pretrained and cfg.dataset.endswith(".parquet") and job.test_dataset.endswith(".parquet")
+    assert cfg.pretrained and cfg.data.dataset.endswith(".parquet") and cfg.data.test_dataset.endswith(".parquet")
     assert cfg.farm.backend == "ray" and cfg.farm.num_gpus_per_worker >= 1
 
 
 def test_overrides():
-    cfg, job = run.load_config(
+    cfg, job = load_config(
         None,
         ["steps=10", "allocator.kind=equal", "groups.1.sigma=1e-3", "job.checkpoint_every=5", "farm.backend=ray"],
     )
@@ -91,11 +98,11 @@ def test_overrides():
 )
 def test_bad_overrides_name_the_field(override, match):
     with pytest.raises(ConfigError, match=match):
-        run.load_config(None, [override])
+        load_config(None, [override])
 
 
 def test_bad_file_names_the_field(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("estimator:\n  kind: lr\n  sigma: 0.1\n")
     with pytest.raises(ConfigError, match=r"estimator: unknown keys \['sigma'\]"):
-        run.load_config(path)
+        load_config(path)

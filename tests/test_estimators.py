@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from flops_ray.config import EstimatorConfig, GroupConfig
-from flops_ray.engine import NonFiniteLossError, QueryEngine, cross_entropy
-from flops_ray.messages import MAIN, PILOT, ShardItem, ShardTask
+from flops_ray.engine import NonFiniteLossError, QueryEngine
+from flops_ray.losses import cross_entropy
+from flops_ray.messages import ShardItem, ShardTask, TaskKind
 
 
 class TokenMLP(nn.Module):
@@ -24,11 +25,14 @@ class TokenMLP(nn.Module):
         return self.fc2(torch.tanh(self.fc1(x)).mean(1))
 
 
-def _engine(kind: str, sigma: float = 1e-3, antithetic: bool = True) -> tuple[QueryEngine, torch.Tensor]:
+def _engine(
+    kind: str, sigma: float = 1e-3, antithetic: bool = True, trace_coords: int = 512
+) -> tuple[QueryEngine, torch.Tensor, float]:
     torch.manual_seed(0)
     model = TokenMLP().double()
     groups = (GroupConfig("all", ("fc1", "fc2"), sigma, 2),)
-    engine = QueryEngine(model, groups, EstimatorConfig(kind=kind, antithetic=antithetic), root_seed=7)
+    est = EstimatorConfig(kind=kind, antithetic=antithetic, trace_coords=trace_coords)
+    engine = QueryEngine(model, groups, est, root_seed=7)
     x = torch.randn(2, 5, 6, dtype=torch.float64)
     y = torch.tensor([1, 2])
     engine.set_batch(0, x, y)
@@ -38,12 +42,16 @@ def _engine(kind: str, sigma: float = 1e-3, antithetic: bool = True) -> tuple[Qu
     return engine, true, loss.item()
 
 
+def _main(step: int, index: int, items: tuple[ShardItem, ...], weights: tuple[float, ...]) -> ShardTask:
+    return ShardTask(kind=TaskKind.MAIN, step=step, group=0, index=index, items=items, weights=weights)
+
+
 def _block_means(engine: QueryEngine, baseline: float, blocks: int, per_block: int) -> torch.Tensor:
     """``(blocks, P)`` independent per-block mean estimates for sample 0 (disjoint query ranges)."""
     out = []
     for k in range(blocks):
         item = ShardItem(0, 11, k * per_block, (k + 1) * per_block, baseline)
-        out.append(torch.from_numpy(engine.run(ShardTask(MAIN, 0, 0, k, (item,), (1.0 / per_block,))).grad))
+        out.append(torch.from_numpy(engine.run(_main(0, k, (item,), (1.0 / per_block,))).grad))
     return torch.stack(out)
 
 
@@ -73,9 +81,9 @@ def test_estimator_is_unbiased(kind, antithetic):
 def test_ranges_sum_to_the_whole():
     """One sample's estimate over [0, 24) equals the sum over [0, 8), [8, 10), [10, 24)."""
     engine, _, clean = _engine("lr", sigma=0.1)
-    whole = engine.run(ShardTask(MAIN, 0, 0, 0, (ShardItem(0, 3, 0, 24, clean),), (1.0,))).grad
+    whole = engine.run(_main(0, 0, (ShardItem(0, 3, 0, 24, clean),), (1.0,))).grad
     parts = sum(
-        engine.run(ShardTask(MAIN, 0, 0, i, (ShardItem(0, 3, a, b, clean),), (1.0,))).grad
+        engine.run(_main(0, i, (ShardItem(0, 3, a, b, clean),), (1.0,))).grad
         for i, (a, b) in enumerate([(0, 8), (8, 10), (10, 24)])
     )
     np.testing.assert_allclose(parts, whole, rtol=1e-12, atol=1e-12)
@@ -85,31 +93,28 @@ def test_query_noise_is_a_pure_function_of_its_counters():
     """The same query gives the same loss in another replica, inside a different shard."""
     a, _, clean = _engine("spsa", sigma=0.1)
     b, _, _ = _engine("spsa", sigma=0.1)
-    alone = a.run(ShardTask(MAIN, 0, 0, 0, (ShardItem(1, 5, 4, 6, clean),), (1.0,))).losses
-    packed = b.run(
-        ShardTask(MAIN, 0, 0, 0, (ShardItem(0, 9, 0, 4, clean), ShardItem(1, 5, 0, 8, clean)), (1.0, 1.0))
-    ).losses
+    alone = a.run(_main(0, 0, (ShardItem(1, 5, 4, 6, clean),), (1.0,))).losses
+    packed = b.run(_main(0, 0, (ShardItem(0, 9, 0, 4, clean), ShardItem(1, 5, 0, 8, clean)), (1.0, 1.0))).losses
     np.testing.assert_array_equal(alone, packed[4 + 4 : 4 + 6])
     other_step = b
-    other_step.set_batch(1, a._x, a._y)
-    moved = other_step.run(ShardTask(MAIN, 1, 0, 0, (ShardItem(1, 5, 4, 6, clean),), (1.0,))).losses
+    other_step.set_batch(1, *a.batch())
+    moved = other_step.run(_main(1, 0, (ShardItem(1, 5, 4, 6, clean),), (1.0,))).losses
     assert not np.array_equal(alone, moved), "a new step must draw new noise"
 
 
 def test_antithetic_pair_shares_one_draw():
     """SPSA pair: the two losses straddle the clean loss symmetrically to first order."""
     engine, _, clean = _engine("spsa", sigma=1e-4)
-    losses = engine.run(ShardTask(MAIN, 0, 0, 0, (ShardItem(0, 2, 0, 2, clean),), (1.0,))).losses
+    losses = engine.run(_main(0, 0, (ShardItem(0, 2, 0, 2, clean),), (1.0,))).losses
     assert abs((losses[0] + losses[1]) / 2 - clean) < 1e-7
     assert abs(losses[0] - clean) > 1e-7
 
 
 def test_pilot_traces_match_sample_variance():
     """The pilot's trace estimate agrees with the variance of per-pair estimates measured directly."""
-    engine, _, clean = _engine("spsa", sigma=1e-3)
-    engine.est = EstimatorConfig(kind="spsa", trace_coords=10_000)  # all 83 coordinates
+    engine, _, clean = _engine("spsa", sigma=1e-3, trace_coords=10_000)  # all 83 coordinates
     item = ShardItem(0, 4, 0, 2000, clean)
-    trace = engine.run(ShardTask(PILOT, 0, 0, 0, (item,))).traces[0]
+    trace = engine.run(ShardTask(kind=TaskKind.PILOT, step=0, group=0, index=0, items=(item,))).traces[0]
     pairs = _block_means(engine, clean, blocks=300, per_block=2)
     direct = 2 * pairs.var(0, unbiased=True).sum().item()
     # Both are variance estimates from ~1000 and 300 draws: relative sd about 10%.
@@ -118,6 +123,7 @@ def test_pilot_traces_match_sample_variance():
 
 def test_nonfinite_loss_names_shard_and_row():
     engine, _, clean = _engine("spsa", sigma=1e-3)
-    engine._x[0, 0, 0] = float("nan")
+    x, y = engine.batch()
+    engine.set_batch(0, torch.where(torch.arange(x.numel()).view_as(x) == 0, float("nan"), x), y)
     with pytest.raises(NonFiniteLossError, match=r"shard .* batch row 0"):
-        engine.run(ShardTask(MAIN, 0, 0, 0, (ShardItem(0, 2, 0, 2, clean),), (1.0,)))
+        engine.run(_main(0, 0, (ShardItem(0, 2, 0, 2, clean),), (1.0,)))

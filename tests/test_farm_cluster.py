@@ -9,7 +9,6 @@ from ray.cluster_utils import Cluster
 
 from flops_ray.config import AllocatorConfig, FarmConfig, TrainConfig
 from flops_ray.data import digits
-from flops_ray.farm.dispatch import Dispatcher
 from flops_ray.models import create_model
 from flops_ray.trainer import Trainer
 
@@ -28,7 +27,7 @@ def cluster(ray_env):
     c.shutdown()
 
 
-def test_node_removed_mid_step(cluster):
+def test_node_removed_mid_step(cluster, inject_fault):
     c, nodes = cluster
     cfg = TrainConfig(
         model="digits_vit",
@@ -39,25 +38,25 @@ def test_node_removed_mid_step(cluster):
     data = digits("train"), None
     with Trainer(cfg.replace(farm=FarmConfig()), create_model("digits_vit", 10, 8, 0), *data) as local:
         local.fit(3)
-        want = local.engine.get_params()
+        want = torch.from_numpy(local.get_params())
 
     with Trainer(cfg, create_model("digits_vit", 10, 8, 0), *data) as trainer:
         infos = trainer.backend.describe()
         assert len({i.node_id for i in infos}) == 3, "replica_resource caps replicas at one per node"
         removed: list[str] = []
 
-        def remove_busiest_node(dispatcher: Dispatcher) -> None:
-            node_id = infos[dispatcher.busiest()].node_id
+        def remove_busiest_node(backend) -> None:
+            node_id = infos[backend.pool.busiest()].node_id
             c.remove_node(next(n for n in nodes if n.node_id == node_id))
             removed.append(node_id)
 
         trainer.step()
-        dispatcher = trainer.backend.dispatcher
-        dispatcher.inject_fault(after=dispatcher.counters.accepted + 8, action=remove_busiest_node)
+        backend = trainer.backend
+        inject_fault(backend, after=backend.counters.accepted + 8, action=remove_busiest_node)
         trainer.fit(2)
-        got = trainer.engine.get_params()
-        c_ = dispatcher.counters
+        got = torch.from_numpy(trainer.get_params())
+        c_ = backend.counters
         assert removed and c_.restarts == 1 and c_.retried >= 1
         # The successor cannot be placed (no node has a free replica slot); the survivors did the work.
-        assert sum(not s.ready for s in dispatcher.slots) == 1
+        assert sum(not s.ready for s in backend.pool.slots) == 1
     assert torch.allclose(got, want, atol=1e-6)

@@ -1,7 +1,7 @@
 """The farm gives the in-process result: any number of replicas, a replica killed mid-step, all-reduce.
 
-DESIGN section 2: a step depends only on seed, step, params, batch and config, never on which replica
-ran which shard or on retries.
+docs/DESIGN.md section 2: a step depends only on seed, step, params, batch and config, never on which
+replica ran which shard or on retries.
 """
 
 from __future__ import annotations
@@ -34,14 +34,14 @@ def data():
     return digits("train"), None
 
 
-def _trainer(data, **farm) -> Trainer:
+def _trainer(data, backend_factory=None, **farm) -> Trainer:
     cfg = BASE.replace(farm=dataclasses.replace(BASE.farm, **farm))
-    return Trainer(cfg, create_model("digits_vit", 10, 8, cfg.seed), *data)
+    return Trainer(cfg, create_model("digits_vit", 10, 8, cfg.seed), *data, backend_factory=backend_factory)
 
 
 def _params_per_step(trainer: Trainer) -> list[torch.Tensor]:
     with trainer:
-        return [(trainer.step(), trainer.engine.get_params())[1] for _ in range(STEPS)]
+        return [(trainer.step(), torch.from_numpy(trainer.get_params()))[1] for _ in range(STEPS)]
 
 
 @pytest.fixture(scope="module")
@@ -54,73 +54,55 @@ def _assert_same(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
         assert torch.allclose(g, w, atol=1e-6), f"step {step}: max diff {(g - w).abs().max().item():.3g}"
 
 
-class _Recording:
-    """Wraps a backend's ``run`` to check every result answers its own task, in task order."""
-
-    def __init__(self, trainer: Trainer):
-        self.tasks = 0
-        run = trainer.backend.run
-
-        def checked(tasks, meanwhile=None):
-            results = run(tasks, meanwhile)
-            assert [r.key for r in results] == [t.key for t in tasks]
-            self.tasks += len(tasks)
-            return results
-
-        trainer.backend.run = checked
-
-
 def test_params_move(reference):
     """Guards the comparisons below against a step that changes nothing."""
     assert (reference[0] - reference[-1]).abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("workers", [1, 3])
-def test_replicas_match_in_process(data, reference, workers):
-    trainer = _trainer(data, workers=workers)
-    rec = _Recording(trainer)
+def test_replicas_match_in_process(data, reference, workers, recorded):
+    trainer = _trainer(data, recorded, workers=workers)
     _assert_same(_params_per_step(trainer), reference)
-    c = trainer.backend.dispatcher.counters
-    assert c.accepted == c.completed == c.dispatched == rec.tasks
+    c = trainer.backend.counters
+    assert c.accepted == c.completed == c.dispatched == trainer.backend.tasks
     assert c.restarts == c.retried == 0
 
 
-def test_killed_replica_mid_step(data, reference):
+def test_killed_replica_mid_step(data, reference, inject_fault, recorded):
     """A replica killed with shards in flight: they are re-dispatched, its successor re-syncs, same bits."""
-    trainer = _trainer(data)
-    rec = _Recording(trainer)
+    trainer = _trainer(data, recorded)
     # Step 0 runs a few dozen tasks; the kill lands in the middle of its main shards.
-    trainer.backend.dispatcher.inject_fault(after=30)
+    inject_fault(trainer.backend, after=30)
     _assert_same(_params_per_step(trainer), reference)
-    c = trainer.backend.dispatcher.counters
+    c = trainer.backend.counters
     assert c.restarts == 1
     assert c.retried >= 1, "the kill should have caught shards in flight"
-    assert c.accepted == c.completed == rec.tasks, "every task's result is accepted exactly once"
+    assert c.accepted == c.completed == trainer.backend.tasks, "every task's result is accepted exactly once"
     assert c.dispatched == c.completed + c.retried
 
 
 def test_allreduce_matches_driver_reduction(data, reference):
     trainer = _trainer(data, reduction="allreduce")
     _assert_same(_params_per_step(trainer), reference)
-    c = trainer.backend.dispatcher.counters
+    c = trainer.backend.counters
     assert c.recomputed == 0
     # Partials stay on the replicas: only the one summed vector per step comes back as gradient.
-    assert c.bytes_returned < 3 * STEPS * sum(trainer.sizes) * 8
+    assert c.bytes_returned < 3 * STEPS * sum(g.size for g in trainer.groups) * 8
 
 
-def _kill_most_held(dispatcher) -> None:
-    slot = max(dispatcher.slots, key=lambda s: len(s.held))
+def _kill_most_held(backend) -> None:
+    slot = max(backend.pool.slots, key=lambda s: len(s.held))
     assert slot.held, "the fault should land after some partials were accepted"
     ray.kill(slot.handle, no_restart=True)
 
 
-def test_allreduce_survives_a_killed_replica(data, reference):
+def test_allreduce_survives_a_killed_replica(data, reference, inject_fault):
     """Partial sums held by the killed replica are recomputed on the survivors before the collective."""
     trainer = _trainer(data, reduction="allreduce")
     # Which replica is busiest at a given moment is timing; the one holding the most partials is chosen.
-    trainer.backend.dispatcher.inject_fault(after=36, action=_kill_most_held)
+    inject_fault(trainer.backend, after=36, action=_kill_most_held)
     _assert_same(_params_per_step(trainer), reference)
-    c = trainer.backend.dispatcher.counters
+    c = trainer.backend.counters
     assert c.restarts == 1
     assert c.recomputed >= 1, "the killed replica should have held accepted partials"
 

@@ -2,7 +2,7 @@
 ``JobSubmissionClient``, its outputs checked, then only this test's Ray processes stopped.
 
 The head runs on loopback with every port chosen free, in a temporary HOME and RAY_TMPDIR, so it
-neither sees nor disturbs another Ray on the machine (RAY_NOTES: loopback, token auth, no ``ray stop``).
+neither sees nor disturbs another Ray on the machine (loopback, token auth, never ``ray stop``).
 Its processes are found by a marker in their environment and by the process group of ``ray start``.
 """
 
@@ -24,9 +24,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKER = "FLOPS_RAY_TEST_HEAD"
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_jobs import check_outputs  # noqa: E402
 
 
 def _free_ports(n: int) -> list[int]:
@@ -127,7 +124,7 @@ def _entrypoint(out: Path) -> str:
     return f"python jobs/finetune_vit.py --quick --out {out} --set steps=2"
 
 
-def test_submit_with_the_cli(head):
+def test_submit_with_the_cli(head, check_outputs):
     out = head["root"] / "out_cli"
     submission = f"cli-{uuid.uuid4().hex[:8]}"
     proc = subprocess.run(
@@ -166,7 +163,7 @@ def test_submit_with_the_cli(head):
     check_outputs(out, 2)
 
 
-def test_submit_with_the_python_client(head):
+def test_submit_with_the_python_client(head, check_outputs):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     # The token goes in the header explicitly: Ray caches the token loader per process, and other

@@ -6,11 +6,19 @@ import numpy as np
 import pytest
 
 from flops_ray.metrics_log import MetricsLog, read_metrics
-from flops_ray.trainer import StepLog
+from flops_ray.step import StepReport
 
 
-def _log(step: int) -> StepLog:
-    return StepLog(step, 2.0 - step / 10, 8, 0.5, 0.01, [np.array([2, 6])], [np.array([1.0, 9.0])])
+def _log(step: int) -> StepReport:
+    return StepReport(
+        step=step,
+        loss=2.0 - step / 10,
+        queries=8,
+        seconds=0.5,
+        allocator_seconds=0.01,
+        counts=[np.array([2, 6])],
+        traces=[np.array([1.0, 9.0])],
+    )
 
 
 def _steps(path) -> list[int]:
@@ -40,7 +48,17 @@ def test_killed_run_keeps_flushed_rows_and_resume_replaces_the_rest(tmp_path):
 def test_a_pilot_without_traces_logs_a_null_mean_trace(tmp_path):
     path = tmp_path / "metrics.parquet"
     with MetricsLog(path, ["head"]) as log:
-        log.append(StepLog(0, 2.0, 8, 0.5, 0.01, [np.array([2, 2])], [np.array([np.nan, np.nan])]))
+        log.append(
+            StepReport(
+                step=0,
+                loss=2.0,
+                queries=8,
+                seconds=0.5,
+                allocator_seconds=0.01,
+                counts=[np.array([2, 2])],
+                traces=[np.array([np.nan, np.nan])],
+            )
+        )
     assert read_metrics(path).column("mean_trace/head").to_pylist() == [None]
 
 

@@ -10,11 +10,15 @@ from ray.actor import ActorHandle
 from torch import nn
 
 from flops_ray.config import TrainConfig
-from flops_ray.engine import LossFn, cross_entropy
-from flops_ray.farm.dispatch import Dispatcher
+from flops_ray.farm.allreduce import AllReduce
+from flops_ray.farm.counters import DispatchCounters
 from flops_ray.farm.ray_init import init_ray
+from flops_ray.farm.replica_pool import ReplicaPool
+from flops_ray.farm.scheduler import Scheduler
 from flops_ray.farm.worker import StepBatch, Worker, WorkerInfo, WorkerOptions
+from flops_ray.losses import LossFn, cross_entropy
 from flops_ray.messages import ShardResult, ShardTask
+from flops_ray.step import reduce_in_order
 
 
 class RayBackend:
@@ -48,34 +52,34 @@ class RayBackend:
                 num_cpus=farm.num_cpus_per_worker, num_gpus=farm.num_gpus_per_worker, resources=resources
             ).remote(model_ref, cfg.groups, cfg.estimator, cfg.seed, loss_fn, options[slot])
 
-        self.dispatcher = Dispatcher(
-            make_worker,
-            farm.workers,
-            in_flight=farm.in_flight,
-            max_retries=farm.max_retries,
-            keep_partials=farm.reduction == "allreduce",
-            stall_timeout=farm.stall_timeout_s,
-            collective_timeout=farm.collective_timeout_s,
-        )
+        self.counters = DispatchCounters()
+        self.pool = ReplicaPool(make_worker, farm.workers, farm.max_retries, self.counters)
+        keep = farm.reduction == "allreduce"
+        self.scheduler = Scheduler(self.pool, farm.in_flight, farm.max_retries, keep, farm.stall_timeout_s)
+        self.allreduce = AllReduce(self.scheduler, farm.max_retries, farm.collective_timeout_s) if keep else None
 
     def sync(self, step: int, params: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         """One ``ray.put`` of the ``(P,)`` parameters and one of the batch, shared by every replica."""
         params = np.ascontiguousarray(params)
         batch = StepBatch(step, np.ascontiguousarray(x), np.ascontiguousarray(y))
-        self.dispatcher.sync(ray.put(batch), ray.put(params), params.nbytes + batch.nbytes)
+        self.scheduler.new_step()
+        self.pool.sync(ray.put(batch), ray.put(params), params.nbytes + batch.nbytes)
 
     def run(self, tasks: list[ShardTask], meanwhile: Callable[[], None] | None = None) -> list[ShardResult]:
-        return self.dispatcher.run(tasks, meanwhile)
+        return self.scheduler.run(tasks, meanwhile)
 
     def reduce(self, tasks: list[ShardTask], results: list[ShardResult], sizes: list[int]) -> list[np.ndarray]:
-        return self.dispatcher.reduce(tasks, results, sizes)
+        """Per-group gradient sums: in canonical order on the driver, or by the replicas' all-reduce."""
+        if self.allreduce is None:
+            return reduce_in_order(tasks, results, sizes)
+        return self.allreduce()
 
     def describe(self) -> list[WorkerInfo]:
         """Where each replica runs (node, GPU ids, torch device)."""
-        return ray.get([slot.handle.describe.remote() for slot in self.dispatcher.slots])
+        return ray.get([slot.handle.describe.remote() for slot in self.pool.slots])
 
     def close(self) -> None:
         """Kill the replicas, and shut Ray down if this backend started it."""
-        self.dispatcher.close()
+        self.pool.close()
         if self._owns_ray:
             ray.shutdown()

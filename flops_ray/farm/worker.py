@@ -20,8 +20,9 @@ import torch.distributed as dist
 from torch import nn
 
 from flops_ray.config import EstimatorConfig, GroupConfig
-from flops_ray.engine import LossFn, QueryEngine
-from flops_ray.messages import FINALIZE, MAIN, ShardResult, ShardTask
+from flops_ray.engine import QueryEngine
+from flops_ray.losses import LossFn
+from flops_ray.messages import ShardResult, ShardTask, TaskKey, TaskKind
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ class WorkerStats:
 class ReduceReply:
     """A replica's answer to an all-reduce: the task keys it had summed, and the sum on rank 0."""
 
-    keys: tuple[tuple[int, int, str, int], ...]
+    keys: tuple[TaskKey, ...]
     grads: tuple[np.ndarray, ...] | None
     """Per group ``(P_g,)`` float64 sums over all replicas (rank 0 only)."""
 
@@ -107,7 +108,7 @@ class Worker:
         self.options = options
         self.info = WorkerInfo(ray.get_runtime_context().get_node_id(), gpu_ids, device, torch.get_num_threads())
         self._held: list[torch.Tensor] = []
-        self._held_keys: list[tuple[int, int, str, int]] = []
+        self._held_keys: list[TaskKey] = []
         self._tasks = self._forwards = 0
         self._busy = 0.0
 
@@ -137,7 +138,7 @@ class Worker:
         self._tasks += 1
         self._forwards += result.forwards
         self._busy += time.perf_counter() - t0
-        if keep and task.kind in (FINALIZE, MAIN):
+        if keep and task.kind in (TaskKind.FINALIZE, TaskKind.MAIN):
             self._held[task.group] += torch.from_numpy(result.grad).to(self.engine.device)
             self._held_keys.append(task.key)
             result = dataclasses.replace(result, grad=None)

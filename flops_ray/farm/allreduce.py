@@ -1,0 +1,83 @@
+"""The all-reduce: gradient partials kept on the replicas meet in one collective (gloo on CPU, NCCL on GPU).
+
+Partials lost with a dead replica are recomputed first; a collective broken by a death is retried on a
+rebuilt process group. Rank 0 returns the per-group sums.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import ray
+from ray.actor import ActorHandle
+from ray.exceptions import RayActorError, RayTaskError
+
+from flops_ray.farm.errors import FarmError
+from flops_ray.farm.replica_pool import ReplicaPool, Slot
+from flops_ray.farm.scheduler import Scheduler
+
+
+class AllReduce:
+    """Sums the partials held on ``scheduler.pool``'s replicas.
+
+    Args:
+        scheduler: re-runs tasks whose partials were lost.
+        max_retries: broken collectives survived before the step fails.
+        collective_timeout: seconds a replica waits in a collective for a peer that may have died.
+    """
+
+    def __init__(self, scheduler: Scheduler, max_retries: int, collective_timeout: float):
+        self.scheduler = scheduler
+        self.pool: ReplicaPool = scheduler.pool
+        self.max_retries = max_retries
+        self.collective_timeout = collective_timeout
+        self._group: tuple[ActorHandle, ...] = ()
+        self.pool.on_replace.append(self._invalidate)
+
+    def _invalidate(self, index: int) -> None:
+        self._group = ()
+
+    def __call__(self) -> list[np.ndarray]:
+        """Per-group ``(P_g,)`` float64 sums of every replica's kept partials."""
+        counters = self.pool.counters
+        for _ in range(self.max_retries + 1):
+            if self.pool.orphans:
+                lost, self.pool.orphans = self.pool.orphans, []
+                self.scheduler.run(lost, recompute=True)
+            members = [s for s in self.pool.slots if s.ready]
+            if tuple(s.handle for s in members) != self._group:
+                self._open_group(members)
+            refs = [s.handle.allreduce.remote() for s in members]
+            replies = []
+            try:
+                for s, ref in zip(members, refs):
+                    replies.append(ray.get(ref))
+                    if sorted(replies[-1].keys) != sorted(t.key for t in s.held):
+                        raise AssertionError("a replica summed different tasks than the driver accepted from it")
+            except (RayActorError, RayTaskError):
+                self._recover(members, refs)
+                continue
+            counters.bytes_returned += sum(g.nbytes for g in replies[0].grads)
+            # Object-store arrays are read-only; callers (the optimizer step) may write to theirs.
+            return [np.array(g) for g in replies[0].grads]
+        raise FarmError(f"the all-reduce failed {self.max_retries + 1} times")
+
+    def _recover(self, members: list[Slot], refs: list[ray.ObjectRef]) -> None:
+        """Survivors of a broken collective time out on their own; wait for them and replace the dead."""
+        for s, ref in zip(members, refs):
+            try:
+                ray.get(ref)
+            except RayActorError:
+                self.pool.replace(s)
+            except RayTaskError:
+                pass
+        self._group = ()
+
+    def _open_group(self, members: list[Slot]) -> None:
+        address = ray.get(members[0].handle.rendezvous_address.remote())
+        ray.get(
+            [
+                s.handle.open_group.remote(rank, len(members), address, self.collective_timeout)
+                for rank, s in enumerate(members)
+            ]
+        )
+        self._group = tuple(s.handle for s in members)

@@ -1,0 +1,169 @@
+"""Completion-order scheduling of shard tasks over the replica pool, with pilot affinity and retries.
+
+- Largest-cost task first, at most ``in_flight`` calls per replica; the next task goes to whichever
+  replica finishes first (``ray.wait``), so a faster replica takes more shards.
+- A ``finalize`` task goes to the replica that ran its ``pilot`` while that replica lives: it is served
+  from the pilot cache there instead of recomputing the pilot forwards.
+- A replica that dies (any :class:`ray.exceptions.RayActorError`, or a result lost with its node) is
+  replaced; its in-flight tasks go back in the queue, and a task that has seen ``max_retries`` deaths
+  fails the step.
+
+Results are accepted exactly once: a call's result is only read while the call is still registered,
+and a dead replica's calls are unregistered before their tasks are queued again.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable
+
+import ray
+from ray.exceptions import ObjectLostError, RayActorError
+
+from flops_ray.farm.counters import DispatchCounters
+from flops_ray.farm.errors import FarmError
+from flops_ray.farm.replica_pool import ReplicaPool, Slot
+from flops_ray.messages import ShardResult, ShardTask, TaskKind
+
+ResultListener = Callable[[int], None]
+"""Called with the number of results accepted so far (all runs) after each accepted result."""
+
+
+class Scheduler:
+    """Runs task lists over a :class:`~flops_ray.farm.replica_pool.ReplicaPool`.
+
+    Args:
+        pool: the replicas.
+        in_flight: most calls outstanding per replica.
+        max_retries: deaths a task survives before the step fails.
+        keep_partials: replicas keep gradient partials for the all-reduce instead of returning them.
+        stall_timeout: seconds without any call finishing before the farm gives up.
+    """
+
+    def __init__(self, pool: ReplicaPool, in_flight: int, max_retries: int, keep_partials: bool, stall_timeout: float):
+        self.pool = pool
+        self.counters: DispatchCounters = pool.counters
+        self.in_flight = in_flight
+        self.max_retries = max_retries
+        self.keep_partials = keep_partials
+        self.stall_timeout = stall_timeout
+        self.listeners: list[ResultListener] = []
+        self._owner: dict[tuple[int, int], int] = {}
+        pool.on_replace.append(self._disown)
+
+    def new_step(self) -> None:
+        """Forget the previous step's pilot owners."""
+        self._owner.clear()
+
+    def _disown(self, index: int) -> None:
+        self._owner = {k: v for k, v in self._owner.items() if v != index}
+
+    def run(
+        self, tasks: list[ShardTask], meanwhile: Callable[[], None] | None = None, *, recompute: bool = False
+    ) -> list[ShardResult]:
+        """Evaluate ``tasks`` on the replicas; results in task order.
+
+        Args:
+            tasks: the tasks.
+            meanwhile: runs once, right after the first calls are submitted, so driver work (the allocator
+                fit) overlaps the replicas' work.
+            recompute: the tasks were accepted before and are re-run (their partials died): counted as
+                ``recomputed``, not ``accepted``.
+        """
+        try:
+            results = self._dispatch(tasks, meanwhile)
+        except BaseException:
+            self.pool.forget_calls()
+            raise
+        if recompute:
+            self.counters.recomputed += len(results)
+        else:
+            self.counters.accepted += len(results)
+        return results
+
+    def _dispatch(self, tasks: list[ShardTask], meanwhile: Callable[[], None] | None) -> list[ShardResult]:
+        if not self.pool.synced:
+            raise FarmError("sync() must give the replicas a step before tasks run")
+        results: list[ShardResult | None] = [None] * len(tasks)
+        deaths = [0] * len(tasks)
+        general = sorted(range(len(tasks)), key=lambda i: -tasks[i].cost)
+        for slot in self.pool.slots:
+            slot.affine.clear()
+        general = self._place_affine(tasks, general)
+        done = 0
+        while done < len(tasks):
+            self._fill(tasks, general)
+            if meanwhile is not None:
+                meanwhile, overlapped = None, meanwhile
+                overlapped()
+            waiting = {ref: slot for slot in self.pool.slots for ref in slot.calls}
+            waiting.update({slot.sync_ref: slot for slot in self.pool.slots if slot.sync_ref is not None})
+            if not waiting:
+                raise FarmError("no replica can take work")
+            ready, _ = ray.wait(list(waiting), num_returns=1, timeout=self.stall_timeout)
+            if not ready:
+                raise FarmError(f"no shard finished in {self.stall_timeout:.0f} s")
+            ref = ready[0]
+            slot = waiting[ref]
+            try:
+                value = ray.get(ref)
+            except (RayActorError, ObjectLostError):
+                # A result stored on a node that has just gone is lost with its replica: same recovery.
+                general = self._requeue(slot, tasks, deaths, general)
+                continue
+            if ref is slot.sync_ref:
+                slot.sync_ref, slot.ready, slot.failures = None, True, 0
+                continue
+            done += 1
+            self._accept(slot, slot.calls.pop(ref), tasks, results, value)
+            for listener in self.listeners:
+                listener(self.counters.accepted + done)
+        if meanwhile is not None:
+            meanwhile()  # an empty task list: the driver's work still happens
+        return results
+
+    def _accept(self, slot: Slot, pos: int, tasks: list[ShardTask], results: list, value: ShardResult) -> None:
+        self.counters.completed += 1
+        if results[pos] is not None:
+            raise AssertionError(f"task {tasks[pos].key} answered twice")
+        results[pos] = value
+        self.counters.bytes_returned += value.nbytes
+        task = tasks[pos]
+        if task.kind == TaskKind.PILOT:
+            self._owner[(task.group, task.index)] = self.pool.slots.index(slot)
+        if self.keep_partials and value.grad is None and task.weights is not None:
+            slot.held.append(task)
+
+    def _place_affine(self, tasks: list[ShardTask], positions: list[int]) -> list[int]:
+        """Move ``finalize`` positions whose pilot owner is up to that owner's queue; return the rest."""
+        rest = []
+        for i in positions:
+            owner = self._owner.get((tasks[i].group, tasks[i].index)) if tasks[i].kind == TaskKind.FINALIZE else None
+            if owner is not None:
+                self.pool.slots[owner].affine.append(i)
+            else:
+                rest.append(i)
+        return rest
+
+    def _fill(self, tasks: list[ShardTask], general: list[int]) -> None:
+        """Top every ready replica up to ``in_flight`` calls: its own finalizes first, then the largest task."""
+        for slot in self.pool.slots:
+            while slot.ready and len(slot.calls) < self.in_flight and (slot.affine or general):
+                pos = slot.affine.pop(0) if slot.affine else general.pop(0)
+                ref = slot.handle.run.remote(tasks[pos], self.keep_partials)
+                slot.calls[ref] = pos
+                self.counters.dispatched += 1
+                self.counters.bytes_sent += len(pickle.dumps(tasks[pos]))
+
+    def _requeue(self, slot: Slot, tasks: list[ShardTask], deaths: list[int], general: list[int]) -> list[int]:
+        """Requeue a dead replica's work and have the pool replace it; returns the new general queue."""
+        requeue = list(slot.calls.values()) + slot.affine
+        for pos in slot.calls.values():
+            deaths[pos] += 1
+            if deaths[pos] > self.max_retries:
+                raise FarmError(
+                    f"task {tasks[pos].key} lost its replica {deaths[pos]} times (farm.max_retries={self.max_retries})"
+                )
+        self.counters.retried += len(slot.calls)
+        self.pool.replace(slot)
+        return sorted(general + requeue, key=lambda i: -tasks[i].cost)

@@ -1,0 +1,25 @@
+"""Per-sample losses and model outputs shared by the estimators, the trainer and the jobs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""Per-sample loss ``(outputs (R, ...), targets (R,)) -> (R,)``."""
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-sample cross entropy, ``(R, C), (R,) -> (R,)``."""
+    return nn.functional.cross_entropy(logits, targets, reduction="none")
+
+
+def model_outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and a per-sample embedding (timm pre-logits / CLS token; the logits for other models)."""
+    if hasattr(model, "forward_features") and hasattr(model, "forward_head"):
+        feats = model.forward_features(x)
+        return model.forward_head(feats), model.forward_head(feats, pre_logits=True)
+    logits = model(x)
+    return logits, logits

@@ -1,0 +1,97 @@
+"""A step's task lists as pure functions of the batch, the allocation and the shard size.
+
+Plans never depend on the number of replicas, so every backend evaluates the same tasks and the
+reduction in task order is the same everywhere (docs/DESIGN.md section 2).
+
+>>> import numpy as np
+>>> [len(t.items) for t in plan_clean(0, np.arange(5), shard_cost=2)]
+[2, 2, 1]
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from flops_ray.messages import ShardItem, ShardTask, TaskKind
+from flops_ray.shards import plan_chunks
+
+Chunk = tuple[ShardItem, ...]
+
+
+def plan_clean(step: int, sample_ids: np.ndarray, shard_cost: int) -> list[ShardTask]:
+    """Clean-pass tasks: ``shard_cost`` samples each, one unperturbed forward per sample."""
+    b = len(sample_ids)
+    return [
+        ShardTask(
+            kind=TaskKind.CLEAN,
+            step=step,
+            group=None,
+            index=i,
+            items=tuple(ShardItem(p, int(sample_ids[p]), 0, 1) for p in range(s, min(b, s + shard_cost))),
+        )
+        for i, s in enumerate(range(0, b, shard_cost))
+    ]
+
+
+def plan_pilot_chunks(
+    sample_ids: np.ndarray, losses: np.ndarray, pilot: int, shard_cost: int, unit: int
+) -> list[Chunk]:
+    """Every sample's first ``pilot`` queries, in chunks that never split one sample's pilot.
+
+    A sample's trace needs all its pilot draws in one task, so chunks hold whole pilots.
+    """
+    items = [ShardItem(p, int(sample_ids[p]), 0, pilot, float(losses[p])) for p in range(len(sample_ids))]
+    return plan_chunks(items, max(pilot, shard_cost // pilot * pilot), unit)
+
+
+def plan_pilot(step: int, groups: int, chunks: list[Chunk]) -> list[ShardTask]:
+    """Pilot tasks of every group over the same ``chunks``."""
+    return [
+        ShardTask(kind=TaskKind.PILOT, step=step, group=g, index=i, items=c)
+        for g in range(groups)
+        for i, c in enumerate(chunks)
+    ]
+
+
+def plan_main(
+    step: int,
+    group: int,
+    counts: np.ndarray,
+    sample_ids: np.ndarray,
+    losses: np.ndarray,
+    pilot_chunks: list[Chunk],
+    pilot: int,
+    shard_cost: int,
+    unit: int,
+) -> list[ShardTask]:
+    """One group's weighted tasks: its pilots finalized, then the queries ``[pilot, A_j)`` of every sample.
+
+    Args:
+        step: the step counter.
+        group: the layer group.
+        counts: ``(B,)`` allocated queries ``A_j``.
+        sample_ids: ``(B,)`` dataset indices; losses: ``(B,)`` clean losses (the queries' baselines).
+        pilot_chunks: the chunks of :func:`plan_pilot_chunks`.
+        pilot: pilot queries per sample.
+        shard_cost: target forward passes per task.
+        unit: queries per noise draw (a pair is never split).
+
+    Returns:
+        ``finalize`` tasks (one per pilot chunk) then ``main`` tasks, weighted by ``1 / (B A_j)``.
+    """
+    weights = 1.0 / (len(counts) * counts)
+
+    def weighted(kind: TaskKind, chunks: list[Chunk]) -> list[ShardTask]:
+        return [
+            ShardTask(
+                kind=kind, step=step, group=group, index=i, items=c, weights=tuple(float(weights[it.pos]) for it in c)
+            )
+            for i, c in enumerate(chunks)
+        ]
+
+    rest = [
+        ShardItem(p, int(sample_ids[p]), pilot, int(counts[p]), float(losses[p]))
+        for p in range(len(counts))
+        if counts[p] > pilot
+    ]
+    return weighted(TaskKind.FINALIZE, pilot_chunks) + weighted(TaskKind.MAIN, plan_chunks(rest, shard_cost, unit))
