@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
-.PHONY: setup train test lint
+.PHONY: setup train test test-fast lint
 setup: $(STAMP)
 
 train: $(STAMP)
@@ -20,6 +20,11 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check flops_ray jobs tests
 	$(VENV)/bin/ruff format --check flops_ray jobs tests
 	$(PY) -m pytest -q
+
+# The edit loop: everything but subprocess jobs, benchmarks, Ray job submission and multi-node tests.
+test-fast: $(STAMP)
+	$(VENV)/bin/ruff check flops_ray jobs tests
+	$(PY) -m pytest -q -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check --fix flops_ray jobs tests

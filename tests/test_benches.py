@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 # bench_farm starts its own local Ray: private HOME and RAY_TMPDIR, loopback, no auth (conftest.ray_env).
-pytestmark = pytest.mark.usefixtures("ray_env")
+# Benchmark scripts in subprocesses: slow.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_env")]
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -35,6 +35,7 @@ def _cli() -> list[str]:
     return [script] if script else [sys.executable, "-m", "flops_ray.cli"]
 
 
+@pytest.mark.slow
 def test_train_eval_plot(tmp_path, capsys):
     out = tmp_path / "run"
     proc = subprocess.run(

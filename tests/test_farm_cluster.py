@@ -15,6 +15,10 @@ from flops_ray.trainer import Trainer
 LOOPBACK = {"node_ip_address": "127.0.0.1"}
 
 
+# A simulated multi-node cluster: slow.
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def cluster(ray_env):
     """A head that hosts no replica and three one-CPU nodes that each offer one ``replica`` slot."""

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+# A real Ray head and `ray job submit`: slow.
+pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 MARKER = "FLOPS_RAY_TEST_HEAD"
 

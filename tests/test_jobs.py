@@ -9,7 +9,8 @@ import pytest
 from flops_ray.parquet_data import digits_to_parquet
 
 # The main config runs on a local Ray the job starts: private HOME and RAY_TMPDIR, no auth (conftest.ray_env).
-pytestmark = pytest.mark.usefixtures("ray_env")
+# Subprocesses, each starting its own Ray: `make test-fast` skips them (test_run.py is the fast path).
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_env")]
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "jobs" / "finetune_vit.py"

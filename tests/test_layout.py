@@ -32,6 +32,8 @@ CORE = {
     "seeding",
     "shards",
     "step",
+    "trace_memory",
+    "trace_proxy",
 }
 LAYERS = {
     "core": CORE,

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 # The job starts its own local Ray: private HOME and RAY_TMPDIR, loopback, no auth (conftest.ray_env).
-pytestmark = pytest.mark.usefixtures("ray_env")
+# The prompt-tuning job in a subprocess (pretraining included): slow.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_env")]
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -42,12 +42,14 @@ def _run(heading: str) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_python_api_example_runs_as_written():
     stdout = _run("Python API")
     # 100 forward-only steps from a fresh head: 0.3 is > 5 binomial sd above chance on 360 test images.
     assert float(re.search(r"test accuracy ([0-9.]+)", stdout).group(1)) > 0.3, stdout
 
 
+@pytest.mark.slow
 def test_black_box_example_runs_as_written():
     stdout = _run("Custom black-box losses")
     distance = float(re.search(r"distance to the truth: ([0-9.]+)", stdout).group(1))

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# The reproduction job in a subprocess, 48 training runs: slow.
+pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["BP", "MeZO", "n-SPSA", "LR", "OPS-SPSA", "OPS-LR", "Neyman-SPSA", "Neyman-LR"]
 DATASETS = ["digits", "shapes"]
