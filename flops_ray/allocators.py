@@ -31,7 +31,8 @@ class AllocationFeatures:
     """What an allocator may look at for one group and one batch."""
 
     traces: torch.Tensor
-    """``(B,)`` pilot estimates of ``T_j``."""
+    """``(B,)`` estimates of ``T_j`` from the configured ``allocator.signal`` (clean-pass proxy, trace
+    memory or this step's pilot)."""
     losses: torch.Tensor
     """``(B,)`` clean (unperturbed) losses."""
     embeddings: torch.Tensor
@@ -42,8 +43,8 @@ class AllocationFeatures:
         bad = (~torch.isfinite(self.traces)).nonzero().flatten().tolist()
         if bad:
             raise ValueError(
-                f"pilot traces are NaN or inf at batch positions {bad}: trace-based allocators "
-                "(gaussian, neyman) need at least two pilot draws per sample (estimator.pilot_queries)"
+                f"trace estimates are NaN or inf at batch positions {bad}: trace-based allocators (gaussian, "
+                "neyman) reading a pilot need at least two pilot draws per sample (estimator.pilot_queries)"
             )
         return self.traces
 
@@ -51,14 +52,22 @@ class AllocationFeatures:
 class Allocator(Protocol):
     """Splits a budget; stateful allocators (Gaussian) keep their parameters across steps.
 
-    ``needs_traces`` says whether ``allocate`` reads the pilot's trace estimates (which need two
-    independent pilot draws per sample); ``from_config`` builds the allocator from its config section.
+    ``needs_traces`` says whether the allocator reads trace estimates at all; ``allocates_from_traces``
+    whether ``allocate`` itself does (``update`` may read them to fit state for later steps);
+    ``from_config`` builds the allocator from its config section.
+
+    **The unbiasedness rule.** The counts ``A_j`` weight the draws of step ``t`` by ``1 / A_j``, so they may
+    depend only on information independent of those draws: the clean pass, earlier steps, or a pilot whose
+    draws are then not reused in the estimate. The step enforces it: when ``allocates_from_traces`` and
+    the traces come from this step's pilot, the pilot only allocates. Anything fitted in ``update`` on a
+    step's traces is used from the next step on (docs/DESIGN.md section 3).
 
     ``allocate`` is on the step's critical path and only samples; ``update`` fits the state on the same
     features for the next step and runs while the step's queries are in flight.
     """
 
     needs_traces: bool
+    allocates_from_traces: bool
 
     @classmethod
     def from_config(cls, cfg: AllocatorConfig) -> Allocator: ...
@@ -76,6 +85,7 @@ class Allocator(Protocol):
 
 class _Stateless:
     needs_traces = False
+    allocates_from_traces = False
 
     @classmethod
     def from_config(cls, cfg: AllocatorConfig) -> Allocator:
@@ -103,6 +113,7 @@ class NeymanAllocator(_Stateless):
     """Closed-form optimum of ``J(A)`` (proof of Theorem 2): ``A_j ~ sqrt(T_j)``, water-filled above the floor."""
 
     needs_traces = True
+    allocates_from_traces = True
 
     def allocate(self, feats, total, minimum, unit, gen):
         return to_counts(feats.finite_traces().clamp_min(0).sqrt(), total, minimum, unit)
@@ -138,7 +149,7 @@ class BernoulliAllocator(_Stateless):
 
 
 ALLOCATORS: dict[str, type[Allocator]] = {}
-"""``allocator.kind`` -> allocator class (each has ``from_config`` and ``needs_traces``)."""
+"""``allocator.kind`` -> allocator class (the :class:`Allocator` protocol)."""
 
 
 def register_allocator(name: str) -> Callable[[type[Allocator]], type[Allocator]]:

@@ -25,9 +25,9 @@ from flops_ray.train_state import CheckpointError, TrainState, check_model_state
 
 FORMAT = "flops_ray.checkpoint"
 VERSION = 2
-"""Version 2: the ``data`` section and ``backprop`` flag in the config."""
+"""Version 2: the ``data`` section and ``backprop`` flag in the config, the trace memory."""
 
-MODEL, _OPTIM, _ALLOC = "model/", "optim/", "alloc/"
+MODEL, _OPTIM, _ALLOC, _MEMORY = "model/", "optim/", "alloc/", "memory/"
 
 
 # ---- writing --------------------------------------------------------------------------------------------
@@ -77,6 +77,7 @@ def save_checkpoint(state: TrainState, path: str | Path) -> Path:
                 opt_scalars.setdefault(str(idx), {})[name] = value
     for g, alloc in enumerate(state.allocators):
         tensors.update({f"{_ALLOC}{g}/{k}": own(v) for k, v in alloc.items()})
+    tensors.update({_MEMORY + k: own(v) for k, v in state.memory.items()})
     header = {
         "format": FORMAT,
         "version": VERSION,
@@ -149,6 +150,7 @@ def read_checkpoint(path: str | Path) -> TrainState:
         model=split(tensors, MODEL),
         optimizer={"state": opt_state, "param_groups": groups},
         allocators=[split(allocs, f"{g}/") for g in range(header["allocators"])],
+        memory=split(tensors, _MEMORY),
     )
 
 

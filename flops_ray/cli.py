@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from flops_ray import run
+from flops_ray.job_config import add_train_arguments, load_config, output_dir
 
 
 def _jobs_dir(given: str | None) -> Path:
@@ -41,6 +41,7 @@ def build_parsers() -> dict[str, argparse.ArgumentParser]:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n")[1],
     )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(
         dest="command", required=True, metavar="{train,eval,plot,bench}", help="what to do (each has its own --help)"
     )
@@ -50,7 +51,7 @@ def build_parsers() -> dict[str, argparse.ArgumentParser]:
         help="train from a config YAML (the logic of jobs/finetune_vit.py)",
         description="Train and write OUT/finetune_vit.json, metrics.parquet, checkpoint.safetensors and plots.",
     )
-    run.add_train_arguments(p_train, default_config=None)
+    add_train_arguments(p_train, default_config=None)
 
     p_eval = sub.add_parser(
         "eval",
@@ -92,10 +93,27 @@ def _in_dir(path: str, name: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``flops-ray`` console script; returns the exit status."""
+    """Entry point of the ``flops-ray`` console script; returns the exit status.
+
+    An error prints one line, ``error: ...``, and returns 2; ``--debug`` shows the traceback instead.
+    """
     args = build_parsers()[""].parse_args(argv)
+    try:
+        return _run(args)
+    except Exception as exc:  # every failure of a command is reported the same way
+        if args.debug:
+            raise
+        print(f"error: {exc} ({type(exc).__name__}; --debug shows the traceback)", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    # The heavy imports (torch, timm, ray) wait until a command needs them: --help stays fast.
+    from flops_ray import run
+
     if args.command == "train":
-        run.train_from_args(args)
+        cfg, job = load_config(args.config, args.set)
+        run.train(cfg, output_dir(args.out, args.config, job), job, quick=args.quick, resume=args.resume)
     elif args.command == "eval":
         given = {
             "test_dataset": args.test_dataset,

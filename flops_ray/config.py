@@ -11,18 +11,28 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-REDUCTIONS = ("driver", "allreduce")
+from flops_ray.data_config import DataConfig
+from flops_ray.farm_config import FarmConfig
+from flops_ray.validation import ConfigError, require
+
+__all__ = [
+    "OPTIMIZERS",
+    "SIGNALS",
+    "AllocatorConfig",
+    "ConfigError",
+    "DataConfig",
+    "EstimatorConfig",
+    "FarmConfig",
+    "GroupConfig",
+    "TrainConfig",
+    "default_groups",
+    "least_queries",
+    "require",
+    "reuses_pilot",
+]
+
+SIGNALS = ("clean", "memory", "pilot")
 OPTIMIZERS = ("adam", "sgd")
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field."""
-
-
-def require(ok: bool, name: str, why: str) -> None:
-    """Raise :class:`ConfigError` ``"name: why"`` unless ``ok``: the one validation style of every config."""
-    if not ok:
-        raise ConfigError(f"{name}: {why}")
 
 
 def _registered(kind: str) -> tuple[str, ...]:
@@ -72,10 +82,12 @@ class EstimatorConfig:
     antithetic: bool = True
     """LR only: use ``(+eps, -eps)`` pairs; if False, LR subtracts the clean loss (one-sided baseline).
     SPSA is always antithetic and ES never is."""
-    pilot_queries: int = 4
-    """Queries per sample spent first to estimate ``T_j`` (reused in the gradient, counted in the budget).
-    ``gaussian`` and ``neyman`` allocation need two independent draws (4 queries for antithetic pairs);
-    ``equal`` and ``bernoulli`` read no traces and accept one pair (2), which with a budget of 2 is MeZO."""
+    pilot_queries: int = 0
+    """Queries per sample spent first, before the allocation, in their own round trip (counted in the
+    budget). Only ``allocator.signal = pilot`` allocates from them (then they need two independent draws:
+    4 queries for antithetic pairs, and a trace-reading allocator does not reuse them in the estimate);
+    otherwise they are reused and only feed the trace memory. 0: no pilot round. MeZO is SPSA with a
+    budget of 2 and equal allocation."""
     floor: int = 2
     """Fewest queries any sample gets (even, >= 2)."""
     trace_coords: int = 512
@@ -104,9 +116,9 @@ class EstimatorConfig:
         require(self.kind in kinds, "estimator.kind", f"must be one of {kinds}, got {self.kind!r}")
         require(self.floor >= 2 and self.floor % 2 == 0, "estimator.floor", f"must be even and >= 2, got {self.floor}")
         require(
-            self.pilot_queries >= 2 and self.pilot_queries % 2 == 0,
+            self.pilot_queries >= 0 and self.pilot_queries % 2 == 0,
             "estimator.pilot_queries",
-            f"must be even and >= 2, got {self.pilot_queries}",
+            f"must be even and >= 0, got {self.pilot_queries}",
         )
         require(self.trace_coords >= 1, "estimator.trace_coords", f"must be >= 1, got {self.trace_coords}")
         require(self.max_rows >= 2, "estimator.max_rows", f"must be >= 2, got {self.max_rows}")
@@ -121,9 +133,11 @@ class EstimatorConfig:
 class AllocatorConfig:
     """How a group's per-step budget is split over the batch (paper section 4)."""
 
-    kind: str = "gaussian"
+    kind: str = "neyman"
     """``equal``, ``bernoulli`` (eq. 6), ``gaussian`` (eq. 5, fitted by eqs. 9-11) or ``neyman``
-    (closed-form optimum ``A_j ~ sqrt(T_j)``); the registered allocators of :mod:`flops_ray.allocators`."""
+    (closed-form optimum ``A_j ~ sqrt(T_j)``); the registered allocators of :mod:`flops_ray.allocators`.
+    The default, Neyman from the clean-pass proxy, came within 0.01 of the oracle's variance ratio at
+    every checkpoint of ``jobs/bench_allocation.py`` (docs/RESULTS.md)."""
     bernoulli_p: float = 0.5
     """Bernoulli: probability that a below-mean-loss sample is cut to half its queries."""
     gaussian_draws: int = 32
@@ -132,6 +146,16 @@ class AllocatorConfig:
     """Gaussian: Adam iterations on ``lambda`` per training step (warm-started from the last step)."""
     gaussian_lr: float = 0.05
     """Gaussian: Adam learning rate on ``lambda`` (in units of the mean allocation)."""
+    signal: str = "clean"
+    """Where ``T_j`` comes from for the allocators that read traces (gaussian, neyman): ``clean`` (a proxy
+    computed from the clean pass, no extra queries; black boxes have none and use the memory), ``memory``
+    (per-sample estimates from every query of earlier visits) or ``pilot`` (this step's pilot queries,
+    which a trace-reading allocation then does not reuse). Each keeps the estimate unbiased
+    (docs/DESIGN.md section 3)."""
+    memory_decay: float = 0.5
+    """Trace memory: weight old evidence keeps at each new visit of a sample (traces drift as the model learns)."""
+    memory_prior: float = 4.0
+    """Trace memory: shrinkage toward the batch mean, in degrees of freedom (a sample seen little is trusted little)."""
 
     def validate(self) -> None:
         kinds = _registered("allocator")
@@ -140,52 +164,29 @@ class AllocatorConfig:
         require(self.gaussian_draws >= 2, "allocator.gaussian_draws", f"must be >= 2, got {self.gaussian_draws}")
         require(self.gaussian_iters >= 0, "allocator.gaussian_iters", f"must be >= 0, got {self.gaussian_iters}")
         require(self.gaussian_lr > 0, "allocator.gaussian_lr", f"must be > 0, got {self.gaussian_lr}")
+        require(self.signal in SIGNALS, "allocator.signal", f"must be one of {SIGNALS}, got {self.signal!r}")
+        require(0 <= self.memory_decay <= 1, "allocator.memory_decay", f"must be in [0, 1], got {self.memory_decay}")
+        require(self.memory_prior > 0, "allocator.memory_prior", f"must be > 0, got {self.memory_prior}")
 
 
-@dataclass(frozen=True)
-class FarmConfig:
-    """Where queries run: in this process, or on a Ray farm of replica actors."""
+def reuses_pilot(estimator: EstimatorConfig, allocator: AllocatorConfig) -> bool:
+    """Whether the pilot's queries enter the estimate.
 
-    backend: str = "local"
-    """``local`` (one in-process replica) or ``ray`` (driver + worker actors)."""
-    workers: int = 2
-    """Ray: number of replica actors."""
-    num_cpus_per_worker: float = 1.0
-    """Ray: CPUs reserved per replica actor."""
-    num_gpus_per_worker: float = 0.0
-    """Ray: GPUs per replica actor (fractions pack several replicas on one GPU)."""
-    replica_resource: str = ""
-    """Ray: name of a custom node resource each replica takes one unit of, capping replicas per node."""
-    address: str = ""
-    """Ray: address of an existing cluster (``auto``, ``ray://...``); empty starts a local Ray on loopback."""
-    shard_cost: int = 64
-    """Target forward passes per shard (one remote call); ~50 ms of work amortises call overhead."""
-    in_flight: int = 2
-    """Ray: calls in flight per replica; completion-order dispatch keeps fast replicas busy."""
-    reduction: str = "driver"
-    """``driver`` (partial sums back to the driver) or ``allreduce`` (torch.distributed among workers)."""
-    max_retries: int = 3
-    """Times a shard is re-dispatched after its worker died before the step fails."""
-    stall_timeout_s: float = 600.0
-    """Ray: seconds without any shard finishing before the step fails (a hung replica or a full cluster)."""
-    collective_timeout_s: float = 60.0
-    """Ray, ``allreduce``: seconds a replica waits in the collective for a peer that may have died."""
+    Not when a trace-reading allocation is computed from them: counts chosen from the pilot's draws would
+    weight those same draws, which biases the estimate (docs/DESIGN.md section 3).
+    """
+    from flops_ray.allocators import ALLOCATORS
 
-    def validate(self) -> None:
-        require(self.backend in ("local", "ray"), "farm.backend", f"must be 'local' or 'ray', got {self.backend!r}")
-        require(self.workers >= 1, "farm.workers", f"must be >= 1, got {self.workers}")
-        require(self.num_cpus_per_worker >= 0, "farm.num_cpus_per_worker", "must be >= 0")
-        require(self.num_gpus_per_worker >= 0, "farm.num_gpus_per_worker", "must be >= 0")
-        require(self.shard_cost >= 2, "farm.shard_cost", f"must be >= 2, got {self.shard_cost}")
-        require(self.in_flight >= 1, "farm.in_flight", f"must be >= 1, got {self.in_flight}")
-        require(self.reduction in REDUCTIONS, "farm.reduction", f"must be one of {REDUCTIONS}")
-        require(self.max_retries >= 0, "farm.max_retries", "must be >= 0")
-        require(self.stall_timeout_s > 0, "farm.stall_timeout_s", f"must be > 0, got {self.stall_timeout_s}")
-        require(
-            self.collective_timeout_s > 0,
-            "farm.collective_timeout_s",
-            f"must be > 0, got {self.collective_timeout_s}",
-        )
+    chosen_by_pilot = allocator.signal == "pilot" and ALLOCATORS[allocator.kind].allocates_from_traces
+    return estimator.pilot_queries > 0 and not chosen_by_pilot
+
+
+def least_queries(estimator: EstimatorConfig, allocator: AllocatorConfig) -> int:
+    """Fewest queries any sample may be given: the floor, and a pilot plus one draw when the pilot is not reused."""
+    pilot = estimator.pilot_queries
+    if pilot and not reuses_pilot(estimator, allocator):
+        return max(estimator.floor, pilot + estimator.unit)
+    return max(estimator.floor, pilot)
 
 
 def default_groups() -> tuple[GroupConfig, ...]:
@@ -199,38 +200,6 @@ def default_groups() -> tuple[GroupConfig, ...]:
         GroupConfig("top", ("blocks.3.mlp.fc2",), sigma=0.05, queries_per_sample=16),
         GroupConfig("head", ("head",), sigma=0.1, queries_per_sample=16),
     )
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Where the samples come from and how they are read: the ``data:`` section."""
-
-    dataset: str = "digits"
-    """``digits`` (built in) or the path of a Parquet file with image bytes and labels."""
-    test_dataset: str = ""
-    """Parquet file of the test split. Empty: the training file's name with ``train`` replaced by
-    ``test`` (``cifar100_train.parquet`` -> ``cifar100_test.parquet``) if that file exists, else no test set."""
-    num_classes: int = 10
-    """Classes of the dataset (sets the model head)."""
-    img_size: int = 8
-    """Image side the model sees."""
-    image_column: str = "image"
-    """Parquet column of encoded images."""
-    label_column: str = "label"
-    """Parquet column of integer labels."""
-    in_chans: int = 0
-    """Image channels (1 or 3); 0 reads them from the model's first convolution."""
-    cache_dir: str = ""
-    """Directory for memory-mapped decoded images (Parquet datasets larger than memory); empty: in memory."""
-    limit: int = 0
-    """Use only the first this many samples of each split (0: all)."""
-
-    def validate(self) -> None:
-        require(bool(self.dataset), "data.dataset", "must be 'digits' or a Parquet path")
-        require(self.num_classes >= 2, "data.num_classes", f"must be >= 2, got {self.num_classes}")
-        require(self.img_size >= 1, "data.img_size", f"must be >= 1, got {self.img_size}")
-        require(self.in_chans in (0, 1, 3), "data.in_chans", f"must be 0 (from the model), 1 or 3, got {self.in_chans}")
-        require(self.limit >= 0, "data.limit", f"must be >= 0, got {self.limit}")
 
 
 @dataclass(frozen=True)
@@ -293,21 +262,22 @@ class TrainConfig:
     def _check_budgets(self) -> None:
         from flops_ray.allocators import ALLOCATORS
 
-        if ALLOCATORS[self.allocator.kind].needs_traces:
-            draws = 2 * self.estimator.unit
+        allocator, est = ALLOCATORS[self.allocator.kind], self.estimator
+        if self.allocator.signal == "pilot" and allocator.needs_traces:
+            draws = 2 * est.unit
             require(
-                self.estimator.pilot_queries >= draws,
+                est.pilot_queries >= draws,
                 "estimator.pilot_queries",
-                f"{self.allocator.kind} allocation reads trace estimates, which need >= 2 independent draws "
-                f"({draws} queries for {self.estimator.kind}), got {self.estimator.pilot_queries}",
+                f"{self.allocator.kind} allocation from the pilot (allocator.signal=pilot) reads trace estimates, "
+                f"which need >= 2 independent draws ({draws} queries for {est.kind}), got {est.pilot_queries}",
             )
-        minimum = max(self.estimator.floor, self.estimator.pilot_queries)
+        minimum = least_queries(est, self.allocator)
         for g in self.groups:
             require(
                 g.queries_per_sample >= minimum,
                 f"groups[{g.name}].queries_per_sample",
-                f"budget {g.queries_per_sample}x{self.batch_size} is below the floor "
-                f"{minimum}x{self.batch_size} (max of estimator.floor and estimator.pilot_queries)",
+                f"budget {g.queries_per_sample}x{self.batch_size} is below the floor {minimum}x{self.batch_size} "
+                "(estimator.floor, or the pilot plus one more draw when the pilot is not reused)",
             )
 
     def replace(self, **changes: Any) -> TrainConfig:

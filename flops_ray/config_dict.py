@@ -6,7 +6,7 @@
 >>> config_from_dict({"steps": "ten"})
 Traceback (most recent call last):
 ...
-flops_ray.config.ConfigError: steps: must be an integer, got 'ten'
+flops_ray.validation.ConfigError: steps: must be an integer, got 'ten'
 """
 
 from __future__ import annotations

@@ -58,7 +58,9 @@ class QueryEngine:
         self._step = -1
         self._x: torch.Tensor | None = None
         self._y: torch.Tensor | None = None
-        self._pilot_cache: dict[tuple[int, int], tuple[torch.Tensor, np.ndarray]] = {}
+        self._pilot_cache: dict[tuple[int, int], tuple] = {}
+        """(group, index) -> the pilot's per-item sums, losses and (traces, dof)."""
+        self._coords: dict[tuple[int, int], torch.Tensor] = {}
         self._skipped = 0
 
     # ---- parameters and batch -------------------------------------------------------------------
@@ -101,40 +103,49 @@ class QueryEngine:
         if task.kind == TaskKind.CLEAN:
             return self._clean(task)
         if task.kind == TaskKind.PILOT:
-            _, losses, traces, forwards = self._pilot(task)
-            return ShardResult(task.key, losses, traces=traces, forwards=forwards, skipped=self._skipped)
+            _, losses, (traces, dof), forwards = self._pilot(task)
+            return ShardResult(task.key, losses, traces=traces, trace_dof=dof, forwards=forwards, skipped=self._skipped)
         weights = torch.tensor(task.weights, dtype=torch.float64, device=self.device)
         if task.kind == TaskKind.FINALIZE:
             sums, losses, _, forwards = self._pilot(task)
-            grad = weights @ sums
-        else:
-            rows, ev, coef = self._evaluate(task)
-            grad = ev.sums((coef * weights[rows.item])[:, None])[0]
-            losses, forwards = ev.losses.cpu().numpy(), len(rows)
-        return ShardResult(task.key, losses, grad=grad.cpu().numpy(), forwards=forwards, skipped=self._skipped)
+            grad = (weights @ sums).cpu().numpy()
+            return ShardResult(task.key, losses, grad=grad, forwards=forwards, skipped=self._skipped)
+        rows, ev, coef = self._evaluate(task)
+        grad = ev.sums((coef * weights[rows.item])[:, None])[0]
+        traces, dof = self._item_traces(task, rows, ev, coef)
+        return ShardResult(
+            task.key,
+            ev.losses.cpu().numpy(),
+            grad=grad.cpu().numpy(),
+            traces=traces,
+            trace_dof=dof,
+            forwards=len(rows),
+            skipped=self._skipped,
+        )
 
     def _clean(self, task: ShardTask) -> ShardResult:
-        losses, emb = self.estimators[0].clean(task, self._x, self._y)
+        losses, emb, proxies = self.estimators[0].clean(task, self._x, self._y, self.groups)
         # A sample without a finite clean loss has no baseline to weight its queries by: always an error.
         self._check_finite(task, losses, [it.pos for it in task.items], skip=False)
         return ShardResult(
-            task.key, losses.double().cpu().numpy(), embeddings=emb.double().cpu().numpy(), forwards=len(task.items)
+            task.key,
+            losses.double().cpu().numpy(),
+            embeddings=emb.double().cpu().numpy(),
+            proxies=proxies.cpu().numpy(),
+            forwards=len(task.items),
         )
 
     def _pilot(self, task: ShardTask):
-        """Per-item gradient sums ``(n_items, P_g)`` (unweighted), losses and trace estimates; cached."""
+        """Per-item gradient sums ``(n_items, P_g)`` (unweighted), losses, (traces, dof) and forwards run; cached."""
         key = (task.group, task.index)
         cached = self._pilot_cache.get(key)
         if cached is not None:
-            return cached[0], cached[1], None, 0
+            return (*cached, 0)
         rows, ev, coef = self._evaluate(task)
         onehot = nn.functional.one_hot(rows.item, len(task.items)).to(torch.float64)
         sums = ev.sums(onehot * coef[:, None])
-        idx = self._trace_coords(task.step, task.group)
-        traces = self._traces(task, rows, ev.subsample(coef, idx), self.groups[task.group].size / idx.numel())
-        losses = ev.losses.cpu().numpy()
-        self._pilot_cache[key] = (sums, losses)
-        return sums, losses, traces, len(rows)
+        self._pilot_cache[key] = (sums, ev.losses.cpu().numpy(), self._item_traces(task, rows, ev, coef))
+        return (*self._pilot_cache[key], len(rows))
 
     # ---- perturbed forwards, coefficients, traces --------------------------------------------------
     def _evaluate(self, task: ShardTask) -> tuple[RowPlan, Evaluation, torch.Tensor]:
@@ -174,22 +185,31 @@ class QueryEngine:
 
     def _trace_coords(self, step: int, group: int) -> torch.Tensor:
         """``(K,)`` sorted coordinates of the group sub-sampled for trace estimates (same on every replica)."""
-        size = self.groups[group].size
-        g = generator(self.root_seed, STREAM_TRACE, step, group)
-        return torch.randperm(size, generator=g)[: min(self.est.trace_coords, size)].sort().values.to(self.device)
+        key = (step, group)
+        if key not in self._coords:
+            size = self.groups[group].size
+            g = generator(self.root_seed, STREAM_TRACE, step, group)
+            coords = torch.randperm(size, generator=g)[: min(self.est.trace_coords, size)].sort().values
+            self._coords = {key: coords.to(self.device)}
+        return self._coords[key]
 
-    def _traces(self, task: ShardTask, rows: RowPlan, sub: torch.Tensor, scale: float) -> np.ndarray:
-        """``T_j ~ unit * (P/K) * sum_k Var_units[G_unit,k]`` from the pilot's per-row sub-sampled terms ``(R, K)``.
+    def _item_traces(self, task: ShardTask, rows: RowPlan, ev: Evaluation, coef: torch.Tensor):
+        """Per item ``T_j ~ unit * (P/K) * sum_k Var_units[G_unit,k]`` from the task's sub-sampled terms, and
+        its degrees of freedom (units - 1).
 
         A unit is one independent draw (a pair's mean for antithetic estimators); per-query variance is
-        ``unit`` times the unit variance, which is what ``J(A) = sum T_j / A_j`` counts. A pilot of one
-        draw (MeZO) has no variance to measure: NaN, which only trace-free allocators accept.
+        ``unit`` times the unit variance, which is what ``J(A) = sum T_j / A_j`` counts. An item with one
+        draw in the task has no variance to measure: NaN with 0 degrees of freedom.
         """
+        idx = self._trace_coords(task.step, task.group)
+        sub = ev.subsample(coef, idx)  # (R, K)
+        scale = self.groups[task.group].size / idx.numel()
         unit = self.est.unit
-        out = np.full(len(task.items), np.nan)
+        traces, dof = np.full(len(task.items), np.nan), np.zeros(len(task.items))
         for i in range(len(task.items)):
             g = sub[rows.item == i]
             g = g.view(-1, unit, g.shape[-1]).mean(1)
             if len(g) > 1:
-                out[i] = unit * scale * g.var(dim=0, unbiased=True).sum().item()
-        return out
+                traces[i] = unit * scale * g.var(dim=0, unbiased=True).sum().item()
+                dof[i] = len(g) - 1
+        return traces, dof

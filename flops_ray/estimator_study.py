@@ -27,6 +27,7 @@ from flops_ray.messages import ShardItem, ShardTask, TaskKind
 from flops_ray.models import create_model
 from flops_ray.plan import plan_clean
 from flops_ray.step import ForwardStep
+from flops_ray.trace_memory import TraceMemory
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,9 @@ def cosine_sweep(bench: EstimatorStudy) -> list[dict]:
                         groups=(GroupConfig("layer", (module,), bench.sigma, q),),
                         sizes=[engine.groups[0].size],
                         estimator=est,
+                        allocator=AllocatorConfig(kind=alloc),
                         allocators=[create_allocator(AllocatorConfig(kind=alloc))],
+                        memory=TraceMemory(1, len(digits("train"))),
                         shard_cost=64,
                         root_seed=bench.seed,
                     )

@@ -39,6 +39,8 @@ class GaussianAllocator:
     """Gaussian allocator with ``lambda`` fitted each step and warm-started from the previous one."""
 
     needs_traces = True
+    allocates_from_traces = False
+    """``allocate`` samples from ``lambda`` fitted on earlier steps; only ``update`` reads the traces."""
 
     @classmethod
     def from_config(cls, cfg: AllocatorConfig) -> GaussianAllocator:

@@ -8,6 +8,7 @@ overrides either, with dotted keys (``allocator.kind=equal``, ``groups.0.sigma=0
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from flops_ray.config import ConfigError, TrainConfig, require
+from flops_ray.config import ConfigError, TrainConfig, least_queries, require
 from flops_ray.config_dict import config_from_dict, config_to_dict, dataclass_from_dict, plain
 
 
@@ -97,7 +98,7 @@ def quick_config(cfg: TrainConfig, job: JobConfig) -> tuple[TrainConfig, JobConf
 
     The digits ViT is used without its backprop pretraining (which costs tens of seconds on 2 cores).
     """
-    least = max(cfg.estimator.floor, cfg.estimator.pilot_queries)
+    least = least_queries(cfg.estimator, cfg.allocator)
     groups = tuple(dataclasses.replace(g, queries_per_sample=min(g.queries_per_sample, least)) for g in cfg.groups)
     alloc = dataclasses.replace(
         cfg.allocator,
@@ -122,3 +123,33 @@ def output_dir(out: str | None, config: str | None, job: JobConfig) -> Path:
     if out or job.out:
         return Path(out or job.out).expanduser()
     return Path("runs") / (Path(config).stem if config else "default")
+
+
+def add_train_arguments(parser: argparse.ArgumentParser, default_config: str | None) -> None:
+    """The options shared by ``jobs/finetune_vit.py`` and ``flops-ray train``."""
+    parser.add_argument(
+        "--config",
+        default=default_config,
+        help="config YAML: TrainConfig fields plus an optional job: section"
+        + (f" (default: {default_config})" if default_config else " (default: the built-in OPS-LR digits run)"),
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output directory for finetune_vit.json, metrics.parquet, checkpoint.safetensors and plots "
+        "(default: job.out of the config, else runs/<config name>)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="a tiny run: at most 4 steps of 16 samples at the least budget"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from OUT/checkpoint.safetensors if it exists (else start)"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, repeatable: --set steps=10 --set allocator.kind=equal "
+        "--set groups.0.sigma=0.1 --set job.checkpoint_every=50 (values parsed as YAML)",
+    )

@@ -89,9 +89,14 @@ class ShardResult:
     grad: np.ndarray | None = None
     """``(P_g,)`` weighted gradient sum (``finalize``, ``main``)."""
     traces: np.ndarray | None = None
-    """``(n_items,)`` trace estimates ``T_j`` (``pilot``)."""
+    """``(n_items,)`` trace estimates ``T_j`` from this task's queries (``pilot``, ``main``; NaN for an item
+    with fewer than two draws here)."""
+    trace_dof: np.ndarray | None = None
+    """``(n_items,)`` degrees of freedom behind each trace estimate (independent draws minus one)."""
     embeddings: np.ndarray | None = None
     """``(n_items, D)`` sample embeddings (``clean``)."""
+    proxies: np.ndarray | None = None
+    """``(n_items, G)`` clean-pass trace proxies per layer group (``clean``; NaN where the model has none)."""
     forwards: int = 0
     """Forward passes actually run for this result (0 when served from the pilot cache)."""
     skipped: int = 0
@@ -100,5 +105,5 @@ class ShardResult:
     @property
     def nbytes(self) -> int:
         """Bytes of array payload, for the wire-traffic figures."""
-        arrays = (self.losses, self.grad, self.traces, self.embeddings)
+        arrays = (self.losses, self.grad, self.traces, self.trace_dof, self.embeddings, self.proxies)
         return sum(a.nbytes for a in arrays if a is not None)

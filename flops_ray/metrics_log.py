@@ -6,7 +6,8 @@ the rows since the last flush are lost, and a resumed run recomputes them.
 
 Columns: ``step``, ``loss`` (mean clean loss), ``accuracy`` (null between evaluations), ``queries``,
 ``seconds``, ``queries_per_s``, ``allocator_seconds``, ``fit_seconds``, ``skipped``, ``sample_loss`` (list:
-per-sample clean losses), and per layer group ``g``: ``spread/g`` (max/min query count), ``mean_trace/g``
+per-sample clean losses), and per layer group ``g``: ``spread/g`` (max/min query count),
+``variance_ratio/g`` (``J(A)/J(equal)`` on the allocator's traces: below 1 when allocation pays), ``mean_trace/g``
 (null when the pilot measures no trace), ``counts/g`` and ``trace/g`` (lists: per-sample query counts and
 pilot trace estimates, for the trace-vs-loss plot).
 
@@ -57,6 +58,7 @@ def metrics_schema(groups: list[str]) -> pa.Schema:
     for g in groups:
         fields += [
             (f"spread/{g}", pa.float64()),
+            (f"variance_ratio/{g}", pa.float64()),
             (f"mean_trace/{g}", pa.float64()),
             (f"counts/{g}", pa.list_(pa.int64())),
             (f"trace/{g}", pa.list_(pa.float64())),
@@ -146,6 +148,8 @@ class MetricsLog:
             traces = log.traces[i] if i < len(log.traces) else None
             row[f"spread/{g}"] = float(counts.max() / counts.min()) if counts is not None else None
             traced = traces is not None and bool(np.isfinite(traces).all())
+            ratio = log.variance_ratio[i] if i < len(log.variance_ratio) else float("nan")
+            row[f"variance_ratio/{g}"] = ratio if np.isfinite(ratio) else None
             row[f"mean_trace/{g}"] = float(np.mean(traces)) if traced else None
             row[f"counts/{g}"] = None if counts is None else np.asarray(counts, np.int64).tolist()
             row[f"trace/{g}"] = None if traces is None else np.asarray(traces, np.float64).tolist()

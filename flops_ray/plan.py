@@ -40,6 +40,8 @@ def plan_pilot_chunks(
 
     A sample's trace needs all its pilot draws in one task, so chunks hold whole pilots.
     """
+    if not pilot:
+        return []
     items = [ShardItem(p, int(sample_ids[p]), 0, pilot, float(losses[p])) for p in range(len(sample_ids))]
     return plan_chunks(items, max(pilot, shard_cost // pilot * pilot), unit)
 
@@ -63,23 +65,27 @@ def plan_main(
     pilot: int,
     shard_cost: int,
     unit: int,
+    reuse_pilot: bool = True,
 ) -> list[ShardTask]:
-    """One group's weighted tasks: its pilots finalized, then the queries ``[pilot, A_j)`` of every sample.
+    """One group's weighted tasks: its pilots finalized (when reused), then the queries ``[pilot, A_j)``.
 
     Args:
         step: the step counter.
         group: the layer group.
-        counts: ``(B,)`` allocated queries ``A_j``.
+        counts: ``(B,)`` allocated queries ``A_j`` (the pilot included).
         sample_ids: ``(B,)`` dataset indices; losses: ``(B,)`` clean losses (the queries' baselines).
-        pilot_chunks: the chunks of :func:`plan_pilot_chunks`.
+        pilot_chunks: the chunks of :func:`plan_pilot_chunks` (empty without a pilot).
         pilot: pilot queries per sample.
         shard_cost: target forward passes per task.
         unit: queries per noise draw (a pair is never split).
+        reuse_pilot: the pilot's draws enter the estimate (weights ``1 / (B A_j)``); otherwise they only
+            allocated, and the estimate averages the ``A_j - pilot`` later queries.
 
     Returns:
-        ``finalize`` tasks (one per pilot chunk) then ``main`` tasks, weighted by ``1 / (B A_j)``.
+        ``finalize`` tasks (one per pilot chunk, when reused) then ``main`` tasks.
     """
-    weights = 1.0 / (len(counts) * counts)
+    used = counts if reuse_pilot else counts - pilot
+    weights = 1.0 / (len(counts) * used)
 
     def weighted(kind: TaskKind, chunks: list[Chunk]) -> list[ShardTask]:
         return [
@@ -94,4 +100,5 @@ def plan_main(
         for p in range(len(counts))
         if counts[p] > pilot
     ]
-    return weighted(TaskKind.FINALIZE, pilot_chunks) + weighted(TaskKind.MAIN, plan_chunks(rest, shard_cost, unit))
+    finalize = weighted(TaskKind.FINALIZE, pilot_chunks) if reuse_pilot else []
+    return finalize + weighted(TaskKind.MAIN, plan_chunks(rest, shard_cost, unit))

@@ -7,7 +7,6 @@ when ``farm.backend`` is ``ray``.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
@@ -20,7 +19,7 @@ from flops_ray.checkpoint import checkpoint_config, load_model_state
 from flops_ray.config import ConfigError, DataConfig, TrainConfig
 from flops_ray.config_dict import config_to_dict
 from flops_ray.data import ArrayDataset, digits
-from flops_ray.job_config import JobConfig, load_config, output_dir, quick_config
+from flops_ray.job_config import JobConfig, quick_config
 from flops_ray.metrics_log import MetricsLog
 from flops_ray.models import create_model
 from flops_ray.parquet_data import read_parquet
@@ -210,40 +209,3 @@ def evaluate(checkpoint: str | Path, **data: Any) -> dict[str, Any]:
     if test is None:
         raise ConfigError(f"data.test_dataset: {data_cfg.dataset} has no test split; set data.test_dataset")
     return {"checkpoint": str(checkpoint), "step": step, "test_accuracy": accuracy(model, test), "test_size": len(test)}
-
-
-# ---- command line ---------------------------------------------------------------------------------------
-def add_train_arguments(parser: argparse.ArgumentParser, default_config: str | None) -> None:
-    """The options shared by ``jobs/finetune_vit.py`` and ``flops-ray train``."""
-    parser.add_argument(
-        "--config",
-        default=default_config,
-        help="config YAML: TrainConfig fields plus an optional job: section"
-        + (f" (default: {default_config})" if default_config else " (default: the built-in OPS-LR digits run)"),
-    )
-    parser.add_argument(
-        "--out",
-        default=None,
-        help="output directory for finetune_vit.json, metrics.parquet, checkpoint.safetensors and plots "
-        "(default: job.out of the config, else runs/<config name>)",
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help="a tiny run: at most 4 steps of 16 samples at the least budget"
-    )
-    parser.add_argument(
-        "--resume", action="store_true", help="continue from OUT/checkpoint.safetensors if it exists (else start)"
-    )
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, repeatable: --set steps=10 --set allocator.kind=equal "
-        "--set groups.0.sigma=0.1 --set job.checkpoint_every=50 (values parsed as YAML)",
-    )
-
-
-def train_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """Run :func:`train` from parsed :func:`add_train_arguments` options."""
-    cfg, job = load_config(args.config, args.set)
-    return train(cfg, output_dir(args.out, args.config, job), job, quick=args.quick, resume=args.resume)

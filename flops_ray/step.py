@@ -17,10 +17,11 @@ import numpy as np
 import torch
 
 from flops_ray.allocators import AllocationFeatures, Allocator
-from flops_ray.config import EstimatorConfig, GroupConfig
+from flops_ray.config import AllocatorConfig, EstimatorConfig, GroupConfig, least_queries, reuses_pilot
 from flops_ray.messages import ShardResult, ShardTask, TaskKind
 from flops_ray.plan import plan_clean, plan_main, plan_pilot, plan_pilot_chunks
 from flops_ray.seeding import STREAM_ALLOC, STREAM_ALLOC_FIT, generator
+from flops_ray.trace_memory import TraceMemory
 
 
 class Backend(Protocol):
@@ -65,7 +66,9 @@ class StepReport:
     counts: list[np.ndarray] = field(default_factory=list)
     """Per group ``(B,)`` query counts."""
     traces: list[np.ndarray] = field(default_factory=list)
-    """Per group ``(B,)`` pilot trace estimates."""
+    """Per group ``(B,)`` trace estimates the allocator read (from ``allocator.signal``)."""
+    variance_ratio: list[float] = field(default_factory=list)
+    """Per group ``J(A) / J(equal)`` on those traces: below 1 when the allocation is predicted to pay."""
     queries: int = 0
     """Perturbed forward passes run."""
     seconds: float = 0.0
@@ -90,7 +93,9 @@ class ForwardStep:
         backend: where the queries run.
         groups: layer groups; sizes: their parameter counts ``P_g``.
         estimator: estimator settings (pair size, pilot, floor).
+        allocator: allocator settings (the trace signal; the kind is in ``allocators``).
         allocators: one per group, stateful across steps.
+        memory: the per-sample trace memory, fed by every step's queries.
         shard_cost: target forward passes per task.
         root_seed: the run's root seed.
     """
@@ -102,7 +107,9 @@ class ForwardStep:
         groups: tuple[GroupConfig, ...],
         sizes: list[int],
         estimator: EstimatorConfig,
+        allocator: AllocatorConfig,
         allocators: list[Allocator],
+        memory: TraceMemory,
         shard_cost: int,
         root_seed: int,
     ):
@@ -110,9 +117,21 @@ class ForwardStep:
         self.groups = groups
         self.sizes = sizes
         self.estimator = estimator
+        self.allocator = allocator
         self.allocators = allocators
+        self.memory = memory
         self.shard_cost = shard_cost
         self.root_seed = root_seed
+        self.reuse_pilot = reuses_pilot(estimator, allocator)
+        self.minimum = least_queries(estimator, allocator)
+
+    def _signal(self, g: int, ids: torch.Tensor, proxies: np.ndarray, pilot: np.ndarray) -> np.ndarray:
+        """``(B,)`` the trace estimates group ``g``'s allocator reads, from the configured signal."""
+        if self.allocator.signal == "pilot":
+            return pilot
+        if self.allocator.signal == "clean" and np.isfinite(proxies[:, g]).all():
+            return proxies[:, g]
+        return self.memory.estimate(g, ids).numpy()
 
     def __call__(
         self, step: int, params: np.ndarray, x: np.ndarray, y: np.ndarray, sample_ids: np.ndarray
@@ -125,37 +144,42 @@ class ForwardStep:
         t0 = time.perf_counter()
         b = len(sample_ids)
         unit, pilot = self.estimator.unit, self.estimator.pilot_queries
+        ids = torch.as_tensor(sample_ids, dtype=torch.long)
         self.backend.sync(step, params, x, y)
         clean = self.backend.run(plan_clean(step, sample_ids, self.shard_cost))
         losses = np.concatenate([r.losses for r in clean])
         emb = torch.from_numpy(np.concatenate([r.embeddings for r in clean]))
+        proxies = np.concatenate([r.proxies for r in clean])
         report = StepReport(step, float(losses.mean()), losses)
 
         pilot_chunks = plan_pilot_chunks(sample_ids, losses, pilot, self.shard_cost, unit)
         pilot_tasks = plan_pilot(step, len(self.groups), pilot_chunks)
-        pilot_results = self.backend.run(pilot_tasks)
+        pilot_results = self.backend.run(pilot_tasks) if pilot_tasks else []
 
         tasks: list[ShardTask] = []
-        feats, minimum = [], max(self.estimator.floor, pilot)
+        feats = []
         for g, cfg in enumerate(self.groups):
-            traces = np.zeros(b)
-            for task, res in zip(pilot_tasks, pilot_results):
-                if task.group == g:
-                    traces[[it.pos for it in task.items]] = res.traces
+            pilot_traces = _per_sample(pilot_tasks, pilot_results, g, b)[0]
+            traces = self._signal(g, ids, proxies, pilot_traces)
             feats.append(AllocationFeatures(torch.from_numpy(traces), torch.from_numpy(losses), emb))
             ta = time.perf_counter()
             gen = generator(self.root_seed, STREAM_ALLOC, step, g)
-            counts = self.allocators[g].allocate(feats[g], cfg.queries_per_sample * b, minimum, unit, gen).numpy()
+            total = cfg.queries_per_sample * b
+            counts = self.allocators[g].allocate(feats[g], total, self.minimum, unit, gen).numpy()
             report.allocator_seconds += time.perf_counter() - ta
             report.counts.append(counts)
             report.traces.append(traces)
-            tasks += plan_main(step, g, counts, sample_ids, losses, pilot_chunks, pilot, self.shard_cost, unit)
+            used = counts if self.reuse_pilot else counts - pilot
+            report.variance_ratio.append(variance_ratio(traces, used, total / b))
+            tasks += plan_main(
+                step, g, counts, sample_ids, losses, pilot_chunks, pilot, self.shard_cost, unit, self.reuse_pilot
+            )
 
         def fit_allocators() -> None:
             tf = time.perf_counter()
             for g, cfg in enumerate(self.groups):
                 gen = generator(self.root_seed, STREAM_ALLOC_FIT, step, g)
-                self.allocators[g].update(feats[g], cfg.queries_per_sample * b, minimum, gen)
+                self.allocators[g].update(feats[g], cfg.queries_per_sample * b, self.minimum, gen)
             report.fit_seconds = time.perf_counter() - tf
 
         # The fit advances allocator state before the queries finish; a failed step must not keep it.
@@ -167,6 +191,10 @@ class ForwardStep:
             for allocator, state in zip(self.allocators, saved):
                 allocator.load_state_dict(state)
             raise
+        # Every query of the visit informs the memory, for later steps only.
+        for g in range(len(self.groups)):
+            visit, dof = _per_sample(pilot_tasks + tasks, pilot_results + results, g, b)
+            self.memory.observe(g, ids, torch.from_numpy(visit), torch.from_numpy(dof))
         report.queries = sum(r.forwards for r in pilot_results + results)
         report.bytes_returned = sum(r.nbytes for r in clean + pilot_results + results)
         # A finalize re-reads its pilot's queries, whose skips the pilot result already counted.
@@ -175,3 +203,29 @@ class ForwardStep:
         )
         report.seconds = time.perf_counter() - t0
         return grads, report
+
+
+def _per_sample(
+    tasks: list[ShardTask], results: list[ShardResult], group: int, b: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(B,)`` trace estimates of ``group`` pooled over tasks (weighted by degrees of freedom) and their dof.
+
+    NaN where no task measured a sample's trace.
+    """
+    total, dof = np.zeros(b), np.zeros(b)
+    for task, res in zip(tasks, results):
+        if task.group == group and res.traces is not None:
+            pos = np.array([it.pos for it in task.items])
+            ok = res.trace_dof > 0
+            np.add.at(total, pos[ok], res.trace_dof[ok] * res.traces[ok])
+            np.add.at(dof, pos[ok], res.trace_dof[ok])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(dof > 0, total / dof, np.nan), dof
+
+
+def variance_ratio(traces: np.ndarray, used: np.ndarray, equal: float) -> float:
+    """``J(A) / J(equal)``: the estimate's predicted variance against equal allocation of the same budget
+    (Theorem 1: ``J(A) = sum_j T_j / A_j``), on the traces the allocator read; NaN without traces."""
+    if not np.isfinite(traces).all() or traces.sum() <= 0:
+        return float("nan")
+    return float((traces / used).sum() / (traces.sum() / equal))

@@ -40,6 +40,8 @@ class TrainState:
     """The optimizer's ``state_dict()``."""
     allocators: list[dict[str, torch.Tensor]]
     """Per group, the allocator's ``state_dict()``."""
+    memory: dict[str, torch.Tensor]
+    """The per-sample trace memory's ``state_dict()``."""
 
 
 def _flat(data: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:

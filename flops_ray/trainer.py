@@ -26,6 +26,7 @@ from flops_ray.groups import flatten, resolve_groups
 from flops_ray.local_backend import LocalBackend
 from flops_ray.losses import LossFn, cross_entropy
 from flops_ray.step import Backend, ForwardStep, StepReport
+from flops_ray.trace_memory import TraceMemory
 from flops_ray.train_state import CheckpointError, TrainState, check_resumable
 
 StepHook = Callable[["Trainer", StepReport], None]
@@ -95,6 +96,7 @@ class Trainer:
             p.requires_grad_(True)
         self.optimizer = make_optimizer(cfg, self.params)
         self.allocators = [create_allocator(cfg.allocator) for _ in cfg.groups]
+        self.memory = TraceMemory(len(cfg.groups), len(train), cfg.allocator.memory_decay, cfg.allocator.memory_prior)
         self.step_count = 0
         self.backend: Backend | None = None
         self.forward_step: ForwardStep | None = None
@@ -105,7 +107,9 @@ class Trainer:
                 groups=cfg.groups,
                 sizes=[g.size for g in self.groups],
                 estimator=cfg.estimator,
+                allocator=cfg.allocator,
                 allocators=self.allocators,
+                memory=self.memory,
                 shard_cost=cfg.farm.shard_cost,
                 root_seed=cfg.seed,
             )
@@ -187,6 +191,7 @@ class Trainer:
             model=self.model.state_dict(),
             optimizer=self.optimizer.state_dict(),
             allocators=[a.state_dict() for a in self.allocators],
+            memory=self.memory.state_dict(),
         )
 
     def load_state_dict(self, state: TrainState, where: str = "state") -> int:
@@ -209,6 +214,10 @@ class Trainer:
                 alloc.load_state_dict(alloc_state)
             except ValueError as exc:
                 raise CheckpointError(f"{where}: allocator state of group {g} does not fit ({exc})") from exc
+        try:
+            self.memory.load_state_dict(state.memory)
+        except ValueError as exc:
+            raise CheckpointError(f"{where}: trace memory does not fit ({exc})") from exc
         with torch.no_grad():
             self.model.load_state_dict(state.model)
         self.step_count = state.step

@@ -17,7 +17,7 @@ from typing import Any
 
 from flops_ray import run
 from flops_ray.config import TrainConfig
-from flops_ray.job_config import JobConfig, load_config, output_dir
+from flops_ray.job_config import JobConfig, add_train_arguments, load_config, output_dir
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "digits_ops_lr.yaml"
 
@@ -31,7 +31,7 @@ def main(
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    run.add_train_arguments(parser, default_config=str(DEFAULT_CONFIG))
+    add_train_arguments(parser, default_config=str(DEFAULT_CONFIG))
     args = parser.parse_args()
     cfg, job = load_config(args.config, args.set)
     main(cfg, output_dir(args.out, args.config, job), args.quick, job, args.resume)

@@ -6,6 +6,8 @@
 - Figure 4: cosine to the backprop gradient against queries per data point for equal, bernoulli,
   gaussian and neyman allocation (the sweep of ``jobs/bench_estimator.py``), and its MSE-ratio check.
 - Figure 5: seconds per training step with and without an allocator, from the Table 1 runs.
+- Budget: the same accuracy with fewer queries? The default allocator (Neyman from the clean-pass proxy)
+  at 75% of equal allocation's budget against equal at 100%, paired by seed, trained longer.
 
 Writes ``reproduce.json``, ``table1.png``, ``figure4.png`` and ``figure5.png`` to ``--out``; docs/RESULTS.md
 shows the figures of a full run.
@@ -70,6 +72,17 @@ METHODS = (
 
 
 @dataclass(frozen=True)
+class BudgetStudy:
+    """The default allocator at a fraction of equal allocation's budget, paired by seed (digits, LR)."""
+
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    steps: int = 300
+    """Longer than Table 1's runs: the gain of allocation grows as easy samples become easy."""
+    fraction: float = 0.75
+    """The default's budget relative to equal's ``queries_per_sample``."""
+
+
+@dataclass(frozen=True)
 class ReproduceConfig:
     """What the reproduction runs."""
 
@@ -99,6 +112,8 @@ class ReproduceConfig:
         default_factory=lambda: EstimatorStudy(queries=(4, 8, 16, 32, 64, 128), cosine_reps=3)
     )
     """The estimator benchmark's sweep (its own seed, digits batch and layers)."""
+    budget: BudgetStudy = field(default_factory=lambda: BudgetStudy())
+    """Same accuracy with fewer queries."""
 
 
 QUICK = ReproduceConfig(
@@ -110,6 +125,7 @@ QUICK = ReproduceConfig(
     eval_every=1,
     shapes_train=160,
     shapes_test=40,
+    budget=BudgetStudy(seeds=(0, 1), steps=2),
     figure4=EstimatorStudy(
         queries=(4, 8),
         layers=(("late", "blocks.3.mlp.fc2"),),
@@ -180,13 +196,16 @@ def write_shapes(root: Path, n_train: int, n_test: int, seed: int = 0) -> Path:
 
 
 # ---- Table 1 --------------------------------------------------------------------------------------------
-def run_config(rc: ReproduceConfig, method: Method, dataset: str, num_classes: int, seed: int) -> TrainConfig:
-    """The training config of one Table 1 cell: flops_ray's defaults with the method's estimator and budget."""
+def run_config(
+    rc: ReproduceConfig, method: Method, dataset: str, num_classes: int, seed: int, budget: int | None = None
+) -> TrainConfig:
+    """The training config of one Table 1 cell: flops_ray's defaults (no pilot, traces from the clean pass)
+    with the method's estimator and budget (``budget`` overrides the shared queries per sample)."""
     base = TrainConfig()
-    # MeZO's one pair per data point is its pilot too: a one-draw pilot, which equal allocation allows.
     backprop = method.estimator == "bp"
-    est = EstimatorConfig(kind="lr" if backprop else method.estimator, pilot_queries=2 if method.least_budget else 4)
-    budget = max(est.floor, est.pilot_queries) if method.least_budget else rc.queries_per_sample
+    est = EstimatorConfig(kind="lr" if backprop else method.estimator)
+    if budget is None:
+        budget = est.floor if method.least_budget else rc.queries_per_sample
     return base.replace(
         model=rc.model,
         data=DataConfig(dataset=dataset, num_classes=num_classes),
@@ -205,7 +224,7 @@ def run_config(rc: ReproduceConfig, method: Method, dataset: str, num_classes: i
 def spread(values: list[np.ndarray]) -> float | None:
     """Mean over steps of the coefficient of variation (std / mean) of one group's per-sample values.
 
-    None when the values are unknown (MeZO's one-draw pilot estimates no traces).
+    None when the values are unknown (an allocator that read no finite traces).
     """
     if not all(np.isfinite(v).all() for v in values):
         return None
@@ -323,6 +342,31 @@ def table1(rc: ReproduceConfig, data_dir: Path) -> list[dict]:
     return runs
 
 
+def budget_study(rc: ReproduceConfig) -> dict:
+    """Equal allocation at the full budget against the default allocator at ``fraction`` of it, per seed."""
+    study = rc.budget
+    small = round(rc.queries_per_sample * study.fraction / 2) * 2
+    arms = {
+        "equal": (Method("LR", "lr"), rc.queries_per_sample),
+        "default": (Method("Neyman-LR", "lr", "neyman"), small),
+    }
+    runs = []
+    for seed in study.seeds:
+        for arm, (method, budget) in arms.items():
+            cfg = run_config(rc, method, "digits", 10, seed, budget).replace(steps=study.steps)
+            run = train_once(cfg)
+            runs.append({"arm": arm, "seed": seed, "queries_per_sample": budget, **run})
+            print(f"budget {arm} ({budget} queries/sample) seed {seed}: accuracy {run['accuracy']:.3f}", flush=True)
+    acc = {(r["arm"], r["seed"]): r["accuracy"] for r in runs}
+    diff = np.array([acc["default", s] - acc["equal", s] for s in study.seeds])
+    return {
+        "queries_per_sample": {arm: budget for arm, (_, budget) in arms.items()},
+        "accuracy_mean": {arm: float(np.mean([acc[arm, s] for s in study.seeds])) for arm in arms},
+        "difference": {"per_seed": diff.tolist(), "mean": float(diff.mean()), "std": float(diff.std(ddof=1))},
+        "runs": runs,
+    }
+
+
 def markdown(cells: dict, cell: Callable[[dict], str]) -> str:
     """A Markdown table of ``{dataset: {method: stats}}``: a row per method, ``cell(stats)`` per dataset."""
     names = list(cells)
@@ -387,6 +431,8 @@ def main(rc: ReproduceConfig, out: Path) -> dict:
     print(f"table 1: {len(rc.methods)} methods x {len(rc.datasets)} datasets x {len(rc.seeds)} seeds", flush=True)
     with tempfile.TemporaryDirectory(prefix="reproduce-data-") as data_dir:
         runs = table1(rc, Path(data_dir))
+    print(f"budget: {len(rc.budget.seeds)} seeds x 2 arms, {rc.budget.steps} steps", flush=True)
+    budget = budget_study(rc)
     cells = by_cell(runs)
     summary = {d: {m: accuracy_summary(rs) for m, rs in methods.items()} for d, methods in cells.items()}
     gains = allocator_gains(runs, rc.methods)
@@ -400,6 +446,7 @@ def main(rc: ReproduceConfig, out: Path) -> dict:
         "allocator_gains": gains,
         "figure4": {"cosine": cosine, "variance_ratio": ratio},
         "figure5": figure5,
+        "budget": budget,
         "runs": runs,
         "seconds": {"figure4": figure4_seconds, "total": time.perf_counter() - t0},
     }
@@ -426,7 +473,25 @@ def tables(result: dict) -> list[str]:
             summary, lambda c: ", ".join(f"{a:.2f} / {_num(t)}" for a, t in zip(c["count_cv"], c["sqrt_trace_cv"]))
         ),
         markdown(result["figure5"], lambda c: f"{c['step_seconds']:.3f} ({c['farm_step_seconds']:.3f})"),
+        budget_table(result["budget"]),
     ]
+
+
+def budget_table(budget: dict) -> str:
+    """The budget study as a Markdown table: each arm's queries and mean accuracy, and the paired difference."""
+    diff = budget["difference"]
+    rows = [
+        f"| {arm} | {budget['queries_per_sample'][arm]} | {100 * budget['accuracy_mean'][arm]:.1f} |"
+        for arm in ("equal", "default")
+    ]
+    return "\n".join(
+        [
+            "| arm | queries per sample and group | test accuracy (mean over seeds) |",
+            "|---|---|---|",
+            *rows,
+            f"| default - equal, paired by seed | | {100 * diff['mean']:+.1f} ± {100 * diff['std']:.1f} |",
+        ]
+    )
 
 
 if __name__ == "__main__":

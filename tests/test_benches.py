@@ -64,3 +64,21 @@ def test_bench_farm_tiny(tmp_path, run_script):
     # Parameters out and gradient sums back (~17k float64 each), batch and messages: well under 1 MB.
     # Shipping the step's LR noise instead (B * q * 2 groups * 17 tokens * 64 floats) would not be.
     assert 0 < result["bytes_per_step_per_worker"] < 1e6
+
+
+def test_bench_allocation_tiny(tmp_path, run_script):
+    result = _run_tiny(
+        run_script,
+        "bench_allocation.py",
+        "BenchConfig(settings=(Setting('digits_vit', 8, 4),), steps=2, checkpoints=(0, 2), reps=3, "
+        "allocators=('neyman/clean', 'neyman/memory'), oracle_pilot=8)",
+        tmp_path,
+    )
+    assert result["default_allocator"] == "neyman/clean"
+    assert [c["step"] for c in result["checkpoints"]] == [0, 2]
+    for checkpoint in result["checkpoints"]:
+        assert set(checkpoint["mse_ratio"]) == {"oracle", "neyman/clean", "neyman/memory"}
+        # Three repetitions are noise: plumbing only. At step 0 the memory is empty, which is equal allocation
+        # with the same (paired) noise: exactly equal's error.
+        assert all(np.isfinite(v) for v in checkpoint["mse_ratio"].values())
+    assert result["checkpoints"][0]["mse_ratio"]["neyman/memory"] == 1.0

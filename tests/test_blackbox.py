@@ -29,7 +29,8 @@ def _cfg(groups, **est) -> TrainConfig:
     return TrainConfig(
         groups=groups,
         estimator=EstimatorConfig(kind=est.pop("kind", "spsa"), **est),
-        allocator=AllocatorConfig(kind="neyman"),
+        # A black box offers no clean-pass proxy: both paths allocate from the trace memory of earlier steps.
+        allocator=AllocatorConfig(kind="neyman", signal="memory"),
         batch_size=16,
         lr=1e-2,
     )

@@ -13,7 +13,6 @@ from flops_ray.checkpoint import (
     read_checkpoint,
 )
 from flops_ray.config import AllocatorConfig, EstimatorConfig, GroupConfig, TrainConfig
-from flops_ray.data import digits
 from flops_ray.models import create_model
 from flops_ray.trainer import Trainer
 from flops_ray.weights import load_pretrained, save_state_dict
@@ -25,8 +24,8 @@ GROUPS = (
 
 
 @pytest.fixture(scope="module")
-def data():
-    return digits("train"), digits("test")
+def data(digits_splits):
+    return digits_splits
 
 
 def _cfg(**kw) -> TrainConfig:

@@ -75,3 +75,17 @@ def test_bench_runs_the_script_with_its_arguments(tmp_path, capsys):
     )
     assert main(["bench", "--jobs-dir", str(tmp_path), "echo", "--quick", "--out", "x"]) == 0
     assert main(["bench", "--jobs-dir", str(tmp_path), "echo", "--", "--quick"]) == 3
+
+
+def test_help_imports_nothing_heavy():
+    """``--help`` must be instant: the command line loads torch, timm and ray only when a command runs."""
+    code = "import sys, flops_ray.cli; sys.exit(sorted({'torch', 'timm', 'ray'} & set(sys.modules)) != [])"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_an_error_is_one_line_and_exit_2(capsys):
+    assert main(["train", "--set", "steps=ten"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: steps: must be an integer, got 'ten'")
+    with pytest.raises(Exception, match="steps: must be an integer"):
+        main(["--debug", "train", "--set", "steps=ten"])

@@ -25,7 +25,18 @@ def _group(**kw) -> GroupConfig:
 @pytest.mark.parametrize(
     ("cfg", "field"),
     [
-        (TrainConfig(groups=(_group(queries_per_sample=2),)), r"groups\[g\]\.queries_per_sample.*below the floor"),
+        (
+            TrainConfig(groups=(_group(queries_per_sample=2),), estimator=EstimatorConfig(pilot_queries=4)),
+            r"groups\[g\]\.queries_per_sample.*below the floor",
+        ),
+        (
+            TrainConfig(
+                groups=(_group(queries_per_sample=4),),
+                estimator=EstimatorConfig(pilot_queries=4),
+                allocator=AllocatorConfig("neyman", signal="pilot"),
+            ),
+            r"queries_per_sample.*below the floor 6x32 .*pilot plus one more draw",
+        ),
         (TrainConfig(groups=(_group(sigma=0.0),)), r"groups\[g\]\.sigma"),
         (TrainConfig(groups=(_group(sigma=-1.0),)), r"groups\[g\]\.sigma"),
         (TrainConfig(groups=(_group(modules=()),)), r"groups\[g\]\.modules: empty layer group"),
@@ -37,9 +48,13 @@ def _group(**kw) -> GroupConfig:
         (TrainConfig(estimator=EstimatorConfig(kind="adjoint")), r"estimator\.kind"),
         (TrainConfig(estimator=EstimatorConfig(floor=3)), r"estimator\.floor"),
         (TrainConfig(estimator=EstimatorConfig(pilot_queries=3)), r"estimator\.pilot_queries"),
+        (TrainConfig(allocator=AllocatorConfig(signal="oracle")), r"allocator\.signal"),
         (
-            TrainConfig(estimator=EstimatorConfig(kind="spsa", pilot_queries=2), allocator=AllocatorConfig("neyman")),
-            r"estimator\.pilot_queries: neyman allocation reads trace estimates",
+            TrainConfig(
+                estimator=EstimatorConfig(kind="spsa", pilot_queries=2),
+                allocator=AllocatorConfig("neyman", signal="pilot"),
+            ),
+            r"estimator\.pilot_queries: neyman allocation from the pilot \(allocator\.signal=pilot\) reads trace",
         ),
         (TrainConfig(estimator=EstimatorConfig(on_nonfinite="ignore")), r"estimator\.on_nonfinite"),
         (TrainConfig(farm=FarmConfig(workers=0)), r"farm\.workers"),

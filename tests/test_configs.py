@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from flops_ray import run
 from flops_ray.config import ConfigError
 from flops_ray.estimators import estimator_family
 from flops_ray.groups import resolve_groups
-from flops_ray.job_config import load_config
+from flops_ray.job_config import add_train_arguments, load_config
 from flops_ray.models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +50,7 @@ def test_header_holds_the_submit_command(path):
     entry = tokens[tokens.index("--") + 1 :]
     assert entry[0] == "python" and (ROOT / entry[1]).is_file()
     parser = argparse.ArgumentParser()
-    run.add_train_arguments(parser, default_config=None)
+    add_train_arguments(parser, default_config=None)
     args = parser.parse_args(entry[2:])
     assert args.config == f"jobs/configs/{path.name}"
     assert args.out

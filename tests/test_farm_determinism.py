@@ -12,7 +12,7 @@ import pytest
 import ray
 import torch
 
-from flops_ray.config import AllocatorConfig, FarmConfig, TrainConfig
+from flops_ray.config import AllocatorConfig, EstimatorConfig, FarmConfig, TrainConfig
 from flops_ray.data import digits
 from flops_ray.models import create_model
 from flops_ray.trainer import Trainer
@@ -24,6 +24,8 @@ BASE = TrainConfig(
     model="digits_vit",
     batch_size=8,
     steps=STEPS,
+    # A reused pilot: 21 tasks a step (1 clean, 4 pilot, 16 main), which the fault tests' timings count on.
+    estimator=EstimatorConfig(pilot_queries=4),
     allocator=AllocatorConfig(kind="gaussian", gaussian_iters=3),
     farm=FarmConfig(backend="ray", workers=3, shard_cost=16, num_cpus_per_worker=1),
 )

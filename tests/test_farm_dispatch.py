@@ -9,8 +9,7 @@ import pytest
 import ray
 import torch
 
-from flops_ray.config import AllocatorConfig, FarmConfig, TrainConfig
-from flops_ray.data import digits
+from flops_ray.config import AllocatorConfig, EstimatorConfig, FarmConfig, TrainConfig
 from flops_ray.driver import start_driver
 from flops_ray.farm.backend import RayBackend
 from flops_ray.farm.errors import FarmError
@@ -23,14 +22,16 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 BASE = TrainConfig(
     model="digits_vit",
     batch_size=8,
+    # A reused pilot: its finalize tasks exercise affinity.
+    estimator=EstimatorConfig(pilot_queries=4),
     allocator=AllocatorConfig(kind="neyman"),
     farm=FarmConfig(backend="ray", workers=3, shard_cost=16, num_cpus_per_worker=1),
 )
 
 
 @pytest.fixture(scope="module")
-def data():
-    return digits("train"), digits("test")
+def data(digits_splits):
+    return digits_splits
 
 
 def _cfg(**farm) -> TrainConfig:

@@ -19,8 +19,10 @@ CORE = {
     "config",
     "config_dict",
     "data",
+    "data_config",
     "engine",
     "estimators",
+    "farm_config",
     "gaussian_allocator",
     "groups",
     "local_backend",
@@ -34,6 +36,7 @@ CORE = {
     "step",
     "trace_memory",
     "trace_proxy",
+    "validation",
 }
 LAYERS = {
     "core": CORE,

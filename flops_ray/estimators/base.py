@@ -17,9 +17,10 @@ from torch import nn
 
 from flops_ray.config import EstimatorConfig
 from flops_ray.groups import ResolvedGroup
-from flops_ray.losses import LossFn, model_outputs
+from flops_ray.losses import LossFn
 from flops_ray.messages import ShardTask
 from flops_ray.seeding import query_noise
+from flops_ray.trace_proxy import clean_pass
 
 
 @dataclass(frozen=True)
@@ -126,11 +127,13 @@ class Estimator(ABC):
     def noise_size(self, x: torch.Tensor) -> int:
         """Noise numbers per query (``x``: the step's batch, for families that probe output sizes)."""
 
-    def clean(self, task: ShardTask, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Clean losses ``(n,)`` and embeddings ``(n, D)`` of the task's items (the same for every group)."""
+    def clean(
+        self, task: ShardTask, x: torch.Tensor, y: torch.Tensor, groups: list[ResolvedGroup]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Clean losses ``(n,)``, embeddings ``(n, D)`` and trace proxies ``(n, G)`` of ``groups`` for the task's
+        items (one pass of the model, the same whichever group's family runs it)."""
         pos = torch.tensor([it.pos for it in task.items], device=x.device)
-        logits, emb = model_outputs(self.model, x[pos])
-        return self.loss_fn(logits, y[pos]), emb
+        return clean_pass(self.model, groups, x[pos], y[pos], self.loss_fn)
 
     @abstractmethod
     def forward(self, shard: Shard) -> Evaluation:

@@ -12,6 +12,7 @@ from flops_ray.blackbox import BlackBoxError, BlackBoxShapeError
 from flops_ray.estimators.base import Estimator, Shard
 from flops_ray.estimators.params import NoiseEvaluation
 from flops_ray.estimators.registry import register_estimator
+from flops_ray.groups import ResolvedGroup
 from flops_ray.messages import ShardTask
 
 
@@ -40,11 +41,16 @@ class BlackBoxEstimator(Estimator):
             samples = sorted({sample_of(task, r) for r in pos.tolist()})
             raise type(exc)(f"shard {task.key}, samples {samples}: {exc}") from exc
 
-    def clean(self, task: ShardTask, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def clean(
+        self, task: ShardTask, x: torch.Tensor, y: torch.Tensor, groups: list[ResolvedGroup]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         pos = torch.tensor([it.pos for it in task.items], device=x.device)
         u = self.model.search.value.detach()
-        # A black box has no embedding to offer; its inputs stand in for the allocator's kernel.
-        return self.losses(task, u.expand(len(pos), -1), x, y, pos, skip=False), x[pos].flatten(1)
+        losses = self.losses(task, u.expand(len(pos), -1), x, y, pos, skip=False)
+        # A black box has no embedding and no gradient to offer: its inputs stand in for the allocator's
+        # kernel, and the trace memory for the proxy.
+        proxy = torch.full((len(pos), len(groups)), float("nan"), dtype=torch.float64, device=x.device)
+        return losses, x[pos].flatten(1), proxy
 
     def forward(self, shard: Shard) -> NoiseEvaluation:
         u = self.group.params[0][1].detach()

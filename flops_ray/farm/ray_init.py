@@ -1,4 +1,4 @@
-"""Start or join Ray for the farm, keeping a local instance on loopback (RAY_NOTES trap 1).
+"""Start or join Ray for the farm, keeping a local instance on loopback (docs/DESIGN.md section 5).
 
 ``flops_ray.farm`` sets ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` before ray is imported; a program that
 imports ray itself first must set it in its environment.

@@ -1,0 +1,55 @@
+"""Where queries run: the ``farm:`` section of a config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flops_ray.validation import require
+
+REDUCTIONS = ("driver", "allreduce")
+
+
+@dataclass(frozen=True)
+class FarmConfig:
+    """Where queries run: in this process, or on a Ray farm of replica actors."""
+
+    backend: str = "local"
+    """``local`` (one in-process replica) or ``ray`` (driver + worker actors)."""
+    workers: int = 2
+    """Ray: number of replica actors."""
+    num_cpus_per_worker: float = 1.0
+    """Ray: CPUs reserved per replica actor."""
+    num_gpus_per_worker: float = 0.0
+    """Ray: GPUs per replica actor (fractions pack several replicas on one GPU)."""
+    replica_resource: str = ""
+    """Ray: name of a custom node resource each replica takes one unit of, capping replicas per node."""
+    address: str = ""
+    """Ray: address of an existing cluster (``auto``, ``ray://...``); empty starts a local Ray on loopback."""
+    shard_cost: int = 64
+    """Target forward passes per shard (one remote call); ~50 ms of work amortises call overhead."""
+    in_flight: int = 2
+    """Ray: calls in flight per replica; completion-order dispatch keeps fast replicas busy."""
+    reduction: str = "driver"
+    """``driver`` (partial sums back to the driver) or ``allreduce`` (torch.distributed among workers)."""
+    max_retries: int = 3
+    """Times a shard is re-dispatched after its worker died before the step fails."""
+    stall_timeout_s: float = 600.0
+    """Ray: seconds without any shard finishing before the step fails (a hung replica or a full cluster)."""
+    collective_timeout_s: float = 60.0
+    """Ray, ``allreduce``: seconds a replica waits in the collective for a peer that may have died."""
+
+    def validate(self) -> None:
+        require(self.backend in ("local", "ray"), "farm.backend", f"must be 'local' or 'ray', got {self.backend!r}")
+        require(self.workers >= 1, "farm.workers", f"must be >= 1, got {self.workers}")
+        require(self.num_cpus_per_worker >= 0, "farm.num_cpus_per_worker", "must be >= 0")
+        require(self.num_gpus_per_worker >= 0, "farm.num_gpus_per_worker", "must be >= 0")
+        require(self.shard_cost >= 2, "farm.shard_cost", f"must be >= 2, got {self.shard_cost}")
+        require(self.in_flight >= 1, "farm.in_flight", f"must be >= 1, got {self.in_flight}")
+        require(self.reduction in REDUCTIONS, "farm.reduction", f"must be one of {REDUCTIONS}")
+        require(self.max_retries >= 0, "farm.max_retries", "must be >= 0")
+        require(self.stall_timeout_s > 0, "farm.stall_timeout_s", f"must be > 0, got {self.stall_timeout_s}")
+        require(
+            self.collective_timeout_s > 0,
+            "farm.collective_timeout_s",
+            f"must be > 0, got {self.collective_timeout_s}",
+        )
