@@ -112,7 +112,7 @@ class QueryEngine:
             return ShardResult(task.key, losses, grad=grad, forwards=forwards, skipped=self._skipped)
         rows, ev, coef = self._evaluate(task)
         grad = ev.sums((coef * weights[rows.item])[:, None])[0]
-        traces, dof = self._item_traces(task, rows, ev, coef)
+        traces, dof = self._item_traces(task, rows, ev, coef) if task.traces else (None, None)
         return ShardResult(
             task.key,
             ev.losses.cpu().numpy(),

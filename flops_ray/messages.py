@@ -66,6 +66,8 @@ class ShardTask:
     items: tuple[ShardItem, ...]
     weights: tuple[float, ...] | None = None
     """Per item ``1 / (B * A_j)`` for ``finalize`` and ``main``; None otherwise."""
+    traces: bool = False
+    """``main``: also return per-item trace estimates, for the trace memory (a pilot always does)."""
 
     @property
     def cost(self) -> int:

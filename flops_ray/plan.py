@@ -66,6 +66,7 @@ def plan_main(
     shard_cost: int,
     unit: int,
     reuse_pilot: bool = True,
+    traces: bool = False,
 ) -> list[ShardTask]:
     """One group's weighted tasks: its pilots finalized (when reused), then the queries ``[pilot, A_j)``.
 
@@ -80,6 +81,7 @@ def plan_main(
         unit: queries per noise draw (a pair is never split).
         reuse_pilot: the pilot's draws enter the estimate (weights ``1 / (B A_j)``); otherwise they only
             allocated, and the estimate averages the ``A_j - pilot`` later queries.
+        traces: main tasks also return per-item trace estimates (for the trace memory).
 
     Returns:
         ``finalize`` tasks (one per pilot chunk, when reused) then ``main`` tasks.
@@ -90,7 +92,13 @@ def plan_main(
     def weighted(kind: TaskKind, chunks: list[Chunk]) -> list[ShardTask]:
         return [
             ShardTask(
-                kind=kind, step=step, group=group, index=i, items=c, weights=tuple(float(weights[it.pos]) for it in c)
+                kind=kind,
+                step=step,
+                group=group,
+                index=i,
+                items=c,
+                weights=tuple(float(weights[it.pos]) for it in c),
+                traces=traces,
             )
             for i, c in enumerate(chunks)
         ]

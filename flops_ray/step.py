@@ -95,7 +95,7 @@ class ForwardStep:
         estimator: estimator settings (pair size, pilot, floor).
         allocator: allocator settings (the trace signal; the kind is in ``allocators``).
         allocators: one per group, stateful across steps.
-        memory: the per-sample trace memory, fed by every step's queries.
+        memory: the per-sample trace memory, fed by the queries of the steps that allocate from it.
         shard_cost: target forward passes per task.
         root_seed: the run's root seed.
     """
@@ -125,13 +125,18 @@ class ForwardStep:
         self.reuse_pilot = reuses_pilot(estimator, allocator)
         self.minimum = least_queries(estimator, allocator)
 
+    def _uses_memory(self, g: int, proxies: np.ndarray) -> bool:
+        """Whether group ``g`` allocates from the trace memory: asked for, or the clean pass has no proxy."""
+        signal = self.allocator.signal
+        return signal == "memory" or (signal == "clean" and not np.isfinite(proxies[:, g]).all())
+
     def _signal(self, g: int, ids: torch.Tensor, proxies: np.ndarray, pilot: np.ndarray) -> np.ndarray:
         """``(B,)`` the trace estimates group ``g``'s allocator reads, from the configured signal."""
         if self.allocator.signal == "pilot":
             return pilot
-        if self.allocator.signal == "clean" and np.isfinite(proxies[:, g]).all():
-            return proxies[:, g]
-        return self.memory.estimate(g, ids).numpy()
+        if self._uses_memory(g, proxies):
+            return self.memory.estimate(g, ids).numpy()
+        return proxies[:, g]
 
     def __call__(
         self, step: int, params: np.ndarray, x: np.ndarray, y: np.ndarray, sample_ids: np.ndarray
@@ -171,8 +176,10 @@ class ForwardStep:
             report.traces.append(traces)
             used = counts if self.reuse_pilot else counts - pilot
             report.variance_ratio.append(variance_ratio(traces, used, total / b))
+            # Per-sample traces of the main queries cost a little per shard: only a memory that is read needs them.
+            feed = self._uses_memory(g, proxies)
             tasks += plan_main(
-                step, g, counts, sample_ids, losses, pilot_chunks, pilot, self.shard_cost, unit, self.reuse_pilot
+                step, g, counts, sample_ids, losses, pilot_chunks, pilot, self.shard_cost, unit, self.reuse_pilot, feed
             )
 
         def fit_allocators() -> None:

@@ -9,11 +9,12 @@
 - Budget: the same accuracy with fewer queries? The default allocator (Neyman from the clean-pass proxy)
   at 75% of equal allocation's budget against equal at 100%, paired by seed, trained longer.
 
-Writes ``reproduce.json``, ``table1.png``, ``figure4.png`` and ``figure5.png`` to ``--out``; docs/RESULTS.md
-shows the figures of a full run.
+Writes ``reproduce.json``, ``table1.png``, ``figure4.png`` and ``figure5.png`` to ``--out`` (``--part budget``:
+``budget.json``); docs/RESULTS.md shows the figures of a full run.
 
     python jobs/reproduce.py --quick --out runs/reproduce
     python jobs/reproduce.py --out docs/results
+    python jobs/reproduce.py --part budget --out docs/results
     ray job submit --working-dir . -- python jobs/reproduce.py --out runs/reproduce
 """
 
@@ -112,8 +113,6 @@ class ReproduceConfig:
         default_factory=lambda: EstimatorStudy(queries=(4, 8, 16, 32, 64, 128), cosine_reps=3)
     )
     """The estimator benchmark's sweep (its own seed, digits batch and layers)."""
-    budget: BudgetStudy = field(default_factory=lambda: BudgetStudy())
-    """Same accuracy with fewer queries."""
 
 
 QUICK = ReproduceConfig(
@@ -125,7 +124,6 @@ QUICK = ReproduceConfig(
     eval_every=1,
     shapes_train=160,
     shapes_test=40,
-    budget=BudgetStudy(seeds=(0, 1), steps=2),
     figure4=EstimatorStudy(
         queries=(4, 8),
         layers=(("late", "blocks.3.mlp.fc2"),),
@@ -342,9 +340,11 @@ def table1(rc: ReproduceConfig, data_dir: Path) -> list[dict]:
     return runs
 
 
-def budget_study(rc: ReproduceConfig) -> dict:
+QUICK_BUDGET = BudgetStudy(seeds=(0, 1), steps=2)
+
+
+def budget_study(rc: ReproduceConfig, study: BudgetStudy) -> dict:
     """Equal allocation at the full budget against the default allocator at ``fraction`` of it, per seed."""
-    study = rc.budget
     small = round(rc.queries_per_sample * study.fraction / 2) * 2
     arms = {
         "equal": (Method("LR", "lr"), rc.queries_per_sample),
@@ -360,6 +360,7 @@ def budget_study(rc: ReproduceConfig) -> dict:
     acc = {(r["arm"], r["seed"]): r["accuracy"] for r in runs}
     diff = np.array([acc["default", s] - acc["equal", s] for s in study.seeds])
     return {
+        "config": {"reproduce": dataclasses.asdict(rc), "budget": dataclasses.asdict(study)},
         "queries_per_sample": {arm: budget for arm, (_, budget) in arms.items()},
         "accuracy_mean": {arm: float(np.mean([acc[arm, s] for s in study.seeds])) for arm in arms},
         "difference": {"per_seed": diff.tolist(), "mean": float(diff.mean()), "std": float(diff.std(ddof=1))},
@@ -431,8 +432,6 @@ def main(rc: ReproduceConfig, out: Path) -> dict:
     print(f"table 1: {len(rc.methods)} methods x {len(rc.datasets)} datasets x {len(rc.seeds)} seeds", flush=True)
     with tempfile.TemporaryDirectory(prefix="reproduce-data-") as data_dir:
         runs = table1(rc, Path(data_dir))
-    print(f"budget: {len(rc.budget.seeds)} seeds x 2 arms, {rc.budget.steps} steps", flush=True)
-    budget = budget_study(rc)
     cells = by_cell(runs)
     summary = {d: {m: accuracy_summary(rs) for m, rs in methods.items()} for d, methods in cells.items()}
     gains = allocator_gains(runs, rc.methods)
@@ -446,7 +445,6 @@ def main(rc: ReproduceConfig, out: Path) -> dict:
         "allocator_gains": gains,
         "figure4": {"cosine": cosine, "variance_ratio": ratio},
         "figure5": figure5,
-        "budget": budget,
         "runs": runs,
         "seconds": {"figure4": figure4_seconds, "total": time.perf_counter() - t0},
     }
@@ -473,7 +471,6 @@ def tables(result: dict) -> list[str]:
             summary, lambda c: ", ".join(f"{a:.2f} / {_num(t)}" for a, t in zip(c["count_cv"], c["sqrt_trace_cv"]))
         ),
         markdown(result["figure5"], lambda c: f"{c['step_seconds']:.3f} ({c['farm_step_seconds']:.3f})"),
-        budget_table(result["budget"]),
     ]
 
 
@@ -494,9 +491,29 @@ def budget_table(budget: dict) -> str:
     )
 
 
+def main_budget(rc: ReproduceConfig, study: BudgetStudy, out: Path) -> dict:
+    """The budget study alone: writes ``budget.json`` and prints its table."""
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"budget: {len(study.seeds)} seeds x 2 arms, {study.steps} steps", flush=True)
+    result = budget_study(rc, study)
+    (out / "budget.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(budget_table(result))
+    return result
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny budgets and steps, under a minute on 2 cores")
     parser.add_argument("--out", type=Path, default=Path("runs/reproduce"), help="output directory")
+    parser.add_argument(
+        "--part",
+        choices=("tables", "budget"),
+        default="tables",
+        help="tables: Table 1 and Figures 4-5 (reproduce.json); budget: the fewer-queries study (budget.json)",
+    )
     args = parser.parse_args()
-    main(QUICK if args.quick else ReproduceConfig(), args.out)
+    rc = QUICK if args.quick else ReproduceConfig()
+    if args.part == "budget":
+        main_budget(rc, QUICK_BUDGET if args.quick else BudgetStudy(), args.out)
+    else:
+        main(rc, args.out)

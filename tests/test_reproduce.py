@@ -143,10 +143,25 @@ def test_results_doc_shows_the_committed_full_run(monkeypatch):
     assert all((ROOT / "docs" / f).is_file() for f in figures)
 
 
-def test_budget_study_is_paired_by_seed(quick):
-    result, _, _ = quick
-    budget = result["budget"]
+def test_budget_study_is_paired_by_seed(tmp_path, run_script):
+    run_script("jobs/reproduce.py", "--quick", "--part", "budget", "--out", str(tmp_path))
+    budget = json.loads((tmp_path / "budget.json").read_text())
     assert budget["queries_per_sample"] == {"equal": 4, "default": 4}  # quick: 75% of 4, rounded to a pair
     acc = {(r["arm"], r["seed"]): r["accuracy"] for r in budget["runs"]}
-    seeds = result["config"]["budget"]["seeds"]
+    seeds = budget["config"]["budget"]["seeds"]
     assert budget["difference"]["per_seed"] == pytest.approx([acc["default", s] - acc["equal", s] for s in seeds])
+
+
+def test_results_doc_shows_the_committed_allocation_and_budget_runs(monkeypatch):
+    """docs/RESULTS.md shows the tables of the committed bench_allocation.json and budget.json."""
+    monkeypatch.syspath_prepend(str(ROOT / "jobs"))
+    import bench_allocation
+    import reproduce
+
+    doc = (ROOT / "docs/RESULTS.md").read_text()
+    allocation = json.loads((ROOT / "docs/results/bench_allocation.json").read_text())
+    assert bench_allocation.table(allocation["checkpoints"]) in doc
+    assert allocation["default_allocator"] == "neyman/clean"
+    budget = json.loads((ROOT / "docs/results/budget.json").read_text())
+    assert reproduce.budget_table(budget) in doc
+    assert budget["config"]["budget"] == dataclasses.asdict(reproduce.BudgetStudy())
