@@ -35,7 +35,8 @@ class BlackBoxError(RuntimeError):
 
 
 class BlackBoxShapeError(BlackBoxError):
-    """The loss function returned a shape other than ``(R,)``: a bug in the function, never skipped."""
+    """The loss function returned a shape other than ``(R,)`` or non-float losses: a bug in the function,
+    never skipped."""
 
 
 class SearchVector(nn.Module):
@@ -103,6 +104,9 @@ class BlackBox(nn.Module):
         out = torch.as_tensor(out, device=u.device)
         if out.shape != (len(u),):
             raise BlackBoxShapeError(f"the loss function returned shape {tuple(out.shape)}, expected ({len(u)},)")
+        if not out.is_floating_point():
+            # Integer or boolean losses quantise every difference L_q - L_0 the estimate is made of.
+            raise BlackBoxShapeError(f"the loss function returned {out.dtype} losses; return floating-point losses")
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

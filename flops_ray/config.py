@@ -241,7 +241,7 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         """Check every field; returns self so calls chain."""
         require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
-        require(self.steps >= 0, "steps", f"must be >= 0, got {self.steps}")
+        require(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
         require(self.lr > 0 and math.isfinite(self.lr), "lr", f"must be > 0, got {self.lr}")
         require(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         require(self.grad_clip >= 0, "grad_clip", "must be >= 0")

@@ -111,6 +111,8 @@ class MetricsLog:
         if self.path.exists() and not self.path.is_dir():
             raise ValueError(f"{self.path}: not a metrics directory; move the file or use another --out")
         self.path.mkdir(parents=True, exist_ok=True)
+        self.kept = 0
+        """Rows of an earlier run kept (a resumed run's history)."""
         self._keep_before(0 if resume_step is None else resume_step)
 
     def _keep_before(self, step: int) -> None:
@@ -123,6 +125,7 @@ class MetricsLog:
                     f"{_column_change(table.schema, self.schema)}); move it or use another --out"
                 )
             kept = table.filter(pc.less(table.column("step"), step))
+            self.kept += kept.num_rows
             if kept.num_rows == 0:
                 part.unlink()
             elif kept.num_rows < table.num_rows:

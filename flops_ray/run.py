@@ -24,6 +24,7 @@ from flops_ray.metrics_log import MetricsLog
 from flops_ray.models import create_model
 from flops_ray.parquet_data import read_parquet
 from flops_ray.plot import plot_metrics
+from flops_ray.run_lock import owned
 from flops_ray.step import StepReport
 from flops_ray.trainer import Trainer, accuracy
 from flops_ray.weights import load_pretrained
@@ -154,6 +155,12 @@ def train(
         cfg, job = quick_config(cfg, job)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    # Two runs writing one directory would mix checkpoints, metrics and summaries.
+    with owned(out):
+        return _train(cfg, out, job, quick, resume, t0)
+
+
+def _train(cfg: TrainConfig, out: Path, job: JobConfig, quick: bool, resume: bool, t0: float) -> dict[str, Any]:
     ckpt = out / CHECKPOINT
     resuming = resume and ckpt.is_file()
     if resume and not resuming:
@@ -161,6 +168,8 @@ def train(
     trainer = build(cfg, ckpt if resuming else None)
     start = trainer.step_count
     metrics = MetricsLog(out / METRICS, [g.name for g in cfg.groups], job.flush_every, start if resuming else None)
+    if resuming and metrics.kept < start:
+        print(f"warning: {out / METRICS} holds {metrics.kept} of the {start} rows before step {start}", flush=True)
     progress = Progress(cfg.steps, start, job.log_every)
     try:
         reports = trainer.fit(hooks=[lambda _, report: metrics.append(report), progress])

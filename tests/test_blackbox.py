@@ -194,3 +194,10 @@ def test_failed_step_leaves_the_checkpoint_intact(tmp_path):
     resumed = Trainer(cfg, _box(_poisoned(bad, "nan")), DATA)
     assert resumed.resume(path) == 1
     assert torch.equal(torch.from_numpy(resumed.get_params()), torch.from_numpy(tr.get_params()))
+
+
+def test_integer_losses_are_refused():
+    """Integer or boolean losses quantise every difference the estimate is made of: an error, never skipped."""
+    box = BlackBox(lambda thetas, x, y: (thetas.sum(-1) > 0).long(), torch.zeros(3))
+    with pytest.raises(BlackBoxShapeError, match="int64 losses; return floating-point losses"):
+        box.losses(torch.zeros(4, 3), torch.ones(4, 3), torch.ones(4))

@@ -44,6 +44,8 @@ def _group(**kw) -> GroupConfig:
         (TrainConfig(groups=()), r"groups"),
         (TrainConfig(groups=(_group(), _group())), r"unique"),
         (TrainConfig(batch_size=0), r"batch_size"),
+        (TrainConfig(steps=0), r"^steps: must be >= 1"),
+        (TrainConfig(eval_every=-3), r"^eval_every: must be >= 0"),
         (TrainConfig(lr=0.0), r"^lr"),
         (TrainConfig(estimator=EstimatorConfig(kind="adjoint")), r"estimator\.kind"),
         (TrainConfig(estimator=EstimatorConfig(floor=3)), r"estimator\.floor"),
@@ -72,6 +74,23 @@ def test_unknown_keys_are_named():
         config_from_dict({"lerning_rate": 0.1})
     with pytest.raises(ConfigError, match=r"allocator: unknown keys \['kind_'\]"):
         config_from_dict({"allocator": {"kind_": "equal"}})
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        ({"lr": "fast"}, r"^lr: must be a number, got 'fast'"),
+        ({"steps": "ten"}, r"^steps: must be an integer, got 'ten'"),
+        ({"steps": 2.5}, r"^steps: must be an integer, got 2.5"),
+        ({"batch_size": 8.5}, r"^batch_size: must be an integer"),
+        ({"farm": {"workers": 1.5}}, r"^farm\.workers: must be an integer"),
+        ({"groups": [{"name": "g", "modules": ["head"], "sigma": 0.1, "queries_per_sample": "lots"}]}, r"groups\[0\]"),
+        ({"backprop": "yes"}, r"^backprop: must be true or false"),
+    ],
+)
+def test_types_are_checked_at_load(data, match):
+    with pytest.raises(ConfigError, match=match):
+        config_from_dict(data)
 
 
 def test_dict_round_trip():

@@ -32,3 +32,38 @@ def test_quick_run_in_process_then_resume(tmp_path, check_outputs):
         (end[k] == v).all() for k, v in read_checkpoint(tmp_path / "straight" / "checkpoint.safetensors").model.items()
     )
     assert any((end[k] != v).any() for k, v in first.model.items())
+
+
+def test_an_output_directory_belongs_to_one_run(tmp_path):
+    """A live owner's lock refuses a second run at once, naming it; a dead owner's lock is taken over."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import pytest
+
+    from flops_ray.run_lock import LOCK, RunLockedError
+
+    cfg, job = load_config(None, ["farm.backend=local", "steps=1"])
+    lock = tmp_path / LOCK
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+    with pytest.raises(RunLockedError, match=rf"in use by the run of process {os.getpid()} on "):
+        train(cfg, tmp_path, job, quick=True)
+    assert not (tmp_path / "finetune_vit.json").exists(), "nothing was written"
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": int(gone.stdout)}))
+    assert train(cfg, tmp_path, job, quick=True)["steps"] == 1
+    assert not lock.exists(), "a finished run releases its directory"
+
+
+def test_resume_says_when_metrics_rows_are_missing(tmp_path, capsys):
+    import shutil
+
+    cfg, job = load_config(None, ["farm.backend=local", "steps=2"])
+    train(cfg, tmp_path, job, quick=True)
+    shutil.rmtree(tmp_path / "metrics.parquet")
+    train(dataclasses.replace(cfg, steps=3), tmp_path, job, quick=True, resume=True)
+    assert "metrics.parquet holds 0 of the 2 rows before step 2" in capsys.readouterr().out

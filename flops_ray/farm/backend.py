@@ -39,10 +39,20 @@ class RayBackend:
         worker_options: Sequence[WorkerOptions] | None = None,
     ):
         farm = cfg.farm
-        self._owns_ray = init_ray(farm)
         options = list(worker_options or [WorkerOptions()] * farm.workers)
         if len(options) != farm.workers:
             raise ValueError(f"{len(options)} worker options for {farm.workers} workers")
+        self._owns_ray = init_ray(farm)
+        try:
+            self._start(cfg, model, loss_fn, options)
+        except BaseException:
+            # A farm that failed to start must not leave the caller with a Ray it did not ask for.
+            if self._owns_ray:
+                ray.shutdown()
+            raise
+
+    def _start(self, cfg: TrainConfig, model: nn.Module, loss_fn: LossFn, options: list[WorkerOptions]) -> None:
+        farm = cfg.farm
         # The closure below keeps this reference alive, so replacement replicas load the same copy.
         model_ref = ray.put(model)
         resources = {farm.replica_resource: 1} if farm.replica_resource else None
