@@ -27,7 +27,10 @@ class JobConfig:
     out: str = ""
     """Output directory when ``--out`` is not given (empty: ``runs/<config file stem>``)."""
     checkpoint_every: int = 0
-    """Save a checkpoint every this many steps (0: only at the end). Each save replaces the last atomically."""
+    """Save a checkpoint every this many steps (0: only by time, at the end, and on a stop or an error).
+    Each save replaces the last atomically."""
+    checkpoint_minutes: float = 5.0
+    """Also save a checkpoint when this many minutes have passed since the last one (0: never by time)."""
     log_every: int = 10
     """Print a progress line every this many steps."""
     flush_every: int = 50
@@ -36,6 +39,7 @@ class JobConfig:
     def validate(self) -> JobConfig:
         """Check the fields; returns self."""
         require(self.checkpoint_every >= 0, "job.checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
+        require(self.checkpoint_minutes >= 0, "job.checkpoint_minutes", f"must be >= 0, got {self.checkpoint_minutes}")
         require(self.log_every >= 1, "job.log_every", f"must be >= 1, got {self.log_every}")
         require(self.flush_every >= 1, "job.flush_every", f"must be >= 1, got {self.flush_every}")
         return self

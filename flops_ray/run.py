@@ -24,8 +24,8 @@ from flops_ray.metrics_log import MetricsLog
 from flops_ray.models import create_model
 from flops_ray.parquet_data import read_parquet
 from flops_ray.plot import plot_metrics
+from flops_ray.run_hooks import Checkpointer, GracefulStop, Progress
 from flops_ray.run_lock import owned
-from flops_ray.step import StepReport
 from flops_ray.trainer import Trainer, accuracy
 from flops_ray.weights import load_pretrained
 
@@ -83,41 +83,6 @@ def load_datasets(data: DataConfig, model: nn.Module) -> tuple[ArrayDataset, Arr
 
 
 # ---- training -------------------------------------------------------------------------------------------
-class Progress:
-    """A step hook printing a progress line every ``every`` steps, with the ETA of the remaining steps."""
-
-    def __init__(self, total: int, start: int, every: int):
-        self.total, self.start, self.every = total, start, every
-        self.seconds = 0.0
-
-    def __call__(self, trainer: Trainer, report: StepReport) -> None:
-        self.seconds += report.seconds
-        done = trainer.step_count
-        if done % self.every and done != self.total:
-            return
-        eta = (self.total - done) * self.seconds / (done - self.start)
-        acc = f"{report.accuracy:.3f}" if report.accuracy is not None else "  -  "
-        qps = report.queries / report.seconds if report.seconds > 0 else 0.0
-        skipped = f"  skipped {report.skipped} queries" if report.skipped else ""
-        print(
-            f"step {done:>5}/{self.total}  loss {report.loss:.4f}  acc {acc}  {qps:>9,.0f} queries/s"
-            f"  {report.seconds:.2f} s/step  eta {eta / 60:.1f} min{skipped}",
-            flush=True,
-        )
-
-
-def checkpoint_hook(metrics: MetricsLog, path: Path, every: int):
-    """A step hook saving a checkpoint every ``every`` steps, after flushing the metrics rows before it."""
-
-    def hook(trainer: Trainer, report: StepReport) -> None:
-        if every and trainer.step_count % every == 0:
-            # Rows first: a checkpoint at step N promises every metrics row before N is on disk.
-            metrics.flush()
-            trainer.save(path)
-
-    return hook
-
-
 def build(cfg: TrainConfig, resume_from: Path | None = None) -> Trainer:
     """The model, data and trainer of ``cfg``; resumed from a checkpoint when ``resume_from`` is given."""
     model = create_model(cfg.model, cfg.data.num_classes, cfg.data.img_size, cfg.seed)
@@ -171,15 +136,24 @@ def _train(cfg: TrainConfig, out: Path, job: JobConfig, quick: bool, resume: boo
     if resuming and metrics.kept < start:
         print(f"warning: {out / METRICS} holds {metrics.kept} of the {start} rows before step {start}", flush=True)
     progress = Progress(cfg.steps, start, job.log_every)
+    saver = Checkpointer(metrics, ckpt, job.checkpoint_every, job.checkpoint_minutes)
+    stop = GracefulStop()
     try:
-        reports = trainer.fit(hooks=[lambda _, report: metrics.append(report), progress])
-        metrics.flush()
-        trainer.save(ckpt)
+        with stop:
+            reports = trainer.fit(hooks=[lambda _, report: metrics.append(report), progress, saver, stop.hook])
+        saver.save(trainer)
         accs = [r.accuracy for r in reports if r.accuracy is not None]
         last_acc = accs[-1] if accs else (trainer.evaluate() if trainer.test_set is not None else None)
+    except BaseException:
+        # A failed step is never applied, so the trainer holds the last completed step: keep it.
+        saver.save(trainer)
+        print(f"saved {ckpt} at step {trainer.step_count}; --resume continues from there", flush=True)
+        raise
     finally:
         metrics.close()
         trainer.close()
+    if stop.requested:
+        print(f"stopped by {stop.requested} at step {trainer.step_count}: --resume continues", flush=True)
     plots = plot_metrics(out / METRICS, out)
     queries = sum(r.queries for r in reports)
     summary = {
@@ -195,6 +169,7 @@ def _train(cfg: TrainConfig, out: Path, job: JobConfig, quick: bool, resume: boo
         "config": config_to_dict(cfg),
         "job": dataclasses.asdict(job),
         "quick": quick,
+        "stopped_by": stop.requested,
         "files": {"checkpoint": CHECKPOINT, "metrics": METRICS, "plots": [p.name for p in plots]},
     }
     (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")

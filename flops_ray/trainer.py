@@ -29,6 +29,11 @@ from flops_ray.step import Backend, ForwardStep, StepReport
 from flops_ray.trace_memory import TraceMemory
 from flops_ray.train_state import CheckpointError, TrainState, check_resumable
 
+
+class StopTraining(Exception):
+    """Raised by a step hook to end :meth:`Trainer.fit` after the current step (a clean stop, not an error)."""
+
+
 StepHook = Callable[["Trainer", StepReport], None]
 """Called by :meth:`Trainer.fit` after every step (and its evaluation, if any) with the step's report."""
 BackendFactory = Callable[[TrainConfig, nn.Module, LossFn], Backend]
@@ -168,7 +173,8 @@ class Trainer:
         """Run ``steps`` steps (default: up to ``cfg.steps``), evaluating every ``cfg.eval_every`` and at the end.
 
         Every hook is called after each step with the trainer and the step's report (metrics logs,
-        progress lines and checkpoints are hooks), so the loop is written once.
+        progress lines and checkpoints are hooks), so the loop is written once. A hook that raises
+        :class:`StopTraining` ends the loop after that step; the reports so far are returned.
         """
         target = self.cfg.steps if steps is None else self.step_count + steps
         reports = []
@@ -178,8 +184,11 @@ class Trainer:
             if self.test_set is not None and (self.step_count == target or (every and self.step_count % every == 0)):
                 report.accuracy = self.evaluate()
             reports.append(report)
-            for hook in hooks:
-                hook(self, report)
+            try:
+                for hook in hooks:
+                    hook(self, report)
+            except StopTraining:
+                break
         return reports
 
     # ---- resumable state ----------------------------------------------------------------------------

@@ -42,7 +42,7 @@ LAYERS = {
     "core": CORE,
     "farm": {"farm"},
     "training": {"checkpoint", "driver", "metrics_log", "parquet_data", "train_state", "trainer", "weights"},
-    "app": {"__init__", "cli", "estimator_study", "job_config", "plot", "run", "run_lock"},
+    "app": {"__init__", "cli", "estimator_study", "job_config", "plot", "run", "run_hooks", "run_lock"},
 }
 RANK = {name: rank for rank, name in enumerate(LAYERS)}
 FILE_MODULES = {"ray", "os", "pathlib", "pyarrow", "safetensors", "io", "shutil", "tempfile"}
