@@ -67,3 +67,24 @@ def test_resume_says_when_metrics_rows_are_missing(tmp_path, capsys):
     shutil.rmtree(tmp_path / "metrics.parquet")
     train(dataclasses.replace(cfg, steps=3), tmp_path, job, quick=True, resume=True)
     assert "metrics.parquet holds 0 of the 2 rows before step 2" in capsys.readouterr().out
+
+
+def test_checkpoints_every_n_steps(tmp_path):
+    """``job.checkpoint_every``: after every N-th step the checkpoint on disk is that step's, rows flushed first."""
+    from flops_ray.metrics_log import MetricsLog, read_metrics
+    from flops_ray.run import build
+    from flops_ray.run_hooks import Checkpointer
+
+    cfg, _ = load_config(None, ["farm.backend=local", "model=digits_vit", "steps=3", "batch_size=8"])
+    path, seen = tmp_path / "ck.safetensors", []
+    with MetricsLog(tmp_path / "m.parquet", [g.name for g in cfg.groups], flush_every=100) as metrics:
+        saver = Checkpointer(metrics, path, every=2, minutes=0)
+        trainer = build(cfg)
+        trainer.fit(
+            hooks=[
+                lambda _, r: metrics.append(r),
+                saver,
+                lambda t, r: seen.append(read_checkpoint(path).step if path.exists() else None),
+            ]
+        )
+        assert seen == [None, 2, 2] and read_metrics(tmp_path / "m.parquet").num_rows == 2
