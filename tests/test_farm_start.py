@@ -12,7 +12,7 @@ import torch
 from flops_ray import ArrayDataset, BlackBox, EstimatorConfig, FarmConfig, TrainConfig, Trainer
 
 # The trainer starts (and must stop) its own local Ray: private HOME and RAY_TMPDIR, loopback, no auth.
-pytestmark = pytest.mark.usefixtures("ray_env")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_env")]
 
 
 def test_a_model_that_cannot_ship_leaves_no_ray_behind():
