@@ -145,9 +145,11 @@ def _train(cfg: TrainConfig, out: Path, job: JobConfig, quick: bool, resume: boo
         accs = [r.accuracy for r in reports if r.accuracy is not None]
         last_acc = accs[-1] if accs else (trainer.evaluate() if trainer.test_set is not None else None)
     except BaseException:
-        # A failed step is never applied, so the trainer holds the last completed step: keep it.
-        saver.save(trainer)
-        print(f"saved {ckpt} at step {trainer.step_count}; --resume continues from there", flush=True)
+        # A step that fails is not applied, so the trainer holds its last whole step: keep it, unless a step
+        # was cut off while being applied (then the checkpoint on disk stays the last good one).
+        if trainer.consistent and trainer.step_count > start:
+            saver.save(trainer)
+            print(f"saved {ckpt} at step {trainer.step_count}; --resume continues from there", flush=True)
         raise
     finally:
         metrics.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -73,7 +74,8 @@ class GracefulStop:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
-        print(f"{self.requested}: stopping after this step (send it again to stop at once)", flush=True)
+        # os.write, not print: a handler may run in the middle of a print, which must not be re-entered.
+        os.write(2, f"{self.requested}: stopping after this step (send it again to stop at once)\n".encode())
 
     def hook(self, trainer: Trainer, report: StepReport) -> None:
         """The step hook: ends the run once a stop was asked for."""
@@ -87,4 +89,5 @@ class GracefulStop:
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            if handler is not None:  # None: a handler installed outside Python, which cannot be restored
+                signal.signal(sig, handler)

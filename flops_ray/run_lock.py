@@ -41,9 +41,10 @@ def owned(out: Path) -> Iterator[Path]:
         except FileExistsError:
             try:
                 owner = json.loads(path.read_text())
-            except (OSError, ValueError):
-                owner = {}
-            if owner.get("host") == me["host"] and not _alive(int(owner.get("pid", -1))):
+                pid = int(owner.get("pid"))
+            except (OSError, ValueError, TypeError, AttributeError):
+                owner, pid = {}, -1
+            if owner.get("host") == me["host"] and pid > 0 and not _alive(pid):
                 path.unlink(missing_ok=True)  # stale: its process is gone
                 continue
             raise RunLockedError(

@@ -123,6 +123,8 @@ class ForwardStep:
         self.shard_cost = shard_cost
         self.root_seed = root_seed
         self.reuse_pilot = reuses_pilot(estimator, allocator)
+        self.committing = False
+        """True from the moment a step's results start changing state until the trainer has applied it."""
         self.minimum = least_queries(estimator, allocator)
 
     def _uses_memory(self, g: int, proxies: np.ndarray) -> bool:
@@ -194,10 +196,15 @@ class ForwardStep:
         try:
             results = self.backend.run(tasks, meanwhile=fit_allocators)
             grads = self.backend.reduce(tasks, results, self.sizes)
+            bad = [cfg.name for cfg, grad in zip(self.groups, grads) if not np.isfinite(grad).all()]
+            if bad:
+                raise FloatingPointError(f"step {step}: the gradient estimate of groups {bad} is not finite")
         except BaseException:
             for allocator, state in zip(self.allocators, saved):
                 allocator.load_state_dict(state)
             raise
+        # From here the step changes state for good: the trainer clears this once the step is applied.
+        self.committing = True
         # Every query of the visit informs the memory, for later steps only.
         for g in range(len(self.groups)):
             visit, dof = _per_sample(pilot_tasks + tasks, pilot_results + results, g, b)

@@ -36,15 +36,21 @@ def clean_pass(
     """
     outputs: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (group, output y (n, T, d), input norms (n,))
 
+    unbatched: set[int] = set()
+
     def make_hook(g: int, bias: bool):
         def hook(module, inputs, out):
             h = inputs[0].detach()
+            if h.shape[0] != len(x):
+                unbatched.add(g)  # rows are not samples here: no per-sample proxy for this group
+                return out
             h = h.reshape(h.shape[0], -1, h.shape[-1]).double()  # (n, T, C_in)
             if not out.requires_grad:
                 # The graph starts at the first perturbed linear: nothing below it is recorded.
                 out = out.detach().requires_grad_(True)
             outputs.append((g, out, (h**2).sum((1, 2)) + (h.shape[1] if bias else 0)))
-            return out
+            # A copy goes on, so an in-place op downstream leaves the recorded output intact.
+            return out.clone()
 
         return hook
 
@@ -64,6 +70,7 @@ def clean_pass(
                 for (g, _, norms), e in zip(outputs, errors):
                     if e is not None:
                         proxy[:, g] += (e.double() ** 2).flatten(1).sum(1) * norms
+                proxy[:, sorted(unbatched)] = float("nan")
     finally:
         for handle in handles:
             handle.remove()

@@ -103,6 +103,7 @@ class Trainer:
         self.allocators = [create_allocator(cfg.allocator) for _ in cfg.groups]
         self.memory = TraceMemory(len(cfg.groups), len(train), cfg.allocator.memory_decay, cfg.allocator.memory_prior)
         self.step_count = 0
+        self._committing = False
         self.backend: Backend | None = None
         self.forward_step: ForwardStep | None = None
         if not cfg.backprop:
@@ -131,13 +132,23 @@ class Trainer:
         t0 = time.perf_counter()
         if self.forward_step is None:
             report = self._backprop(x, y)
+            self._committing = True
         else:
             grads, report = self.forward_step(self.step_count, self.get_params(), x, y, ids)
             self._apply(grads)
         self.optimizer.step()
         self.step_count += 1
+        self._committing = False
+        if self.forward_step is not None:
+            self.forward_step.committing = False
         report.seconds = time.perf_counter() - t0
         return report
+
+    @property
+    def consistent(self) -> bool:
+        """Whether the state is that of a whole number of steps (False if a step was cut off while being
+        applied): only then may it be saved. A step that fails before it is applied changes nothing."""
+        return not (self._committing or (self.forward_step is not None and self.forward_step.committing))
 
     def _apply(self, grads: list[np.ndarray]) -> None:
         for g, grad in zip(self.groups, grads):
@@ -181,14 +192,20 @@ class Trainer:
         every = self.cfg.eval_every
         while self.step_count < target:
             report = self.step()
+            failed = None
             if self.test_set is not None and (self.step_count == target or (every and self.step_count % every == 0)):
-                report.accuracy = self.evaluate()
+                try:
+                    report.accuracy = self.evaluate()
+                except Exception as exc:  # the step is done: its hooks (metrics rows) still run, then the error
+                    failed = exc
             reports.append(report)
             try:
                 for hook in hooks:
                     hook(self, report)
             except StopTraining:
                 break
+            if failed is not None:
+                raise failed
         return reports
 
     # ---- resumable state ----------------------------------------------------------------------------

@@ -127,3 +127,21 @@ def test_nonfinite_loss_names_shard_and_row():
     engine.set_batch(0, torch.where(torch.arange(x.numel()).view_as(x) == 0, float("nan"), x), y)
     with pytest.raises(NonFiniteLossError, match=r"shard .* batch row 0"):
         engine.run(_main(0, 0, (ShardItem(0, 2, 0, 2, clean),), (1.0,)))
+
+
+def test_clean_pass_proxy_survives_in_place_ops_after_a_group_linear():
+    """A ReLU(inplace=True) right after a perturbed linear must neither fail nor change the recorded output."""
+    from flops_ray.groups import resolve_groups
+    from flops_ray.trace_proxy import clean_pass
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(inplace=True), nn.Linear(8, 3))
+    groups = resolve_groups(model, (GroupConfig("first", ("0",), 0.1, 2),), linear_outputs=True)
+    x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+    losses, _, proxy = clean_pass(model, groups, x, y, cross_entropy)
+    assert torch.allclose(losses, cross_entropy(model(x), y))
+    # dL/dy of the first linear, by autograd on the whole model, gives the same proxy.
+    y1 = model[0](x).detach().requires_grad_(True)
+    (e,) = torch.autograd.grad(cross_entropy(model[2](torch.relu(y1)), y).sum(), y1)
+    want = (e.double() ** 2).sum(1) * ((x.double() ** 2).sum(1) + 1)
+    assert torch.allclose(proxy[:, 0], want)
