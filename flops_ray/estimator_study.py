@@ -76,21 +76,23 @@ def _setup(bench: EstimatorStudy, module: str, estimator: str):
 def cosine_sweep(bench: EstimatorStudy) -> list[dict]:
     """Cosine to backprop for every (estimator, allocator, queries, layer)."""
     rows = []
+    samples = len(digits("train"))  # the trace memory's size (one per dataset index)
     for estimator in bench.estimators:
         for label, module in bench.layers:
             engine, group, est, (x, y, ids), true = _setup(bench, module, estimator)
             backend = LocalBackend(QueryEngine(copy.deepcopy(engine.model), (group,), est, bench.seed))
             params = engine.get_params().numpy()
             for alloc in bench.allocators:
+                alloc_cfg = AllocatorConfig(kind=alloc)
                 for q in bench.queries:
                     step = ForwardStep(
                         backend,
                         groups=(GroupConfig("layer", (module,), bench.sigma, q),),
                         sizes=[engine.groups[0].size],
                         estimator=est,
-                        allocator=AllocatorConfig(kind=alloc),
-                        allocators=[create_allocator(AllocatorConfig(kind=alloc))],
-                        memory=TraceMemory(1, len(digits("train"))),
+                        allocator=alloc_cfg,
+                        allocators=[create_allocator(alloc_cfg)],
+                        memory=TraceMemory(1, samples),
                         shard_cost=64,
                         root_seed=bench.seed,
                     )
