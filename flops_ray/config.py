@@ -136,7 +136,7 @@ class AllocatorConfig:
     kind: str = "neyman"
     """``equal``, ``bernoulli`` (eq. 6), ``gaussian`` (eq. 5, fitted by eqs. 9-11) or ``neyman``
     (closed-form optimum ``A_j ~ sqrt(T_j)``); the registered allocators of :mod:`flops_ray.allocators`.
-    The default, Neyman from the clean-pass proxy, came within 0.01 of the oracle's variance ratio at
+    The default, Neyman from the clean-pass proxy, matched or beat the oracle's error ratio at
     every checkpoint of ``jobs/bench_allocation.py`` (docs/RESULTS.md)."""
     bernoulli_p: float = 0.5
     """Bernoulli: probability that a below-mean-loss sample is cut to half its queries."""
