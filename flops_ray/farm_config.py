@@ -24,17 +24,23 @@ class FarmConfig:
     replica_resource: str = ""
     """Ray: name of a custom node resource each replica takes one unit of, capping replicas per node."""
     address: str = ""
-    """Ray: address of an existing cluster (``auto``, ``ray://...``); empty starts a local Ray on loopback."""
+    """Ray: address of an existing cluster (``auto``, ``host:port``, ``ray://...``); empty starts a local Ray
+    on loopback (or joins ``RAY_ADDRESS``, as set by ``ray job submit``)."""
+    connect_timeout_s: float = 30.0
+    """Ray: seconds to wait for ``address`` to answer before failing (Ray itself would retry forever)."""
     shard_cost: int = 64
     """Target forward passes per shard (one remote call); ~50 ms of work amortises call overhead."""
     in_flight: int = 2
     """Ray: calls in flight per replica; completion-order dispatch keeps fast replicas busy."""
     reduction: str = "driver"
     """``driver`` (partial sums back to the driver) or ``allreduce`` (torch.distributed among workers)."""
-    max_retries: int = 3
-    """Times a shard is re-dispatched after its worker died before the step fails."""
+    max_retries: int = 10
+    """Ray: replica deaths in a row, with no shard or sync finishing in between, before the farm fails.
+    Progress refills the budget, so a storm of preemptions is survived while work still gets done;
+    replacements in a row wait with exponential backoff (0.5 s doubling, at most 10 s)."""
     stall_timeout_s: float = 600.0
-    """Ray: seconds without any shard finishing before the step fails (a hung replica or a full cluster)."""
+    """Ray: seconds without any shard finishing before the step fails (a hung replica or a full cluster),
+    and the longest wait for the first replica to be placed (an autoscaler may be adding a node)."""
     collective_timeout_s: float = 60.0
     """Ray, ``allreduce``: seconds a replica waits in the collective for a peer that may have died."""
 
@@ -47,6 +53,7 @@ class FarmConfig:
         require(self.in_flight >= 1, "farm.in_flight", f"must be >= 1, got {self.in_flight}")
         require(self.reduction in REDUCTIONS, "farm.reduction", f"must be one of {REDUCTIONS}")
         require(self.max_retries >= 0, "farm.max_retries", "must be >= 0")
+        require(self.connect_timeout_s > 0, "farm.connect_timeout_s", f"must be > 0, got {self.connect_timeout_s}")
         require(self.stall_timeout_s > 0, "farm.stall_timeout_s", f"must be > 0, got {self.stall_timeout_s}")
         require(
             self.collective_timeout_s > 0,

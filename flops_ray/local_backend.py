@@ -30,5 +30,8 @@ class LocalBackend:
     def reduce(self, tasks: list[ShardTask], results: list[ShardResult], sizes: list[int]) -> list[np.ndarray]:
         return reduce_in_order(tasks, results, sizes)
 
+    def where(self) -> str:
+        return f"1 in-process replica on {self.engine.device}"
+
     def close(self) -> None:
         pass

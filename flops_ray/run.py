@@ -91,10 +91,17 @@ def build(cfg: TrainConfig, resume_from: Path | None = None) -> Trainer:
     elif cfg.pretrained:
         kept = load_pretrained(model, Path(cfg.pretrained).expanduser())
         print(f"loaded {cfg.pretrained}" + (f" (fresh {', '.join(kept)})" if kept else ""), flush=True)
-    trainer = Trainer(cfg, model, *load_datasets(cfg.data, model))
+    train_set, test_set = load_datasets(cfg.data, model)
+    print(f"model {cfg.model}: {sum(p.numel() for p in model.parameters()):,} parameters", flush=True)
+    tested = f"{len(test_set)} test samples" if test_set is not None else "no test split"
+    print(f"data {cfg.data.dataset}: {len(train_set)} training samples, {tested}", flush=True)
+    if not cfg.backprop and cfg.farm.backend == "ray":
+        print(f"starting {cfg.farm.workers} replicas on Ray ...", flush=True)
+    trainer = Trainer(cfg, model, train_set, test_set)
+    print(trainer.backend.where() if trainer.backend is not None else "backprop in this process", flush=True)
     if resume_from is not None:
         trainer.resume(resume_from)
-        print(f"resumed from {resume_from} at step {trainer.step_count}", flush=True)
+        print(f"resumed from {resume_from}: continuing at step {trainer.step_count}", flush=True)
     return trainer
 
 
@@ -149,15 +156,17 @@ def _train(cfg: TrainConfig, out: Path, job: JobConfig, quick: bool, resume: boo
         # was cut off while being applied (then the checkpoint on disk stays the last good one).
         if trainer.consistent and trainer.step_count > start:
             saver.save(trainer)
-            print(f"saved {ckpt} at step {trainer.step_count}; --resume continues from there", flush=True)
+            print(f"saved {ckpt}: --resume continues at step {trainer.step_count}", flush=True)
         raise
     finally:
         metrics.close()
         trainer.close()
     if stop.requested:
-        print(f"stopped by {stop.requested} at step {trainer.step_count}: --resume continues", flush=True)
+        print(f"stopped by {stop.requested}: --resume continues at step {trainer.step_count}", flush=True)
     plots = plot_metrics(out / METRICS, out)
     queries = sum(r.queries for r in reports)
+    # The Ray farm's retries, restarts and bytes (in-process runs have none).
+    counters = getattr(trainer.backend, "counters", None)
     summary = {
         "final_test_accuracy": last_acc,
         "steps": trainer.step_count,
@@ -172,6 +181,7 @@ def _train(cfg: TrainConfig, out: Path, job: JobConfig, quick: bool, resume: boo
         "job": dataclasses.asdict(job),
         "quick": quick,
         "stopped_by": stop.requested,
+        "farm": dataclasses.asdict(counters) if counters is not None else None,
         "files": {"checkpoint": CHECKPOINT, "metrics": METRICS, "plots": [p.name for p in plots]},
     }
     (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")

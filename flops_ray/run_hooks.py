@@ -14,7 +14,11 @@ from flops_ray.trainer import StopTraining, Trainer
 
 
 class Progress:
-    """A step hook printing a progress line every ``every`` steps, with the ETA of the remaining steps."""
+    """A step hook printing a progress line every ``every`` steps, with the ETA of the remaining steps.
+
+    Lines name a step by its index, as the metrics and checkpoints do (``step 0`` is the first), followed
+    by how many of the run's steps are done. The ETA counts step time only: replicas start before step 0.
+    """
 
     def __init__(self, total: int, start: int, every: int):
         self.total, self.start, self.every = total, start, every
@@ -30,8 +34,8 @@ class Progress:
         qps = report.queries / report.seconds if report.seconds > 0 else 0.0
         skipped = f"  skipped {report.skipped} queries" if report.skipped else ""
         print(
-            f"step {done:>5}/{self.total}  loss {report.loss:.4f}  acc {acc}  {qps:>9,.0f} queries/s"
-            f"  {report.seconds:.2f} s/step  eta {eta / 60:.1f} min{skipped}",
+            f"step {report.step:>5} ({done}/{self.total} done)  loss {report.loss:.4f}  acc {acc}"
+            f"  {qps:>9,.0f} queries/s  {report.seconds:.2f} s/step  eta {eta / 60:.1f} min{skipped}",
             flush=True,
         )
 

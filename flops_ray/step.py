@@ -39,6 +39,9 @@ class Backend(Protocol):
     def reduce(self, tasks: list[ShardTask], results: list[ShardResult], sizes: list[int]) -> list[np.ndarray]:
         """Per-group gradient sums ``(P_g,)`` of the weighted tasks, in canonical task order."""
 
+    def where(self) -> str:
+        """One line for a run's start-up: how many replicas are up, on which devices."""
+
     def close(self) -> None:
         """Release replicas."""
 

@@ -152,7 +152,7 @@ def test_submit_with_the_cli(head, check_outputs):
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text
     assert f"Job '{submission}' succeeded" in text, text
-    assert "step     2/2" in text  # the job's progress lines are streamed back
+    assert "step     1 (2/2 done)" in text  # the job's progress lines are streamed back
     status = subprocess.run(
         [head["ray"], "job", "status", "--address", head["address"], submission],
         env=head["env"],

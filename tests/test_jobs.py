@@ -22,12 +22,16 @@ JOB = ROOT / "jobs" / "finetune_vit.py"
 def test_quick_run_then_resume(tmp_path, check_outputs, run_script):
     out = tmp_path / "run"
     stdout = run_script(str(JOB), "--quick", "--out", str(out), "--set", "steps=2").stdout
-    assert "step     2/2" in stdout and "queries/s" in stdout
+    assert "step     1 (2/2 done)" in stdout and "queries/s" in stdout
+    assert "starting 2 replicas on Ray" in stdout and "2 of 2 replicas ready on cpu" in stdout
     summary = check_outputs(out, 2)
     assert summary["quick"] and summary["config"]["model"] == "digits_vit"
+    # The farm's counters reach the summary: every task dispatched was accepted, none retried.
+    farm = summary["farm"]
+    assert farm["accepted"] == farm["dispatched"] > 0 and farm["retried"] == farm["restarts"] == 0
 
     stdout = run_script(str(JOB), "--quick", "--out", str(out), "--resume").stdout
-    assert "resumed from" in stdout and "at step 2" in stdout
+    assert "resumed from" in stdout and "continuing at step 2" in stdout
     summary = check_outputs(out, 4)
     assert summary["resumed_from_step"] == 2 and summary["steps_run"] == 2
 
@@ -74,7 +78,7 @@ def test_ctrl_c_then_resume_is_bit_identical(tmp_path, run_script):
     stopped = tmp_path / "stopped"
     proc = subprocess.Popen([sys.executable, *args, "--out", str(stopped)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     for line in proc.stdout:
-        if line.startswith("step     3/"):
+        if line.startswith("step     2 (3/"):
             proc.send_signal(signal.SIGINT)
             break
     rest = proc.communicate(timeout=1800)[0]  # a deadline against a hang, never a verdict

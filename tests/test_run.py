@@ -13,11 +13,20 @@ from flops_ray.job_config import load_config
 from flops_ray.run import train
 
 
-def test_quick_run_in_process_then_resume(tmp_path, check_outputs):
+def test_quick_run_in_process_then_resume(tmp_path, check_outputs, capsys):
     cfg, job = load_config(None, ["farm.backend=local", "steps=2"])
     out = tmp_path / "run"
     summary = train(cfg, out, job, quick=True)
     assert summary["steps_run"] == 2 and check_outputs(out, 2) == summary
+    assert summary["farm"] is None  # no Ray farm, no farm counters
+    # Start-up lines come before step 0; progress lines name steps as the metrics do (from 0).
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:3] == [
+        "model digits_vit: 202,186 parameters",
+        "data digits: 512 training samples, 360 test samples",
+        "1 in-process replica on cpu",
+    ], lines
+    assert lines[3].startswith("step     0 (1/2 done)") and lines[4].startswith("step     1 (2/2 done)"), lines
     first = read_checkpoint(out / "checkpoint.safetensors")
 
     longer = dataclasses.replace(cfg, steps=4)

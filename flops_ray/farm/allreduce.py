@@ -1,7 +1,7 @@
 """The all-reduce: gradient partials kept on the replicas meet in one collective (gloo on CPU, NCCL on GPU).
 
 Partials lost with a dead replica are recomputed first; a collective broken by a death is retried on a
-rebuilt process group. Rank 0 returns the per-group sums.
+rebuilt process group, for as long as the pool's fault budget lasts. Rank 0 returns the per-group sums.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import ray
 from ray.actor import ActorHandle
 from ray.exceptions import RayActorError, RayTaskError
 
-from flops_ray.farm.errors import FarmError
 from flops_ray.farm.replica_pool import ReplicaPool, Slot
 from flops_ray.farm.scheduler import Scheduler
 
@@ -21,14 +20,12 @@ class AllReduce:
 
     Args:
         scheduler: re-runs tasks whose partials were lost.
-        max_retries: broken collectives survived before the step fails.
         collective_timeout: seconds a replica waits in a collective for a peer that may have died.
     """
 
-    def __init__(self, scheduler: Scheduler, max_retries: int, collective_timeout: float):
+    def __init__(self, scheduler: Scheduler, collective_timeout: float):
         self.scheduler = scheduler
         self.pool: ReplicaPool = scheduler.pool
-        self.max_retries = max_retries
         self.collective_timeout = collective_timeout
         self._group: tuple[ActorHandle, ...] = ()
         self.pool.on_replace.append(self._invalidate)
@@ -39,7 +36,7 @@ class AllReduce:
     def __call__(self) -> list[np.ndarray]:
         """Per-group ``(P_g,)`` float64 sums of every replica's kept partials."""
         counters = self.pool.counters
-        for _ in range(self.max_retries + 1):
+        while True:
             if self.pool.orphans:
                 lost, self.pool.orphans = self.pool.orphans, []
                 self.scheduler.run(lost, recompute=True)
@@ -53,23 +50,31 @@ class AllReduce:
                     replies.append(ray.get(ref))
                     if sorted(replies[-1].keys) != sorted(t.key for t in s.held):
                         raise AssertionError("a replica summed different tasks than the driver accepted from it")
-            except (RayActorError, RayTaskError):
-                self._recover(members, refs)
+            except (RayActorError, RayTaskError) as exc:
+                self._recover(members, refs, exc)
                 continue
+            self.pool.budget.progress()
             counters.bytes_returned += sum(g.nbytes for g in replies[0].grads)
             # Object-store arrays are read-only; callers (the optimizer step) may write to theirs.
             return [np.array(g) for g in replies[0].grads]
-        raise FarmError(f"the all-reduce failed {self.max_retries + 1} times")
 
-    def _recover(self, members: list[Slot], refs: list[ray.ObjectRef]) -> None:
-        """Survivors of a broken collective time out on their own; wait for them and replace the dead."""
+    def _recover(self, members: list[Slot], refs: list[ray.ObjectRef], cause: Exception) -> None:
+        """Survivors of a broken collective time out on their own; wait for them and replace the dead.
+
+        A collective that broke with no replica dead is charged to the fault budget itself, so one that
+        keeps breaking fails the farm instead of looping.
+        """
+        died = False
         for s, ref in zip(members, refs):
             try:
                 ray.get(ref)
-            except RayActorError:
-                self.pool.replace(s)
+            except RayActorError as exc:
+                died = True
+                self.pool.replace(s, "a replica died in the all-reduce", exc)
             except RayTaskError:
                 pass
+        if not died:
+            self.pool.budget.failure("the all-reduce broke", cause)
         self._group = ()
 
     def _open_group(self, members: list[Slot]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -12,7 +13,9 @@ from torch import nn
 from flops_ray.config import TrainConfig
 from flops_ray.farm.allreduce import AllReduce
 from flops_ray.farm.counters import DispatchCounters
-from flops_ray.farm.ray_init import init_ray
+from flops_ray.farm.fault_budget import FaultBudget
+from flops_ray.farm.placement import await_replicas, check_placement
+from flops_ray.farm.ray_init import cluster_address, init_ray
 from flops_ray.farm.replica_pool import ReplicaPool
 from flops_ray.farm.scheduler import Scheduler
 from flops_ray.farm.worker import StepBatch, Worker, WorkerInfo, WorkerOptions
@@ -43,16 +46,19 @@ class RayBackend:
         if len(options) != farm.workers:
             raise ValueError(f"{len(options)} worker options for {farm.workers} workers")
         self._owns_ray = init_ray(farm)
+        self.pool: ReplicaPool | None = None
         try:
             self._start(cfg, model, loss_fn, options)
         except BaseException:
-            # A farm that failed to start must not leave the caller with a Ray it did not ask for.
-            if self._owns_ray:
-                ray.shutdown()
+            # A farm that failed to start must not leave replicas, nor a Ray the caller did not ask for.
+            self.close()
             raise
 
     def _start(self, cfg: TrainConfig, model: nn.Module, loss_fn: LossFn, options: list[WorkerOptions]) -> None:
         farm = cfg.farm
+        t0 = time.perf_counter()
+        # With no cluster address the farm runs on this machine's Ray, which no autoscaler can grow.
+        need = check_placement(farm, local=not cluster_address(farm))
         # The closure below keeps this reference alive, so replacement replicas load the same copy.
         model_ref = ray.put(model)
         resources = {farm.replica_resource: 1} if farm.replica_resource else None
@@ -63,10 +69,12 @@ class RayBackend:
             ).remote(model_ref, cfg.groups, cfg.estimator, cfg.seed, loss_fn, options[slot])
 
         self.counters = DispatchCounters()
-        self.pool = ReplicaPool(make_worker, farm.workers, farm.max_retries, self.counters)
+        self.pool = ReplicaPool(make_worker, farm.workers, FaultBudget(farm.max_retries), self.counters)
+        self.replicas = await_replicas(self.pool, farm, need)
+        self.startup_seconds = time.perf_counter() - t0
         keep = farm.reduction == "allreduce"
-        self.scheduler = Scheduler(self.pool, farm.in_flight, farm.max_retries, keep, farm.stall_timeout_s)
-        self.allreduce = AllReduce(self.scheduler, farm.max_retries, farm.collective_timeout_s) if keep else None
+        self.scheduler = Scheduler(self.pool, farm.in_flight, keep, farm.stall_timeout_s)
+        self.allreduce = AllReduce(self.scheduler, farm.collective_timeout_s) if keep else None
 
     def sync(self, step: int, params: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         """One ``ray.put`` of the ``(P,)`` parameters and one of the batch, shared by every replica."""
@@ -88,8 +96,20 @@ class RayBackend:
         """Where each replica runs (node, GPU ids, torch device)."""
         return ray.get([slot.handle.describe.remote() for slot in self.pool.slots])
 
+    def where(self) -> str:
+        """One line saying where the queries run: ``2 replicas ready on cpu in 4.1 s (Ray at ...)``."""
+        # Inside a replica its GPU is always cuda:0; the GPU ids say which of the node's it is.
+        devices = sorted(
+            {f"cuda:{','.join(i.gpu_ids)}" if i.device.startswith("cuda") else "cpu" for i in self.replicas}
+        )
+        return (
+            f"{len(self.replicas)} of {len(self.pool.slots)} replicas ready on {', '.join(devices)} "
+            f"in {self.startup_seconds:.1f} s (Ray at {ray.get_runtime_context().gcs_address})"
+        )
+
     def close(self) -> None:
         """Kill the replicas, and shut Ray down if this backend started it."""
-        self.pool.close()
+        if self.pool is not None:
+            self.pool.close()
         if self._owns_ray:
             ray.shutdown()

@@ -8,10 +8,43 @@ from __future__ import annotations
 
 import math
 import os
+import socket
+import time
 
 import ray
 
 from flops_ray.config import FarmConfig
+from flops_ray.farm.errors import FarmError
+
+
+def cluster_address(farm: FarmConfig) -> str:
+    """The cluster the farm joins: ``farm.address``, else ``RAY_ADDRESS``; empty means this machine's Ray."""
+    return farm.address or os.environ.get("RAY_ADDRESS", "")
+
+
+def wait_reachable(address: str, timeout_s: float) -> None:
+    """Return once the ``host:port`` in ``address`` accepts a TCP connection; ``auto`` and the like pass.
+
+    ``ray.init`` itself retries an address where nothing answers forever.
+
+    Raises:
+        FarmError: nothing answered within ``timeout_s`` (the message names the address and the error).
+    """
+    host, sep, port = address.split("://")[-1].rstrip("/").rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            with socket.create_connection((host, int(port)), timeout=max(0.1, min(5.0, left))):
+                return
+        except OSError as exc:
+            if left <= 0:
+                raise FarmError(
+                    f"farm.address: nothing answers at {address} within {timeout_s:g} s (farm.connect_timeout_s): {exc}"
+                ) from exc
+            time.sleep(min(1.0, max(0.0, left)))
 
 
 def init_ray(farm: FarmConfig, num_cpus: float | None = None, num_gpus: float | None = None) -> bool:
@@ -31,8 +64,9 @@ def init_ray(farm: FarmConfig, num_cpus: float | None = None, num_gpus: float | 
     """
     if ray.is_initialized():
         return False
-    address = farm.address or os.environ.get("RAY_ADDRESS", "")
+    address = cluster_address(farm)
     if address:
+        wait_reachable(address, farm.connect_timeout_s)
         ray.init(address=address)
         return True
     if num_cpus is None:

@@ -1,11 +1,13 @@
 """The replica pool: one slot per replica position, each holding a live actor; a dead actor is replaced.
 
 A replacement is re-synced to the current step before it gets work, so it holds the same parameters
-and batch as its peers. A slot whose actors keep dying before finishing a sync fails the farm.
+and batch as its peers. Deaths are charged to a :class:`~flops_ray.farm.fault_budget.FaultBudget`:
+replacements in a row wait with backoff, and too many deaths with no progress fail the farm.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -13,7 +15,7 @@ import ray
 from ray.actor import ActorHandle
 
 from flops_ray.farm.counters import DispatchCounters
-from flops_ray.farm.errors import FarmError
+from flops_ray.farm.fault_budget import FaultBudget
 from flops_ray.messages import ShardTask
 
 
@@ -21,12 +23,13 @@ from flops_ray.messages import ShardTask
 class Slot:
     """One replica position; its actor is replaced when it dies."""
 
-    handle: ActorHandle
+    handle: ActorHandle | None
+    """The live actor; None while a replacement waits out its backoff."""
     ready: bool = False
-    """The actor has answered a ``sync``: it exists and holds the current step."""
+    """The actor has answered a ``sync``: it is up, and later calls queue behind its next sync."""
     sync_ref: ray.ObjectRef | None = None
-    failures: int = 0
-    """Deaths since the last successful ``sync`` (a replica that never comes up fails the farm)."""
+    start_at: float = 0.0
+    """``time.monotonic()`` at which a waiting replacement starts."""
     calls: dict[ray.ObjectRef, int] = field(default_factory=dict)
     """In-flight ``run`` calls: reference -> task position."""
     affine: list[int] = field(default_factory=list)
@@ -41,7 +44,7 @@ class ReplicaPool:
     Args:
         make_worker: creates the actor of a slot (called again to replace a dead one).
         workers: number of replicas.
-        max_retries: deaths in a row a slot survives before the farm fails.
+        budget: how many deaths without progress the farm survives, and the backoff between them.
         counters: where restarts and sync bytes are counted.
     """
 
@@ -49,11 +52,11 @@ class ReplicaPool:
         self,
         make_worker: Callable[[int], ActorHandle],
         workers: int,
-        max_retries: int,
+        budget: FaultBudget,
         counters: DispatchCounters,
     ):
         self.make_worker = make_worker
-        self.max_retries = max_retries
+        self.budget = budget
         self.counters = counters
         self.slots = [Slot(make_worker(i)) for i in range(workers)]
         self._sync: tuple[ray.ObjectRef, ray.ObjectRef, int] | None = None
@@ -71,38 +74,64 @@ class ReplicaPool:
         self.orphans.clear()
         for slot in self.slots:
             slot.held.clear()
-            self._send_sync(slot)
+            if slot.handle is not None:
+                self._send_sync(slot)
 
     @property
     def synced(self) -> bool:
         """Whether a step has been given to the replicas."""
         return self._sync is not None
 
+    @property
+    def up(self) -> int:
+        """Replicas that have come up (answered a sync)."""
+        return sum(slot.ready for slot in self.slots)
+
     def _send_sync(self, slot: Slot) -> None:
         batch_ref, params_ref, nbytes = self._sync
         slot.sync_ref = slot.handle.sync.remote(batch_ref, params_ref)
         self.counters.bytes_sent += nbytes
 
-    def replace(self, slot: Slot) -> None:
-        """Kill the slot's actor (it may only be unreachable) and put a fresh, re-synced one in its place."""
-        slot.failures += 1
-        if slot.failures > self.max_retries:
-            raise FarmError(
-                f"a replica died {slot.failures} times in a row before finishing a sync "
-                f"(farm.max_retries={self.max_retries})"
-            )
+    def synced_ok(self, slot: Slot) -> None:
+        """The slot's replica answered its sync: it may take work, and the farm made progress."""
+        slot.sync_ref, slot.ready = None, True
+        self.budget.progress()
+
+    def replace(self, slot: Slot, what: str, cause: BaseException | str) -> None:
+        """Kill the slot's actor (it may only be unreachable) and start a fresh, re-synced one in its place,
+        after the budget's backoff.
+
+        Raises:
+            FarmError: the death exhausted the fault budget.
+        """
+        delay = self.budget.failure(what, cause)
         index = self.slots.index(slot)
         self.orphans += slot.held
-        ray.kill(slot.handle, no_restart=True)
-        slot.handle = self.make_worker(index)
-        slot.ready = False
+        if slot.handle is not None:
+            ray.kill(slot.handle, no_restart=True)
+        slot.handle, slot.ready, slot.sync_ref = None, False, None
+        slot.start_at = time.monotonic() + delay
         slot.calls.clear()
         slot.affine.clear()
         slot.held.clear()
         self.counters.restarts += 1
         for listener in self.on_replace:
             listener(index)
-        self._send_sync(slot)
+        self.start_due()
+
+    def start_due(self) -> None:
+        """Start the replacements whose backoff is over (and sync them, if a step is under way)."""
+        now = time.monotonic()
+        for index, slot in enumerate(self.slots):
+            if slot.handle is None and slot.start_at <= now:
+                slot.handle = self.make_worker(index)
+                if self._sync is not None:
+                    self._send_sync(slot)
+
+    def next_start(self) -> float | None:
+        """Seconds until the next waiting replacement starts (None: none waits)."""
+        waits = [slot.start_at for slot in self.slots if slot.handle is None]
+        return max(0.0, min(waits) - time.monotonic()) if waits else None
 
     def busiest(self) -> int:
         """Index of the slot with the most calls in flight."""
@@ -119,4 +148,5 @@ class ReplicaPool:
     def close(self) -> None:
         """Kill every replica."""
         for slot in self.slots:
-            ray.kill(slot.handle, no_restart=True)
+            if slot.handle is not None:
+                ray.kill(slot.handle, no_restart=True)

@@ -5,8 +5,9 @@
 - A ``finalize`` task goes to the replica that ran its ``pilot`` while that replica lives: it is served
   from the pilot cache there instead of recomputing the pilot forwards.
 - A replica that dies (any :class:`ray.exceptions.RayActorError`, or a result lost with its node) is
-  replaced; its in-flight tasks go back in the queue, and a task that has seen ``max_retries`` deaths
-  fails the step.
+  replaced, after a backoff when deaths come in a row; its in-flight tasks go back in the queue. Deaths
+  never fail the step while shards keep finishing (the pool's fault budget); a stall does: no call
+  finishing for ``stall_timeout`` seconds.
 
 Results are accepted exactly once: a call's result is only read while the call is still registered,
 and a dead replica's calls are unregistered before their tasks are queued again.
@@ -15,6 +16,7 @@ and a dead replica's calls are unregistered before their tasks are queued again.
 from __future__ import annotations
 
 import pickle
+import time
 from collections.abc import Callable
 
 import ray
@@ -35,16 +37,14 @@ class Scheduler:
     Args:
         pool: the replicas.
         in_flight: most calls outstanding per replica.
-        max_retries: deaths a task survives before the step fails.
         keep_partials: replicas keep gradient partials for the all-reduce instead of returning them.
         stall_timeout: seconds without any call finishing before the farm gives up.
     """
 
-    def __init__(self, pool: ReplicaPool, in_flight: int, max_retries: int, keep_partials: bool, stall_timeout: float):
+    def __init__(self, pool: ReplicaPool, in_flight: int, keep_partials: bool, stall_timeout: float):
         self.pool = pool
         self.counters: DispatchCounters = pool.counters
         self.in_flight = in_flight
-        self.max_retries = max_retries
         self.keep_partials = keep_partials
         self.stall_timeout = stall_timeout
         self.listeners: list[ResultListener] = []
@@ -85,42 +85,63 @@ class Scheduler:
         if not self.pool.synced:
             raise FarmError("sync() must give the replicas a step before tasks run")
         results: list[ShardResult | None] = [None] * len(tasks)
-        deaths = [0] * len(tasks)
         general = sorted(range(len(tasks)), key=lambda i: -tasks[i].cost)
         for slot in self.pool.slots:
             slot.affine.clear()
         general = self._place_affine(tasks, general)
         done = 0
+        last_finish = time.monotonic()
         while done < len(tasks):
+            self.pool.start_due()
             self._fill(tasks, general)
             if meanwhile is not None:
                 meanwhile, overlapped = None, meanwhile
                 overlapped()
-            waiting = {ref: slot for slot in self.pool.slots for ref in slot.calls}
-            waiting.update({slot.sync_ref: slot for slot in self.pool.slots if slot.sync_ref is not None})
-            if not waiting:
-                raise FarmError("no replica can take work")
-            ready, _ = ray.wait(list(waiting), num_returns=1, timeout=self.stall_timeout)
-            if not ready:
-                raise FarmError(f"no shard finished in {self.stall_timeout:.0f} s")
-            ref = ready[0]
-            slot = waiting[ref]
+            ref, slot = self._next_finished(last_finish)
+            if ref is None:
+                continue
             try:
                 value = ray.get(ref)
-            except (RayActorError, ObjectLostError):
+            except (RayActorError, ObjectLostError) as exc:
                 # A result stored on a node that has just gone is lost with its replica: same recovery.
-                general = self._requeue(slot, tasks, deaths, general)
+                general = self._requeue(slot, tasks, general, exc)
                 continue
+            last_finish = time.monotonic()
             if ref is slot.sync_ref:
-                slot.sync_ref, slot.ready, slot.failures = None, True, 0
+                self.pool.synced_ok(slot)
                 continue
             done += 1
+            self.pool.budget.progress()
             self._accept(slot, slot.calls.pop(ref), tasks, results, value)
             for listener in self.listeners:
                 listener(self.counters.accepted + done)
         if meanwhile is not None:
             meanwhile()  # an empty task list: the driver's work still happens
         return results
+
+    def _next_finished(self, last_finish: float) -> tuple[ray.ObjectRef | None, Slot | None]:
+        """The next call (``run`` or ``sync``) to finish, or ``(None, None)`` when a replacement is due first.
+
+        Raises:
+            FarmError: no call finished for ``stall_timeout`` seconds, or no replica exists or waits to start.
+        """
+        waiting = {ref: slot for slot in self.pool.slots for ref in slot.calls}
+        waiting.update({slot.sync_ref: slot for slot in self.pool.slots if slot.sync_ref is not None})
+        starts_in = self.pool.next_start()
+        if not waiting and starts_in is None:
+            raise FarmError("no replica can take work")
+        left = self.stall_timeout - (time.monotonic() - last_finish)
+        if left <= 0:
+            raise FarmError(
+                f"no shard finished in {self.stall_timeout:.0f} s (farm.stall_timeout_s; "
+                f"{self.pool.up} of {len(self.pool.slots)} replicas up)"
+            )
+        timeout = left if starts_in is None else min(left, starts_in)
+        if not waiting:
+            time.sleep(timeout)
+            return None, None
+        ready, _ = ray.wait(list(waiting), num_returns=1, timeout=timeout)
+        return (ready[0], waiting[ready[0]]) if ready else (None, None)
 
     def _accept(self, slot: Slot, pos: int, tasks: list[ShardTask], results: list, value: ShardResult) -> None:
         self.counters.completed += 1
@@ -155,15 +176,11 @@ class Scheduler:
                 self.counters.dispatched += 1
                 self.counters.bytes_sent += len(pickle.dumps(tasks[pos]))
 
-    def _requeue(self, slot: Slot, tasks: list[ShardTask], deaths: list[int], general: list[int]) -> list[int]:
+    def _requeue(self, slot: Slot, tasks: list[ShardTask], general: list[int], cause: Exception) -> list[int]:
         """Requeue a dead replica's work and have the pool replace it; returns the new general queue."""
         requeue = list(slot.calls.values()) + slot.affine
-        for pos in slot.calls.values():
-            deaths[pos] += 1
-            if deaths[pos] > self.max_retries:
-                raise FarmError(
-                    f"task {tasks[pos].key} lost its replica {deaths[pos]} times (farm.max_retries={self.max_retries})"
-                )
+        running = [tasks[pos].key for pos in slot.calls.values()]
+        what = f"a replica died running tasks {running}" if running else "a replica died before finishing a sync"
         self.counters.retried += len(slot.calls)
-        self.pool.replace(slot)
+        self.pool.replace(slot, what, cause)
         return sorted(general + requeue, key=lambda i: -tasks[i].cost)

@@ -1,0 +1,118 @@
+"""Faults the farm survives and the ones it reports at once, with the real cause (a real local Ray).
+
+A storm of replica deaths is survived while shards keep finishing; an address where nothing answers,
+replicas no node can hold and a cluster too small for the replicas asked for are named before step 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import socket
+import threading
+
+import pytest
+import ray
+import torch
+
+from flops_ray.config import FarmConfig, TrainConfig
+from flops_ray.farm.backend import RayBackend
+from flops_ray.farm.errors import FarmError
+from flops_ray.farm.fault_budget import FaultBudget
+from flops_ray.farm.ray_init import wait_reachable
+from flops_ray.models import create_model
+from flops_ray.trainer import StopTraining, Trainer
+
+RAY = FarmConfig(backend="ray", workers=2, shard_cost=16)
+"""The farm's defaults (retry budget, timeouts) but for the replica count of a 4-CPU test Ray."""
+BASE = TrainConfig(model="digits_vit", batch_size=8, farm=RAY)
+
+
+def _model(cfg: TrainConfig):
+    return create_model(cfg.model, 10, 8, cfg.seed)
+
+
+def test_budget_counts_failures_since_progress_with_backoff():
+    budget = FaultBudget(limit=4, backoff_s=0.5, max_backoff_s=1.5)
+    assert [budget.failure("a replica died", "killed") for _ in range(4)] == [0.0, 0.5, 1.0, 1.5]
+    with pytest.raises(FarmError, match=r"5 replica failures in a row .*max_retries=4.*a replica died: killed"):
+        budget.failure("a replica died", "killed\nmore detail")
+    budget.progress()
+    assert budget.failure("a replica died", "killed") == 0.0
+
+
+def _free_port() -> int:
+    """A loopback port where nothing listens (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_address_fails_within_the_connect_timeout():
+    """Ray retries such an address forever; the farm names it instead."""
+    port = _free_port()
+    with pytest.raises(FarmError, match=rf"farm.address: nothing answers at 127.0.0.1:{port} within 1 s"):
+        wait_reachable(f"127.0.0.1:{port}", 1.0)
+    wait_reachable("auto", 1.0)  # Ray resolves these itself
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_unplaceable_replicas_fail_at_once_naming_the_resource():
+    """More GPUs per replica than any node has: the error names the GPU, before any step (not a stall)."""
+    cfg = BASE.replace(farm=dataclasses.replace(RAY, num_gpus_per_worker=2, stall_timeout_s=5))
+    with pytest.raises(FarmError, match=r"no replica can be placed .*GPU 2 but no node has more than 1"):
+        RayBackend(cfg, _model(cfg))
+    assert ray.is_initialized()  # the test's Ray, which the backend did not start, is left alone
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_fewer_replicas_than_asked_warn_and_the_run_goes_on(digits_splits):
+    """Five 1-CPU replicas on a 4-CPU Ray: a warning says 4 of 5 fit, and the run starts on those."""
+    cfg = BASE.replace(farm=dataclasses.replace(RAY, workers=5, num_cpus_per_worker=1))
+    with pytest.warns(RuntimeWarning) as caught, Trainer(cfg, _model(cfg), *digits_splits) as trainer:
+        trainer.step()
+        assert trainer.backend.where().startswith("4 of 5 replicas ready on cpu")
+    texts = [str(w.message) for w in caught]
+    assert any("hold 4 of the 5 replicas" in t and "CPU 1" in t for t in texts), texts
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_local")
+def test_kill_storm_at_default_settings_is_survived_bit_identically(digits_splits):
+    """20 replica kills, one every 1-3 s on a random replica (busy or still starting), at default settings:
+    the run goes on, and its parameters equal an uninterrupted in-process run of as many steps."""
+    cfg = BASE.replace(steps=1_000_000)
+    kills: list[int] = []
+    rng = random.Random(0)
+
+    def storm(trainer: Trainer, stop: threading.Event) -> None:
+        killed = set()
+        while len(kills) < 20 and not stop.wait(rng.uniform(1.0, 3.0)):
+            handle = rng.choice(trainer.backend.pool.slots).handle
+            # None: a replacement waiting out its backoff; a killed one not yet replaced is dead already.
+            if handle is not None and handle not in killed:
+                killed.add(handle)
+                ray.kill(handle, no_restart=True)
+                kills.append(trainer.step_count)
+
+    def after_the_storm(trainer: Trainer, report) -> None:
+        # Two more steps: every replica gets a sync in each, so the last kill has been noticed.
+        if len(kills) == 20 and trainer.step_count >= kills[-1] + 2:
+            raise StopTraining("storm over")
+
+    stop = threading.Event()
+    with Trainer(cfg, _model(cfg), *digits_splits) as stormy:
+        killer = threading.Thread(target=storm, args=(stormy, stop), daemon=True)
+        killer.start()
+        try:
+            stormy.fit(hooks=[after_the_storm])
+        finally:
+            stop.set()
+            killer.join()
+        steps, got = stormy.step_count, torch.from_numpy(stormy.get_params())
+        restarts = stormy.backend.counters.restarts
+    assert len(kills) == 20 and restarts == 20
+    with Trainer(cfg.replace(farm=FarmConfig()), _model(cfg), *digits_splits) as straight:
+        straight.fit(steps)
+        want = torch.from_numpy(straight.get_params())
+    assert torch.equal(got, want)
