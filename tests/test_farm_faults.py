@@ -7,6 +7,7 @@ replicas no node can hold and a cluster too small for the replicas asked for are
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import socket
 import threading
@@ -19,6 +20,7 @@ from flops_ray.config import FarmConfig, TrainConfig
 from flops_ray.farm.backend import RayBackend
 from flops_ray.farm.errors import FarmError
 from flops_ray.farm.fault_budget import FaultBudget
+from flops_ray.farm.placement import check_placement
 from flops_ray.farm.ray_init import wait_reachable
 from flops_ray.models import create_model
 from flops_ray.trainer import StopTraining, Trainer
@@ -116,3 +118,11 @@ def test_kill_storm_at_default_settings_is_survived_bit_identically(digits_split
         straight.fit(steps)
         want = torch.from_numpy(straight.get_params())
     assert torch.equal(got, want)
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_more_replica_cpus_than_cores_say_so():
+    """A local farm reserving more CPUs than the machine has cores runs, but not silently."""
+    cores = os.cpu_count() or 1
+    with pytest.warns(RuntimeWarning, match=rf"{cores + 1} replicas x 1 CPU on a machine with {cores} cores"):
+        check_placement(dataclasses.replace(RAY, workers=cores + 1, num_cpus_per_worker=1), local=True)
