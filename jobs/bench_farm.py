@@ -12,6 +12,9 @@
   replicas per step, divided by the number of replicas.
 - ``blackbox_efficiency[W]``: the same ratio on a black-box objective (prompt tokens of a frozen ViT, ES in a
   random subspace: :mod:`flops_ray.prompts`), in sample-forwards per second.
+- ``blackbox_vs_limit[W]``: a black box against the machine's limit: tuning the 650-parameter head of the
+  frozen digits ViT through per-sample losses (ES, ``limit_queries`` per sample), farm sample-forwards/s
+  divided by ``W`` x the best single-thread batched inference rate of the same ViT, measured in the same run.
 - ``costs``: per-call costs behind the step-time model in docs/FARM.md.
 
     python jobs/bench_farm.py --quick --out runs/bench_farm
@@ -40,6 +43,7 @@ from flops_ray.engine import QueryEngine
 from flops_ray.farm.backend import RayBackend
 from flops_ray.farm.ray_init import init_ray
 from flops_ray.farm.worker import WorkerOptions
+from flops_ray.losses import cross_entropy
 from flops_ray.messages import ShardItem, ShardTask, TaskKind
 from flops_ray.models import create_model
 from flops_ray.prompts import PromptedViT
@@ -67,6 +71,10 @@ class BenchConfig:
     """Timed repetitions; the best is kept (the machine is shared)."""
     train_steps: int = 4
     """Training steps for the allocator share and the wire bytes."""
+    limit_queries: int = 40
+    """Queries per sample of the head black box behind ``blackbox_vs_limit``."""
+    limit_batches: tuple[int, ...] = (64, 256, 1024)
+    """Batch sizes tried for the plain inference rate; the best is the limit."""
     seed: int = 0
 
 
@@ -126,6 +134,47 @@ def blackbox_setup(bench: BenchConfig, workers: int) -> tuple[TrainConfig, nn.Mo
     cfg = _cfg(bench, workers).replace(groups=(BlackBox.group(0.05, 8),), estimator=EstimatorConfig(kind="es"))
     prompted = PromptedViT(create_model("digits_vit", 10, 8, cfg.seed), tokens=2)
     return cfg, BlackBox(prompted, torch.zeros(2 * prompted.vit.embed_dim), subspace=32, seed=cfg.seed)
+
+
+class FrozenHead(nn.Module):
+    """A black box: per-sample losses of the frozen digits ViT with row ``r``'s head set to ``thetas[r]``.
+
+    ``thetas (R, K*C + K)`` hold each row's head weight ``(K, C)`` and bias ``(K,)``; every row costs one
+    forward of the ViT's body, so rows/s is sample-forwards/s.
+    """
+
+    def __init__(self, vit: nn.Module):
+        super().__init__()
+        self.vit = vit.requires_grad_(False).eval()
+
+    def forward(self, thetas: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        feats = self.vit.forward_head(self.vit.forward_features(x), pre_logits=True)  # (R, C)
+        k, c = self.vit.head.weight.shape
+        logits = torch.einsum("rc,rkc->rk", feats, thetas[:, : k * c].view(-1, k, c)) + thetas[:, k * c :]
+        return cross_entropy(logits, y)
+
+
+def head_blackbox_setup(bench: BenchConfig, workers: int) -> tuple[TrainConfig, nn.Module]:
+    """The frozen digits ViT's head (650 parameters) as a black box searched by ES."""
+    cfg = _cfg(bench, workers).replace(
+        groups=(BlackBox.group(0.05, bench.limit_queries),), estimator=EstimatorConfig(kind="es")
+    )
+    vit = create_model("digits_vit", 10, 8, cfg.seed)
+    head = torch.cat([vit.head.weight.detach().flatten(), vit.head.bias.detach()])
+    return cfg, BlackBox(FrozenHead(vit), head)
+
+
+def limit_rows_per_s(bench: BenchConfig, x: np.ndarray) -> float:
+    """The best single-thread batched inference rate of the digits ViT (rows/s) over ``bench.limit_batches``."""
+    vit = create_model("digits_vit", 10, 8, bench.seed).eval()
+    rows = torch.from_numpy(x).repeat(max(bench.limit_batches) // len(x) + 1, 1, 1, 1)
+    best = 0.0
+    for batch in bench.limit_batches:
+        chunk = rows[:batch]
+        with torch.inference_mode():
+            vit(chunk)  # warm-up
+            best = max(best, batch * bench.reps / _single_threaded(lambda c=chunk: [vit(c) for _ in range(bench.reps)]))
+    return best
 
 
 def _single_threaded(fn) -> float:
@@ -274,6 +323,10 @@ def main(bench: BenchConfig, out: Path) -> dict:
     init_ray(FarmConfig(workers=max(bench.workers)), num_cpus=os.cpu_count())
     eff = efficiency(bench)
     blackbox = efficiency(bench, blackbox_setup)
+    head = efficiency(bench, head_blackbox_setup)
+    limit = limit_rows_per_s(bench, _batch(bench)[0])
+    vs_limit = {w: rate / (int(w) * limit) for w, rate in head["farm_queries_per_s"].items()}
+    print(f"black box vs limit ({limit:.0f} rows/s per thread): {vs_limit}", flush=True)
     span = makespan(bench)
     train = training(bench)
     result = {
@@ -282,7 +335,11 @@ def main(bench: BenchConfig, out: Path) -> dict:
         "allocator_overhead": train["allocator_overhead"],
         "bytes_per_step_per_worker": train["bytes_per_step_per_worker"],
         "blackbox_efficiency": blackbox["efficiency"],
+        "blackbox_vs_limit": vs_limit,
         "details": {
+            "limit_rows_per_s": limit,
+            "head_blackbox_farm_forwards_per_s": head["farm_queries_per_s"],
+            "head_blackbox_efficiency": head["efficiency"],
             "in_process_queries_per_s": eff["in_process_queries_per_s"],
             "farm_queries_per_s": eff["farm_queries_per_s"],
             "blackbox_in_process_forwards_per_s": blackbox["in_process_queries_per_s"],

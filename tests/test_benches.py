@@ -54,11 +54,12 @@ def test_bench_farm_tiny(tmp_path, run_script):
         run_script,
         "bench_farm.py",
         "BenchConfig(workers=(1,), batch_size=8, queries_per_sample=8, shard_cost=32, spread=10.0, reps=1, "
-        "train_steps=1)",
+        "train_steps=1, limit_queries=4, limit_batches=(8,))",
         tmp_path,
     )
-    assert set(result["efficiency"]) == set(result["blackbox_efficiency"]) == {"1"}
-    assert all(v > 0 for v in (*result["efficiency"].values(), *result["blackbox_efficiency"].values()))
+    assert set(result["efficiency"]) == set(result["blackbox_efficiency"]) == set(result["blackbox_vs_limit"]) == {"1"}
+    figures = (*result["efficiency"].values(), *result["blackbox_efficiency"].values())
+    assert all(v > 0 for v in (*figures, *result["blackbox_vs_limit"].values()))
     assert result["makespan_ratio"]["dynamic"] > 0 and result["makespan_ratio"]["static"] > 0
     assert 0 <= result["allocator_overhead"] < 1
     # Parameters out and gradient sums back (~17k float64 each), batch and messages: well under 1 MB.
