@@ -33,6 +33,7 @@ __all__ = [
 
 SIGNALS = ("clean", "memory", "pilot")
 OPTIMIZERS = ("adam", "sgd")
+PRECISIONS = ("float32", "bfloat16", "float16")
 
 
 def _registered(kind: str) -> tuple[str, ...]:
@@ -100,6 +101,9 @@ class EstimatorConfig:
     sample's estimate by the dropped fraction) and counts it in the step's ``skipped``. A raising black-box
     call drops all its rows (up to ``max_rows`` queries). The clean pass and a wrong output shape always
     raise."""
+    precision: str = "float32"
+    """Forward passes on the replicas: ``float32``, or under ``torch.autocast`` in ``bfloat16`` / ``float16``
+    (less memory traffic on GPUs; parameters, noise and gradient sums stay float32/float64)."""
 
     @property
     def paired(self) -> bool:
@@ -122,6 +126,11 @@ class EstimatorConfig:
         )
         require(self.trace_coords >= 1, "estimator.trace_coords", f"must be >= 1, got {self.trace_coords}")
         require(self.max_rows >= 2, "estimator.max_rows", f"must be >= 2, got {self.max_rows}")
+        require(
+            self.precision in PRECISIONS,
+            "estimator.precision",
+            f"must be one of {PRECISIONS}, got {self.precision!r}",
+        )
         require(
             self.on_nonfinite in ("raise", "skip"),
             "estimator.on_nonfinite",

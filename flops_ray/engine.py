@@ -9,13 +9,15 @@ in-process and inside actors.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 from torch import nn
 
 from flops_ray.config import EstimatorConfig, GroupConfig
 from flops_ray.estimators import Evaluation, RowPlan, Shard, estimator_family, signed_noise
-from flops_ray.groups import flatten, resolve_groups, unflatten_into
+from flops_ray.groups import flatten, resolve_groups, to_numpy, unflatten_into
 from flops_ray.losses import LossFn, cross_entropy
 from flops_ray.messages import ShardResult, ShardTask, TaskKind
 from flops_ray.seeding import STREAM_TRACE, generator
@@ -55,6 +57,7 @@ class QueryEngine:
         self.root_seed = root_seed
         self.loss_fn = loss_fn
         self.dtype = next(self.model.parameters()).dtype
+        self._low = getattr(torch, estimator.precision) if estimator.precision != "float32" else None
         self._step = -1
         self._x: torch.Tensor | None = None
         self._y: torch.Tensor | None = None
@@ -115,7 +118,7 @@ class QueryEngine:
         traces, dof = self._item_traces(task, rows, ev, coef) if task.traces else (None, None)
         return ShardResult(
             task.key,
-            ev.losses.cpu().numpy(),
+            to_numpy(ev.losses),
             grad=grad.cpu().numpy(),
             traces=traces,
             trace_dof=dof,
@@ -123,8 +126,15 @@ class QueryEngine:
             skipped=self._skipped,
         )
 
+    def _forwards(self) -> contextlib.AbstractContextManager:
+        """The precision of forward passes: ``estimator.precision`` under autocast, else the model's dtype."""
+        if self._low is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self._low)
+
     def _clean(self, task: ShardTask) -> ShardResult:
-        losses, emb, proxies = self.estimators[0].clean(task, self._x, self._y, self.groups)
+        with self._forwards():
+            losses, emb, proxies = self.estimators[0].clean(task, self._x, self._y, self.groups)
         # A sample without a finite clean loss has no baseline to weight its queries by: always an error.
         self._check_finite(task, losses, [it.pos for it in task.items], skip=False)
         return ShardResult(
@@ -144,7 +154,7 @@ class QueryEngine:
         rows, ev, coef = self._evaluate(task)
         onehot = nn.functional.one_hot(rows.item, len(task.items)).to(torch.float64)
         sums = ev.sums(onehot * coef[:, None])
-        self._pilot_cache[key] = (sums, ev.losses.cpu().numpy(), self._item_traces(task, rows, ev, coef))
+        self._pilot_cache[key] = (sums, to_numpy(ev.losses), self._item_traces(task, rows, ev, coef))
         return (*self._pilot_cache[key], len(rows))
 
     # ---- perturbed forwards, coefficients, traces --------------------------------------------------
@@ -160,7 +170,8 @@ class QueryEngine:
         rows = RowPlan.of(task, self.est.unit, self.device, self.dtype)
         eps = signed_noise(self.root_seed, task, rows, est.noise_size(self._x), self.dtype, self.device)
         skip = self.est.on_nonfinite == "skip"
-        ev = est.forward(Shard(task, rows, self._x, self._y, eps, skip_errors=skip))
+        with self._forwards():
+            ev = est.forward(Shard(task, rows, self._x, self._y, eps, skip_errors=skip))
         self._check_finite(task, ev.losses, rows.pos.tolist(), skip)
         base = torch.tensor([it.baseline for it in task.items], dtype=torch.float64, device=self.device)
         coef = (ev.losses.double() - base[rows.item]) / est.group.sigma

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -87,6 +88,12 @@ def resolve_groups(model: nn.Module, groups: tuple[GroupConfig, ...], linear_out
 def flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Concatenate tensors into one flat vector (``(P,)``)."""
     return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """A tensor as a host array; bfloat16, which numpy lacks, as float32."""
+    t = t.detach().cpu()
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
 
 
 def unflatten_into(flat: torch.Tensor, params: list[torch.Tensor]) -> None:

@@ -22,7 +22,7 @@ from flops_ray.config_dict import config_to_dict
 from flops_ray.data import ArrayDataset, batch_at
 from flops_ray.engine import QueryEngine
 from flops_ray.estimators import estimator_family
-from flops_ray.groups import flatten, resolve_groups
+from flops_ray.groups import flatten, resolve_groups, to_numpy
 from flops_ray.local_backend import LocalBackend
 from flops_ray.losses import LossFn, cross_entropy
 from flops_ray.step import Backend, ForwardStep, StepReport
@@ -44,9 +44,11 @@ BackendFactory = Callable[[TrainConfig, nn.Module, LossFn], Backend]
 def accuracy(model: nn.Module, data: ArrayDataset, batch: int = 512) -> float:
     """Top-1 accuracy of ``model`` on ``data``."""
     model.eval()
+    dtype = next(model.parameters()).dtype
     correct = 0
     for s in range(0, len(data), batch):
-        logits = model(torch.from_numpy(np.ascontiguousarray(data.x[s : s + batch])))
+        x = torch.from_numpy(np.ascontiguousarray(data.x[s : s + batch]))
+        logits = model(x.to(dtype) if x.is_floating_point() else x)
         correct += int((logits.argmax(-1).numpy() == data.y[s : s + batch]).sum())
     return correct / len(data)
 
@@ -121,8 +123,9 @@ class Trainer:
             )
 
     def get_params(self) -> np.ndarray:
-        """``(P,)`` trainable parameters of the master model, group by group."""
-        return flatten([p.detach() for p in self.params]).cpu().numpy()
+        """``(P,)`` trainable parameters of the master model, group by group (bfloat16 ones as float32,
+        which numpy lacks; replicas cast them back to the model's dtype)."""
+        return to_numpy(flatten([p.detach() for p in self.params]))
 
     # ---- one step -----------------------------------------------------------------------------------
     def step(self) -> StepReport:
