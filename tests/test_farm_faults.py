@@ -126,3 +126,11 @@ def test_more_replica_cpus_than_cores_say_so():
     cores = os.cpu_count() or 1
     with pytest.warns(RuntimeWarning, match=rf"{cores + 1} replicas x 1 CPU on a machine with {cores} cores"):
         check_placement(dataclasses.replace(RAY, workers=cores + 1, num_cpus_per_worker=1), local=True)
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_replica_whose_constructor_raises_fails_the_start_with_its_error():
+    """Not retried: every replacement would raise the same; the one line says why."""
+    cfg = BASE.replace(groups=(dataclasses.replace(BASE.groups[0], modules=("no_such_module",)),))
+    with pytest.raises(FarmError, match=r"a replica failed to start: .*ConfigError.*no_such_module"):
+        RayBackend(cfg, _model(cfg))

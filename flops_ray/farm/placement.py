@@ -132,7 +132,9 @@ def await_replicas(pool: ReplicaPool, farm: FarmConfig, need: int) -> list:
         try:
             infos.append(ray.get(ref))
         except RayActorError as exc:
-            # The creation task's own exception is the last line of Ray's message.
-            lines = [line for line in str(exc).splitlines() if line.strip()]
-            raise FarmError(f"a replica failed to start: {lines[-1].strip() if lines else exc!r}") from exc
+            if exc.actor_init_failed:
+                # The constructor raised: a bug every replacement would repeat. Its exception ends Ray's message.
+                lines = [line for line in str(exc).splitlines() if line.strip()]
+                raise FarmError(f"a replica failed to start: {lines[-1].strip() if lines else exc!r}") from exc
+            # Lost while starting (a preempted node): the scheduler replaces it at its first sync.
     return infos
