@@ -77,14 +77,27 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         node[last] = _parse_value(text)
 
 
+def jobs_dir() -> Path:
+    """The ``jobs/`` scripts and configs: beside the package in a source checkout, else the working directory's."""
+    beside = Path(__file__).resolve().parents[1] / "jobs"
+    return beside if beside.is_dir() else Path("jobs")
+
+
+DEFAULT_CONFIG = jobs_dir() / "configs" / "digits_ops_lr.yaml"
+"""The config of ``jobs/finetune_vit.py`` and ``flops-ray train`` when ``--config`` is not given (a Ray farm run)."""
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> tuple[TrainConfig, JobConfig]:
     """Read a config YAML (``None``: the built-in defaults) and apply ``--set`` overrides.
 
     Raises:
+        FileNotFoundError: ``path`` does not exist.
         ConfigError: unknown or invalid fields, naming them.
     """
     data: dict[str, Any] = {}
     if path is not None:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"config {path} does not exist")
         data = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a config is a mapping of fields, got {type(data).__name__}")
@@ -129,8 +142,9 @@ def output_dir(out: str | None, config: str | None, job: JobConfig) -> Path:
     return Path("runs") / (Path(config).stem if config else "default")
 
 
-def add_train_arguments(parser: argparse.ArgumentParser, default_config: str | None) -> None:
-    """The options shared by ``jobs/finetune_vit.py`` and ``flops-ray train``."""
+def add_train_arguments(parser: argparse.ArgumentParser, default_config: str | Path | None = DEFAULT_CONFIG) -> None:
+    """The options shared by ``jobs/finetune_vit.py`` and ``flops-ray train`` (``None``: the built-in defaults)."""
+    default_config = None if default_config is None else str(default_config)
     parser.add_argument(
         "--config",
         default=default_config,
@@ -157,3 +171,9 @@ def add_train_arguments(parser: argparse.ArgumentParser, default_config: str | N
         help="override a config field, repeatable: --set steps=10 --set allocator.kind=equal "
         "--set groups.0.sigma=0.1 --set job.checkpoint_every=50 (values parsed as YAML)",
     )
+
+
+def train_run(args: argparse.Namespace) -> tuple[TrainConfig, JobConfig, Path]:
+    """The config, run settings and output directory that options of :func:`add_train_arguments` name."""
+    cfg, job = load_config(args.config, args.set)
+    return cfg, job, output_dir(args.out, args.config, job)

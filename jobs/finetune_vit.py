@@ -17,9 +17,7 @@ from typing import Any
 
 from flops_ray import run
 from flops_ray.config import TrainConfig
-from flops_ray.job_config import JobConfig, add_train_arguments, load_config, output_dir
-
-DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "digits_ops_lr.yaml"
+from flops_ray.job_config import JobConfig, add_train_arguments, train_run
 
 
 def main(
@@ -29,9 +27,14 @@ def main(
     return run.train(cfg, out, job, quick=quick, resume=resume)
 
 
-if __name__ == "__main__":
+def build_parser() -> argparse.ArgumentParser:
+    """The job's options: those of ``flops-ray train``, with the same default config."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_train_arguments(parser, default_config=str(DEFAULT_CONFIG))
-    args = parser.parse_args()
-    cfg, job = load_config(args.config, args.set)
-    main(cfg, output_dir(args.out, args.config, job), args.quick, job, args.resume)
+    add_train_arguments(parser)
+    return parser
+
+
+if __name__ == "__main__":
+    args = build_parser().parse_args()
+    cfg, job, out = train_run(args)
+    main(cfg, out, args.quick, job, args.resume)

@@ -1,21 +1,28 @@
-"""The ``flops-ray`` command: help for every option, and a tiny train -> eval -> plot round trip."""
+"""The ``flops-ray`` command: help for every option, the job's default config, image folder conversion, and a
+tiny train -> eval -> plot round trip."""
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from flops_ray.cli import build_parsers, main
+from flops_ray.job_config import quick_config, train_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["plot"], ["bench"]], ids=lambda c: c[0] if c else "top")
+@pytest.mark.parametrize(
+    "command", [[], ["train"], ["eval"], ["plot"], ["convert"], ["bench"]], ids=lambda c: c[0] if c else "top"
+)
 def test_help_explains_every_option(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*command, "--help"])
@@ -35,7 +42,57 @@ def _cli() -> list[str]:
     return [script] if script else [sys.executable, "-m", "flops_ray.cli"]
 
 
+def test_train_has_the_default_config_of_the_job(monkeypatch):
+    """``flops-ray train`` and ``jobs/finetune_vit.py`` are one run: same config file, same ``--quick`` run, on Ray."""
+    monkeypatch.syspath_prepend(str(ROOT / "jobs"))
+    import finetune_vit
+
+    for argv in ([], ["--quick", "--set", "steps=3"]):
+        cli_args = build_parsers()["train"].parse_args(argv)
+        job_args = finetune_vit.build_parser().parse_args(argv)
+        assert cli_args.config == job_args.config == str(ROOT / "jobs" / "configs" / "digits_ops_lr.yaml")
+        assert cli_args.quick == job_args.quick == ("--quick" in argv)
+        cli_run, job_run = train_run(cli_args), train_run(job_args)
+        assert cli_run == job_run and job_run[2] == Path("runs/digits_ops_lr")
+        cfg, _ = quick_config(*cli_run[:2])
+        assert cfg == quick_config(*job_run[:2])[0] and cfg.farm.backend == "ray"
+
+
+def _png(color: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4), (color, 0, 0)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_convert_writes_a_parquet_dataset(tmp_path, capsys):
+    for name, color in (("cat", 255), ("dog", 0)):
+        (tmp_path / "root" / name).mkdir(parents=True)
+        for i in range(2):
+            (tmp_path / "root" / name / f"{i}.png").write_bytes(_png(color))
+    (tmp_path / "outside.png").write_bytes(_png(9))
+    (tmp_path / "root" / "dog" / "link.png").symlink_to(tmp_path / "outside.png")
+    out = tmp_path / "data" / "animals.parquet"
+    assert main(["convert", str(tmp_path / "root"), str(out), "--rows-per-group", "3"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"{out}: 4 images in 2 classes (cat, dog)\n"
+    # The skipped link is named on one line, like an error.
+    assert captured.err.startswith("warning: ") and captured.err.count("\n") == 1
+    assert str(tmp_path / "root" / "dog" / "link.png") in captured.err
+    assert pq.read_table(out)["label"].to_pylist() == [0, 0, 1, 1]
+    assert pq.ParquetFile(out).metadata.num_row_groups == 2
+
+
+def test_convert_error_names_the_file(tmp_path, capsys):
+    (tmp_path / "root" / "cat").mkdir(parents=True)
+    (tmp_path / "root" / "cat" / "notes.png").write_text("not an image")
+    assert main(["convert", str(tmp_path / "root"), str(tmp_path / "x.parquet")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {tmp_path / 'root' / 'cat' / 'notes.png'}: not an image")
+    assert not (tmp_path / "x.parquet").exists()
+
+
 @pytest.mark.slow
+@pytest.mark.usefixtures("ray_env")  # the default config runs on a local Ray the command starts
 def test_train_eval_plot(tmp_path, capsys):
     out = tmp_path / "run"
     proc = subprocess.run(
@@ -49,6 +106,7 @@ def test_train_eval_plot(tmp_path, capsys):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads((out / "finetune_vit.json").read_text())
     assert summary["steps"] == 2 and summary["config"]["allocator"]["kind"] == "neyman"
+    assert summary["config"]["farm"]["backend"] == "ray"
 
     assert main(["eval", str(out)]) == 0
     result = json.loads(capsys.readouterr().out)

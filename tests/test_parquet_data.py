@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
+import re
+import threading
 
 import numpy as np
 import pyarrow as pa
@@ -13,6 +16,7 @@ from PIL import Image
 from flops_ray.data import digits
 from flops_ray.parquet_data import (
     DatasetSchemaError,
+    ImageDecodeError,
     digits_to_parquet,
     image_folder_to_parquet,
     read_parquet,
@@ -91,9 +95,10 @@ def test_hugging_face_image_struct(tmp_path):
             {"image": pa.array([_png(1)]), "label": pa.array(["cat"])},
             r"column 'label' has type string, expected an integer",
         ),
-        ({"image": pa.array([_png(1), None]), "label": pa.array([1, 2])}, r"null entries"),
+        ({"image": pa.array([_png(1), None]), "label": pa.array([1, 2])}, r"row 1: null entry in column 'image'"),
+        ({"image": pa.array([_png(1), _png(2)]), "label": pa.array([None, 2])}, r"row 0: null entry in column 'label'"),
     ],
-    ids=["no-label", "no-image", "image-string", "label-string", "nulls"],
+    ids=["no-label", "no-image", "image-string", "label-string", "null-image", "null-label"],
 )
 def test_wrong_schema_names_the_column(tmp_path, table, match):
     path = tmp_path / "bad.parquet"
@@ -105,3 +110,121 @@ def test_wrong_schema_names_the_column(tmp_path, table, match):
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_parquet(tmp_path / "nope.parquet", 8, 1)
+
+
+def _float_tiff(value: float) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((4, 4), value, np.float32), mode="F").save(buf, format="TIFF")
+    return buf.getvalue()
+
+
+def _folder(root, files: dict[str, bytes]):
+    """``root/<class>/<file>`` from ``{"class/file": bytes}``; returns ``root``."""
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return root
+
+
+def _classes(path) -> list[str]:
+    """The class names as a reader of the documented metadata gets them: UTF-8, one per line."""
+    return pq.read_schema(path).metadata[b"classes"].decode("utf-8").split("\n")
+
+
+def test_symlinks_leaving_the_root_are_skipped_and_named(tmp_path):
+    outside = _folder(tmp_path / "outside", {"secret/x.png": _png(9)})
+    root = _folder(tmp_path / "root", {"cat/0.png": _png(255), "dog/0.png": _png(0)})
+    (root / "cat" / "leak.png").symlink_to(outside / "secret" / "x.png")
+    (root / "secret").symlink_to(outside / "secret", target_is_directory=True)
+    (root / "dog" / "alias.png").symlink_to(root / "cat" / "0.png")  # inside the root: kept
+    out = tmp_path / "data.parquet"
+    with pytest.warns(UserWarning, match=r"skipped 2 symlink\(s\) pointing outside") as caught:
+        assert image_folder_to_parquet(root, out) == ["cat", "dog"]
+    message = str(caught[0].message)
+    assert str(root / "cat" / "leak.png") in message and str(root / "secret") in message
+    data = read_parquet(out, img_size=4, in_chans=3)
+    np.testing.assert_array_equal(data.y, [0, 1, 1])
+    assert _classes(out) == ["cat", "dog"]
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        (b"", r"empty image \(0 bytes\)"),
+        (b"just some notes", r"not an image format PIL reads"),
+        (_png(200, size=(64, 64))[:60], r"corrupt or truncated image"),
+        (_float_tiff(float("nan")), r"16 of 16 pixels are NaN or infinite"),
+        (_float_tiff(float("inf")), r"16 of 16 pixels are NaN or infinite"),
+    ],
+    ids=["empty", "text", "truncated", "nan-tiff", "inf-tiff"],
+)
+def test_converter_decodes_every_image_and_names_the_bad_file(tmp_path, data, match):
+    suffix = ".tif" if data[:2] in (b"II", b"MM") else ".png"
+    root = _folder(tmp_path / "root", {"cat/0.png": _png(255), f"dog/bad{suffix}": data})
+    out = tmp_path / "data.parquet"
+    out.write_bytes(b"an earlier conversion")
+    with pytest.raises(ImageDecodeError, match=f"{re.escape(str(root / 'dog' / ('bad' + suffix)))}: {match}"):
+        image_folder_to_parquet(root, out)
+    # Written only complete: the earlier file stands and no partial file is left beside it.
+    assert out.read_bytes() == b"an earlier conversion" and sorted(tmp_path.iterdir()) == [out, root]
+
+
+def test_finite_float_tiff_is_stored_as_png(tmp_path):
+    root = _folder(tmp_path / "root", {"a/0.tif": _float_tiff(2.0), "b/0.png": _png(0)})
+    out = tmp_path / "data.parquet"
+    image_folder_to_parquet(root, out)
+    assert pq.read_table(out)["image"][0].as_py()[:4] == b"\x89PNG"
+    np.testing.assert_allclose(read_parquet(out, img_size=4, in_chans=1).x[0], 2.0 / 127.5 - 1.0, atol=1e-6)
+
+
+def test_pipe_named_like_an_image_fails_instead_of_hanging(tmp_path):
+    root = _folder(tmp_path / "root", {"cat/0.png": _png(255)})
+    fifo = root / "cat" / "1.png"
+    os.mkfifo(fifo)
+    # A converter that read the pipe would get these bytes and fail on them, where alone it would block forever.
+    writer = threading.Thread(target=fifo.write_bytes, args=(b"not an image",), daemon=True)
+    writer.start()
+    with pytest.raises(ImageDecodeError, match=r"1.png: not a regular file"):
+        image_folder_to_parquet(root, tmp_path / "data.parquet")
+    # The writer waits for a reader: one that opens without blocking releases it.
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    writer.join()
+    os.close(reader)
+
+
+@pytest.mark.parametrize(
+    "name, match",
+    [
+        ("two\nlines", "holds a line break"),
+        ("carriage\rreturn", "holds a line break"),
+        (b"latin\xe9", "not valid UTF-8"),
+    ],
+    ids=["newline", "carriage-return", "not-utf8"],
+)
+def test_class_names_that_would_not_read_back_are_refused(tmp_path, name, match):
+    root = tmp_path / "root"
+    root.mkdir()
+    os.mkdir(os.path.join(os.fsencode(root), name if isinstance(name, bytes) else os.fsencode(name)))
+    _folder(root, {"cat/0.png": _png(255)})
+    with pytest.raises(ValueError, match=f"class folder name .* {match}"):
+        image_folder_to_parquet(root, tmp_path / "data.parquet")
+    assert not (tmp_path / "data.parquet").exists()
+
+
+def _parquet(path, images: list[bytes]):
+    pq.write_table(pa.table({"image": pa.array(images, pa.binary()), "label": pa.array(range(len(images)))}), path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (b"not an image", "not an image format PIL reads"),
+        (_float_tiff(float("nan")), "16 of 16 pixels are NaN or infinite"),
+    ],
+    ids=["undecodable", "nan"],
+)
+def test_reading_names_the_file_and_row_of_a_bad_image(tmp_path, bad, match):
+    path = _parquet(tmp_path / "bad.parquet", [_png(1), _png(2), _png(3), bad, _png(4)])
+    with pytest.raises(ImageDecodeError, match=f"{re.escape(str(path))}: row 3: {match}"):
+        read_parquet(path, img_size=4, in_chans=3)
