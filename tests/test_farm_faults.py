@@ -12,6 +12,7 @@ import random
 import socket
 import threading
 
+import numpy as np
 import pytest
 import ray
 import torch
@@ -56,6 +57,28 @@ def test_unreachable_address_fails_within_the_connect_timeout():
     with pytest.raises(FarmError, match=rf"farm.address: nothing answers at 127.0.0.1:{port} within 1 s"):
         wait_reachable(f"127.0.0.1:{port}", 1.0)
     wait_reachable("auto", 1.0)  # Ray resolves these itself
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_replicas_lost_while_starting_are_not_charged(digits_splits):
+    """A preempted node takes replicas that never got to work: no evidence against the work, so even with
+    ``max_retries=0`` the step finishes once a replica stays up (each loss backs off, none fails the farm)."""
+    cfg = BASE.replace(farm=dataclasses.replace(RAY, workers=1, max_retries=0))
+    backend = RayBackend(cfg, _model(cfg))
+    make, made = backend.pool.make_worker, []
+
+    def short_lived(slot: int):
+        handle = make(slot)
+        made.append(handle)
+        if len(made) <= 3:  # the first three replacements die before answering their sync
+            ray.kill(handle, no_restart=True)
+        return handle
+
+    backend.pool.make_worker = short_lived
+    ray.kill(backend.pool.slots[0].handle, no_restart=True)  # up, but not yet given a step
+    with Trainer(cfg, _model(cfg), *digits_splits, backend_factory=lambda *_: backend) as trainer:
+        assert np.isfinite(trainer.step().loss)
+        assert backend.counters.restarts == 4 and len(made) == 4
 
 
 @pytest.mark.usefixtures("ray_local")

@@ -4,6 +4,8 @@ A farm of preemptible nodes sees storms of deaths; what matters is whether work 
 many replicas died. The budget counts failures since the last progress (a shard's result accepted, a
 replica synced, a collective finished) and fails the farm only when ``limit`` of them come in a row.
 Replacements after consecutive failures wait with exponential backoff, so a crash loop does not spin.
+A replica lost while still starting, for a cause outside it (a preempted node), is not charged: it says
+nothing about the work, and only a stall (no progress for ``farm.stall_timeout_s``) ends such a storm.
 
 >>> budget = FaultBudget(limit=2)
 >>> budget.failure("a replica died", "killed"), budget.failure("a replica died", "killed")
@@ -57,4 +59,8 @@ class FaultBudget:
                 f"{self.streak} replica failures in a row with no shard finishing in between "
                 f"(farm.max_retries={self.limit}); the last: {what}: {reason}"
             )
-        return 0.0 if self.streak == 1 else min(self.backoff_s * 2 ** (self.streak - 2), self.max_backoff_s)
+        return self.backoff(self.streak)
+
+    def backoff(self, failures: int) -> float:
+        """Seconds to wait before the replacement that follows ``failures`` failures in a row."""
+        return 0.0 if failures <= 1 else min(self.backoff_s * 2 ** (failures - 2), self.max_backoff_s)

@@ -30,6 +30,8 @@ class Slot:
     sync_ref: ray.ObjectRef | None = None
     start_at: float = 0.0
     """``time.monotonic()`` at which a waiting replacement starts."""
+    start_failures: int = 0
+    """Replicas of this slot lost in a row before answering a sync (sets the backoff of uncharged losses)."""
     calls: dict[ray.ObjectRef, int] = field(default_factory=dict)
     """In-flight ``run`` calls: reference -> task position."""
     affine: list[int] = field(default_factory=list)
@@ -94,17 +96,28 @@ class ReplicaPool:
 
     def synced_ok(self, slot: Slot) -> None:
         """The slot's replica answered its sync: it may take work, and the farm made progress."""
-        slot.sync_ref, slot.ready = None, True
+        slot.sync_ref, slot.ready, slot.start_failures = None, True, 0
         self.budget.progress()
 
-    def replace(self, slot: Slot, what: str, cause: BaseException | str) -> None:
+    def replace(self, slot: Slot, what: str, cause: BaseException | str, charge: bool = True) -> None:
         """Kill the slot's actor (it may only be unreachable) and start a fresh, re-synced one in its place,
         after the budget's backoff.
+
+        Args:
+            slot: the slot whose replica died.
+            what: what failed, for the error.
+            cause: the exception that reported it.
+            charge: count the death in the fault budget (False: a replica lost while starting, for a cause
+                outside it; it still backs off by the slot's own losses in a row).
 
         Raises:
             FarmError: the death exhausted the fault budget.
         """
-        delay = self.budget.failure(what, cause)
+        if charge:
+            delay = self.budget.failure(what, cause)
+        else:
+            slot.start_failures += 1
+            delay = self.budget.backoff(slot.start_failures)
         index = self.slots.index(slot)
         self.orphans += slot.held
         if slot.handle is not None:

@@ -6,8 +6,8 @@
   from the pilot cache there instead of recomputing the pilot forwards.
 - A replica that dies (any :class:`ray.exceptions.RayActorError`, or a result lost with its node) is
   replaced, after a backoff when deaths come in a row; its in-flight tasks go back in the queue. Deaths
-  never fail the step while shards keep finishing (the pool's fault budget); a stall does: no call
-  finishing for ``stall_timeout`` seconds.
+  never fail the step while shards keep finishing (the pool's fault budget; a replica lost while still
+  starting is not charged); a stall does: no call finishing for ``stall_timeout`` seconds.
 
 Results are accepted exactly once: a call's result is only read while the call is still registered,
 and a dead replica's calls are unregistered before their tasks are queued again.
@@ -181,6 +181,8 @@ class Scheduler:
         requeue = list(slot.calls.values()) + slot.affine
         running = [tasks[pos].key for pos in slot.calls.values()]
         what = f"a replica died running tasks {running}" if running else "a replica died before finishing a sync"
+        # Lost while starting, not by its own constructor: a preempted node, not a sign the work cannot be done.
+        starting = not slot.ready and not getattr(cause, "actor_init_failed", False)
         self.counters.retried += len(slot.calls)
-        self.pool.replace(slot, what, cause)
+        self.pool.replace(slot, what, cause, charge=not starting)
         return sorted(general + requeue, key=lambda i: -tasks[i].cost)
