@@ -83,3 +83,25 @@ def test_bench_allocation_tiny(tmp_path, run_script):
         # with the same (paired) noise: exactly equal's error.
         assert all(np.isfinite(v) for v in checkpoint["mse_ratio"].values())
     assert result["checkpoints"][0]["mse_ratio"]["neyman/memory"] == 1.0
+
+
+def test_bench_engine_tiny(tmp_path, run_script):
+    result = _run_tiny(
+        run_script,
+        "bench_engine.py",
+        "BenchConfig(replace(DIGITS, shard=8, reps=3), replace(VIT_B16, shard=2, reps=3), peak_rows=2)",
+        tmp_path,
+    )
+    assert result["device"] in ("cpu", "cuda")
+    assert {k: set(v) for k, v in result["efficiency"].items()} == {
+        "digits_vit": {"lr", "spsa", "es"},
+        "vit_b16": {"lr", "spsa"},
+    }
+    # A few rows timed three times are noise: plumbing only, never a speed threshold.
+    assert all(0 < e < 1.5 for figures in result["efficiency"].values() for e in figures.values())
+    assert set(result["lr_bound"]) == {"digits_vit", "vit_b16"}
+    assert all(0 < b <= 1 for b in result["lr_bound"].values())
+    # The digits group is blocks.3.mlp.fc2 (256 -> 64) on 17 tokens: weight and bias assembly per query.
+    assert result["details"]["digits_vit"]["assembly_flops_per_query"] == 17 * (2 * 256 * 64 + 64)
+    assert result["noise_numbers_per_s"] > 0
+    assert result["peak_replica_bytes"]["vit_b16"] > 0 and result["peak_rows"] == {"vit_b16": 2}

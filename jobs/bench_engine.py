@@ -1,0 +1,338 @@
+"""Engine benchmark: how close one replica's perturbed queries come to plain inference of the same model.
+
+A query can never be cheaper than one forward pass; LR also assembles ``sum_t eps_t h_t^T`` per query.
+On one main shard of ``Q`` queries, planned as the trainer plans it (``flops_ray.plan``, equal counts,
+the config's pilot and pair settings), on the same rows and device:
+
+- ``efficiency[workload][kind]``: engine queries/s (``QueryEngine.run`` on the shard) divided by plain
+  batched inference rows/s (``model(x)`` under ``torch.inference_mode``, in the engine's ``max_rows``
+  chunks) of the same ``Q`` rows; each repetition times the two back to back, the median ratio is kept.
+- ``lr_bound[workload]``: ``F / (F + A)``, with ``F`` the forward flops per row (``FlopCounterMode``,
+  attention counted through its matmuls) and ``A`` the LR assembly flops per query of the group's
+  linears (``2 * in * out`` per token, plus ``out`` per token for a bias): the best LR efficiency.
+- ``noise_numbers_per_s``: independent Gaussian numbers per second (a pair shares one draw) of the
+  engine's noise path (``estimators.signed_noise``) on the ViT-B/16 LR shard; ``details`` has every
+  workload and kind.
+- ``peak_replica_bytes["vit_b16"]``: peak memory of one replica (model, batch, clean pass and one main
+  shard of ``peak_rows`` queries of the shipped config's estimator) in a fresh process, above what the
+  process held before building it: ``max_memory_allocated`` on CUDA, peak RSS on CPU. The full run uses
+  the shipped config's ``farm.shard_cost``; ``--quick`` uses fewer rows and says how many in ``peak_rows``.
+
+Workloads: ``digits_vit`` is the default config's first group (one linear) with LR, SPSA and ES;
+``vit_b16`` is the ViT-B/16 config's ``top`` group at 224 px, randomly initialised (no weights are
+downloaded; speed does not depend on them), with LR and SPSA. The device is CUDA when available, else CPU;
+both sides of a ratio run on the torch threads a replica of the config would use (``farm.num_cpus_per_worker``,
+at most this machine's).
+
+    python jobs/bench_engine.py --quick --out docs/results
+    python jobs/bench_engine.py --out runs/bench_engine
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from flops_ray.config import TrainConfig, reuses_pilot
+from flops_ray.data import batch_at, digits
+from flops_ray.engine import QueryEngine
+from flops_ray.estimators import RowPlan, signed_noise
+from flops_ray.groups import resolve_groups
+from flops_ray.job_config import jobs_dir, load_config
+from flops_ray.messages import ShardTask, TaskKind
+from flops_ray.models import create_model
+from flops_ray.plan import plan_clean, plan_main, plan_pilot_chunks
+from flops_ray.run import model_in_chans
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A shipped config's model and layer group, and the main shard the engine is timed on."""
+
+    config: str
+    """Config YAML in ``jobs/configs``: model, layer groups, estimator settings, shard size."""
+    group: str
+    """Name of the layer group the shard perturbs."""
+    kinds: tuple[str, ...]
+    """Estimator kinds timed (the config's estimator settings, its kind replaced)."""
+    model: str = ""
+    """Model replacing the config's, with the same architecture (empty: the config's)."""
+    shard: int = 0
+    """Queries in the timed main shard (0: the config's ``farm.shard_cost``)."""
+    reps: int = 5
+    """Interleaved repetitions of inference and engine; the median ratio is reported."""
+
+
+DIGITS = Workload("digits_ops_lr.yaml", "top", ("lr", "spsa", "es"), model="digits_vit", reps=21)
+"""The default digits ViT without its backprop pretraining (same architecture, so the same speed)."""
+VIT_B16 = Workload("vit_b16_cifar100.yaml", "top", ("lr", "spsa"), shard=32)
+"""Fewer queries than the config's 256 per shard: SPSA's noise alone is 28M floats per draw."""
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What the benchmark measures."""
+
+    digits_vit: Workload = DIGITS
+    """The digits ViT workload."""
+    vit_b16: Workload = VIT_B16
+    """The ViT-B/16 workload; its config also sets the peak memory shard."""
+    peak_rows: int = 0
+    """Queries in the shard behind ``peak_replica_bytes`` (0: the ViT-B/16 config's ``farm.shard_cost``)."""
+
+    def workloads(self) -> dict[str, Workload]:
+        """The workloads by their JSON key."""
+        return {"digits_vit": self.digits_vit, "vit_b16": self.vit_b16}
+
+
+QUICK = BenchConfig(replace(DIGITS, reps=15), replace(VIT_B16, shard=8, reps=5), peak_rows=64)
+
+
+def device() -> torch.device:
+    """Where models, rows and noise live: the GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_workload(work: Workload) -> tuple[TrainConfig, int, nn.Module]:
+    """The workload's config, the index of its group, and its model (initialised from the config's seed)."""
+    cfg, _ = load_config(jobs_dir() / "configs" / work.config)
+    cfg = cfg.replace(model=work.model or cfg.model)
+    group = [g.name for g in cfg.groups].index(work.group)
+    return cfg, group, create_model(cfg.model, cfg.data.num_classes, cfg.data.img_size, cfg.seed)
+
+
+def _batch(cfg: TrainConfig, model: nn.Module, samples: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``samples`` rows ``x``, ``y`` and their ids: the built-in digits, else random pixels of the config's size
+    (other datasets are not in the repository; a forward costs the same whatever the pixels)."""
+    if cfg.data.dataset == "digits":
+        train = digits("train", cfg.data.img_size)
+        ids = batch_at(len(train), samples, cfg.seed, 0)
+        return train.x[ids], train.y[ids], ids
+    gen = torch.Generator().manual_seed(cfg.seed)
+    size = cfg.data.img_size
+    x = torch.randn(samples, model_in_chans(model), size, size, generator=gen)
+    y = torch.randint(cfg.data.num_classes, (samples,), generator=gen)
+    return x.numpy(), y.numpy(), np.arange(samples)
+
+
+def replica(
+    cfg: TrainConfig, group: int, kind: str, model: nn.Module, shard: int, where: torch.device
+) -> tuple[QueryEngine, ShardTask]:
+    """An engine for estimator ``kind`` holding a batch just large enough for one main shard of ``shard``
+    queries of ``group``, and that shard: clean pass, equal counts and the main plan as in a training step."""
+    est = dataclasses.replace(cfg.estimator, kind=kind)
+    pilot, per_sample = est.pilot_queries, cfg.groups[group].queries_per_sample
+    samples = -(-shard // (per_sample - pilot))
+    x, y, ids = _batch(cfg, model, samples)
+    engine = QueryEngine(model, cfg.groups, est, cfg.seed, device=where)
+    engine.set_batch(0, x, y)
+    losses = np.concatenate([engine.run(t).losses for t in plan_clean(0, ids, cfg.farm.shard_cost)])
+    counts = np.full(samples, per_sample)
+    chunks = plan_pilot_chunks(ids, losses, pilot, cfg.farm.shard_cost, est.unit)
+    reuse = reuses_pilot(est, cfg.allocator)
+    tasks = plan_main(0, group, counts, ids, losses, chunks, pilot, shard, est.unit, reuse)
+    return engine, next(t for t in tasks if t.kind == TaskKind.MAIN)
+
+
+def _seconds(fn: Callable[[], object], where: torch.device) -> float:
+    """Wall seconds of ``fn``, the device's queued work included."""
+    sync = torch.cuda.synchronize if where.type == "cuda" else lambda: None
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+def _infer(model: nn.Module, inputs: torch.Tensor, rows: RowPlan, max_rows: int) -> None:
+    """Plain batched inference of the shard's rows, in the engine's chunks."""
+    with torch.inference_mode():
+        for sl in rows.chunks(max_rows):
+            model(inputs[sl])
+
+
+def lr_bound(model: nn.Module, cfg: TrainConfig, group: int, x: torch.Tensor) -> dict:
+    """``F`` forward flops per row, ``A`` LR assembly flops per query of the group's linears, and ``F / (F + A)``."""
+    linears = resolve_groups(model, (cfg.groups[group],), linear_outputs=True)[0].linears
+    tokens: dict[str, int] = {}
+
+    def count(name: str):
+        def hook(module, inputs, out):
+            tokens[name] = out[0].numel() // out.shape[-1]
+
+        return hook
+
+    handles = [lin.register_forward_hook(count(name)) for name, lin in linears]
+    # The math kernel runs attention as matmuls the counter sees; fused kernels have no formula on CPU.
+    try:
+        with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            model(x[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    forward = counter.get_total_flops()
+    assembly = sum(
+        tokens[name] * (2 * lin.in_features * lin.out_features + (lin.out_features if lin.bias is not None else 0))
+        for name, lin in linears
+    )
+    return {"forward_flops": forward, "assembly_flops": assembly, "bound": forward / (forward + assembly)}
+
+
+@contextlib.contextmanager
+def replica_threads(cfg: TrainConfig) -> Iterator[int]:
+    """Torch threads as a replica of ``cfg`` sets them (``farm.num_cpus_per_worker``), at most this machine's."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(round(cfg.farm.num_cpus_per_worker), threads)))
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def measure(name: str, work: Workload, where: torch.device) -> dict:
+    """Efficiency of every kind of ``work``, its LR flop bound and its noise rates, on a replica's threads."""
+    cfg, group, model = load_workload(work)
+    with replica_threads(cfg) as threads:
+        print(f"{name}: {cfg.model}, group {work.group}, {threads} torch threads on {where}", flush=True)
+        return {**_measure(name, work, where, cfg, group, model), "torch_threads": threads}
+
+
+def _measure(name: str, work: Workload, where: torch.device, cfg: TrainConfig, group: int, model: nn.Module) -> dict:
+    shard = work.shard or cfg.farm.shard_cost
+    replicas = {kind: replica(cfg, group, kind, model, shard, where) for kind in work.kinds}
+    engine, task = replicas[work.kinds[0]]
+    rows = RowPlan.of(task, engine.est.unit, engine.device, engine.dtype)
+    inputs = engine.batch()[0][rows.pos]
+    max_rows = engine.est.max_rows
+    _infer(model, inputs, rows, max_rows)  # warm-up
+    for engine, task in replicas.values():
+        engine.run(task)  # warm-up (LR probes its output sizes once)
+    seconds: dict[str, list[tuple[float, float]]] = {kind: [] for kind in work.kinds}
+    for rep in range(work.reps):
+        for kind, (engine, task) in replicas.items():
+            # Back to back, so both sides of a ratio see the same load of a shared machine.
+            plain = _seconds(lambda: _infer(model, inputs, rows, max_rows), where)
+            seconds[kind].append((plain, _seconds(lambda e=engine, t=task: e.run(t), where)))
+        last = {k: s[-1][0] / s[-1][1] for k, s in seconds.items()}
+        print(f"{name} rep {rep + 1}/{work.reps}: {len(rows)} queries, efficiency {_fmt(last)}", flush=True)
+    efficiency = {k: statistics.median(plain / perturbed for plain, perturbed in s) for k, s in seconds.items()}
+    noise = {kind: noise_rate(engine, task, work.reps, where) for kind, (engine, task) in replicas.items()}
+    bound = lr_bound(model, cfg, group, inputs)
+    print(f"{name}: efficiency {_fmt(efficiency)}, LR bound {bound['bound']:.3f}, noise/s {_fmt(noise)}", flush=True)
+    return {
+        "efficiency": efficiency,
+        "lr_bound": bound["bound"],
+        "forward_flops_per_row": bound["forward_flops"],
+        "assembly_flops_per_query": bound["assembly_flops"],
+        "shard_queries": len(rows),
+        "max_rows": max_rows,
+        "rows_per_s": len(rows) / statistics.median(plain for s in seconds.values() for plain, _ in s),
+        "queries_per_s": {
+            k: len(rows) / statistics.median(perturbed for _, perturbed in s) for k, s in seconds.items()
+        },
+        "noise_numbers_per_s": noise,
+    }
+
+
+def noise_rate(engine: QueryEngine, task: ShardTask, reps: int, where: torch.device) -> float:
+    """Gaussian numbers per second of the engine's noise path for ``task``'s rows (median of ``reps``)."""
+    rows = RowPlan.of(task, engine.est.unit, engine.device, engine.dtype)
+    size = engine.estimators[task.group].noise_size(engine.batch()[0])
+    seconds = [
+        _seconds(lambda: signed_noise(engine.root_seed, task, rows, size, engine.dtype, engine.device), where)
+        for _ in range(reps)
+    ]
+    return len(rows.draws) * size / statistics.median(seconds)
+
+
+def _fmt(values: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.3g}" for k, v in values.items())
+
+
+def _held(where: torch.device) -> int:
+    """Most bytes this process has held so far: allocated on the GPU, else resident (peak RSS)."""
+    if where.type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    # Linux reports the peak RSS in KiB, macOS in bytes.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def peak_replica(work: Workload, rows: int) -> dict:
+    """Peak memory of one replica in this process: model, batch, clean pass and one main shard of ``rows``
+    queries of the config's own estimator, above what the process held before (imports and runtime)."""
+    where = device()
+    before = _held(where)
+    cfg, group, model = load_workload(work)
+    engine, task = replica(cfg, group, cfg.estimator.kind, model, rows, where)
+    engine.run(task)
+    return {"bytes": _held(where) - before, "rows": task.cost, "kind": cfg.estimator.kind}
+
+
+def peak_replica_bytes(work: Workload, rows: int) -> dict:
+    """:func:`peak_replica` in a fresh interpreter, so nothing this process allocated counts."""
+    spec = json.dumps({"work": dataclasses.asdict(work), "rows": rows})
+    # A process inherits its parent's peak RSS as its own (Linux keeps it across exec), which would hide the
+    # replica's behind this process's: a small relay process starts the measuring one with a fresh count.
+    relay = "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"
+    command = [sys.executable, "-c", relay, sys.executable, str(Path(__file__).resolve()), "--peak", spec]
+    proc = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
+    if proc.returncode:
+        raise RuntimeError(f"the peak memory run exited with {proc.returncode}: {proc.stdout}")
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def main(bench: BenchConfig, out: Path) -> dict:
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    where = device()
+    details = {name: measure(name, work, where) for name, work in bench.workloads().items()}
+    shipped = load_config(jobs_dir() / "configs" / bench.vit_b16.config)[0].farm.shard_cost
+    rows = bench.peak_rows or shipped
+    print(f"vit_b16 peak memory: one replica, a {rows}-query shard (shipped: {shipped}), fresh process", flush=True)
+    peak = peak_replica_bytes(bench.vit_b16, rows)
+    print(f"vit_b16 peak replica memory: {peak['bytes'] / 2**30:.2f} GiB for {peak['rows']} queries", flush=True)
+    result = {
+        "device": where.type,
+        "efficiency": {name: d["efficiency"] for name, d in details.items()},
+        "lr_bound": {name: d["lr_bound"] for name, d in details.items()},
+        "noise_numbers_per_s": details["vit_b16"]["noise_numbers_per_s"]["lr"],
+        "peak_replica_bytes": {"vit_b16": peak["bytes"]},
+        "peak_rows": {"vit_b16": peak["rows"]},
+        "peak_shipped_shard_rows": {"vit_b16": shipped},
+        "details": details,
+        "config": dataclasses.asdict(bench),
+        "seconds": time.perf_counter() - t0,
+    }
+    (out / "bench_engine.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out / 'bench_engine.json'} in {result['seconds']:.0f} s", flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="few repetitions and ViT-B rows (minutes on 2 cores)")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_engine"), help="output directory")
+    parser.add_argument("--peak", help=argparse.SUPPRESS)  # internal: the fresh process of peak_replica_bytes
+    args = parser.parse_args()
+    if args.peak:
+        spec = json.loads(args.peak)
+        work = Workload(**{**spec["work"], "kinds": tuple(spec["work"]["kinds"])})
+        print(json.dumps(peak_replica(work, spec["rows"])))
+    else:
+        main(QUICK if args.quick else BenchConfig(), args.out)
