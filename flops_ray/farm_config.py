@@ -35,11 +35,12 @@ class FarmConfig:
     reduction: str = "driver"
     """``driver`` (partial sums back to the driver) or ``allreduce`` (torch.distributed among workers)."""
     max_retries: int = 10
-    """Ray: replica deaths in a row, with no shard or sync finishing in between, before the farm fails.
-    Progress refills the budget, so a storm of preemptions is survived while work still gets done;
-    replacements in a row wait with exponential backoff (0.5 s doubling, at most 10 s)."""
+    """Ray: replica deaths in a row the farm survives with no shard result in between (more fail it).
+    Results refill the budget, so a storm of preemptions is survived while work still gets done; a replica
+    lost while still starting is not counted; a slot's replacements in a row back off (0.5 s doubling, at
+    most 10 s)."""
     stall_timeout_s: float = 600.0
-    """Ray: seconds without any shard finishing before the step fails (a hung replica or a full cluster),
+    """Ray: seconds without any shard result before the step fails (a hung replica or a full cluster),
     and the longest wait for the first replica to be placed (an autoscaler may be adding a node)."""
     collective_timeout_s: float = 60.0
     """Ray, ``allreduce``: seconds a replica waits in the collective for a peer that may have died."""

@@ -41,14 +41,18 @@ BackendFactory = Callable[[TrainConfig, nn.Module, LossFn], Backend]
 
 
 @torch.no_grad()
+def model_input(model: nn.Module, x: np.ndarray) -> torch.Tensor:
+    """``x`` as a tensor; floating inputs in the model's dtype (a bfloat16 model takes bfloat16 images)."""
+    t = torch.from_numpy(np.ascontiguousarray(x))
+    return t.to(next(model.parameters()).dtype) if t.is_floating_point() else t
+
+
 def accuracy(model: nn.Module, data: ArrayDataset, batch: int = 512) -> float:
     """Top-1 accuracy of ``model`` on ``data``."""
     model.eval()
-    dtype = next(model.parameters()).dtype
     correct = 0
     for s in range(0, len(data), batch):
-        x = torch.from_numpy(np.ascontiguousarray(data.x[s : s + batch]))
-        logits = model(x.to(dtype) if x.is_floating_point() else x)
+        logits = model(model_input(model, data.x[s : s + batch]))
         correct += int((logits.argmax(-1).numpy() == data.y[s : s + batch]).sum())
     return correct / len(data)
 
@@ -168,12 +172,12 @@ class Trainer:
     def _backprop(self, x: np.ndarray, y: np.ndarray) -> StepReport:
         self.optimizer.zero_grad()
         with torch.enable_grad():
-            losses = self.loss_fn(self.model(torch.from_numpy(x)), torch.from_numpy(y))
+            losses = self.loss_fn(self.model(model_input(self.model, x)), torch.from_numpy(y))
             losses.mean().backward()
         if self.cfg.grad_clip > 0:
             for g in self.groups:
                 torch.nn.utils.clip_grad_norm_([p for _, p in g.params], self.cfg.grad_clip)
-        return StepReport(self.step_count, losses.mean().item(), losses.detach().numpy())
+        return StepReport(self.step_count, losses.mean().item(), to_numpy(losses))
 
     # ---- loops and evaluation -----------------------------------------------------------------------
     def evaluate(self, data: ArrayDataset | None = None) -> float:

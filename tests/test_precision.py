@@ -32,9 +32,11 @@ def test_autocast_forwards_give_the_float32_estimate_up_to_rounding(digits_split
     assert cosine > 0.999, cosine
 
 
-def test_a_bfloat16_model_trains_and_evaluates(digits_splits):
+@pytest.mark.parametrize("backprop", [False, True])
+def test_a_bfloat16_model_trains_and_evaluates(digits_splits, backprop):
     model = create_model("digits_vit", 10, 8, 0).to(torch.bfloat16)
-    with Trainer(TrainConfig(model="digits_vit", batch_size=8), model, *digits_splits) as trainer:
+    cfg = TrainConfig(model="digits_vit", batch_size=8, backprop=backprop)
+    with Trainer(cfg, model, *digits_splits) as trainer:
         before = trainer.get_params().copy()
         report = trainer.step()
         assert np.isfinite(report.loss) and 0.0 <= trainer.evaluate() <= 1.0

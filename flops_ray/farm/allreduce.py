@@ -11,6 +11,7 @@ import ray
 from ray.actor import ActorHandle
 from ray.exceptions import RayActorError, RayTaskError
 
+from flops_ray.farm.errors import FarmError
 from flops_ray.farm.replica_pool import ReplicaPool, Slot
 from flops_ray.farm.scheduler import Scheduler
 
@@ -41,11 +42,15 @@ class AllReduce:
                 lost, self.pool.orphans = self.pool.orphans, []
                 self.scheduler.run(lost, recompute=True)
             members = [s for s in self.pool.slots if s.ready]
-            if tuple(s.handle for s in members) != self._group:
-                self._open_group(members)
-            refs = [s.handle.allreduce.remote() for s in members]
+            if not members:
+                raise FarmError("no replica is up to sum the step's partials")
+            refs: list[ray.ObjectRef] = []
             replies = []
             try:
+                # A member may be dead already (a kill not yet noticed): opening the group fails like the sum.
+                if tuple(s.handle for s in members) != self._group:
+                    self._open_group(members)
+                refs = [s.handle.allreduce.remote() for s in members]
                 for s, ref in zip(members, refs):
                     replies.append(ray.get(ref))
                     if sorted(replies[-1].keys) != sorted(t.key for t in s.held):
@@ -64,6 +69,9 @@ class AllReduce:
         A collective that broke with no replica dead is charged to the fault budget itself, so one that
         keeps breaking fails the farm instead of looping.
         """
+        if len(refs) < len(members):
+            # The group never opened: ask every member something, to learn which of them are gone.
+            refs = [s.handle.describe.remote() for s in members]
         died = False
         for s, ref in zip(members, refs):
             try:

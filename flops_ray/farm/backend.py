@@ -93,11 +93,11 @@ class RayBackend:
         return self.allreduce()
 
     def describe(self) -> list[WorkerInfo]:
-        """Where each replica runs (node, GPU ids, torch device)."""
-        return ray.get([slot.handle.describe.remote() for slot in self.pool.slots])
+        """Where each replica runs (node, GPU ids, torch device); a slot waiting out a backoff has none."""
+        return ray.get([slot.handle.describe.remote() for slot in self.pool.slots if slot.handle is not None])
 
     def where(self) -> str:
-        """One line saying where the queries run: ``2 replicas ready on cpu in 4.1 s (Ray at ...)``."""
+        """One line saying where the queries run: ``2 of 2 replicas ready on cpu in 4.1 s (Ray at ...)``."""
         # Inside a replica its GPU is always cuda:0; the GPU ids say which of the node's it is.
         devices = sorted(
             {f"cuda:{','.join(i.gpu_ids)}" if i.device.startswith("cuda") else "cpu" for i in self.replicas}

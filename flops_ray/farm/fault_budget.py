@@ -2,17 +2,18 @@
 
 A farm of preemptible nodes sees storms of deaths; what matters is whether work still gets done, not how
 many replicas died. The budget counts failures since the last progress (a shard's result accepted, a
-replica synced, a collective finished) and fails the farm only when ``limit`` of them come in a row.
-Replacements after consecutive failures wait with exponential backoff, so a crash loop does not spin.
-A replica lost while still starting, for a cause outside it (a preempted node), is not charged: it says
-nothing about the work, and only a stall (no progress for ``farm.stall_timeout_s``) ends such a storm.
+collective finished; a replica coming up is not progress, or a shard that kills every replica it lands on
+would loop forever) and fails the farm when more than ``limit`` of them come in a row. A replica lost while
+still starting, for a cause outside it (a preempted node), is not charged: it says nothing about the work,
+and only a stall (no result for ``farm.stall_timeout_s``) ends such a storm. Replacements of one slot in a
+row wait with exponential backoff (:meth:`FaultBudget.backoff`), so a crash loop does not spin.
 
->>> budget = FaultBudget(limit=2)
->>> budget.failure("a replica died", "killed"), budget.failure("a replica died", "killed")
-(0.0, 0.5)
+>>> budget = FaultBudget(limit=1)
+>>> budget.failure("a replica died", "killed")
 >>> budget.progress()
 >>> budget.failure("a replica died", "killed")
-0.0
+>>> [budget.backoff(n) for n in (1, 2, 3, 6, 7)]
+[0.0, 0.5, 1.0, 8.0, 10.0]
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class FaultBudget:
 
     Args:
         limit: failures in a row (with no progress in between) the farm survives (``farm.max_retries``).
-        backoff_s: wait before the second replacement in a row; it doubles with every further one.
+        backoff_s: wait before a slot's second replacement in a row; it doubles with every further one.
         max_backoff_s: the longest wait before a replacement.
     """
 
@@ -42,8 +43,8 @@ class FaultBudget:
         """The farm finished something: the budget is full again."""
         self.streak = 0
 
-    def failure(self, what: str, cause: BaseException | str) -> float:
-        """Count one failure; returns the seconds to wait before replacing what failed.
+    def failure(self, what: str, cause: BaseException | str) -> None:
+        """Count one failure.
 
         Args:
             what: what failed, for the error (``"a replica died running task (0, 'main', 0, 1)"``).
@@ -56,11 +57,10 @@ class FaultBudget:
         if self.streak > self.limit:
             reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
             raise FarmError(
-                f"{self.streak} replica failures in a row with no shard finishing in between "
-                f"(farm.max_retries={self.limit}); the last: {what}: {reason}"
+                f"{self.streak} replica failures in a row with no shard result or collective finishing in "
+                f"between (farm.max_retries={self.limit}); the last: {what}: {reason}"
             )
-        return self.backoff(self.streak)
 
-    def backoff(self, failures: int) -> float:
-        """Seconds to wait before the replacement that follows ``failures`` failures in a row."""
-        return 0.0 if failures <= 1 else min(self.backoff_s * 2 ** (failures - 2), self.max_backoff_s)
+    def backoff(self, losses: int) -> float:
+        """Seconds to wait before replacing a slot's replica after ``losses`` losses of that slot in a row."""
+        return 0.0 if losses <= 1 else min(self.backoff_s * 2 ** (losses - 2), self.max_backoff_s)

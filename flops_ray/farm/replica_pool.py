@@ -1,8 +1,8 @@
 """The replica pool: one slot per replica position, each holding a live actor; a dead actor is replaced.
 
 A replacement is re-synced to the current step before it gets work, so it holds the same parameters
-and batch as its peers. Deaths are charged to a :class:`~flops_ray.farm.fault_budget.FaultBudget`:
-replacements in a row wait with backoff, and too many deaths with no progress fail the farm.
+and batch as its peers. Deaths are charged to a :class:`~flops_ray.farm.fault_budget.FaultBudget` (too
+many with no progress fail the farm); a slot's replacements in a row wait with backoff.
 """
 
 from __future__ import annotations
@@ -30,8 +30,10 @@ class Slot:
     sync_ref: ray.ObjectRef | None = None
     start_at: float = 0.0
     """``time.monotonic()`` at which a waiting replacement starts."""
-    start_failures: int = 0
-    """Replicas of this slot lost in a row before answering a sync (sets the backoff of uncharged losses)."""
+    losses: int = 0
+    """Replicas of this slot lost in a row without one answering a sync (sets the slot's backoff)."""
+    sync_gen: int = 0
+    """Which of the pool's syncs ``sync_ref`` answers (a replica still starting may answer an old one)."""
     calls: dict[ray.ObjectRef, int] = field(default_factory=dict)
     """In-flight ``run`` calls: reference -> task position."""
     affine: list[int] = field(default_factory=list)
@@ -62,6 +64,7 @@ class ReplicaPool:
         self.counters = counters
         self.slots = [Slot(make_worker(i)) for i in range(workers)]
         self._sync: tuple[ray.ObjectRef, ray.ObjectRef, int] | None = None
+        self._gen = 0
         self.orphans: list[ShardTask] = []
         """All-reduce: accepted tasks of this step whose gradient partial died with its replica."""
         self.on_replace: list[Callable[[int], None]] = []
@@ -73,10 +76,13 @@ class ReplicaPool:
         Calls on one actor run in submission order, so tasks can be queued behind the sync at once.
         """
         self._sync = (batch_ref, params_ref, nbytes)
+        self._gen += 1
         self.orphans.clear()
         for slot in self.slots:
             slot.held.clear()
-            if slot.handle is not None:
+            # A replica not yet up gets the new step when it answers its pending sync: queueing one sync per
+            # step behind an unplaced replica would pin every step's parameters in the object store.
+            if slot.handle is not None and (slot.ready or slot.sync_ref is None):
                 self._send_sync(slot)
 
     @property
@@ -91,13 +97,15 @@ class ReplicaPool:
 
     def _send_sync(self, slot: Slot) -> None:
         batch_ref, params_ref, nbytes = self._sync
-        slot.sync_ref = slot.handle.sync.remote(batch_ref, params_ref)
+        slot.sync_ref, slot.sync_gen = slot.handle.sync.remote(batch_ref, params_ref), self._gen
         self.counters.bytes_sent += nbytes
 
     def synced_ok(self, slot: Slot) -> None:
-        """The slot's replica answered its sync: it may take work, and the farm made progress."""
-        slot.sync_ref, slot.ready, slot.start_failures = None, True, 0
-        self.budget.progress()
+        """The slot's replica answered its sync: it may take work once it holds the current step."""
+        if slot.sync_gen != self._gen:
+            self._send_sync(slot)
+            return
+        slot.sync_ref, slot.ready, slot.losses = None, True, 0
 
     def replace(self, slot: Slot, what: str, cause: BaseException | str, charge: bool = True) -> None:
         """Kill the slot's actor (it may only be unreachable) and start a fresh, re-synced one in its place,
@@ -108,28 +116,27 @@ class ReplicaPool:
             what: what failed, for the error.
             cause: the exception that reported it.
             charge: count the death in the fault budget (False: a replica lost while starting, for a cause
-                outside it; it still backs off by the slot's own losses in a row).
+                outside it).
 
         Raises:
-            FarmError: the death exhausted the fault budget.
+            FarmError: the death exhausted the fault budget (the slot is cleared first, so the pool stays
+                usable).
         """
-        if charge:
-            delay = self.budget.failure(what, cause)
-        else:
-            slot.start_failures += 1
-            delay = self.budget.backoff(slot.start_failures)
         index = self.slots.index(slot)
         self.orphans += slot.held
         if slot.handle is not None:
             ray.kill(slot.handle, no_restart=True)
         slot.handle, slot.ready, slot.sync_ref = None, False, None
-        slot.start_at = time.monotonic() + delay
+        slot.losses += 1
+        slot.start_at = time.monotonic() + self.budget.backoff(slot.losses)
         slot.calls.clear()
         slot.affine.clear()
         slot.held.clear()
         self.counters.restarts += 1
         for listener in self.on_replace:
             listener(index)
+        if charge:
+            self.budget.failure(what, cause)
         self.start_due()
 
     def start_due(self) -> None:

@@ -71,7 +71,7 @@ class Scheduler:
                 ``recomputed``, not ``accepted``.
         """
         try:
-            results = self._dispatch(tasks, meanwhile)
+            results = self._dispatch(tasks, meanwhile, progress=not recompute)
         except BaseException:
             self.pool.forget_calls()
             raise
@@ -81,7 +81,11 @@ class Scheduler:
             self.counters.accepted += len(results)
         return results
 
-    def _dispatch(self, tasks: list[ShardTask], meanwhile: Callable[[], None] | None) -> list[ShardResult]:
+    def _dispatch(
+        self, tasks: list[ShardTask], meanwhile: Callable[[], None] | None, progress: bool
+    ) -> list[ShardResult]:
+        """Run ``tasks``; ``progress``: their results refill the fault budget (recomputed partials do not, or a
+        replica that dies in every all-reduce would loop forever)."""
         if not self.pool.synced:
             raise FarmError("sync() must give the replicas a step before tasks run")
         results: list[ShardResult | None] = [None] * len(tasks)
@@ -106,12 +110,13 @@ class Scheduler:
                 # A result stored on a node that has just gone is lost with its replica: same recovery.
                 general = self._requeue(slot, tasks, general, exc)
                 continue
-            last_finish = time.monotonic()
             if ref is slot.sync_ref:
                 self.pool.synced_ok(slot)
                 continue
+            last_finish = time.monotonic()
             done += 1
-            self.pool.budget.progress()
+            if progress:
+                self.pool.budget.progress()
             self._accept(slot, slot.calls.pop(ref), tasks, results, value)
             for listener in self.listeners:
                 listener(self.counters.accepted + done)
@@ -123,7 +128,7 @@ class Scheduler:
         """The next call (``run`` or ``sync``) to finish, or ``(None, None)`` when a replacement is due first.
 
         Raises:
-            FarmError: no call finished for ``stall_timeout`` seconds, or no replica exists or waits to start.
+            FarmError: no result for ``stall_timeout`` seconds, or no replica exists or waits to start.
         """
         waiting = {ref: slot for slot in self.pool.slots for ref in slot.calls}
         waiting.update({slot.sync_ref: slot for slot in self.pool.slots if slot.sync_ref is not None})
