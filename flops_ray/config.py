@@ -94,7 +94,11 @@ class EstimatorConfig:
     trace_coords: int = 512
     """Coordinates sub-sampled per group to estimate ``T_j = Tr Cov[G]``."""
     max_rows: int = 256
-    """Most perturbed rows in one batched forward on a replica (memory bound, not a semantic knob)."""
+    """Most perturbed rows in one batched forward on a replica (memory bound, not a semantic knob): a replica
+    holds one such chunk's noise and activations, whatever the shard's size."""
+    pilot_cache_mb: int = 1024
+    """Most memory (MiB) a replica spends holding a reused pilot's per-item gradient sums (``items x P_g``
+    float32) until its ``finalize`` task; a larger pilot task is finalized by running its queries again."""
     on_nonfinite: str = "raise"
     """A query whose loss is NaN or inf (or a black-box call that raises): ``raise`` stops the step with an
     error naming the shard and sample; ``skip`` drops the query (it contributes 0, which shrinks that
@@ -126,6 +130,7 @@ class EstimatorConfig:
         )
         require(self.trace_coords >= 1, "estimator.trace_coords", f"must be >= 1, got {self.trace_coords}")
         require(self.max_rows >= 2, "estimator.max_rows", f"must be >= 2, got {self.max_rows}")
+        require(self.pilot_cache_mb >= 0, "estimator.pilot_cache_mb", f"must be >= 0, got {self.pilot_cache_mb}")
         require(
             self.precision in PRECISIONS,
             "estimator.precision",

@@ -1,7 +1,7 @@
 """The query engine: one model replica that evaluates shards of perturbed forward passes.
 
 A thin shell around the estimator families (:mod:`flops_ray.estimators`): it holds the replica's
-parameters, the step's batch and the pilot cache, turns losses into coefficients
+parameters and the step's batch, turns losses into coefficients
 ``c_q = (L_q - b_j)/sigma`` (``b_j`` the sample's clean loss, for every estimator) and reduces them into
 weighted gradient sums and trace estimates. It imports no ray and touches no files: the same object runs
 in-process and inside actors.
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from flops_ray.config import EstimatorConfig, GroupConfig
-from flops_ray.estimators import Evaluation, RowPlan, Shard, estimator_family, signed_noise
+from flops_ray.estimators import RowPlan, Shard, estimator_family
 from flops_ray.groups import flatten, resolve_groups, to_numpy, unflatten_into
 from flops_ray.losses import LossFn, cross_entropy
 from flops_ray.messages import ShardResult, ShardTask, TaskKind
@@ -36,7 +36,7 @@ class QueryEngine:
         estimator: estimator settings.
         root_seed: the run's root seed.
         loss_fn: per-sample loss ``(outputs (R, ...), targets (R,)) -> (R,)``.
-        device: where the replica runs; noise is drawn on CPU and copied once per shard.
+        device: where the replica runs; noise is made there, chunk by chunk (:mod:`flops_ray.noise`).
     """
 
     def __init__(
@@ -61,9 +61,9 @@ class QueryEngine:
         self._step = -1
         self._x: torch.Tensor | None = None
         self._y: torch.Tensor | None = None
-        self._pilot_cache: dict[tuple[int, int], tuple] = {}
-        """(group, index) -> the pilot's per-item sums, losses and (traces, dof)."""
         self._coords: dict[tuple[int, int], torch.Tensor] = {}
+        self._pilot_sums: dict[tuple[int, int], tuple[torch.Tensor, np.ndarray]] = {}
+        """(group, index) -> a reused pilot's per-item sums ``(n_items, P_g)`` and losses, until its finalize."""
         self._skipped = 0
 
     # ---- parameters and batch -------------------------------------------------------------------
@@ -88,7 +88,7 @@ class QueryEngine:
         # Token ids and other integer inputs keep their dtype; only floating inputs follow the model's.
         self._x = x.to(self.device, self.dtype if x.is_floating_point() else x.dtype)
         self._y = torch.as_tensor(y).to(self.device)
-        self._pilot_cache.clear()
+        self._pilot_sums.clear()
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The step's batch ``x (B, ...)``, ``y (B,)`` on the replica's device."""
@@ -105,24 +105,19 @@ class QueryEngine:
         self._skipped = 0
         if task.kind == TaskKind.CLEAN:
             return self._clean(task)
-        if task.kind == TaskKind.PILOT:
-            _, losses, (traces, dof), forwards = self._pilot(task)
-            return ShardResult(task.key, losses, traces=traces, trace_dof=dof, forwards=forwards, skipped=self._skipped)
-        weights = torch.tensor(task.weights, dtype=torch.float64, device=self.device)
-        if task.kind == TaskKind.FINALIZE:
-            sums, losses, _, forwards = self._pilot(task)
-            grad = (weights @ sums).cpu().numpy()
-            return ShardResult(task.key, losses, grad=grad, forwards=forwards, skipped=self._skipped)
-        rows, ev, coef = self._evaluate(task)
-        grad = ev.sums((coef * weights[rows.item])[:, None])[0]
-        traces, dof = self._item_traces(task, rows, ev, coef) if task.traces else (None, None)
+        cached = self._pilot_sums.pop((task.group, task.index), None) if task.kind == TaskKind.FINALIZE else None
+        if cached is not None:
+            sums, losses = cached
+            weights = torch.tensor(task.weights, dtype=torch.float32, device=self.device)
+            return ShardResult(task.key, losses, grad=(weights @ sums).cpu().numpy(), forwards=0)
+        losses, grad, traces, dof = self._evaluate(task)
         return ShardResult(
             task.key,
-            to_numpy(ev.losses),
-            grad=grad.cpu().numpy(),
+            losses,
+            grad=grad,
             traces=traces,
             trace_dof=dof,
-            forwards=len(rows),
+            forwards=task.cost,
             skipped=self._skipped,
         )
 
@@ -136,7 +131,7 @@ class QueryEngine:
         with self._forwards():
             losses, emb, proxies = self.estimators[0].clean(task, self._x, self._y, self.groups)
         # A sample without a finite clean loss has no baseline to weight its queries by: always an error.
-        self._check_finite(task, losses, [it.pos for it in task.items], skip=False)
+        self._check_finite(task, to_numpy(losses), np.arange(len(task.items)), skip=False)
         return ShardResult(
             task.key,
             losses.double().cpu().numpy(),
@@ -145,82 +140,100 @@ class QueryEngine:
             forwards=len(task.items),
         )
 
-    def _pilot(self, task: ShardTask):
-        """Per-item gradient sums ``(n_items, P_g)`` (unweighted), losses, (traces, dof) and forwards run; cached."""
-        key = (task.group, task.index)
-        cached = self._pilot_cache.get(key)
-        if cached is not None:
-            return (*cached, 0)
-        rows, ev, coef = self._evaluate(task)
-        onehot = nn.functional.one_hot(rows.item, len(task.items)).to(torch.float64)
-        sums = ev.sums(onehot * coef[:, None])
-        self._pilot_cache[key] = (sums, to_numpy(ev.losses), self._item_traces(task, rows, ev, coef))
-        return (*self._pilot_cache[key], len(rows))
-
     # ---- perturbed forwards, coefficients, traces --------------------------------------------------
-    def _evaluate(self, task: ShardTask) -> tuple[RowPlan, Evaluation, torch.Tensor]:
-        """The task's rows, their evaluation and ``(R,)`` coefficients ``c_q = (L_q - L_clean,j) / sigma`` (float64).
+    def _evaluate(self, task: ShardTask) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+        """The task's perturbed losses ``(R,)``, its weighted gradient sum ``(P_g,)`` (``finalize``, ``main``) and
+        per-item traces and their degrees of freedom (``pilot``, ``main`` with ``traces``).
 
-        The clean-loss baseline is subtracted for every estimator: it keeps the estimate unbiased
-        (``E[eps] = 0`` given the upstream noise), cancels exactly within an SPSA pair, and within an LR
-        pair it removes the ``L_clean * eps (h+ - h-)^T`` term that appears when a group's upstream
-        module shifts the input ``h`` of a later one.
+        Each chunk's coefficients ``c_q = (L_q - L_clean,j) / sigma`` weight its terms as soon as it has run
+        (float32 on the device), so nothing per row outlives its chunk but ``K`` trace coordinates. The clean-loss
+        baseline is subtracted for every estimator: it keeps the estimate unbiased (``E[eps] = 0`` given the
+        upstream noise), cancels exactly within an SPSA pair, and within an LR pair it removes the
+        ``L_clean * eps (h+ - h-)^T`` term that appears when a group's upstream module shifts the input ``h``
+        of a later one. A reused pilot (``keep_sums``) keeps its per-item sums for its ``finalize`` task when they
+        fit in ``estimator.pilot_cache_mb``; otherwise the finalize runs its queries again (same noise, same
+        losses), so no replica holds more than that budget of ``items x P_g`` numbers.
         """
         est = self.estimators[task.group]
-        rows = RowPlan.of(task, self.est.unit, self.device, self.dtype)
-        eps = signed_noise(self.root_seed, task, rows, est.noise_size(self._x), self.dtype, self.device)
+        rows = RowPlan.of(task, self.est.unit, self.root_seed, self.device)
         skip = self.est.on_nonfinite == "skip"
+        shard = Shard(task, rows, self._x, self._y, est.noise_size(self._x), self.dtype, skip_errors=skip)
+        base = torch.tensor([it.baseline for it in task.items], dtype=torch.float32, device=self.device)
+        weights = None if task.weights is None else torch.tensor(task.weights, dtype=torch.float32, device=self.device)
+        grad = None if weights is None else torch.zeros(est.group.size, dtype=torch.float32, device=self.device)
+        idx = self._trace_coords(task.step, task.group) if task.traces or task.kind == TaskKind.PILOT else None
+        n_items = len(task.items)
+        keep = task.keep_sums and n_items * est.group.size * 4 <= self.est.pilot_cache_mb * 2**20
+        item_sums = torch.zeros(n_items, est.group.size, device=self.device) if keep else None
+        ends = np.cumsum([it.cost for it in task.items])
+        losses, subs = [], []
         with self._forwards():
-            ev = est.forward(Shard(task, rows, self._x, self._y, eps, skip_errors=skip))
-        self._check_finite(task, ev.losses, rows.pos.tolist(), skip)
-        base = torch.tensor([it.baseline for it in task.items], dtype=torch.float64, device=self.device)
-        coef = (ev.losses.double() - base[rows.item]) / est.group.sigma
-        # Skipped (non-finite) queries contribute nothing; under "raise" none reach this point.
-        return rows, ev, torch.where(torch.isfinite(coef), coef, torch.zeros_like(coef))
+            for sl, ev in est.forward(shard):
+                coef = (ev.losses.float() - base[rows.item[sl]]) / est.group.sigma
+                # Skipped (non-finite) queries contribute nothing; under "raise" the task fails below.
+                coef = torch.where(torch.isfinite(coef), coef, 0.0)
+                if grad is not None:
+                    grad += ev.sums(coef * weights[rows.item[sl]])
+                if item_sums is not None:
+                    for i in range(n_items):
+                        a, b = max(sl.start, ends[i] - task.items[i].cost), min(sl.stop, ends[i])
+                        if a < b:
+                            local = slice(a - sl.start, b - sl.start)
+                            item_sums[i] += ev.sums(coef[local], local)
+                if idx is not None:
+                    subs.append(ev.subsample(coef, idx))
+                losses.append(ev.losses)
+        host = to_numpy(torch.cat(losses))
+        self._check_finite(task, host, np.repeat(np.arange(len(task.items)), [it.cost for it in task.items]), skip)
+        traces = self._item_traces(task, rows, torch.cat(subs)) if idx is not None else (None, None)
+        if item_sums is not None:
+            self._pilot_sums[(task.group, task.index)] = (item_sums, host)
+        return host, None if grad is None else grad.cpu().numpy(), *traces
 
-    def _check_finite(self, task: ShardTask, losses: torch.Tensor, pos: list[int], skip: bool) -> None:
-        """Raise on a non-finite loss, or (``skip``) count it as skipped."""
-        bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
-        if not bad:
+    def _check_finite(self, task: ShardTask, losses: np.ndarray, items: np.ndarray, skip: bool) -> None:
+        """Raise on a non-finite loss (``items``: the task item of each), or (``skip``) count it as skipped."""
+        bad = np.flatnonzero(~np.isfinite(losses))
+        if not len(bad):
             return
         if skip:
             self._skipped += len(bad)
             return
-        row = pos[bad[0]]
-        sample = next(it.sample_id for it in task.items if it.pos == row)
+        it = task.items[items[bad[0]]]
         raise NonFiniteLossError(
-            f"shard {task.key}: loss is {losses[bad[0]].item()} for batch row {row} "
-            f"(sample {sample}; {len(bad)} non-finite of {len(pos)} queries); "
+            f"shard {task.key}: loss is {losses[bad[0]]} for batch row {it.pos} "
+            f"(sample {it.sample_id}; {len(bad)} non-finite of {len(losses)} queries); "
             "set estimator.on_nonfinite=skip to drop such queries instead"
         )
 
     def _trace_coords(self, step: int, group: int) -> torch.Tensor:
-        """``(K,)`` sorted coordinates of the group sub-sampled for trace estimates (same on every replica)."""
+        """``(K,)`` sorted coordinates of the group sub-sampled for trace estimates (same on every replica): all of
+        a group no larger than ``trace_coords``, else ``trace_coords`` uniform draws (with replacement, so the
+        ``P/K`` scaling stays unbiased and no permutation of ``P_g`` is made)."""
         key = (step, group)
         if key not in self._coords:
-            size = self.groups[group].size
-            g = generator(self.root_seed, STREAM_TRACE, step, group)
-            coords = torch.randperm(size, generator=g)[: min(self.est.trace_coords, size)].sort().values
-            self._coords = {key: coords.to(self.device)}
+            size, k = self.groups[group].size, self.est.trace_coords
+            if size <= k:
+                coords = torch.arange(size)
+            else:
+                coords = torch.randint(size, (k,), generator=generator(self.root_seed, STREAM_TRACE, step, group))
+            self._coords = {key: coords.sort().values.to(self.device)}
         return self._coords[key]
 
-    def _item_traces(self, task: ShardTask, rows: RowPlan, ev: Evaluation, coef: torch.Tensor):
-        """Per item ``T_j ~ unit * (P/K) * sum_k Var_units[G_unit,k]`` from the task's sub-sampled terms, and
-        its degrees of freedom (units - 1).
+    def _item_traces(self, task: ShardTask, rows: RowPlan, sub: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Per item ``T_j ~ unit * (P/K) * sum_k Var_units[G_unit,k]`` from the task's sub-sampled terms
+        ``sub (R, K)``, and its degrees of freedom (units - 1).
 
         A unit is one independent draw (a pair's mean for antithetic estimators); per-query variance is
         ``unit`` times the unit variance, which is what ``J(A) = sum T_j / A_j`` counts. An item with one
-        draw in the task has no variance to measure: NaN with 0 degrees of freedom.
+        draw in the task has no variance to measure: NaN with 0 degrees of freedom. One pass over the items
+        with index sums (two-pass variance, float32) and one copy to the host.
         """
-        idx = self._trace_coords(task.step, task.group)
-        sub = ev.subsample(coef, idx)  # (R, K)
-        scale = self.groups[task.group].size / idx.numel()
-        unit = self.est.unit
-        traces, dof = np.full(len(task.items), np.nan), np.zeros(len(task.items))
-        for i in range(len(task.items)):
-            g = sub[rows.item == i]
-            g = g.view(-1, unit, g.shape[-1]).mean(1)
-            if len(g) > 1:
-                traces[i] = unit * scale * g.var(dim=0, unbiased=True).sum().item()
-                dof[i] = len(g) - 1
-        return traces, dof
+        unit, n_items = self.est.unit, len(task.items)
+        g = sub.view(-1, unit, sub.shape[-1]).mean(1)  # (U, K): units never straddle items
+        item = rows.item[::unit]
+        n = torch.zeros(n_items, device=g.device).index_add_(0, item, torch.ones(len(item), device=g.device))
+        mean = torch.zeros(n_items, g.shape[1], device=g.device).index_add_(0, item, g) / n.clamp(min=1)[:, None]
+        sq = torch.zeros_like(mean).index_add_(0, item, (g - mean[item]) ** 2).sum(1)
+        scale = unit * self.groups[task.group].size / sub.shape[1]
+        traces = torch.where(n > 1, scale * sq / (n - 1).clamp(min=1), float("nan"))
+        return traces.double().cpu().numpy(), (n - 1).clamp(min=0).double().cpu().numpy()

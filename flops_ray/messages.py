@@ -68,6 +68,9 @@ class ShardTask:
     """Per item ``1 / (B * A_j)`` for ``finalize`` and ``main``; None otherwise."""
     traces: bool = False
     """``main``: also return per-item trace estimates, for the trace memory (a pilot always does)."""
+    keep_sums: bool = False
+    """``pilot``: a ``finalize`` task will weight these queries; the replica keeps their per-item sums (within
+    ``estimator.pilot_cache_mb``) so that the finalize runs no forward pass."""
 
     @property
     def cost(self) -> int:

@@ -46,10 +46,10 @@ def plan_pilot_chunks(
     return plan_chunks(items, max(pilot, shard_cost // pilot * pilot), unit)
 
 
-def plan_pilot(step: int, groups: int, chunks: list[Chunk]) -> list[ShardTask]:
-    """Pilot tasks of every group over the same ``chunks``."""
+def plan_pilot(step: int, groups: int, chunks: list[Chunk], keep_sums: bool = False) -> list[ShardTask]:
+    """Pilot tasks of every group over the same ``chunks`` (``keep_sums``: finalize tasks will reuse them)."""
     return [
-        ShardTask(kind=TaskKind.PILOT, step=step, group=g, index=i, items=c)
+        ShardTask(kind=TaskKind.PILOT, step=step, group=g, index=i, items=c, keep_sums=keep_sums)
         for g in range(groups)
         for i, c in enumerate(chunks)
     ]

@@ -1,7 +1,8 @@
 """Counter-based seeds: every random draw is a pure function of the root seed and a counter tuple.
 
-A query's noise depends only on ``(root_seed, step, sample_id, draw_index, group)``, so any replica
-regenerates it bit for bit and nothing noise-sized ever crosses the wire.
+A query's noise depends only on ``(root_seed, step, sample_id, draw_index, group)`` and the coordinate
+(:mod:`flops_ray.noise` makes it on the replica's device), so any replica regenerates it bit for bit and
+nothing noise-sized ever crosses the wire.
 
 >>> derive_seed(0, 1, 2) == derive_seed(0, 1, 2)
 True
@@ -31,12 +32,17 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def derive_seed(*counters: int) -> int:
-    """Mix integer counters into one 63-bit seed (splitmix64 chain; order matters)."""
+def splitmix64_state(*counters: int) -> int:
+    """The 64-bit state of the splitmix64 chain over ``counters`` (order matters)."""
     h = 0
     for c in counters:
         h = _splitmix64(h ^ (int(c) & _MASK))
-    return h >> 1
+    return h
+
+
+def derive_seed(*counters: int) -> int:
+    """Mix integer counters into one 63-bit seed (:func:`splitmix64_state`, its top 63 bits)."""
+    return splitmix64_state(*counters) >> 1
 
 
 def generator(*counters: int) -> torch.Generator:
@@ -44,15 +50,3 @@ def generator(*counters: int) -> torch.Generator:
     g = torch.Generator(device="cpu")
     g.manual_seed(derive_seed(*counters))
     return g
-
-
-def query_noise(
-    root_seed: int, step: int, sample_id: int, draw: int, group: int, size: int, dtype: torch.dtype
-) -> torch.Tensor:
-    """Standard normal noise of one independent draw (a pair shares one draw).
-
-    Returns:
-        Tensor of shape ``(size,)`` on CPU.
-    """
-    g = generator(root_seed, STREAM_QUERY, step, sample_id, draw, group)
-    return torch.randn(size, generator=g, dtype=dtype)

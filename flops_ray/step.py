@@ -163,7 +163,7 @@ class ForwardStep:
         report = StepReport(step, float(losses.mean()), losses)
 
         pilot_chunks = plan_pilot_chunks(sample_ids, losses, pilot, self.shard_cost, unit)
-        pilot_tasks = plan_pilot(step, len(self.groups), pilot_chunks)
+        pilot_tasks = plan_pilot(step, len(self.groups), pilot_chunks, self.reuse_pilot)
         pilot_results = self.backend.run(pilot_tasks) if pilot_tasks else []
 
         tasks: list[ShardTask] = []

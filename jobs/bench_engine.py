@@ -11,7 +11,7 @@ the config's pilot and pair settings), on the same rows and device:
   attention counted through its matmuls) and ``A`` the LR assembly flops per query of the group's
   linears (``2 * in * out`` per token, plus ``out`` per token for a bias): the best LR efficiency.
 - ``noise_numbers_per_s``: independent Gaussian numbers per second (a pair shares one draw) of the
-  engine's noise path (``estimators.signed_noise``) on the ViT-B/16 LR shard; ``details`` has every
+  engine's noise path (``RowPlan.noise``, chunk by chunk) on the ViT-B/16 LR shard; ``details`` has every
   workload and kind.
 - ``peak_replica_bytes["vit_b16"]``: peak memory of one replica (model, batch, clean pass and one main
   shard of ``peak_rows`` queries of the shipped config's estimator) in a fresh process, above what the
@@ -52,7 +52,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from flops_ray.config import TrainConfig, reuses_pilot
 from flops_ray.data import batch_at, digits
 from flops_ray.engine import QueryEngine
-from flops_ray.estimators import RowPlan, signed_noise
+from flops_ray.estimators import RowPlan
 from flops_ray.groups import resolve_groups
 from flops_ray.job_config import jobs_dir, load_config
 from flops_ray.messages import ShardTask, TaskKind
@@ -217,7 +217,7 @@ def _measure(name: str, work: Workload, where: torch.device, cfg: TrainConfig, g
     shard = work.shard or cfg.farm.shard_cost
     replicas = {kind: replica(cfg, group, kind, model, shard, where) for kind in work.kinds}
     engine, task = replicas[work.kinds[0]]
-    rows = RowPlan.of(task, engine.est.unit, engine.device, engine.dtype)
+    rows = RowPlan.of(task, engine.est.unit, engine.root_seed, engine.device)
     inputs = engine.batch()[0][rows.pos]
     max_rows = engine.est.max_rows
     _infer(model, inputs, rows, max_rows)  # warm-up
@@ -252,13 +252,11 @@ def _measure(name: str, work: Workload, where: torch.device, cfg: TrainConfig, g
 
 def noise_rate(engine: QueryEngine, task: ShardTask, reps: int, where: torch.device) -> float:
     """Gaussian numbers per second of the engine's noise path for ``task``'s rows (median of ``reps``)."""
-    rows = RowPlan.of(task, engine.est.unit, engine.device, engine.dtype)
+    rows = RowPlan.of(task, engine.est.unit, engine.root_seed, engine.device)
     size = engine.estimators[task.group].noise_size(engine.batch()[0])
-    seconds = [
-        _seconds(lambda: signed_noise(engine.root_seed, task, rows, size, engine.dtype, engine.device), where)
-        for _ in range(reps)
-    ]
-    return len(rows.draws) * size / statistics.median(seconds)
+    chunks = rows.chunks(engine.est.max_rows)
+    seconds = [_seconds(lambda: [rows.noise(sl, size, engine.dtype) for sl in chunks], where) for _ in range(reps)]
+    return len(rows.keys) * size / statistics.median(seconds)
 
 
 def _fmt(values: dict[str, float]) -> str:

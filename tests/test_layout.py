@@ -29,6 +29,7 @@ CORE = {
     "losses",
     "messages",
     "models",
+    "noise",
     "plan",
     "prompts",
     "seeding",

@@ -5,7 +5,7 @@ import below.
 """
 
 from flops_ray.estimators import box, lr, params  # noqa: F401  (importing registers the families)
-from flops_ray.estimators.base import Estimator, Evaluation, RowPlan, Shard, signed_noise
+from flops_ray.estimators.base import Estimator, Evaluation, RowPlan, Shard
 from flops_ray.estimators.registry import (
     BLACKBOX_ESTIMATORS,
     ESTIMATORS,
@@ -24,5 +24,4 @@ __all__ = [
     "create_estimator",
     "estimator_family",
     "register_estimator",
-    "signed_noise",
 ]

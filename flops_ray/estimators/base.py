@@ -9,6 +9,7 @@ estimate over ``[q0, q1)`` can be computed in pieces and summed.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -19,43 +20,52 @@ from flops_ray.config import EstimatorConfig
 from flops_ray.groups import ResolvedGroup
 from flops_ray.losses import LossFn
 from flops_ray.messages import ShardTask
-from flops_ray.seeding import query_noise
+from flops_ray.noise import draw_keys, gaussian
 from flops_ray.trace_proxy import clean_pass
 
 
 @dataclass(frozen=True)
 class RowPlan:
-    """A shard expanded into perturbed rows, one per query (each field ``(R,)`` on the replica's device)."""
+    """A shard expanded into perturbed rows, one per query, built with tensor ops (no per-query Python).
+
+    Row fields are ``(R,)`` on the replica's device; ``keys`` holds the shard's distinct noise draws.
+    """
 
     pos: torch.Tensor
     """Row of the query's sample in the step's batch."""
     item: torch.Tensor
     """Index of the query's item in the task."""
-    draw: torch.Tensor
-    """Index of the query's noise draw in ``draws``."""
     sign: torch.Tensor
-    """``+1``, or ``-1`` for the second query of an antithetic pair."""
-    draws: tuple[tuple[int, int], ...]
-    """The distinct ``(sample_id, draw index)`` noise draws of the shard, in first-use order."""
+    """``+1``, or ``-1`` for the second query of an antithetic pair (float32)."""
+    draw: torch.Tensor
+    """Index of the query's noise draw in ``keys``."""
+    keys: torch.Tensor
+    """``(D,)`` int64 keys of the distinct draws (:func:`flops_ray.noise.draw_keys`), in first-use order."""
+    host_draw: tuple[int, ...]
+    """On the host: ``draw`` of every row, so a chunk's draws are known without asking the device."""
+    unit: int
+    """Queries per draw: 2 for antithetic pairs, else 1."""
 
     @classmethod
-    def of(cls, task: ShardTask, unit: int, device: torch.device, dtype: torch.dtype) -> RowPlan:
+    def of(cls, task: ShardTask, unit: int, root_seed: int, device: torch.device) -> RowPlan:
         """Expand ``task``'s items: query ``q`` uses draw ``q // unit``, negated when odd within a pair."""
-        pos, item, draw_key, sign = [], [], [], []
-        for i, it in enumerate(task.items):
-            for q in range(it.q0, it.q1):
-                pos.append(it.pos)
-                item.append(i)
-                draw_key.append((it.sample_id, q // unit))
-                sign.append(-1.0 if (unit == 2 and q % 2) else 1.0)
-        draws = tuple(dict.fromkeys(draw_key))
-        draw_of = {d: k for k, d in enumerate(draws)}
+        columns = zip(*[(it.pos, it.sample_id, it.q0, it.q1) for it in task.items])
+        pos, sample, q0, q1 = (torch.tensor(col, dtype=torch.int64) for col in columns)
+        counts = q1 - q0  # (I,)
+        item = torch.repeat_interleave(torch.arange(len(counts)), counts)  # (R,)
+        q = q0[item] + torch.arange(len(item)) - (torch.cumsum(counts, 0) - counts)[item]
+        keys, draw = torch.unique_consecutive(
+            draw_keys(root_seed, task.step, task.group, sample[item], q // unit), return_inverse=True
+        )
+        sign = 1.0 - 2.0 * (q % 2 == 1).float() if unit == 2 else torch.ones(len(q))
         return cls(
-            pos=torch.tensor(pos, device=device),
-            item=torch.tensor(item, device=device),
-            draw=torch.tensor([draw_of[d] for d in draw_key], device=device),
-            sign=torch.tensor(sign, device=device, dtype=dtype),
-            draws=draws,
+            pos=pos[item].to(device),
+            item=item.to(device),
+            sign=sign.to(device),
+            draw=draw.to(device),
+            keys=keys.to(device),
+            host_draw=tuple(draw.tolist()),
+            unit=unit,
         )
 
     def __len__(self) -> int:
@@ -65,13 +75,13 @@ class RowPlan:
         """Row slices of at most ``max_rows`` (one batched forward each)."""
         return [slice(s, min(len(self), s + max_rows)) for s in range(0, len(self), max_rows)]
 
-
-def signed_noise(root_seed: int, task: ShardTask, rows: RowPlan, size: int, dtype, device) -> torch.Tensor:
-    """``(R, size)`` signed noise: one CPU draw per pair/query, one host-to-device copy per shard."""
-    draws = torch.stack([query_noise(root_seed, task.step, sid, d, task.group, size, dtype) for sid, d in rows.draws])
-    if device.type == "cuda":
-        draws = draws.pin_memory().to(device, non_blocking=True)
-    return draws[rows.draw] * rows.sign[:, None]
+    def noise(self, rows: slice, size: int, dtype: torch.dtype) -> torch.Tensor:
+        """``(r, size)`` signed noise of ``rows``: each of their draws made once, on the device."""
+        lo, hi = self.host_draw[rows.start], self.host_draw[rows.stop - 1] + 1
+        z = gaussian(self.keys[lo:hi], size, dtype)  # (d, size)
+        if self.unit == 1:
+            return z  # one draw per row, all with sign +1
+        return torch.index_select(z, 0, self.draw[rows] - lo).mul_(self.sign[rows, None].to(dtype))
 
 
 @dataclass(frozen=True)
@@ -84,23 +94,30 @@ class Shard:
     """``(B, ...)`` the step's batch on the replica's device."""
     y: torch.Tensor
     """``(B,)`` targets."""
-    eps: torch.Tensor
-    """``(R, noise_size)`` signed noise of the rows."""
+    noise_size: int
+    """Noise numbers per query."""
+    dtype: torch.dtype
+    """Dtype of the noise (the model's)."""
     skip_errors: bool = False
     """``estimator.on_nonfinite = "skip"``: a failing black-box call drops its rows instead of raising."""
 
+    def noise(self, rows: slice) -> torch.Tensor:
+        """``(r, noise_size)`` signed noise of ``rows``, made on the device when the chunk runs."""
+        return self.rows.noise(rows, self.noise_size, self.dtype)
+
 
 class Evaluation(Protocol):
-    """A shard's perturbed losses and the linear maps from per-row weights to gradient sums."""
+    """One chunk's perturbed losses and the linear maps from per-row weights to gradient sums."""
 
     losses: torch.Tensor
-    """``(R,)`` perturbed losses."""
+    """``(r,)`` perturbed losses."""
 
-    def sums(self, w: torch.Tensor) -> torch.Tensor:
-        """``(S, P_g)`` float64 sums ``sum_r w_rs D_r`` for row weights ``w (R, S)``."""
+    def sums(self, w: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        """``(P_g,)`` float32 sum ``sum_r w_r D_r`` over the chunk's ``rows``, with ``w`` their weights (rows with
+        ``w_r = 0`` add nothing, even when their activations are not finite)."""
 
     def subsample(self, coef: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """``(R, K)`` per-row terms ``coef_r D_r[idx]`` at flat coordinates ``idx (K,)``."""
+        """``(r, K)`` per-row terms ``coef_r D_r[idx]`` at flat coordinates ``idx (K,)``."""
 
 
 class Estimator(ABC):
@@ -136,5 +153,7 @@ class Estimator(ABC):
         return clean_pass(self.model, groups, x[pos], y[pos], self.loss_fn)
 
     @abstractmethod
-    def forward(self, shard: Shard) -> Evaluation:
-        """The shard's perturbed forwards, in chunks of ``cfg.max_rows`` rows."""
+    def forward(self, shard: Shard) -> Iterator[tuple[slice, Evaluation]]:
+        """The shard's perturbed forwards, one chunk of at most ``cfg.max_rows`` rows at a time: each chunk's
+        noise is made when it runs and its evaluation is reduced by the caller before the next chunk, so a
+        replica holds one chunk's noise and activations whatever the shard's size."""

@@ -6,6 +6,8 @@ errors name the shard and the samples of the failing call.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from flops_ray.blackbox import BlackBoxError, BlackBoxShapeError
@@ -52,11 +54,10 @@ class BlackBoxEstimator(Estimator):
         proxy = torch.full((len(pos), len(groups)), float("nan"), dtype=torch.float64, device=x.device)
         return losses, x[pos].flatten(1), proxy
 
-    def forward(self, shard: Shard) -> NoiseEvaluation:
+    def forward(self, shard: Shard) -> Iterator[tuple[slice, NoiseEvaluation]]:
         u = self.group.params[0][1].detach()
         pos = shard.rows.pos
-        losses = [
-            self.losses(shard.task, u + self.group.sigma * shard.eps[sl], shard.x, shard.y, pos[sl], shard.skip_errors)
-            for sl in shard.rows.chunks(self.cfg.max_rows)
-        ]
-        return NoiseEvaluation(torch.cat(losses), shard.eps)
+        for sl in shard.rows.chunks(self.cfg.max_rows):
+            eps = shard.noise(sl)
+            losses = self.losses(shard.task, u + self.group.sigma * eps, shard.x, shard.y, pos[sl], shard.skip_errors)
+            yield sl, NoiseEvaluation(losses, eps)

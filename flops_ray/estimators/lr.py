@@ -7,6 +7,7 @@ noise ``eps`` of each perturbed linear are captured by forward hooks while the m
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,49 +20,49 @@ from flops_ray.groups import ResolvedGroup
 
 @dataclass(frozen=True)
 class LinearEvaluation:
-    """Losses plus, per perturbed linear ``m``, its inputs ``h[m] (R, ..., C_in)`` and noise ``e[m] (R, ..., C_out)``."""
+    """A chunk's losses plus, per perturbed linear ``m``, its inputs ``h[m] (r, ..., C_in)`` and noise
+    ``e[m] (r, ..., C_out)``."""
 
     losses: torch.Tensor
     group: ResolvedGroup
     h: list[torch.Tensor]
     e: list[torch.Tensor]
+    masked: bool = False
+    """Rows may hold non-finite activations (``on_nonfinite = "skip"``): zero-weight rows are masked out."""
 
-    def sums(self, w: torch.Tensor) -> torch.Tensor:
-        return torch.stack([self._segment_sum(w[:, s]) for s in range(w.shape[1])])  # (S, P_g)
+    def _tokens(self, m: int, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """``h (r, T, C_in)`` and ``e (r, T, C_out)`` of linear ``m`` (its ``rows``)."""
+        h, e = self.h[m][rows], self.e[m][rows]
+        return h.reshape(len(h), -1, h.shape[-1]), e.reshape(len(e), -1, e.shape[-1])
 
-    def _segment_sum(self, w: torch.Tensor) -> torch.Tensor:
-        """``sum_r w_r sum_t eps_rt h_rt^T`` (and ``sum_r w_r sum_t eps_rt`` for biases), one matmul per linear.
-
-        Only rows with ``w_r != 0`` enter, so a pilot's per-sample sums cost no more than one weighted sum.
-        """
-        rows = w.nonzero().flatten()
-        wr = w[rows]
+    def sums(self, w: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        """``sum_r w_r sum_t eps_rt h_rt^T`` (and ``sum_r w_r sum_t eps_rt`` for biases): one float32 matmul per
+        linear over all ``r x T`` tokens of the chunk."""
         parts = []
         for m, (_, lin) in enumerate(self.group.linears):
-            hm = self.h[m][rows].double().reshape(len(rows), -1, self.h[m].shape[-1])  # (R, T, C_in)
-            em = (
-                self.e[m][rows].double().reshape(len(rows), -1, self.e[m].shape[-1]) * wr[:, None, None]
-            )  # (R, T, C_out)
-            parts.append((em.flatten(0, 1).T @ hm.flatten(0, 1)).flatten())
+            h, e = self._tokens(m, rows)
+            if self.masked:
+                h = torch.where(w[:, None, None] != 0, h, 0)
+            ew = e.float() * w[:, None, None]  # (r, T, C_out)
+            parts.append((ew.flatten(0, 1).T @ h.flatten(0, 1).float()).flatten())
             if lin.bias is not None:
-                parts.append(em.sum((0, 1)))
+                parts.append(ew.sum((0, 1)))
         return torch.cat(parts)
 
     def subsample(self, coef: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """Per-row terms at flat coordinates ``idx``: ``(R, K)`` without materialising ``(R, P_g)``."""
+        """Per-row terms at flat coordinates ``idx``: ``(r, K)`` without materialising ``(r, P_g)``."""
         cols = []
         offset = 0
         for m, (_, lin) in enumerate(self.group.linears):
-            hm = self.h[m].double().reshape(self.h[m].shape[0], -1, self.h[m].shape[-1])
-            em = self.e[m].double().reshape(self.e[m].shape[0], -1, self.e[m].shape[-1])
+            h, e = self._tokens(m)
             n_out, n_in = lin.weight.shape
             for is_bias, n in ((False, n_out * n_in), (True, n_out if lin.bias is not None else 0)):
                 sel = idx[(idx >= offset) & (idx < offset + n)] - offset
                 if sel.numel():
                     if is_bias:
-                        cols.append(em[:, :, sel].sum(1))
+                        cols.append(e[:, :, sel].float().sum(1))
                     else:
-                        cols.append((em[:, :, sel // n_in] * hm[:, :, sel % n_in]).sum(1))
+                        cols.append((e[:, :, sel // n_in].float() * h[:, :, sel % n_in].float()).sum(1))
                 offset += n
         # A skipped row may carry non-finite activations; 0 * inf would put NaN into its trace.
         terms = coef[:, None] * torch.cat(cols, dim=1)
@@ -106,26 +107,24 @@ class LinearOutputEstimator(Estimator):
     def noise_size(self, x: torch.Tensor) -> int:
         return sum(self._output_numel(x))
 
-    def forward(self, shard: Shard) -> LinearEvaluation:
+    def forward(self, shard: Shard) -> Iterator[tuple[slice, LinearEvaluation]]:
         offsets = np.cumsum([0, *self._output_numel(shard.x)]).tolist()
         sigma = self.group.sigma
-        captured: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in self.group.linears]
+        captured: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(self.group.linears)
         current: dict[str, torch.Tensor] = {}
 
         def make_hook(m: int):
             def hook(module, inputs, out):
                 eps = current["eps"][:, offsets[m] : offsets[m + 1]].view(out.shape)
-                captured[m].append((inputs[0].detach(), eps))
-                return out + sigma * eps
+                captured[m] = (inputs[0].detach(), eps)
+                return torch.add(out, eps, alpha=sigma)
 
             return hook
 
-        pos, losses = shard.rows.pos, []
+        pos = shard.rows.pos
         with self._hooks(make_hook):
             for sl in shard.rows.chunks(self.cfg.max_rows):
-                current["eps"] = shard.eps[sl]
-                out = self.model(shard.x[pos[sl]])
-                losses.append(self.loss_fn(out, shard.y[pos[sl]]))
-        h = [torch.cat([c[0] for c in v]) for v in captured]
-        e = [torch.cat([c[1] for c in v]) for v in captured]
-        return LinearEvaluation(torch.cat(losses), self.group, h, e)
+                current["eps"] = shard.noise(sl)
+                losses = self.loss_fn(self.model(shard.x[pos[sl]]), shard.y[pos[sl]])
+                h, e = zip(*captured)
+                yield sl, LinearEvaluation(losses, self.group, list(h), list(e), masked=shard.skip_errors)

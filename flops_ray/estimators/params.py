@@ -6,56 +6,136 @@ ES is one-sided with the clean-loss baseline.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from torch.func import functional_call, vmap
 
 from flops_ray.estimators.base import Estimator, Shard
 from flops_ray.estimators.registry import register_estimator
+from flops_ray.groups import ResolvedGroup
 
 
 @dataclass(frozen=True)
 class NoiseEvaluation:
-    """Losses of rows perturbed by ``eps (R, P_g)``, whose per-row direction is the noise itself."""
+    """A chunk's losses of rows perturbed by ``eps (r, P_g)``, whose per-row direction is the noise itself."""
 
     losses: torch.Tensor
     eps: torch.Tensor
 
-    def sums(self, w: torch.Tensor) -> torch.Tensor:
-        return w.T @ self.eps.double()  # (S, P_g)
+    def sums(self, w: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        return w.to(self.eps.dtype) @ self.eps[rows]  # (P_g,)
 
     def subsample(self, coef: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return coef[:, None] * self.eps[:, idx].double()
+        return coef[:, None] * self.eps[:, idx].float()
+
+
+class _NotBatchFirst(Exception):
+    """A perturbed module saw no input whose leading dimension is the chunk's rows."""
+
+
+class _PerRow(nn.Module):
+    """Stands in for a module of the group while a chunk runs: the module under ``vmap``, each row with its own
+    parameters ``theta + delta_r``, so only the group's own modules pay for per-row parameters."""
+
+    def __init__(self, inner: nn.Module, delta: dict[str, torch.Tensor]):
+        super().__init__()
+        self.inner = inner
+        self.delta = delta
+        """Local parameter name -> ``(r, *shape)`` perturbation."""
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        rows = next(iter(self.delta.values())).shape[0]
+        dims = tuple(0 if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == rows else None for a in args)
+        if 0 not in dims:
+            raise _NotBatchFirst
+        base = dict(self.inner.named_parameters())
+
+        def one(delta: dict[str, torch.Tensor], *row_args) -> torch.Tensor:
+            params = {n: base[n] + d for n, d in delta.items()}
+            batched = tuple(a.unsqueeze(0) if dim == 0 else a for a, dim in zip(row_args, dims))
+            return functional_call(self.inner, params, batched)[0]
+
+        return vmap(one, in_dims=(0, *dims))(self.delta, *args)
+
+
+def _owners(group: ResolvedGroup) -> dict[str, list[tuple[str, int, torch.Size]]]:
+    """Outermost modules owning the group's parameters -> ``(local name, flat offset, shape)`` of each."""
+    flat, offset = [], 0
+    for name, p in group.params:
+        flat.append((name, offset, p.shape))
+        offset += p.numel()
+    owners = {name.rpartition(".")[0] for name, _, _ in flat}
+    outer = sorted(o for o in owners if not any(o.startswith(f"{a}.") or not a for a in owners - {o}))
+    return {
+        o: [(n[len(o) + 1 :] if o else n, off, shape) for n, off, shape in flat if not o or n.startswith(f"{o}.")]
+        for o in outer
+    }
 
 
 @register_estimator("spsa", "es")
 class ParamEstimator(Estimator):
-    """Perturbs the group's parameters; one vectorised (``vmap``) forward per chunk of rows."""
+    """Perturbs the group's parameters: each module owning them runs under ``vmap`` with per-row parameters,
+    the rest of the model as a plain batched forward (the whole model under ``vmap`` when a module's input
+    is not batch-first)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._owners = _owners(self.group)
+        self._whole_model = "" in self._owners
 
     def noise_size(self, x: torch.Tensor) -> int:
         return self.group.size
 
-    def forward(self, shard: Shard) -> NoiseEvaluation:
+    @contextlib.contextmanager
+    def _per_row(self, delta: torch.Tensor) -> Iterator[None]:
+        """Swap each owning module for a :class:`_PerRow` of it with ``delta (r, P_g)``'s slices."""
+        originals = {o: self.model.get_submodule(o) for o in self._owners}
+        try:
+            for o, params in self._owners.items():
+                parent, _, child = o.rpartition(".")
+                rows = {n: delta[:, off : off + shape.numel()].view(-1, *shape) for n, off, shape in params}
+                setattr(self.model.get_submodule(parent), child, _PerRow(originals[o], rows))
+            yield
+        finally:
+            for o, module in originals.items():
+                parent, _, child = o.rpartition(".")
+                setattr(self.model.get_submodule(parent), child, module)
+
+    def _whole(self, delta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The whole model under ``vmap``, one row per parameter perturbation (any model, slower)."""
         names = [n for n, _ in self.group.params]
         shapes = [p.shape for _, p in self.group.params]
         base = {n: p.detach() for n, p in self.model.named_parameters()}
         base.update(dict(self.model.named_buffers()))
-        model = self.model
 
-        def one(delta_flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-            chunks = torch.split(delta_flat, [s.numel() for s in shapes])
+        def one(delta_flat: torch.Tensor, xr: torch.Tensor) -> torch.Tensor:
             params = dict(base)
-            for n, d, s in zip(names, chunks, shapes):
+            for n, d, s in zip(names, torch.split(delta_flat, [s.numel() for s in shapes]), shapes):
                 params[n] = base[n] + d.view(s)
-            return functional_call(model, params, (x.unsqueeze(0),))[0]
+            return functional_call(self.model, params, (xr.unsqueeze(0),))[0]
 
-        pos, losses = shard.rows.pos, []
+        return vmap(one)(delta, x)
+
+    def _rows(self, delta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if not self._whole_model:
+            try:
+                with self._per_row(delta):
+                    return self.model(x)
+            except _NotBatchFirst:
+                self._whole_model = True
+        return self._whole(delta, x)
+
+    def forward(self, shard: Shard) -> Iterator[tuple[slice, NoiseEvaluation]]:
+        pos = shard.rows.pos
         with warnings.catch_warnings():
             # vmap falls back to a loop for fused attention kernels; correct, only slower.
             warnings.filterwarnings("ignore", message=".*batching rule.*")
             for sl in shard.rows.chunks(self.cfg.max_rows):
-                out = vmap(one)(self.group.sigma * shard.eps[sl], shard.x[pos[sl]])
-                losses.append(self.loss_fn(out, shard.y[pos[sl]]))
-        return NoiseEvaluation(torch.cat(losses), shard.eps)
+                eps = shard.noise(sl)
+                out = self._rows(self.group.sigma * eps, shard.x[pos[sl]])
+                yield sl, NoiseEvaluation(self.loss_fn(out, shard.y[pos[sl]]), eps)
