@@ -10,6 +10,7 @@ in-process and inside actors.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import numpy as np
 import torch
@@ -97,29 +98,28 @@ class QueryEngine:
         return self._x, self._y
 
     # ---- task dispatch ---------------------------------------------------------------------------
-    @torch.no_grad()
     def run(self, task: ShardTask) -> ShardResult:
         """Evaluate one shard task (see :class:`~flops_ray.messages.TaskKind` for the kinds)."""
+        result, grad = self.run_on_device(task)
+        return result if grad is None else dataclasses.replace(result, grad=grad.cpu().numpy())
+
+    @torch.no_grad()
+    def run_on_device(self, task: ShardTask) -> tuple[ShardResult, torch.Tensor | None]:
+        """:meth:`run`, with the weighted gradient sum ``(P_g,)`` float32 left on the replica's device (for a
+        reduction that sums it there) instead of in the result."""
         if self._x is None or task.step != self._step:
             raise RuntimeError(f"replica holds the batch of step {self._step}, task {task.key} needs step {task.step}")
         self._skipped = 0
         if task.kind == TaskKind.CLEAN:
-            return self._clean(task)
+            return self._clean(task), None
         cached = self._pilot_sums.pop((task.group, task.index), None) if task.kind == TaskKind.FINALIZE else None
         if cached is not None:
             sums, losses = cached
             weights = torch.tensor(task.weights, dtype=torch.float32, device=self.device)
-            return ShardResult(task.key, losses, grad=(weights @ sums).cpu().numpy(), forwards=0)
+            return ShardResult(task.key, losses, forwards=0), weights @ sums
         losses, grad, traces, dof = self._evaluate(task)
-        return ShardResult(
-            task.key,
-            losses,
-            grad=grad,
-            traces=traces,
-            trace_dof=dof,
-            forwards=task.cost,
-            skipped=self._skipped,
-        )
+        result = ShardResult(task.key, losses, traces=traces, trace_dof=dof, forwards=task.cost, skipped=self._skipped)
+        return result, grad
 
     def _forwards(self) -> contextlib.AbstractContextManager:
         """The precision of forward passes: ``estimator.precision`` under autocast, else the model's dtype."""
@@ -141,7 +141,9 @@ class QueryEngine:
         )
 
     # ---- perturbed forwards, coefficients, traces --------------------------------------------------
-    def _evaluate(self, task: ShardTask) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    def _evaluate(
+        self, task: ShardTask
+    ) -> tuple[np.ndarray, torch.Tensor | None, np.ndarray | None, np.ndarray | None]:
         """The task's perturbed losses ``(R,)``, its weighted gradient sum ``(P_g,)`` (``finalize``, ``main``) and
         per-item traces and their degrees of freedom (``pilot``, ``main`` with ``traces``).
 
@@ -188,7 +190,7 @@ class QueryEngine:
         traces = self._item_traces(task, rows, torch.cat(subs)) if idx is not None else (None, None)
         if item_sums is not None:
             self._pilot_sums[(task.group, task.index)] = (item_sums, host)
-        return host, None if grad is None else grad.cpu().numpy(), *traces
+        return host, grad, *traces
 
     def _check_finite(self, task: ShardTask, losses: np.ndarray, items: np.ndarray, skip: bool) -> None:
         """Raise on a non-finite loss (``items``: the task item of each), or (``skip``) count it as skipped."""

@@ -4,14 +4,15 @@ A query can never be cheaper than one forward pass; LR also assembles ``sum_t ep
 On one main shard of ``Q`` queries, planned as the trainer plans it (``flops_ray.plan``, equal counts,
 the config's pilot and pair settings), on the same rows and device:
 
-- ``efficiency[workload][kind]``: engine queries/s (``QueryEngine.run`` on the shard) divided by plain
+- ``efficiency[workload][kind]``: engine queries/s (``QueryEngine.run_on_device`` on the shard: the
+  replica's work, its gradient sum left on the device for the reduction) divided by plain
   batched inference rows/s (``model(x)`` under ``torch.inference_mode``, in the engine's ``max_rows``
   chunks) of the same ``Q`` rows; each repetition times the two back to back, the median ratio is kept.
 - ``lr_bound[workload]``: ``F / (F + A)``, with ``F`` the forward flops per row (``FlopCounterMode``,
   attention counted through its matmuls) and ``A`` the LR assembly flops per query of the group's
   linears (``2 * in * out`` per token, plus ``out`` per token for a bias): the best LR efficiency.
 - ``noise_numbers_per_s``: independent Gaussian numbers per second (a pair shares one draw) of the
-  engine's noise path (``RowPlan.noise``, chunk by chunk) on the ViT-B/16 LR shard; ``details`` has every
+  engine's noise path (``RowPlan.draws``, then each row's signed copy, chunk by chunk) on the ViT-B/16 LR shard; ``details`` has every
   workload and kind.
 - ``peak_replica_bytes["vit_b16"]``: peak memory of one replica (model, batch, clean pass and one main
   shard of ``peak_rows`` queries of the shipped config's estimator) in a fresh process, above what the
@@ -20,8 +21,8 @@ the config's pilot and pair settings), on the same rows and device:
 
 Workloads: ``digits_vit`` is the default config's first group (one linear) with LR, SPSA and ES;
 ``vit_b16`` is the ViT-B/16 config's ``top`` group at 224 px, randomly initialised (no weights are
-downloaded; speed does not depend on them), with LR and SPSA. The device is CUDA when available, else CPU;
-both sides of a ratio run on the torch threads a replica of the config would use (``farm.num_cpus_per_worker``,
+downloaded; speed does not depend on them), with LR and SPSA. The device is CUDA when available (then every
+workload's shard is its config's ``farm.shard_cost``), else CPU; both sides of a ratio run on the torch threads a replica of the config would use (``farm.num_cpus_per_worker``,
 at most this machine's).
 
     python jobs/bench_engine.py --quick --out docs/results
@@ -214,7 +215,8 @@ def measure(name: str, work: Workload, where: torch.device) -> dict:
 
 
 def _measure(name: str, work: Workload, where: torch.device, cfg: TrainConfig, group: int, model: nn.Module) -> dict:
-    shard = work.shard or cfg.farm.shard_cost
+    # A GPU runs the config's own shard: a few rows would time kernel launches, not queries.
+    shard = cfg.farm.shard_cost if where.type == "cuda" else work.shard or cfg.farm.shard_cost
     replicas = {kind: replica(cfg, group, kind, model, shard, where) for kind in work.kinds}
     engine, task = replicas[work.kinds[0]]
     rows = RowPlan.of(task, engine.est.unit, engine.root_seed, engine.device)
@@ -228,7 +230,7 @@ def _measure(name: str, work: Workload, where: torch.device, cfg: TrainConfig, g
         for kind, (engine, task) in replicas.items():
             # Back to back, so both sides of a ratio see the same load of a shared machine.
             plain = _seconds(lambda: _infer(model, inputs, rows, max_rows), where)
-            seconds[kind].append((plain, _seconds(lambda e=engine, t=task: e.run(t), where)))
+            seconds[kind].append((plain, _seconds(lambda e=engine, t=task: e.run_on_device(t), where)))
         last = {k: s[-1][0] / s[-1][1] for k, s in seconds.items()}
         print(f"{name} rep {rep + 1}/{work.reps}: {len(rows)} queries, efficiency {_fmt(last)}", flush=True)
     efficiency = {k: statistics.median(plain / perturbed for plain, perturbed in s) for k, s in seconds.items()}
@@ -255,7 +257,9 @@ def noise_rate(engine: QueryEngine, task: ShardTask, reps: int, where: torch.dev
     rows = RowPlan.of(task, engine.est.unit, engine.root_seed, engine.device)
     size = engine.estimators[task.group].noise_size(engine.batch()[0])
     chunks = rows.chunks(engine.est.max_rows)
-    seconds = [_seconds(lambda: [rows.noise(sl, size, engine.dtype) for sl in chunks], where) for _ in range(reps)]
+    seconds = [
+        _seconds(lambda: [rows.draws(sl, size, engine.dtype).rows() for sl in chunks], where) for _ in range(reps)
+    ]
     return len(rows.keys) * size / statistics.median(seconds)
 
 

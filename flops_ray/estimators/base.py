@@ -75,13 +75,37 @@ class RowPlan:
         """Row slices of at most ``max_rows`` (one batched forward each)."""
         return [slice(s, min(len(self), s + max_rows)) for s in range(0, len(self), max_rows)]
 
-    def noise(self, rows: slice, size: int, dtype: torch.dtype) -> torch.Tensor:
-        """``(r, size)`` signed noise of ``rows``: each of their draws made once, on the device."""
+    def draws(self, rows: slice, size: int, dtype: torch.dtype) -> Draws:
+        """The distinct draws of ``rows``, each made once on the device."""
         lo, hi = self.host_draw[rows.start], self.host_draw[rows.stop - 1] + 1
-        z = gaussian(self.keys[lo:hi], size, dtype)  # (d, size)
-        if self.unit == 1:
-            return z  # one draw per row, all with sign +1
-        return torch.index_select(z, 0, self.draw[rows] - lo).mul_(self.sign[rows, None].to(dtype))
+        return Draws(gaussian(self.keys[lo:hi], size, dtype), self.draw[rows] - lo, self.sign[rows].to(dtype))
+
+
+@dataclass(frozen=True)
+class Draws:
+    """A chunk's noise as its distinct draws: row ``r``'s noise is ``sign[r] * z[draw[r]]``."""
+
+    z: torch.Tensor
+    """``(d, size)`` the draws."""
+    draw: torch.Tensor
+    """``(r,)`` each row's draw."""
+    sign: torch.Tensor
+    """``(r,)`` each row's sign."""
+
+    def rows(self, scale: float = 1.0, offset: torch.Tensor | None = None) -> torch.Tensor:
+        """``(r, size)`` ``offset + scale * sign_r z_draw_r``: one gather, then in-place updates."""
+        out = torch.index_select(self.z, 0, self.draw).mul_((scale * self.sign)[:, None])
+        return out if offset is None else out.add_(offset)
+
+    def weigh(self, w: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        """``(size,)`` ``sum_r w_r sign_r z_draw_r`` over ``rows`` (``w``: their weights), read per draw."""
+        per_draw = torch.zeros(len(self.z), dtype=self.z.dtype, device=self.z.device)
+        per_draw.index_add_(0, self.draw[rows], (w * self.sign[rows]).to(self.z.dtype))
+        return per_draw @ self.z
+
+    def at(self, idx: torch.Tensor) -> torch.Tensor:
+        """``(r, K)`` the rows' noise at coordinates ``idx``."""
+        return self.z[:, idx][self.draw] * self.sign[:, None]
 
 
 @dataclass(frozen=True)
@@ -101,9 +125,9 @@ class Shard:
     skip_errors: bool = False
     """``estimator.on_nonfinite = "skip"``: a failing black-box call drops its rows instead of raising."""
 
-    def noise(self, rows: slice) -> torch.Tensor:
-        """``(r, noise_size)`` signed noise of ``rows``, made on the device when the chunk runs."""
-        return self.rows.noise(rows, self.noise_size, self.dtype)
+    def noise(self, rows: slice) -> Draws:
+        """The noise of ``rows``, made on the device when their chunk runs."""
+        return self.rows.draws(rows, self.noise_size, self.dtype)
 
 
 class Evaluation(Protocol):

@@ -58,6 +58,9 @@ class BlackBoxEstimator(Estimator):
         u = self.group.params[0][1].detach()
         pos = shard.rows.pos
         for sl in shard.rows.chunks(self.cfg.max_rows):
-            eps = shard.noise(sl)
-            losses = self.losses(shard.task, u + self.group.sigma * eps, shard.x, shard.y, pos[sl], shard.skip_errors)
-            yield sl, NoiseEvaluation(losses, eps)
+            noise = shard.noise(sl)
+            searched = noise.rows(self.group.sigma, u)
+            yield (
+                sl,
+                NoiseEvaluation(self.losses(shard.task, searched, shard.x, shard.y, pos[sl], shard.skip_errors), noise),
+            )

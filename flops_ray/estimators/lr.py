@@ -124,7 +124,7 @@ class LinearOutputEstimator(Estimator):
         pos = shard.rows.pos
         with self._hooks(make_hook):
             for sl in shard.rows.chunks(self.cfg.max_rows):
-                current["eps"] = shard.noise(sl)
+                current["eps"] = shard.noise(sl).rows()
                 losses = self.loss_fn(self.model(shard.x[pos[sl]]), shard.y[pos[sl]])
                 h, e = zip(*captured)
                 yield sl, LinearEvaluation(losses, self.group, list(h), list(e), masked=shard.skip_errors)

@@ -15,23 +15,23 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from flops_ray.estimators.base import Estimator, Shard
+from flops_ray.estimators.base import Draws, Estimator, Shard
 from flops_ray.estimators.registry import register_estimator
-from flops_ray.groups import ResolvedGroup
+from flops_ray.groups import ResolvedGroup, flatten
 
 
 @dataclass(frozen=True)
 class NoiseEvaluation:
-    """A chunk's losses of rows perturbed by ``eps (r, P_g)``, whose per-row direction is the noise itself."""
+    """A chunk's losses of rows perturbed by their noise, whose per-row direction is the noise itself."""
 
     losses: torch.Tensor
-    eps: torch.Tensor
+    noise: Draws
 
     def sums(self, w: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
-        return w.to(self.eps.dtype) @ self.eps[rows]  # (P_g,)
+        return self.noise.weigh(w, rows).float()  # (P_g,)
 
     def subsample(self, coef: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return coef[:, None] * self.eps[:, idx].float()
+        return coef[:, None] * self.noise.at(idx).float()
 
 
 class _NotBatchFirst(Exception):
@@ -40,27 +40,25 @@ class _NotBatchFirst(Exception):
 
 class _PerRow(nn.Module):
     """Stands in for a module of the group while a chunk runs: the module under ``vmap``, each row with its own
-    parameters ``theta + delta_r``, so only the group's own modules pay for per-row parameters."""
+    parameters ``theta + sigma eps_r``, so only the group's own modules pay for per-row parameters."""
 
-    def __init__(self, inner: nn.Module, delta: dict[str, torch.Tensor]):
+    def __init__(self, inner: nn.Module, params: dict[str, torch.Tensor]):
         super().__init__()
         self.inner = inner
-        self.delta = delta
-        """Local parameter name -> ``(r, *shape)`` perturbation."""
+        self.params = params
+        """Local parameter name -> ``(r, *shape)`` perturbed values."""
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        rows = next(iter(self.delta.values())).shape[0]
+        rows = next(iter(self.params.values())).shape[0]
         dims = tuple(0 if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == rows else None for a in args)
         if 0 not in dims:
             raise _NotBatchFirst
-        base = dict(self.inner.named_parameters())
 
-        def one(delta: dict[str, torch.Tensor], *row_args) -> torch.Tensor:
-            params = {n: base[n] + d for n, d in delta.items()}
+        def one(params: dict[str, torch.Tensor], *row_args) -> torch.Tensor:
             batched = tuple(a.unsqueeze(0) if dim == 0 else a for a, dim in zip(row_args, dims))
             return functional_call(self.inner, params, batched)[0]
 
-        return vmap(one, in_dims=(0, *dims))(self.delta, *args)
+        return vmap(one, in_dims=(0, *dims))(self.params, *args)
 
 
 def _owners(group: ResolvedGroup) -> dict[str, list[tuple[str, int, torch.Size]]]:
@@ -92,13 +90,13 @@ class ParamEstimator(Estimator):
         return self.group.size
 
     @contextlib.contextmanager
-    def _per_row(self, delta: torch.Tensor) -> Iterator[None]:
-        """Swap each owning module for a :class:`_PerRow` of it with ``delta (r, P_g)``'s slices."""
+    def _per_row(self, theta: torch.Tensor) -> Iterator[None]:
+        """Swap each owning module for a :class:`_PerRow` of it with ``theta (r, P_g)``'s slices."""
         originals = {o: self.model.get_submodule(o) for o in self._owners}
         try:
             for o, params in self._owners.items():
                 parent, _, child = o.rpartition(".")
-                rows = {n: delta[:, off : off + shape.numel()].view(-1, *shape) for n, off, shape in params}
+                rows = {n: theta[:, off : off + shape.numel()].view(-1, *shape) for n, off, shape in params}
                 setattr(self.model.get_submodule(parent), child, _PerRow(originals[o], rows))
             yield
         finally:
@@ -106,29 +104,30 @@ class ParamEstimator(Estimator):
                 parent, _, child = o.rpartition(".")
                 setattr(self.model.get_submodule(parent), child, module)
 
-    def _whole(self, delta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The whole model under ``vmap``, one row per parameter perturbation (any model, slower)."""
+    def _whole(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The whole model under ``vmap``, one row per parameter vector (any model, slower)."""
         names = [n for n, _ in self.group.params]
         shapes = [p.shape for _, p in self.group.params]
         base = {n: p.detach() for n, p in self.model.named_parameters()}
         base.update(dict(self.model.named_buffers()))
 
-        def one(delta_flat: torch.Tensor, xr: torch.Tensor) -> torch.Tensor:
+        def one(theta_flat: torch.Tensor, xr: torch.Tensor) -> torch.Tensor:
             params = dict(base)
-            for n, d, s in zip(names, torch.split(delta_flat, [s.numel() for s in shapes]), shapes):
-                params[n] = base[n] + d.view(s)
+            for n, t, s in zip(names, torch.split(theta_flat, [s.numel() for s in shapes]), shapes):
+                params[n] = t.view(s)
             return functional_call(self.model, params, (xr.unsqueeze(0),))[0]
 
-        return vmap(one)(delta, x)
+        return vmap(one)(theta, x)
 
-    def _rows(self, delta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _rows(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The model on rows ``x (r, ...)``, row ``r`` with the group's parameters ``theta[r] (P_g,)``."""
         if not self._whole_model:
             try:
-                with self._per_row(delta):
+                with self._per_row(theta):
                     return self.model(x)
             except _NotBatchFirst:
                 self._whole_model = True
-        return self._whole(delta, x)
+        return self._whole(theta, x)
 
     def forward(self, shard: Shard) -> Iterator[tuple[slice, NoiseEvaluation]]:
         pos = shard.rows.pos
@@ -136,6 +135,7 @@ class ParamEstimator(Estimator):
             # vmap falls back to a loop for fused attention kernels; correct, only slower.
             warnings.filterwarnings("ignore", message=".*batching rule.*")
             for sl in shard.rows.chunks(self.cfg.max_rows):
-                eps = shard.noise(sl)
-                out = self._rows(self.group.sigma * eps, shard.x[pos[sl]])
-                yield sl, NoiseEvaluation(self.loss_fn(out, shard.y[pos[sl]]), eps)
+                noise = shard.noise(sl)
+                theta = noise.rows(self.group.sigma, flatten([p.detach() for _, p in self.group.params]))
+                out = self._rows(theta, shard.x[pos[sl]])
+                yield sl, NoiseEvaluation(self.loss_fn(out, shard.y[pos[sl]]), noise)

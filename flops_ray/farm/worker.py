@@ -132,16 +132,18 @@ class Worker:
     def run(self, task: ShardTask, keep: bool) -> ShardResult:
         """Evaluate ``task``; with ``keep`` the gradient partial stays here for the all-reduce."""
         t0 = time.perf_counter()
-        result = self.engine.run(task)
+        kept = keep and task.kind in (TaskKind.FINALIZE, TaskKind.MAIN)
+        result, grad = self.engine.run_on_device(task)
+        if grad is not None and not kept:
+            result = dataclasses.replace(result, grad=grad.cpu().numpy())
         if self.options.slowdown > 1.0:
             time.sleep((self.options.slowdown - 1.0) * (time.perf_counter() - t0))
         self._tasks += 1
         self._forwards += result.forwards
         self._busy += time.perf_counter() - t0
-        if keep and task.kind in (TaskKind.FINALIZE, TaskKind.MAIN):
-            self._held[task.group] += torch.from_numpy(result.grad).to(self.engine.device)
+        if kept:
+            self._held[task.group] += grad  # float32 partial into the float64 sum, on the device
             self._held_keys.append(task.key)
-            result = dataclasses.replace(result, grad=None)
         return result
 
     # ---- collective reduction -----------------------------------------------------------------------
