@@ -11,6 +11,9 @@ the config's pilot and pair settings), on the same rows and device:
 - ``lr_bound[workload]``: ``F / (F + A)``, with ``F`` the forward flops per row (``FlopCounterMode``,
   attention counted through its matmuls) and ``A`` the LR assembly flops per query of the group's
   linears (``2 * in * out`` per token, plus ``out`` per token for a bias): the best LR efficiency.
+- ``details[workload]["noise_bound"][kind]``: ``t_infer / (t_infer + t_noise)``, the best efficiency the
+  kind could reach on this device if its queries cost a plain forward plus making their noise and
+  nothing else (SPSA/ES need ``P_g`` numbers per draw, LR one per output of the group's linears).
 - ``noise_numbers_per_s``: independent Gaussian numbers per second (a pair shares one draw) of the
   engine's noise path (``RowPlan.draws``, then each row's signed copy, chunk by chunk) on the ViT-B/16 LR shard; ``details`` has every
   workload and kind.
@@ -234,7 +237,9 @@ def _measure(name: str, work: Workload, where: torch.device, cfg: TrainConfig, g
         last = {k: s[-1][0] / s[-1][1] for k, s in seconds.items()}
         print(f"{name} rep {rep + 1}/{work.reps}: {len(rows)} queries, efficiency {_fmt(last)}", flush=True)
     efficiency = {k: statistics.median(plain / perturbed for plain, perturbed in s) for k, s in seconds.items()}
-    noise = {kind: noise_rate(engine, task, work.reps, where) for kind, (engine, task) in replicas.items()}
+    made = {kind: noise_seconds(engine, task, work.reps, where) for kind, (engine, task) in replicas.items()}
+    noise = {kind: numbers / sec for kind, (numbers, sec) in made.items()}
+    plain = statistics.median(plain for s in seconds.values() for plain, _ in s)
     bound = lr_bound(model, cfg, group, inputs)
     print(f"{name}: efficiency {_fmt(efficiency)}, LR bound {bound['bound']:.3f}, noise/s {_fmt(noise)}", flush=True)
     return {
@@ -244,23 +249,24 @@ def _measure(name: str, work: Workload, where: torch.device, cfg: TrainConfig, g
         "assembly_flops_per_query": bound["assembly_flops"],
         "shard_queries": len(rows),
         "max_rows": max_rows,
-        "rows_per_s": len(rows) / statistics.median(plain for s in seconds.values() for plain, _ in s),
+        "rows_per_s": len(rows) / plain,
         "queries_per_s": {
             k: len(rows) / statistics.median(perturbed for _, perturbed in s) for k, s in seconds.items()
         },
         "noise_numbers_per_s": noise,
+        "noise_bound": {kind: plain / (plain + sec) for kind, (_, sec) in made.items()},
     }
 
 
-def noise_rate(engine: QueryEngine, task: ShardTask, reps: int, where: torch.device) -> float:
-    """Gaussian numbers per second of the engine's noise path for ``task``'s rows (median of ``reps``)."""
+def noise_seconds(engine: QueryEngine, task: ShardTask, reps: int, where: torch.device) -> tuple[int, float]:
+    """Gaussian numbers the engine's noise path makes for ``task``'s rows, and its seconds (median of ``reps``)."""
     rows = RowPlan.of(task, engine.est.unit, engine.root_seed, engine.device)
     size = engine.estimators[task.group].noise_size(engine.batch()[0])
     chunks = rows.chunks(engine.est.max_rows)
     seconds = [
         _seconds(lambda: [rows.draws(sl, size, engine.dtype).rows() for sl in chunks], where) for _ in range(reps)
     ]
-    return len(rows.keys) * size / statistics.median(seconds)
+    return len(rows.keys) * size, statistics.median(seconds)
 
 
 def _fmt(values: dict[str, float]) -> str:
@@ -304,6 +310,8 @@ def main(bench: BenchConfig, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     where = device()
     details = {name: measure(name, work, where) for name, work in bench.workloads().items()}
+    if where.type == "cuda":
+        torch.cuda.empty_cache()  # the peak run is another process: hand back what the timed replicas cached
     shipped = load_config(jobs_dir() / "configs" / bench.vit_b16.config)[0].farm.shard_cost
     rows = bench.peak_rows or shipped
     print(f"vit_b16 peak memory: one replica, a {rows}-query shard (shipped: {shipped}), fresh process", flush=True)
