@@ -121,14 +121,14 @@ class QueryEngine:
         result = ShardResult(task.key, losses, traces=traces, trace_dof=dof, forwards=task.cost, skipped=self._skipped)
         return result, grad
 
-    def _forwards(self) -> contextlib.AbstractContextManager:
+    def forward_precision(self) -> contextlib.AbstractContextManager:
         """The precision of forward passes: ``estimator.precision`` under autocast, else the model's dtype."""
         if self._low is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self._low)
 
     def _clean(self, task: ShardTask) -> ShardResult:
-        with self._forwards():
+        with self.forward_precision():
             losses, emb, proxies = self.estimators[0].clean(task, self._x, self._y, self.groups)
         # A sample without a finite clean loss has no baseline to weight its queries by: always an error.
         self._check_finite(task, to_numpy(losses), np.arange(len(task.items)), skip=False)
@@ -169,7 +169,7 @@ class QueryEngine:
         item_sums = torch.zeros(n_items, est.group.size, device=self.device) if keep else None
         ends = np.cumsum([it.cost for it in task.items])
         losses, subs = [], []
-        with self._forwards():
+        with self.forward_precision():
             for sl, ev in est.forward(shard):
                 coef = (ev.losses.float() - base[rows.item[sl]]) / est.group.sigma
                 # Skipped (non-finite) queries contribute nothing; under "raise" the task fails below.

@@ -81,6 +81,8 @@ class Workload:
     """Queries in the timed main shard (0: the config's ``farm.shard_cost``)."""
     reps: int = 5
     """Interleaved repetitions of inference and engine; the median ratio is reported."""
+    precision: str = ""
+    """``estimator.precision`` of both sides, plain inference under the same autocast (empty: the config's)."""
 
 
 DIGITS = Workload("digits_ops_lr.yaml", "top", ("lr", "spsa", "es"), model="digits_vit", reps=21)
@@ -117,6 +119,8 @@ def load_workload(work: Workload) -> tuple[TrainConfig, int, nn.Module]:
     """The workload's config, the index of its group, and its model (initialised from the config's seed)."""
     cfg, _ = load_config(jobs_dir() / "configs" / work.config)
     cfg = cfg.replace(model=work.model or cfg.model)
+    if work.precision:
+        cfg = cfg.replace(estimator=dataclasses.replace(cfg.estimator, precision=work.precision))
     group = [g.name for g in cfg.groups].index(work.group)
     return cfg, group, create_model(cfg.model, cfg.data.num_classes, cfg.data.img_size, cfg.seed)
 
@@ -164,9 +168,9 @@ def _seconds(fn: Callable[[], object], where: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def _infer(model: nn.Module, inputs: torch.Tensor, rows: RowPlan, max_rows: int) -> None:
-    """Plain batched inference of the shard's rows, in the engine's chunks."""
-    with torch.inference_mode():
+def _infer(engine: QueryEngine, model: nn.Module, inputs: torch.Tensor, rows: RowPlan, max_rows: int) -> None:
+    """Plain batched inference of the shard's rows, in the engine's chunks and forward precision."""
+    with torch.inference_mode(), engine.forward_precision():
         for sl in rows.chunks(max_rows):
             model(inputs[sl])
 
@@ -225,14 +229,14 @@ def _measure(name: str, work: Workload, where: torch.device, cfg: TrainConfig, g
     rows = RowPlan.of(task, engine.est.unit, engine.root_seed, engine.device)
     inputs = engine.batch()[0][rows.pos]
     max_rows = engine.est.max_rows
-    _infer(model, inputs, rows, max_rows)  # warm-up
+    _infer(engine, model, inputs, rows, max_rows)  # warm-up
     for engine, task in replicas.values():
         engine.run(task)  # warm-up (LR probes its output sizes once)
     seconds: dict[str, list[tuple[float, float]]] = {kind: [] for kind in work.kinds}
     for rep in range(work.reps):
         for kind, (engine, task) in replicas.items():
             # Back to back, so both sides of a ratio see the same load of a shared machine.
-            plain = _seconds(lambda: _infer(model, inputs, rows, max_rows), where)
+            plain = _seconds(lambda e=engine: _infer(e, model, inputs, rows, max_rows), where)
             seconds[kind].append((plain, _seconds(lambda e=engine, t=task: e.run_on_device(t), where)))
         last = {k: s[-1][0] / s[-1][1] for k, s in seconds.items()}
         print(f"{name} rep {rep + 1}/{work.reps}: {len(rows)} queries, efficiency {_fmt(last)}", flush=True)
@@ -338,6 +342,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="few repetitions and ViT-B rows (minutes on 2 cores)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_engine"), help="output directory")
+    parser.add_argument("--precision", default="", help="estimator.precision of every workload (default: the config's)")
     parser.add_argument("--peak", help=argparse.SUPPRESS)  # internal: the fresh process of peak_replica_bytes
     args = parser.parse_args()
     if args.peak:
@@ -345,4 +350,7 @@ if __name__ == "__main__":
         work = Workload(**{**spec["work"], "kinds": tuple(spec["work"]["kinds"])})
         print(json.dumps(peak_replica(work, spec["rows"])))
     else:
-        main(QUICK if args.quick else BenchConfig(), args.out)
+        bench = QUICK if args.quick else BenchConfig()
+        main(
+            replace(bench, **{k: replace(w, precision=args.precision) for k, w in bench.workloads().items()}), args.out
+        )

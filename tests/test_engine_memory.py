@@ -1,0 +1,64 @@
+"""A replica's memory is bounded by one chunk of rows, never by the items or queries of a shard."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+# One process per measurement: peak RSS only grows, so each shard size needs a fresh count. SPSA's group is
+# a 1024 x 1024 linear on one token (512 rows of its noise: 2 GiB, a chunk of 8 rows: 32 MiB); LR's a
+# 128 x 128 linear on 1024 tokens (512 rows of its inputs and noise: 512 MiB, a chunk: 8 MiB).
+_PEAK = r"""
+import json, resource, sys
+import torch
+from torch import nn
+from flops_ray.config import EstimatorConfig, GroupConfig
+from flops_ray.engine import QueryEngine
+from flops_ray.messages import ShardItem, ShardTask, TaskKind
+
+kind, items, task_kind = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+width, tokens = (128, 1024) if kind == "lr" else (1024, 1)
+
+
+class TokenNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(16, width), nn.Linear(width, width), nn.Linear(width, 4)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))).mean(1))
+
+
+torch.manual_seed(0)
+model = TokenNet()
+groups = (GroupConfig("big", ("fc2",), 1e-3, 2),)
+est = EstimatorConfig(kind=kind, max_rows=8, pilot_queries=2, pilot_cache_mb=16)
+engine = QueryEngine(model, groups, est, root_seed=0)
+engine.set_batch(0, torch.randn(items, tokens, 16), torch.randint(4, (items,)))
+shard = tuple(ShardItem(p, p, 0, 2, 1.0) for p in range(items))
+weights = None if task_kind == "pilot" else (1.0,) * items
+task = ShardTask(TaskKind(task_kind), 0, 0, 0, shard, weights=weights, keep_sums=task_kind == "pilot")
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+engine.run(task)
+print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024))
+"""
+
+
+def _peak_bytes(kind: str, items: int, task_kind: str) -> int:
+    relay = "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"
+    command = [sys.executable, "-c", relay, sys.executable, "-c", _PEAK, kind, str(items), task_kind]
+    out = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True, timeout=600).stdout
+    return json.loads(out.splitlines()[-1])
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads the peak RSS Linux keeps per process")
+@pytest.mark.parametrize(("kind", "task_kind"), [("lr", "main"), ("spsa", "main"), ("spsa", "pilot")])
+def test_peak_memory_does_not_grow_with_the_shard(kind, task_kind):
+    """256 samples (512 queries) cost no more than 8 samples plus 128 MiB, where holding every row's noise
+    (SPSA: 2 GiB), inputs and noise (LR: 512 MiB) or every sample's pilot sums (1 GiB) would not fit;
+    over its 16 MiB cache budget a pilot keeps no sums and its finalize recomputes them."""
+    small, large = _peak_bytes(kind, 8, task_kind), _peak_bytes(kind, 256, task_kind)
+    assert large - small < 128 * 2**20, f"peak grew by {(large - small) / 2**20:.0f} MiB"
