@@ -95,7 +95,8 @@ class EstimatorConfig:
     """Coordinates sub-sampled per group to estimate ``T_j = Tr Cov[G]``."""
     max_rows: int = 256
     """Most perturbed rows in one batched forward on a replica (memory bound, not a semantic knob): a replica
-    holds one such chunk's noise and activations, whatever the shard's size."""
+    holds one such chunk's noise and activations, whatever the shard's size (LR: the group's linears' inputs
+    and outputs per row; SPSA/ES: about three ``P_g``-sized float32 vectors per row)."""
     pilot_cache_mb: int = 1024
     """Most memory (MiB) a replica spends holding a reused pilot's per-item gradient sums (``items x P_g``
     float32) until its ``finalize`` task; a larger pilot task is finalized by running its queries again."""

@@ -122,7 +122,7 @@ def test_fewer_replicas_than_asked_warn_and_the_run_goes_on(digits_splits):
 @pytest.mark.usefixtures("ray_local")
 def test_kill_storm_at_default_settings_is_survived_bit_identically(digits_splits):
     """20 replica kills, one every 1-3 s on a random replica (busy, idle or still starting), at default settings:
-    the run goes on, and its parameters equal an uninterrupted in-process run of as many steps."""
+    the run goes on, and its parameters equal an uninterrupted run of as many steps, bit for bit."""
     cfg = BASE.replace(steps=1_000_000)
     kills: list[int] = []
     rng = random.Random(0)
@@ -155,9 +155,9 @@ def test_kill_storm_at_default_settings_is_survived_bit_identically(digits_split
         steps, got = stormy.step_count, torch.from_numpy(stormy.get_params())
         restarts = stormy.backend.counters.restarts
     assert len(kills) == 20 and restarts == 20, (kills, restarts)
-    # The same shard plan in-process: shard partials are float32, so another shard_cost rounds differently.
-    in_process = FarmConfig(shard_cost=RAY.shard_cost)
-    with Trainer(cfg.replace(farm=in_process), _model(cfg), *digits_splits) as straight:
+    # The same farm without kills: float32 shard sums round by the replicas' thread count, so an in-process
+    # run on another number of threads agrees only to rounding (tests/test_farm_determinism.py).
+    with Trainer(cfg, _model(cfg), *digits_splits) as straight:
         straight.fit(steps)
         want = torch.from_numpy(straight.get_params())
     assert torch.equal(got, want)

