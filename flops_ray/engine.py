@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from flops_ray.config import EstimatorConfig, GroupConfig
-from flops_ray.estimators import RowPlan, Shard, estimator_family
+from flops_ray.estimators import Evaluation, RowPlan, Shard, estimator_family
 from flops_ray.groups import flatten, resolve_groups, to_numpy, unflatten_into
 from flops_ray.losses import LossFn, cross_entropy
 from flops_ray.messages import ShardResult, ShardTask, TaskKind
@@ -167,7 +167,6 @@ class QueryEngine:
         n_items = len(task.items)
         keep = task.keep_sums and n_items * est.group.size * 4 <= self.est.pilot_cache_mb * 2**20
         item_sums = torch.zeros(n_items, est.group.size, device=self.device) if keep else None
-        ends = np.cumsum([it.cost for it in task.items])
         losses, subs = [], []
         with self.forward_precision():
             for sl, ev in est.forward(shard):
@@ -177,11 +176,7 @@ class QueryEngine:
                 if grad is not None:
                     grad += ev.sums(coef * weights[rows.item[sl]])
                 if item_sums is not None:
-                    for i in range(n_items):
-                        a, b = max(sl.start, ends[i] - task.items[i].cost), min(sl.stop, ends[i])
-                        if a < b:
-                            local = slice(a - sl.start, b - sl.start)
-                            item_sums[i] += ev.sums(coef[local], local)
+                    _add_item_sums(item_sums, task, sl, ev, coef)
                 if idx is not None:
                     subs.append(ev.subsample(coef, idx))
                 losses.append(ev.losses)
@@ -239,3 +234,15 @@ class QueryEngine:
         scale = unit * self.groups[task.group].size / sub.shape[1]
         traces = torch.where(n > 1, scale * sq / (n - 1).clamp(min=1), float("nan"))
         return traces.double().cpu().numpy(), (n - 1).clamp(min=0).double().cpu().numpy()
+
+
+def _add_item_sums(out: torch.Tensor, task: ShardTask, rows: slice, ev: Evaluation, coef: torch.Tensor) -> None:
+    """Add each item's unweighted sum ``sum_q c_q D_q`` over the chunk's ``rows`` to ``out (n_items, P_g)``
+    (an item's queries are contiguous rows, so each sum reads only its own)."""
+    end = 0
+    for i, it in enumerate(task.items):
+        start, end = end, end + it.cost
+        a, b = max(rows.start, start), min(rows.stop, end)
+        if a < b:
+            local = slice(a - rows.start, b - rows.start)
+            out[i] += ev.sums(coef[local], local)
