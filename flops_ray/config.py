@@ -98,8 +98,9 @@ class EstimatorConfig:
     holds one such chunk's noise and activations, whatever the shard's size (LR: the group's linears' inputs
     and outputs per row; SPSA/ES: about three ``P_g``-sized float32 vectors per row)."""
     pilot_cache_mb: int = 1024
-    """Most memory (MiB) a replica spends holding a reused pilot's per-item gradient sums (``items x P_g``
-    float32) until its ``finalize`` task; a larger pilot task is finalized by running its queries again."""
+    """Most memory (MiB) a replica spends holding reused pilots' per-item gradient sums (``items x P_g``
+    float32 each, all pilots at once) until their ``finalize`` tasks; a pilot that would exceed it keeps
+    none and is finalized by running its queries again."""
     on_nonfinite: str = "raise"
     """A query whose loss is NaN or inf (or a black-box call that raises): ``raise`` stops the step with an
     error naming the shard and sample; ``skip`` drops the query (it contributes 0, which shrinks that

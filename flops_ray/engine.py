@@ -152,33 +152,36 @@ class QueryEngine:
         baseline is subtracted for every estimator: it keeps the estimate unbiased (``E[eps] = 0`` given the
         upstream noise), cancels exactly within an SPSA pair, and within an LR pair it removes the
         ``L_clean * eps (h+ - h-)^T`` term that appears when a group's upstream module shifts the input ``h``
-        of a later one. A reused pilot (``keep_sums``) keeps its per-item sums for its ``finalize`` task when they
-        fit in ``estimator.pilot_cache_mb``; otherwise the finalize runs its queries again (same noise, same
+        of a later one. A reused pilot (``keep_sums``) keeps its per-item sums for its ``finalize`` task while
+        all the sums the replica holds fit in ``estimator.pilot_cache_mb``; otherwise the finalize runs its queries again (same noise, same
         losses), so no replica holds more than that budget of ``items x P_g`` numbers.
         """
         est = self.estimators[task.group]
         rows = RowPlan.of(task, self.est.unit, self.root_seed, self.device)
         skip = self.est.on_nonfinite == "skip"
         shard = Shard(task, rows, self._x, self._y, est.noise_size(self._x), self.dtype, skip_errors=skip)
-        base = torch.tensor([it.baseline for it in task.items], dtype=torch.float32, device=self.device)
+        base = torch.tensor([it.baseline for it in task.items], dtype=torch.float64, device=self.device)
         weights = None if task.weights is None else torch.tensor(task.weights, dtype=torch.float32, device=self.device)
         grad = None if weights is None else torch.zeros(est.group.size, dtype=torch.float32, device=self.device)
         idx = self._trace_coords(task.step, task.group) if task.traces or task.kind == TaskKind.PILOT else None
         n_items = len(task.items)
-        keep = task.keep_sums and n_items * est.group.size * 4 <= self.est.pilot_cache_mb * 2**20
+        held = sum(sums.numel() * 4 for sums, _ in self._pilot_sums.values())
+        keep = task.keep_sums and held + n_items * est.group.size * 4 <= self.est.pilot_cache_mb * 2**20
         item_sums = torch.zeros(n_items, est.group.size, device=self.device) if keep else None
         losses, subs = [], []
         with self.forward_precision():
             for sl, ev in est.forward(shard):
-                coef = (ev.losses.float() - base[rows.item[sl]]) / est.group.sigma
+                # The difference in the losses' own precision (a float64 model keeps its digits), then float32.
+                coef = ((ev.losses.double() - base[rows.item[sl]]) / est.group.sigma).float()
                 # Skipped (non-finite) queries contribute nothing; under "raise" the task fails below.
                 coef = torch.where(torch.isfinite(coef), coef, 0.0)
-                if grad is not None:
-                    grad += ev.sums(coef * weights[rows.item[sl]])
-                if item_sums is not None:
-                    _add_item_sums(item_sums, task, sl, ev, coef)
-                if idx is not None:
-                    subs.append(ev.subsample(coef, idx))
+                with torch.autocast(self.device.type, enabled=False):  # sums stay float32 under autocast
+                    if grad is not None:
+                        grad += ev.sums(coef * weights[rows.item[sl]])
+                    if item_sums is not None:
+                        _add_item_sums(item_sums, task, sl, ev, coef)
+                    if idx is not None:
+                        subs.append(ev.subsample(coef, idx))
                 losses.append(ev.losses)
         host = to_numpy(torch.cat(losses))
         self._check_finite(task, host, np.repeat(np.arange(len(task.items)), [it.cost for it in task.items]), skip)

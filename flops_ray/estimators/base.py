@@ -76,9 +76,9 @@ class RowPlan:
         return [slice(s, min(len(self), s + max_rows)) for s in range(0, len(self), max_rows)]
 
     def draws(self, rows: slice, size: int, dtype: torch.dtype) -> Draws:
-        """The distinct draws of ``rows``, each made once on the device."""
+        """The distinct draws of ``rows``, each made once on the device (``dtype``: the model's)."""
         lo, hi = self.host_draw[rows.start], self.host_draw[rows.stop - 1] + 1
-        return Draws(gaussian(self.keys[lo:hi], size, dtype), self.draw[rows] - lo, self.sign[rows].to(dtype))
+        return Draws(gaussian(self.keys[lo:hi], size), self.draw[rows] - lo, self.sign[rows], dtype)
 
 
 @dataclass(frozen=True)
@@ -86,21 +86,26 @@ class Draws:
     """A chunk's noise as its distinct draws: row ``r``'s noise is ``sign[r] * z[draw[r]]``."""
 
     z: torch.Tensor
-    """``(d, size)`` the draws."""
+    """``(d, size)`` the draws (float32)."""
     draw: torch.Tensor
     """``(r,)`` each row's draw."""
     sign: torch.Tensor
-    """``(r,)`` each row's sign."""
+    """``(r,)`` each row's sign (float32)."""
+    dtype: torch.dtype
+    """The model's dtype, that of the rows handed to it."""
 
     def rows(self, scale: float = 1.0, offset: torch.Tensor | None = None) -> torch.Tensor:
-        """``(r, size)`` ``offset + scale * sign_r z_draw_r``: one gather, then in-place updates."""
+        """``(r, size)`` ``offset + scale * sign_r z_draw_r`` in the model's dtype: one gather, then in-place
+        updates in float32."""
         out = torch.index_select(self.z, 0, self.draw).mul_((scale * self.sign)[:, None])
-        return out if offset is None else out.add_(offset)
+        if offset is not None:
+            out.add_(offset)
+        return out.to(self.dtype)
 
     def weigh(self, w: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
-        """``(size,)`` ``sum_r w_r sign_r z_draw_r`` over ``rows`` (``w``: their weights), read per draw."""
-        per_draw = torch.zeros(len(self.z), dtype=self.z.dtype, device=self.z.device)
-        per_draw.index_add_(0, self.draw[rows], (w * self.sign[rows]).to(self.z.dtype))
+        """``(size,)`` float32 ``sum_r w_r sign_r z_draw_r`` over ``rows`` (``w``: their weights), read per draw."""
+        per_draw = torch.zeros(len(self.z), dtype=torch.float32, device=self.z.device)
+        per_draw.index_add_(0, self.draw[rows], w.float() * self.sign[rows])
         return per_draw @ self.z
 
     def at(self, idx: torch.Tensor) -> torch.Tensor:

@@ -28,14 +28,15 @@ class NoiseEvaluation:
     noise: Draws
 
     def sums(self, w: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
-        return self.noise.weigh(w, rows).float()  # (P_g,)
+        return self.noise.weigh(w, rows)  # (P_g,)
 
     def subsample(self, coef: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         return coef[:, None] * self.noise.at(idx).float()
 
 
 class _NotBatchFirst(Exception):
-    """A perturbed module saw no input whose leading dimension is the chunk's rows."""
+    """A perturbed module cannot run per row on its own: no input whose leading dimension is the chunk's rows,
+    keyword arguments, or an output that is not one tensor."""
 
 
 class _PerRow(nn.Module):
@@ -48,15 +49,18 @@ class _PerRow(nn.Module):
         self.params = params
         """Local parameter name -> ``(r, *shape)`` perturbed values."""
 
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+    def forward(self, *args: torch.Tensor, **kwargs) -> torch.Tensor:
         rows = next(iter(self.params.values())).shape[0]
         dims = tuple(0 if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == rows else None for a in args)
-        if 0 not in dims:
+        if 0 not in dims or kwargs:
             raise _NotBatchFirst
 
         def one(params: dict[str, torch.Tensor], *row_args) -> torch.Tensor:
             batched = tuple(a.unsqueeze(0) if dim == 0 else a for a, dim in zip(row_args, dims))
-            return functional_call(self.inner, params, batched)[0]
+            out = functional_call(self.inner, params, batched)
+            if not isinstance(out, torch.Tensor):
+                raise _NotBatchFirst  # a tuple of outputs (attention, recurrent modules): the whole-model path
+            return out[0]
 
         return vmap(one, in_dims=(0, *dims))(self.params, *args)
 
@@ -84,7 +88,12 @@ class ParamEstimator(Estimator):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._owners = _owners(self.group)
-        self._whole_model = "" in self._owners
+        names: dict[int, int] = {}
+        for _, p in self.model.named_parameters(remove_duplicate=False):
+            names[id(p)] = names.get(id(p), 0) + 1
+        # A parameter shared by several modules must be perturbed in all of them: only the whole model does.
+        tied = any(names[id(p)] > 1 for _, p in self.group.params)
+        self._whole_model = "" in self._owners or tied
 
     def noise_size(self, x: torch.Tensor) -> int:
         return self.group.size
