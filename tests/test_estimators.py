@@ -11,6 +11,7 @@ from torch import nn
 
 from flops_ray.config import EstimatorConfig, GroupConfig
 from flops_ray.engine import NonFiniteLossError, QueryEngine
+from flops_ray.estimators import RowPlan
 from flops_ray.losses import cross_entropy
 from flops_ray.messages import ShardItem, ShardTask, TaskKind
 
@@ -178,3 +179,39 @@ def test_finalize_from_the_pilot_cache_equals_a_recomputed_one(kind):
 
 def _clean(item: ShardItem) -> ShardTask:
     return ShardTask(TaskKind.CLEAN, 0, None, 0, (ShardItem(item.pos, item.sample_id, 0, 1),))
+
+
+class _Attend(nn.Module):
+    """A group module called with keyword arguments and returning a tuple: it cannot run per row alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(6, 2, batch_first=True)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        out, _ = self.attn(x, x, x, need_weights=False)
+        return self.head(out.mean(1))
+
+
+def test_spsa_runs_modules_that_cannot_run_per_row_through_the_whole_model():
+    """Keyword arguments and tuple outputs send SPSA to the whole-model vmap, with the same losses."""
+    torch.manual_seed(0)
+    model = _Attend().double()
+    groups = (GroupConfig("attn", ("attn",), 1e-3, 2),)
+    engine = QueryEngine(model, groups, EstimatorConfig(kind="spsa"), root_seed=3)
+    engine.set_batch(0, torch.randn(2, 5, 6, dtype=torch.float64), torch.tensor([0, 2]))
+    task = _main(0, 0, (ShardItem(0, 1, 0, 4, 0.0), ShardItem(1, 2, 0, 4, 0.0)), (1.0, 1.0))
+    losses = engine.run(task).losses
+    assert engine.estimators[0]._whole_model
+    params = engine.groups[0].params
+    theta = torch.cat([p.detach().flatten() for _, p in params])
+    eps = RowPlan.of(task, 2, 3, torch.device("cpu")).draws(slice(0, 8), len(theta), torch.float64).rows()
+    x, y = engine.batch()
+    expected = []
+    for r in range(8):  # rows 0-3 are sample 0's two pairs, rows 4-7 sample 1's
+        row = torch.split(theta + 1e-3 * eps[r], [p.numel() for _, p in params])
+        shaped = {n: v.view_as(p) for (n, p), v in zip(params, row)}
+        out = torch.func.functional_call(model, shaped, (x[r // 4 : r // 4 + 1],))
+        expected.append(cross_entropy(out, y[r // 4 : r // 4 + 1]).item())
+    np.testing.assert_allclose(losses, expected, rtol=1e-10)

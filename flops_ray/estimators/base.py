@@ -95,12 +95,11 @@ class Draws:
     """The model's dtype, that of the rows handed to it."""
 
     def rows(self, scale: float = 1.0, offset: torch.Tensor | None = None) -> torch.Tensor:
-        """``(r, size)`` ``offset + scale * sign_r z_draw_r`` in the model's dtype: one gather, then in-place
-        updates in float32."""
-        out = torch.index_select(self.z, 0, self.draw).mul_((scale * self.sign)[:, None])
-        if offset is not None:
-            out.add_(offset)
-        return out.to(self.dtype)
+        """``(r, size)`` ``offset + scale * sign_r z_draw_r`` in the model's dtype (a float64 model's ``offset``
+        keeps its digits): one gather, then in-place updates."""
+        out = torch.index_select(self.z, 0, self.draw).to(self.dtype)
+        out.mul_((scale * self.sign).to(self.dtype)[:, None])
+        return out if offset is None else out.add_(offset)
 
     def weigh(self, w: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
         """``(size,)`` float32 ``sum_r w_r sign_r z_draw_r`` over ``rows`` (``w``: their weights), read per draw."""
