@@ -131,10 +131,11 @@ class QueryEngine:
         with self.forward_precision():
             losses, emb, proxies = self.estimators[0].clean(task, self._x, self._y, self.groups)
         # A sample without a finite clean loss has no baseline to weight its queries by: always an error.
-        self._check_finite(task, to_numpy(losses), np.arange(len(task.items)), skip=False)
+        host = to_numpy(losses)
+        self._check_finite(task, host, np.arange(len(task.items)), skip=False)
         return ShardResult(
             task.key,
-            losses.double().cpu().numpy(),
+            host.astype(np.float64),
             embeddings=emb.double().cpu().numpy(),
             proxies=proxies.cpu().numpy(),
             forwards=len(task.items),
@@ -153,8 +154,8 @@ class QueryEngine:
         upstream noise), cancels exactly within an SPSA pair, and within an LR pair it removes the
         ``L_clean * eps (h+ - h-)^T`` term that appears when a group's upstream module shifts the input ``h``
         of a later one. A reused pilot (``keep_sums``) keeps its per-item sums for its ``finalize`` task while
-        all the sums the replica holds fit in ``estimator.pilot_cache_mb``; otherwise the finalize runs its queries again (same noise, same
-        losses), so no replica holds more than that budget of ``items x P_g`` numbers.
+        all the sums the replica holds fit in ``estimator.pilot_cache_mb``; otherwise the finalize runs its
+        queries again (same noise, same losses), so no replica holds more than that budget of them.
         """
         est = self.estimators[task.group]
         rows = RowPlan.of(task, self.est.unit, self.root_seed, self.device)

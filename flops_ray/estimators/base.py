@@ -125,7 +125,7 @@ class Shard:
     noise_size: int
     """Noise numbers per query."""
     dtype: torch.dtype
-    """Dtype of the noise (the model's)."""
+    """The model's dtype, in which the rows' noise is handed over (it is made in float32)."""
     skip_errors: bool = False
     """``estimator.on_nonfinite = "skip"``: a failing black-box call drops its rows instead of raising."""
 

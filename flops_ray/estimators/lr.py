@@ -110,7 +110,7 @@ class LinearOutputEstimator(Estimator):
     def forward(self, shard: Shard) -> Iterator[tuple[slice, LinearEvaluation]]:
         offsets = np.cumsum([0, *self._output_numel(shard.x)]).tolist()
         sigma = self.group.sigma
-        captured: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(self.group.linears)
+        captured: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.group.linears)
         current: dict[str, torch.Tensor] = {}
 
         def make_hook(m: int):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -31,7 +32,7 @@ class NoiseEvaluation:
         return self.noise.weigh(w, rows)  # (P_g,)
 
     def subsample(self, coef: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return coef[:, None] * self.noise.at(idx).float()
+        return coef[:, None] * self.noise.at(idx)
 
 
 class _NotBatchFirst(Exception):
@@ -88,9 +89,7 @@ class ParamEstimator(Estimator):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._owners = _owners(self.group)
-        names: dict[int, int] = {}
-        for _, p in self.model.named_parameters(remove_duplicate=False):
-            names[id(p)] = names.get(id(p), 0) + 1
+        names = Counter(id(p) for _, p in self.model.named_parameters(remove_duplicate=False))
         # A parameter shared by several modules must be perturbed in all of them: only the whole model does.
         tied = any(names[id(p)] > 1 for _, p in self.group.params)
         self._whole_model = "" in self._owners or tied
@@ -140,11 +139,12 @@ class ParamEstimator(Estimator):
 
     def forward(self, shard: Shard) -> Iterator[tuple[slice, NoiseEvaluation]]:
         pos = shard.rows.pos
+        base = flatten([p.detach() for _, p in self.group.params])  # (P_g,) once per shard
         with warnings.catch_warnings():
             # vmap falls back to a loop for fused attention kernels; correct, only slower.
             warnings.filterwarnings("ignore", message=".*batching rule.*")
             for sl in shard.rows.chunks(self.cfg.max_rows):
                 noise = shard.noise(sl)
-                theta = noise.rows(self.group.sigma, flatten([p.detach() for _, p in self.group.params]))
+                theta = noise.rows(self.group.sigma, base)
                 out = self._rows(theta, shard.x[pos[sl]])
                 yield sl, NoiseEvaluation(self.loss_fn(out, shard.y[pos[sl]]), noise)

@@ -6,7 +6,6 @@ batch with one ``ray.put`` each, and the actor receives only object references t
 
 from __future__ import annotations
 
-import dataclasses
 import socket
 import time
 import warnings
@@ -133,9 +132,7 @@ class Worker:
         """Evaluate ``task``; with ``keep`` the gradient partial stays here for the all-reduce."""
         t0 = time.perf_counter()
         kept = keep and task.kind in (TaskKind.FINALIZE, TaskKind.MAIN)
-        result, grad = self.engine.run_on_device(task)
-        if grad is not None and not kept:
-            result = dataclasses.replace(result, grad=grad.cpu().numpy())
+        result, grad = self.engine.run_on_device(task) if kept else (self.engine.run(task), None)
         if self.options.slowdown > 1.0:
             time.sleep((self.options.slowdown - 1.0) * (time.perf_counter() - t0))
         self._tasks += 1
