@@ -219,6 +219,20 @@ def default_groups() -> tuple[GroupConfig, ...]:
 
 
 @dataclass(frozen=True)
+class UpdateRule:
+    """How gradient estimates become parameter updates (the ``optimizer``, ``lr`` and ``grad_clip`` of a run)."""
+
+    optimizer: str = "adam"
+    """``adam`` or ``sgd`` (with ``momentum``)."""
+    lr: float = 2e-3
+    """Learning rate."""
+    grad_clip: float = 1.0
+    """Largest L2 norm of a group's gradient estimate; larger ones are scaled down (0: no clipping)."""
+    momentum: float = 0.9
+    """``sgd`` only."""
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """A whole forward-only training run. One root ``seed`` determines everything."""
 
@@ -269,6 +283,11 @@ class TrainConfig:
         self.estimator.validate()
         self.allocator.validate()
         self.farm.validate()
+        require(
+            self.farm.reduction != "scalar" or self.estimator.kind != "lr",
+            "farm.reduction",
+            "scalar needs an SPSA or ES estimator (an LR term depends on activations, not only on its seed)",
+        )
         for g in self.groups:
             g.validate()
         if not self.backprop:
@@ -295,6 +314,11 @@ class TrainConfig:
                 f"budget {g.queries_per_sample}x{self.batch_size} is below the floor {minimum}x{self.batch_size} "
                 "(estimator.floor, or the pilot plus one more draw when the pilot is not reused)",
             )
+
+    @property
+    def update_rule(self) -> UpdateRule:
+        """How every replica turns a gradient estimate into a step of its own copy of the parameters."""
+        return UpdateRule(self.optimizer, self.lr, self.grad_clip)
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with fields changed (dataclasses.replace)."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -21,6 +23,7 @@ from flops_ray.estimators import Evaluation, RowPlan, Shard, estimator_family
 from flops_ray.groups import flatten, resolve_groups, to_numpy, unflatten_into
 from flops_ray.losses import LossFn, cross_entropy
 from flops_ray.messages import ShardResult, ShardTask, TaskKind
+from flops_ray.replay import replay_gradients
 from flops_ray.seeding import STREAM_TRACE, generator
 
 
@@ -52,6 +55,9 @@ class QueryEngine:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         family = estimator_family(estimator, self.model)
+        self.scalar = not family.linear_outputs
+        """Whether a shard's gradient is ``sum_d c_d z_d`` over its noise draws (SPSA/ES), so it can travel as its
+        per-draw coefficients (the scalar protocol, :mod:`flops_ray.replay`)."""
         self.groups = resolve_groups(self.model, groups, family.linear_outputs)
         self.estimators = [family(self.model, g, estimator, loss_fn) for g in self.groups]
         self.est = estimator
@@ -63,8 +69,8 @@ class QueryEngine:
         self._x: torch.Tensor | None = None
         self._y: torch.Tensor | None = None
         self._coords: dict[tuple[int, int], torch.Tensor] = {}
-        self._pilot_sums: dict[tuple[int, int], tuple[torch.Tensor, np.ndarray]] = {}
-        """(group, index) -> a reused pilot's per-item sums ``(n_items, P_g)`` and losses, until its finalize."""
+        self._pilot_sums: dict[tuple[int, int], _PilotSums] = {}
+        """(group, index) -> a reused pilot's sums and losses, until its finalize."""
         self._skipped = 0
 
     # ---- parameters and batch -------------------------------------------------------------------
@@ -98,28 +104,38 @@ class QueryEngine:
         return self._x, self._y
 
     # ---- task dispatch ---------------------------------------------------------------------------
-    def run(self, task: ShardTask) -> ShardResult:
-        """Evaluate one shard task (see :class:`~flops_ray.messages.TaskKind` for the kinds)."""
-        result, grad = self.run_on_device(task)
+    def run(self, task: ShardTask, coefficients: bool = False) -> ShardResult:
+        """Evaluate one shard task (see :class:`~flops_ray.messages.TaskKind` for the kinds); with ``coefficients``
+        (SPSA/ES only) a weighted task returns its per-draw coefficients instead of its gradient sum."""
+        result, grad = self.run_on_device(task, coefficients)
         return result if grad is None else dataclasses.replace(result, grad=grad.cpu().numpy())
 
     @torch.no_grad()
-    def run_on_device(self, task: ShardTask) -> tuple[ShardResult, torch.Tensor | None]:
+    def run_on_device(self, task: ShardTask, coefficients: bool = False) -> tuple[ShardResult, torch.Tensor | None]:
         """:meth:`run`, with the weighted gradient sum ``(P_g,)`` float32 left on the replica's device (for a
         reduction that sums it there) instead of in the result."""
         if self._x is None or task.step != self._step:
             raise RuntimeError(f"replica holds the batch of step {self._step}, task {task.key} needs step {task.step}")
+        if coefficients and not self.scalar:
+            raise ValueError(
+                f"estimator {self.est.kind!r} has no per-draw coefficients: its terms depend on activations"
+            )
         self._skipped = 0
         if task.kind == TaskKind.CLEAN:
             return self._clean(task), None
         cached = self._pilot_sums.pop((task.group, task.index), None) if task.kind == TaskKind.FINALIZE else None
         if cached is not None:
-            sums, losses = cached
-            weights = torch.tensor(task.weights, dtype=torch.float32, device=self.device)
-            return ShardResult(task.key, losses, forwards=0), weights @ sums
-        losses, grad, traces, dof = self._evaluate(task)
-        result = ShardResult(task.key, losses, traces=traces, trace_dof=dof, forwards=task.cost, skipped=self._skipped)
+            return cached.finalize(task)
+        losses, grad, coefs, traces, dof = self._evaluate(task, coefficients)
+        result = ShardResult(
+            task.key, losses, coefs=coefs, traces=traces, trace_dof=dof, forwards=task.cost, skipped=self._skipped
+        )
         return result, grad
+
+    def replay(self, tasks: Sequence[ShardTask], coefs: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """Per group ``(P_g,)`` float64 gradient sums rebuilt from the weighted tasks' per-draw coefficients."""
+        sizes = [g.size for g in self.groups]
+        return replay_gradients(tasks, coefs, sizes, self.est.unit, self.root_seed, self.device)
 
     def forward_precision(self) -> contextlib.AbstractContextManager:
         """The precision of forward passes: ``estimator.precision`` under autocast, else the model's dtype."""
@@ -143,10 +159,11 @@ class QueryEngine:
 
     # ---- perturbed forwards, coefficients, traces --------------------------------------------------
     def _evaluate(
-        self, task: ShardTask
-    ) -> tuple[np.ndarray, torch.Tensor | None, np.ndarray | None, np.ndarray | None]:
-        """The task's perturbed losses ``(R,)``, its weighted gradient sum ``(P_g,)`` (``finalize``, ``main``) and
-        per-item traces and their degrees of freedom (``pilot``, ``main`` with ``traces``).
+        self, task: ShardTask, coefficients: bool
+    ) -> tuple[np.ndarray, torch.Tensor | None, np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+        """The task's perturbed losses ``(R,)``, its weighted gradient sum ``(P_g,)`` or (``coefficients``) per-draw
+        coefficients ``(D,)`` (``finalize``, ``main``), and per-item traces and their degrees of freedom
+        (``pilot``, ``main`` with ``traces``).
 
         Each chunk's coefficients ``c_q = (L_q - L_clean,j) / sigma`` weight its terms as soon as it has run
         (float32 on the device), so nothing per row outlives its chunk but ``K`` trace coordinates. The clean-loss
@@ -155,7 +172,8 @@ class QueryEngine:
         ``L_clean * eps (h+ - h-)^T`` term that appears when a group's upstream module shifts the input ``h``
         of a later one. A reused pilot (``keep_sums``) keeps its per-item sums for its ``finalize`` task while
         all the sums the replica holds fit in ``estimator.pilot_cache_mb``; otherwise the finalize runs its
-        queries again (same noise, same losses), so no replica holds more than that budget of them.
+        queries again (same noise, same losses), so no replica holds more than that budget of them. Per-draw
+        coefficients are ``(D,)`` numbers: a pilot always keeps those.
         """
         est = self.estimators[task.group]
         rows = RowPlan.of(task, self.est.unit, self.root_seed, self.device)
@@ -163,12 +181,16 @@ class QueryEngine:
         shard = Shard(task, rows, self._x, self._y, est.noise_size(self._x), self.dtype, skip_errors=skip)
         base = torch.tensor([it.baseline for it in task.items], dtype=torch.float64, device=self.device)
         weights = None if task.weights is None else torch.tensor(task.weights, dtype=torch.float32, device=self.device)
-        grad = None if weights is None else torch.zeros(est.group.size, dtype=torch.float32, device=self.device)
         idx = self._trace_coords(task.step, task.group) if task.traces or task.kind == TaskKind.PILOT else None
         n_items = len(task.items)
-        held = sum(sums.numel() * 4 for sums, _ in self._pilot_sums.values())
+        # Per draw, its unweighted sum of sign * coefficient: weighted by its item's weight at the end.
+        raw = torch.zeros(len(rows.keys), device=self.device) if coefficients else None
+        grad = None
+        if weights is not None and not coefficients:
+            grad = torch.zeros(est.group.size, dtype=torch.float32, device=self.device)
+        held = sum(p.nbytes for p in self._pilot_sums.values())
         keep = task.keep_sums and held + n_items * est.group.size * 4 <= self.est.pilot_cache_mb * 2**20
-        item_sums = torch.zeros(n_items, est.group.size, device=self.device) if keep else None
+        item_sums = torch.zeros(n_items, est.group.size, device=self.device) if keep and not coefficients else None
         losses, subs = [], []
         with self.forward_precision():
             for sl, ev in est.forward(shard):
@@ -179,6 +201,8 @@ class QueryEngine:
                 with torch.autocast(self.device.type, enabled=False):  # sums stay float32 under autocast
                     if grad is not None:
                         grad += ev.sums(coef * weights[rows.item[sl]])
+                    if raw is not None:
+                        raw.index_add_(0, rows.draw[sl], coef * rows.sign[sl])
                     if item_sums is not None:
                         _add_item_sums(item_sums, task, sl, ev, coef)
                     if idx is not None:
@@ -187,9 +211,11 @@ class QueryEngine:
         host = to_numpy(torch.cat(losses))
         self._check_finite(task, host, np.repeat(np.arange(len(task.items)), [it.cost for it in task.items]), skip)
         traces = self._item_traces(task, rows, torch.cat(subs)) if idx is not None else (None, None)
-        if item_sums is not None:
-            self._pilot_sums[(task.group, task.index)] = (item_sums, host)
-        return host, grad, *traces
+        draw_item = None if raw is None else torch.zeros_like(rows.keys).scatter_(0, rows.draw, rows.item)
+        if item_sums is not None or (raw is not None and task.keep_sums):
+            self._pilot_sums[(task.group, task.index)] = _PilotSums(host, item_sums, raw, draw_item)
+        coefs = None if raw is None or weights is None else to_numpy(raw * weights[draw_item])
+        return host, grad, coefs, *traces
 
     def _check_finite(self, task: ShardTask, losses: np.ndarray, items: np.ndarray, skip: bool) -> None:
         """Raise on a non-finite loss (``items``: the task item of each), or (``skip``) count it as skipped."""
@@ -238,6 +264,32 @@ class QueryEngine:
         scale = unit * self.groups[task.group].size / sub.shape[1]
         traces = torch.where(n > 1, scale * sq / (n - 1).clamp(min=1), float("nan"))
         return traces.double().cpu().numpy(), (n - 1).clamp(min=0).double().cpu().numpy()
+
+
+@dataclass(frozen=True)
+class _PilotSums:
+    """What a reused pilot keeps for its finalize: per-item gradient sums, or per-draw coefficients."""
+
+    losses: np.ndarray
+    item_sums: torch.Tensor | None
+    """``(n_items, P_g)`` unweighted per-item sums (gradient sums kept on the replica)."""
+    raw: torch.Tensor | None
+    """``(D,)`` unweighted per-draw coefficients (the scalar protocol)."""
+    draw_item: torch.Tensor | None
+    """``(D,)`` the item each draw belongs to."""
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.item_sums is None else self.item_sums.numel() * self.item_sums.element_size()
+
+    def finalize(self, task: ShardTask) -> tuple[ShardResult, torch.Tensor | None]:
+        """The finalize ``task``'s result from the kept sums, with no forward pass."""
+        sums = self.item_sums if self.raw is None else self.raw
+        weights = torch.tensor(task.weights, dtype=torch.float32, device=sums.device)
+        if self.raw is None:
+            return ShardResult(task.key, self.losses, forwards=0), weights @ self.item_sums
+        coefs = to_numpy(self.raw * weights[self.draw_item])
+        return ShardResult(task.key, self.losses, coefs=coefs, forwards=0), None
 
 
 def _add_item_sums(out: torch.Tensor, task: ShardTask, rows: slice, ev: Evaluation, coef: torch.Tensor) -> None:

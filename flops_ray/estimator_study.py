@@ -81,7 +81,6 @@ def cosine_sweep(bench: EstimatorStudy) -> list[dict]:
         for label, module in bench.layers:
             engine, group, est, (x, y, ids), true = _setup(bench, module, estimator)
             backend = LocalBackend(QueryEngine(copy.deepcopy(engine.model), (group,), est, bench.seed))
-            params = engine.get_params().numpy()
             for alloc in bench.allocators:
                 alloc_cfg = AllocatorConfig(kind=alloc)
                 for q in bench.queries:
@@ -98,7 +97,8 @@ def cosine_sweep(bench: EstimatorStudy) -> list[dict]:
                     )
                     cos = []
                     for rep in range(bench.cosine_reps):
-                        (grad,), _ = step(rep, params, x, y, ids)
+                        reduced, _ = step(rep, x, y, ids)
+                        (grad,) = reduced.grads
                         cos.append(float(grad @ true / (np.linalg.norm(grad) * np.linalg.norm(true))))
                     rows.append(
                         {

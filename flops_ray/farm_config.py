@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from flops_ray.validation import require
 
-REDUCTIONS = ("driver", "allreduce")
+REDUCTIONS = ("auto", "scalar", "allreduce", "driver")
 
 
 @dataclass(frozen=True)
@@ -32,8 +32,12 @@ class FarmConfig:
     """Target forward passes per shard (one remote call); ~50 ms of work amortises call overhead."""
     in_flight: int = 2
     """Ray: calls in flight per replica; completion-order dispatch keeps fast replicas busy."""
-    reduction: str = "driver"
-    """``driver`` (partial sums back to the driver) or ``allreduce`` (torch.distributed among workers)."""
+    reduction: str = "auto"
+    """How the step's gradient reaches every replica's copy of the parameters: ``scalar`` (SPSA/ES: each shard
+    returns one coefficient per noise draw and every replica rebuilds the gradient from seeds; bytes grow with
+    queries, not with ``P``), ``allreduce`` (partials meet in one torch.distributed collective among the
+    replicas), ``driver`` (partials summed on the driver in canonical order and sent back: bit-identical for
+    any number of replicas, ``O(P)`` bytes per shard); ``auto``: ``scalar`` for SPSA/ES, else ``allreduce``."""
     max_retries: int = 10
     """Ray: replica deaths in a row the farm survives with no shard result in between (more fail it).
     Results refill the budget, so a storm of preemptions is survived while work still gets done; a replica

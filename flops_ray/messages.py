@@ -83,6 +83,11 @@ class ShardTask:
     def key(self) -> TaskKey:
         return (self.step, self.group, self.kind.value, self.index)
 
+    @property
+    def order(self) -> tuple[int, bool, int]:
+        """Its place in the canonical reduction: by group, finalizes first, then by index."""
+        return (self.group, self.kind != FINALIZE, self.index)
+
 
 @dataclass
 class ShardResult:
@@ -93,6 +98,9 @@ class ShardResult:
     """``(Q,)`` perturbed losses in item order (clean tasks: ``(n_items,)`` clean losses)."""
     grad: np.ndarray | None = None
     """``(P_g,)`` weighted gradient sum (``finalize``, ``main``)."""
+    coefs: np.ndarray | None = None
+    """Scalar protocol (SPSA/ES): ``(D,)`` float32 weighted coefficient of each of the task's noise draws, in
+    first-use order, instead of ``grad``: ``grad = sum_d coefs[d] z_d`` (:mod:`flops_ray.replay`)."""
     traces: np.ndarray | None = None
     """``(n_items,)`` trace estimates ``T_j`` from this task's queries (``pilot``, ``main``; NaN for an item
     with fewer than two draws here)."""
@@ -110,5 +118,46 @@ class ShardResult:
     @property
     def nbytes(self) -> int:
         """Bytes of array payload, for the wire-traffic figures."""
-        arrays = (self.losses, self.grad, self.traces, self.trace_dof, self.embeddings, self.proxies)
+        arrays = (self.losses, self.grad, self.coefs, self.traces, self.trace_dof, self.embeddings, self.proxies)
         return sum(a.nbytes for a in arrays if a is not None)
+
+
+class UpdateSource(str, Enum):
+    """Where the replicas find the gradient of a :class:`StepUpdate`."""
+
+    HELD = "held"
+    """The all-reduced sum each replica already holds."""
+    GRADS = "grads"
+    """``StepUpdate.grads``, summed by the driver."""
+    COEFS = "coefs"
+    """Rebuilt on every replica from the tasks' seeds and ``StepUpdate.coefs`` (the scalar protocol)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class StepUpdate:
+    """What every replica needs to apply one step's update to its own copy of the parameters."""
+
+    version: int
+    """Updates the replicas applied before this one; a replica at another version refuses it."""
+    source: UpdateSource
+    grads: tuple[np.ndarray, ...] | None = None
+    """``GRADS``: per group ``(P_g,)`` float64 sums."""
+    tasks: tuple[ShardTask, ...] = ()
+    """``COEFS``: the step's weighted tasks, which name their noise draws."""
+    coefs: tuple[np.ndarray, ...] = ()
+    """``COEFS``: per task, its ``ShardResult.coefs``."""
+
+
+@dataclass(frozen=True)
+class ReplicaState:
+    """A replica's copy of the training state, for a replica that joins (or the driver, at a checkpoint)."""
+
+    version: int
+    """Updates applied to it (the run's step count)."""
+    params: np.ndarray
+    """``(P,)`` trainable parameters, group by group (float32 for a bfloat16 model)."""
+    optimizer: dict
+    """The optimizer's state dict (tensors on the CPU)."""

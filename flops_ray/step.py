@@ -1,9 +1,10 @@
 """One forward-only step, independent of where queries run (docs/DESIGN.md section 2).
 
 clean pass -> pilot shards (``T_j``) -> allocation per group -> shard plan -> finalize pilots + main
-shards -> reduction in canonical task order. A :class:`Backend` only executes task lists, so the
-in-process backend and the Ray farm give the same result for the same seed; the task lists come
-from the pure planners in :mod:`flops_ray.plan`.
+shards -> reduction. A :class:`Backend` executes task lists and reduces them where its replicas are, so
+the in-process backend and the Ray farm give the same result for the same seed; the task lists come
+from the pure planners in :mod:`flops_ray.plan`. The replicas own the parameters: the step never sees
+them, and the trainer asks the backend to apply the reduced gradient on every replica.
 """
 
 from __future__ import annotations
@@ -18,17 +19,28 @@ import torch
 
 from flops_ray.allocators import AllocationFeatures, Allocator
 from flops_ray.config import AllocatorConfig, EstimatorConfig, GroupConfig, least_queries, reuses_pilot
-from flops_ray.messages import ShardResult, ShardTask, TaskKind
+from flops_ray.messages import ReplicaState, ShardResult, ShardTask, TaskKind
 from flops_ray.plan import plan_clean, plan_main, plan_pilot, plan_pilot_chunks
 from flops_ray.seeding import STREAM_ALLOC, STREAM_ALLOC_FIT, generator
 from flops_ray.trace_memory import TraceMemory
 
 
-class Backend(Protocol):
-    """Executes shard tasks on replicas holding the current parameters and batch."""
+@dataclass(frozen=True)
+class Reduced:
+    """A step's reduced gradient, as far as the driver sees it."""
 
-    def sync(self, step: int, params: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-        """Give every replica the step's parameters ``(P,)`` and batch (one broadcast)."""
+    finite: tuple[bool, ...]
+    """Per group: whether the gradient estimate is finite (an update with a non-finite one is not applied)."""
+    grads: tuple[np.ndarray, ...] | None = None
+    """Per group ``(P_g,)`` float64 sums, where the reduction ran in this process (the in-process backend);
+    None where they stay on the replicas."""
+
+
+class Backend(Protocol):
+    """Executes shard tasks on replicas that own the parameters and hold the step's batch."""
+
+    def sync(self, step: int, x: np.ndarray, y: np.ndarray) -> None:
+        """Give every replica the step's batch (one broadcast)."""
 
     def run(self, tasks: list[ShardTask], meanwhile: Callable[[], None] | None = None) -> list[ShardResult]:
         """Evaluate ``tasks``; results come back in task order whatever order they finished in.
@@ -36,8 +48,17 @@ class Backend(Protocol):
         ``meanwhile`` is called once, after the tasks are handed out, for driver work that overlaps them.
         """
 
-    def reduce(self, tasks: list[ShardTask], results: list[ShardResult], sizes: list[int]) -> list[np.ndarray]:
-        """Per-group gradient sums ``(P_g,)`` of the weighted tasks, in canonical task order."""
+    def reduce(self, tasks: list[ShardTask], results: list[ShardResult], sizes: list[int]) -> Reduced:
+        """Sum the weighted tasks' gradients per group ``(P_g,)`` where the update will be applied."""
+
+    def apply(self) -> None:
+        """Apply the last reduced gradient on every replica (clip, optimizer step): the step is done."""
+
+    def state(self) -> ReplicaState:
+        """The replicas' parameters and optimizer state (a checkpoint, an evaluation); checks they agree."""
+
+    def load_state(self, state: ReplicaState) -> None:
+        """Make ``state`` every replica's (a resumed run)."""
 
     def where(self) -> str:
         """One line for a run's start-up: how many replicas are up, on which devices."""
@@ -49,9 +70,7 @@ class Backend(Protocol):
 def reduce_in_order(tasks: list[ShardTask], results: list[ShardResult], sizes: list[int]) -> list[np.ndarray]:
     """Sum the gradient partials of each group in float64, in task index order (deterministic)."""
     grads = [np.zeros(n, dtype=np.float64) for n in sizes]
-    for task, res in sorted(
-        zip(tasks, results), key=lambda tr: (tr[0].group, tr[0].kind != TaskKind.FINALIZE, tr[0].index)
-    ):
+    for task, res in sorted(zip(tasks, results), key=lambda tr: tr[0].order):
         if res.grad is not None:
             grads[task.group] += res.grad
     return grads
@@ -143,19 +162,22 @@ class ForwardStep:
             return self.memory.estimate(g, ids).numpy()
         return proxies[:, g]
 
-    def __call__(
-        self, step: int, params: np.ndarray, x: np.ndarray, y: np.ndarray, sample_ids: np.ndarray
-    ) -> tuple[list[np.ndarray], StepReport]:
-        """Run step ``step`` on parameters ``(P,)`` and the batch ``x (B, ...)``, ``y (B,)``, ``sample_ids (B,)``.
+    def __call__(self, step: int, x: np.ndarray, y: np.ndarray, sample_ids: np.ndarray) -> tuple[Reduced, StepReport]:
+        """Run step ``step`` on the batch ``x (B, ...)``, ``y (B,)``, ``sample_ids (B,)`` and reduce its gradient
+        estimates where the backend's replicas are (the backend's :meth:`~Backend.apply` then applies them).
 
         Returns:
-            Per-group gradient estimates ``(P_g,)`` (float64) and the step's report.
+            The reduced gradient and the step's report.
+
+        Raises:
+            FloatingPointError: a group's gradient estimate is not finite (nothing changed: allocator state
+                is restored).
         """
         t0 = time.perf_counter()
         b = len(sample_ids)
         unit, pilot = self.estimator.unit, self.estimator.pilot_queries
         ids = torch.as_tensor(sample_ids, dtype=torch.long)
-        self.backend.sync(step, params, x, y)
+        self.backend.sync(step, x, y)
         clean = self.backend.run(plan_clean(step, sample_ids, self.shard_cost))
         losses = np.concatenate([r.losses for r in clean])
         emb = torch.from_numpy(np.concatenate([r.embeddings for r in clean]))
@@ -198,8 +220,8 @@ class ForwardStep:
         saved = [{k: v.clone() for k, v in a.state_dict().items()} for a in self.allocators]
         try:
             results = self.backend.run(tasks, meanwhile=fit_allocators)
-            grads = self.backend.reduce(tasks, results, self.sizes)
-            bad = [cfg.name for cfg, grad in zip(self.groups, grads) if not np.isfinite(grad).all()]
+            reduced = self.backend.reduce(tasks, results, self.sizes)
+            bad = [cfg.name for cfg, ok in zip(self.groups, reduced.finite) if not ok]
             if bad:
                 raise FloatingPointError(f"step {step}: the gradient estimate of groups {bad} is not finite")
         except BaseException:
@@ -219,7 +241,7 @@ class ForwardStep:
             r.skipped for t, r in zip(tasks, results) if t.kind != TaskKind.FINALIZE
         )
         report.seconds = time.perf_counter() - t0
-        return grads, report
+        return reduced, report
 
 
 def _per_sample(

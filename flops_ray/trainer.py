@@ -1,7 +1,9 @@
 """The trainer: forward-only steps (any estimator x allocator) or backprop, then a torch optimizer.
 
-The backend is a config choice (``farm.backend``); the trainer's code is the same for both. The
-trainer owns its resumable state (:meth:`Trainer.state_dict`); the checkpointer only writes files.
+The backend is a config choice (``farm.backend``); the trainer's code is the same for both. In
+forward-only training the backend's replicas own the parameters and the optimizer: the trainer's model
+is refreshed from them only when it is read (an evaluation, a checkpoint, :meth:`Trainer.get_params`).
+The trainer owns its resumable state (:meth:`Trainer.state_dict`); the checkpointer only writes files.
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ from flops_ray.config_dict import config_to_dict
 from flops_ray.data import ArrayDataset, batch_at
 from flops_ray.engine import QueryEngine
 from flops_ray.estimators import estimator_family
-from flops_ray.groups import flatten, resolve_groups, to_numpy
+from flops_ray.groups import flatten, resolve_groups, to_numpy, unflatten_into
 from flops_ray.local_backend import LocalBackend
 from flops_ray.losses import LossFn, cross_entropy
+from flops_ray.messages import ReplicaState
 from flops_ray.step import Backend, ForwardStep, StepReport
 from flops_ray.trace_memory import TraceMemory
 from flops_ray.train_state import CheckpointError, TrainState, check_resumable
+from flops_ray.update import make_optimizer
 
 
 class StopTraining(Exception):
@@ -57,20 +61,14 @@ def accuracy(model: nn.Module, data: ArrayDataset, batch: int = 512) -> float:
     return correct / len(data)
 
 
-def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    """The optimizer ``cfg.optimizer`` names over ``params``."""
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9)
-
-
 def default_backend(cfg: TrainConfig, model: nn.Module, loss_fn: LossFn) -> Backend:
     """The backend ``cfg.farm.backend`` names; replicas get copies of ``model``."""
     if cfg.farm.backend == "ray":
         from flops_ray.farm.backend import RayBackend
 
         return RayBackend(cfg, model, loss_fn)
-    return LocalBackend(QueryEngine(copy.deepcopy(model), cfg.groups, cfg.estimator, cfg.seed, loss_fn))
+    engine = QueryEngine(copy.deepcopy(model), cfg.groups, cfg.estimator, cfg.seed, loss_fn)
+    return LocalBackend(engine, cfg.update_rule)
 
 
 class Trainer:
@@ -95,20 +93,23 @@ class Trainer:
         backend_factory: BackendFactory | None = None,
     ):
         self.cfg = cfg.validate()
-        self.model = model.eval()
+        self._model = model.eval()
         self.train_set, self.test_set = train, test
         self.loss_fn = loss_fn
         linear = not cfg.backprop and estimator_family(cfg.estimator, model).linear_outputs
         self.groups = resolve_groups(model, cfg.groups, linear)
         self.params = [p for g in self.groups for _, p in g.params]
-        for p in self.model.parameters():
+        for p in self._model.parameters():
             p.requires_grad_(False)
         for p in self.params:
             p.requires_grad_(True)
-        self.optimizer = make_optimizer(cfg, self.params)
+        # Backprop steps it; forward-only training keeps it as the checkpoint's copy of the replicas' optimizer.
+        self.optimizer = make_optimizer(cfg.update_rule, self.params)
         self.allocators = [create_allocator(cfg.allocator) for _ in cfg.groups]
         self.memory = TraceMemory(len(cfg.groups), len(train), cfg.allocator.memory_decay, cfg.allocator.memory_prior)
         self.step_count = 0
+        self._pulled = 0
+        """The step at which the model (and optimizer) here last matched the replicas'."""
         self._committing = False
         self.backend: Backend | None = None
         self.forward_step: ForwardStep | None = None
@@ -126,10 +127,31 @@ class Trainer:
                 root_seed=cfg.seed,
             )
 
+    @property
+    def model(self) -> nn.Module:
+        """The model with the current parameters (in forward-only training, fetched from the replicas when
+        they have stepped since the last read)."""
+        self._pull()
+        return self._model
+
     def get_params(self) -> np.ndarray:
-        """``(P,)`` trainable parameters of the master model, group by group (bfloat16 ones as float32,
-        which numpy lacks; replicas cast them back to the model's dtype)."""
+        """``(P,)`` trainable parameters, group by group, as the replicas hold them (bfloat16 ones as float32,
+        which numpy lacks)."""
+        self._pull()
+        return self._master_params()
+
+    def _master_params(self) -> np.ndarray:
         return to_numpy(flatten([p.detach() for p in self.params]))
+
+    def _pull(self) -> None:
+        """Bring the model and optimizer here up to the replicas' (forward-only training, once per step read)."""
+        if self.backend is None or self._pulled == self.step_count:
+            return
+        state = self.backend.state()
+        with torch.no_grad():
+            unflatten_into(torch.from_numpy(np.asarray(state.params)).to(self.params[0].dtype), self.params)
+        self.optimizer.load_state_dict(state.optimizer)
+        self._pulled = self.step_count
 
     # ---- one step -----------------------------------------------------------------------------------
     def step(self) -> StepReport:
@@ -140,10 +162,10 @@ class Trainer:
         if self.forward_step is None:
             report = self._backprop(x, y)
             self._committing = True
+            self.optimizer.step()
         else:
-            grads, report = self.forward_step(self.step_count, self.get_params(), x, y, ids)
-            self._apply(grads)
-        self.optimizer.step()
+            _, report = self.forward_step(self.step_count, x, y, ids)
+            self.backend.apply()
         self.step_count += 1
         self._committing = False
         if self.forward_step is not None:
@@ -157,22 +179,10 @@ class Trainer:
         applied): only then may it be saved. A step that fails before it is applied changes nothing."""
         return not (self._committing or (self.forward_step is not None and self.forward_step.committing))
 
-    def _apply(self, grads: list[np.ndarray]) -> None:
-        for g, grad in zip(self.groups, grads):
-            flat = torch.from_numpy(grad)
-            if self.cfg.grad_clip > 0:
-                norm = flat.norm()
-                if norm > self.cfg.grad_clip:
-                    flat = flat * (self.cfg.grad_clip / norm)
-            offset = 0
-            for _, p in g.params:
-                p.grad = flat[offset : offset + p.numel()].view_as(p).to(p.dtype).clone()
-                offset += p.numel()
-
     def _backprop(self, x: np.ndarray, y: np.ndarray) -> StepReport:
         self.optimizer.zero_grad()
         with torch.enable_grad():
-            losses = self.loss_fn(self.model(model_input(self.model, x)), torch.from_numpy(y))
+            losses = self.loss_fn(self._model(model_input(self._model, x)), torch.from_numpy(y))
             losses.mean().backward()
         if self.cfg.grad_clip > 0:
             for g in self.groups:
@@ -185,10 +195,12 @@ class Trainer:
         data = data or self.test_set
         if data is None:
             raise ValueError("no test set to evaluate on")
-        return accuracy(self.model, data)
+        self._pull()
+        return accuracy(self._model, data)
 
     def fit(self, steps: int | None = None, hooks: Sequence[StepHook] = ()) -> list[StepReport]:
-        """Run ``steps`` steps (default: up to ``cfg.steps``), evaluating every ``cfg.eval_every`` and at the end.
+        """Run ``steps`` steps (default: up to ``cfg.steps``), evaluating every ``cfg.eval_every`` and at the end;
+        afterwards the model passed to the trainer holds the trained parameters.
 
         Every hook is called after each step with the trainer and the step's report (metrics logs,
         progress lines and checkpoints are hooks), so the loop is written once. A hook that raises
@@ -213,15 +225,17 @@ class Trainer:
                 break
             if failed is not None:
                 raise failed
+        self._pull()  # the model passed in holds the trained parameters when fit returns
         return reports
 
     # ---- resumable state ----------------------------------------------------------------------------
     def state_dict(self) -> TrainState:
         """Everything needed to continue this run exactly."""
+        self._pull()
         return TrainState(
             step=self.step_count,
             config=config_to_dict(self.cfg),
-            model=self.model.state_dict(),
+            model=self._model.state_dict(),
             optimizer=self.optimizer.state_dict(),
             allocators=[a.state_dict() for a in self.allocators],
             memory=self.memory.state_dict(),
@@ -233,7 +247,7 @@ class Trainer:
         Raises:
             CheckpointError: another config, model, optimizer state or allocator count.
         """
-        check_resumable(state, self.cfg, self.model, self.params, where)
+        check_resumable(state, self.cfg, self._model, self.params, where)
         if len(state.allocators) != len(self.allocators):
             raise CheckpointError(
                 f"{where} holds {len(state.allocators)} allocator states, the trainer has {len(self.allocators)}"
@@ -252,8 +266,10 @@ class Trainer:
         except ValueError as exc:
             raise CheckpointError(f"{where}: trace memory does not fit ({exc})") from exc
         with torch.no_grad():
-            self.model.load_state_dict(state.model)
-        self.step_count = state.step
+            self._model.load_state_dict(state.model)
+        self.step_count = self._pulled = state.step
+        if self.backend is not None:
+            self.backend.load_state(ReplicaState(state.step, self._master_params(), self.optimizer.state_dict()))
         return self.step_count
 
     def save(self, path: str | Path) -> Path:

@@ -135,7 +135,6 @@ def measure(bench: BenchConfig, trainer: Trainer) -> dict:
     est = cfg.estimator
     engine = QueryEngine(copy.deepcopy(trainer.model), cfg.groups, est, cfg.seed)
     backend = LocalBackend(engine)
-    params = trainer.get_params()
     memory = trainer.memory.state_dict()
 
     def forward_step(name: str, allocators) -> ForwardStep:
@@ -157,7 +156,7 @@ def measure(bench: BenchConfig, trainer: Trainer) -> dict:
         )
 
     clean = forward_step("equal", [create_allocator(AllocatorConfig("equal")) for _ in cfg.groups])
-    _, report = clean(REP_STEP - 1, params, x, y, ids)
+    _, report = clean(REP_STEP - 1, x, y, ids)
     oracle = _oracle_counts(cfg, engine, REP_STEP - 2, ids, report.losses, bench.oracle_pilot)
     steps = {"equal": clean, "oracle": forward_step("equal", [FixedCounts(c) for c in oracle])}
     for name in bench.allocators:
@@ -167,15 +166,15 @@ def measure(bench: BenchConfig, trainer: Trainer) -> dict:
         if alloc_cfg.kind == "gaussian":
             # Fit lambda first, as a run would have over earlier steps, on this batch's signal (never its draws).
             for _ in range(8):
-                steps[name](REP_STEP - 3, params, x, y, ids)
+                steps[name](REP_STEP - 3, x, y, ids)
     errors = {name: [] for name in steps}
     cosines = {name: [] for name in steps}
     for r in range(bench.reps):
         for name, forward in steps.items():
             # Every repetition allocates from the run's memory, not from the repetitions before it.
             forward.memory.load_state_dict(memory)
-            grads, _ = forward(REP_STEP * (r + 1) + s, params, x, y, ids)
-            g = np.concatenate(grads)
+            reduced, _ = forward(REP_STEP * (r + 1) + s, x, y, ids)
+            g = np.concatenate(reduced.grads)
             errors[name].append(float(((g - exact) ** 2).sum()))
             cosines[name].append(float(g @ exact / (np.linalg.norm(g) * np.linalg.norm(exact))))
     equal = np.mean(errors["equal"])

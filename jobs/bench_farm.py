@@ -205,7 +205,7 @@ def efficiency(bench: BenchConfig, setup: Setup = vit_setup) -> dict:
         cfg, model = setup(bench, w)
         backend = RayBackend(cfg, model)
         try:
-            backend.sync(0, local.get_params().numpy(), x, y)
+            backend.sync(0, x, y)
             backend.run(tasks)  # warm-up: replicas start and load the batch
             local_s, farm_s = [], []
             for _ in range(bench.reps):
@@ -239,7 +239,6 @@ def makespan(bench: BenchConfig) -> dict:
     options = [WorkerOptions(), WorkerOptions(slowdown=bench.slowdown)]
     backend = RayBackend(cfg, model, worker_options=options)
     handles = [s.handle for s in backend.pool.slots]
-    params = QueryEngine(model, cfg.groups, cfg.estimator, cfg.seed).get_params().numpy()
 
     def static() -> None:
         ray.get([handles[t.items[0].pos % len(handles)].run.remote(t, False) for t in tasks])
@@ -258,7 +257,7 @@ def makespan(bench: BenchConfig) -> dict:
         return min(ratios)
 
     try:
-        backend.sync(0, params, x, y)
+        backend.sync(0, x, y)
         backend.run(tasks)  # warm-up
         result = {
             "dynamic": measured(lambda: backend.run(tasks)),

@@ -63,7 +63,8 @@ def _estimates(allocator: AllocatorConfig, pilot: int, step: int) -> np.ndarray:
             root_seed=seed,
         )
         for t in range(step + 1):
-            (grad,), _ = forward(t, THETA, X, Y, np.arange(B))
+            reduced, _ = forward(t, X, Y, np.arange(B))
+        (grad,) = reduced.grads
         out.append(grad)
     return np.array(out)
 

@@ -72,7 +72,7 @@ def test_replicas_match_in_process(data, reference, workers, recorded):
 
 def test_killed_replica_mid_step(data, reference, inject_fault, recorded):
     """A replica killed with shards in flight: they are re-dispatched, its successor re-syncs, same bits."""
-    trainer = _trainer(data, recorded)
+    trainer = _trainer(data, recorded, reduction="driver")
     # Step 0 runs a few dozen tasks; the kill lands in the middle of its main shards.
     inject_fault(trainer.backend, after=30)
     _assert_same(_params_per_step(trainer), reference)

@@ -32,11 +32,13 @@ CORE = {
     "noise",
     "plan",
     "prompts",
+    "replay",
     "seeding",
     "shards",
     "step",
     "trace_memory",
     "trace_proxy",
+    "update",
     "validation",
 }
 LAYERS = {

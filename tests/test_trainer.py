@@ -102,7 +102,7 @@ def test_a_failed_step_keeps_the_allocator_state(data):
     backends = []
 
     def factory(cfg, model, loss_fn):
-        backends.append(_FailingQueries(default_backend(cfg, model, loss_fn).engine))
+        backends.append(_FailingQueries(default_backend(cfg, model, loss_fn).engine, cfg.update_rule))
         return backends[0]
 
     gaussian = {"allocator": AllocatorConfig(kind="gaussian", gaussian_iters=3)}

@@ -1,12 +1,14 @@
 """The all-reduce: gradient partials kept on the replicas meet in one collective (gloo on CPU, NCCL on GPU).
 
 Partials lost with a dead replica are recomputed first; a collective broken by a death is retried on a
-rebuilt process group, for as long as the pool's fault budget lasts. Rank 0 returns the per-group sums.
+rebuilt process group, for as long as the pool's fault budget lasts. Every member keeps the sum for the
+step's update; the driver receives only each group's norm.
 """
 
 from __future__ import annotations
 
-import numpy as np
+import pickle
+
 import ray
 from ray.actor import ActorHandle
 from ray.exceptions import RayActorError, RayTaskError
@@ -29,13 +31,15 @@ class AllReduce:
         self.pool: ReplicaPool = scheduler.pool
         self.collective_timeout = collective_timeout
         self._group: tuple[ActorHandle, ...] = ()
+        self.members: list[Slot] = []
+        """The replicas of the last successful collective: they hold the sum."""
         self.pool.on_replace.append(self._invalidate)
 
     def _invalidate(self, index: int) -> None:
         self._group = ()
 
-    def __call__(self) -> list[np.ndarray]:
-        """Per-group ``(P_g,)`` float64 sums of every replica's kept partials."""
+    def __call__(self) -> list[float]:
+        """Sum every replica's kept partials into each member; returns the per-group norms of the sums."""
         counters = self.pool.counters
         while True:
             if self.pool.orphans:
@@ -59,9 +63,9 @@ class AllReduce:
                 self._recover(members, refs, exc)
                 continue
             self.pool.budget.progress()
-            counters.bytes_returned += sum(g.nbytes for g in replies[0].grads)
-            # Object-store arrays are read-only; callers (the optimizer step) may write to theirs.
-            return [np.array(g) for g in replies[0].grads]
+            counters.bytes_returned += sum(len(pickle.dumps(r)) for r in replies)
+            self.members = members
+            return list(replies[0].norms)
 
     def _recover(self, members: list[Slot], refs: list[ray.ObjectRef], cause: Exception) -> None:
         """Survivors of a broken collective time out on their own; wait for them and replace the dead.

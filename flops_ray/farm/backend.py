@@ -1,18 +1,28 @@
-"""The Ray backend: the :class:`~flops_ray.step.Backend` protocol over a farm of replica actors."""
+"""The Ray backend: the :class:`~flops_ray.step.Backend` protocol over a farm of replica actors.
+
+The replicas own the parameters and the optimizer; the driver plans, dispatches and sends each step's
+:class:`~flops_ray.messages.StepUpdate`, whose size does not grow with ``P`` for SPSA/ES (the scalar
+protocol) or LR (the all-reduce). Parameters reach the driver only when it asks for them (a checkpoint,
+an evaluation), and then every replica's digest is compared first.
+"""
 
 from __future__ import annotations
 
+import pickle
 import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import ray
 from ray.actor import ActorHandle
+from ray.exceptions import RayActorError
 from torch import nn
 
 from flops_ray.config import TrainConfig
+from flops_ray.estimators import estimator_family
 from flops_ray.farm.allreduce import AllReduce
 from flops_ray.farm.counters import DispatchCounters
+from flops_ray.farm.errors import FarmError
 from flops_ray.farm.fault_budget import FaultBudget
 from flops_ray.farm.placement import await_replicas, check_placement
 from flops_ray.farm.ray_init import cluster_address, init_ray
@@ -20,8 +30,8 @@ from flops_ray.farm.replica_pool import ReplicaPool
 from flops_ray.farm.scheduler import Scheduler
 from flops_ray.farm.worker import StepBatch, Worker, WorkerInfo, WorkerOptions
 from flops_ray.losses import LossFn, cross_entropy
-from flops_ray.messages import ShardResult, ShardTask
-from flops_ray.step import reduce_in_order
+from flops_ray.messages import ReplicaState, ShardResult, ShardTask, StepUpdate, UpdateSource
+from flops_ray.step import Reduced, reduce_in_order
 
 
 class RayBackend:
@@ -66,31 +76,98 @@ class RayBackend:
         def make_worker(slot: int) -> ActorHandle:
             return Worker.options(
                 num_cpus=farm.num_cpus_per_worker, num_gpus=farm.num_gpus_per_worker, resources=resources
-            ).remote(model_ref, cfg.groups, cfg.estimator, cfg.seed, loss_fn, options[slot])
+            ).remote(model_ref, cfg.groups, cfg.estimator, cfg.seed, loss_fn, cfg.update_rule, options[slot])
 
         self.counters = DispatchCounters()
         self.pool = ReplicaPool(make_worker, farm.workers, FaultBudget(farm.max_retries), self.counters)
         self.replicas = await_replicas(self.pool, farm, need)
         self.startup_seconds = time.perf_counter() - t0
-        keep = farm.reduction == "allreduce"
-        self.scheduler = Scheduler(self.pool, farm.in_flight, keep, farm.stall_timeout_s)
+        self.reduction = resolve_reduction(cfg, model)
+        keep, scalar = self.reduction == "allreduce", self.reduction == "scalar"
+        self.scheduler = Scheduler(self.pool, farm.in_flight, keep, farm.stall_timeout_s, coefficients=scalar)
         self.allreduce = AllReduce(self.scheduler, farm.collective_timeout_s) if keep else None
+        self._update: StepUpdate | None = None
 
-    def sync(self, step: int, params: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-        """One ``ray.put`` of the ``(P,)`` parameters and one of the batch, shared by every replica."""
-        params = np.ascontiguousarray(params)
+    def sync(self, step: int, x: np.ndarray, y: np.ndarray) -> None:
+        """One ``ray.put`` of the batch, shared by every replica."""
         batch = StepBatch(step, np.ascontiguousarray(x), np.ascontiguousarray(y))
         self.scheduler.new_step()
-        self.pool.sync(ray.put(batch), ray.put(params), params.nbytes + batch.nbytes)
+        self.pool.sync(ray.put(batch), batch.nbytes)
 
     def run(self, tasks: list[ShardTask], meanwhile: Callable[[], None] | None = None) -> list[ShardResult]:
         return self.scheduler.run(tasks, meanwhile)
 
-    def reduce(self, tasks: list[ShardTask], results: list[ShardResult], sizes: list[int]) -> list[np.ndarray]:
-        """Per-group gradient sums: in canonical order on the driver, or by the replicas' all-reduce."""
-        if self.allreduce is None:
-            return reduce_in_order(tasks, results, sizes)
-        return self.allreduce()
+    def reduce(self, tasks: list[ShardTask], results: list[ShardResult], sizes: list[int]) -> Reduced:
+        """Prepare the step's update: the replicas' all-reduce, the per-draw coefficients (scalar), or the
+        driver's sum in canonical order."""
+        version = self.pool.version
+        if self.reduction == "allreduce":
+            norms = self.allreduce()
+            self._update = StepUpdate(version, UpdateSource.HELD)
+            return Reduced(tuple(bool(np.isfinite(n)) for n in norms))
+        if self.reduction == "scalar":
+            weighted = [(t, r.coefs) for t, r in zip(tasks, results) if t.weights is not None]
+            finite = [True] * len(sizes)
+            for task, coefs in weighted:
+                finite[task.group] &= bool(np.isfinite(coefs).all())
+            tasks_, coefs_ = zip(*weighted) if weighted else ((), ())
+            self._update = StepUpdate(version, UpdateSource.COEFS, tasks=tuple(tasks_), coefs=tuple(coefs_))
+            return Reduced(tuple(finite))
+        grads = tuple(reduce_in_order(tasks, results, sizes))
+        self._update = StepUpdate(version, UpdateSource.GRADS, grads=grads)
+        return Reduced(tuple(bool(np.isfinite(g).all()) for g in grads))
+
+    def apply(self) -> None:
+        """Send the step's update to every replica holding the current parameters (one ``ray.put``).
+
+        Replicas that die applying it are replaced; their successors adopt a survivor's state. Those that
+        missed it (placed during the step) adopt the new state before their next step.
+
+        Raises:
+            FarmError: every replica died applying it.
+        """
+        update, self._update = self._update, None
+        if update is None:
+            raise RuntimeError("no reduced gradient to apply: call reduce first")
+        targets = self.allreduce.members if update.source == UpdateSource.HELD else self.pool.current()
+        payload = update if update.source == UpdateSource.HELD else ray.put(update)
+        self.counters.bytes_sent += len(pickle.dumps(update))
+        refs = [slot.handle.apply.remote(payload) for slot in targets]
+        done, dead = [], []
+        for slot, ref in zip(targets, refs):
+            try:
+                ray.get(ref)
+                done.append(slot)
+            except RayActorError as exc:
+                dead.append((slot, exc))
+        if not done:
+            raise FarmError(f"every replica died applying update {update.version}; resume from the last checkpoint")
+        self.pool.applied(done)
+        for slot, exc in dead:
+            self.pool.replace(slot, "a replica died applying the step's update", exc)
+
+    def state(self) -> ReplicaState:
+        """The parameters and optimizer state, from one replica, after checking every replica's digest.
+
+        Raises:
+            FarmError: replicas hold different parameters (they drifted: the run cannot continue exactly).
+        """
+        current = self.pool.current()
+        if not current:
+            raise FarmError(f"no live replica holds the parameters after update {self.pool.version}")
+        digests = self.digests()
+        if len(set(digests)) > 1:
+            raise FarmError(f"replicas' parameters drifted apart: (version, digest) per replica {digests}")
+        ref = current[0].handle.export_state.remote()
+        self.pool.keep_snapshot(self.pool.version, ref)
+        return ray.get(ref)
+
+    def load_state(self, state: ReplicaState) -> None:
+        self.pool.load_state(state)
+
+    def digests(self) -> list[tuple[int, str]]:
+        """``(version, digest)`` of every replica holding the current parameters."""
+        return ray.get([slot.handle.digest.remote() for slot in self.pool.current()])
 
     def describe(self) -> list[WorkerInfo]:
         """Where each replica runs (node, GPU ids, torch device); a slot waiting out a backoff has none."""
@@ -113,3 +190,11 @@ class RayBackend:
             self.pool.close()
         if self._owns_ray:
             ray.shutdown()
+
+
+def resolve_reduction(cfg: TrainConfig, model: nn.Module) -> str:
+    """``farm.reduction`` with ``auto`` resolved: ``scalar`` for a family whose terms are seeds times
+    coefficients (SPSA/ES), else ``allreduce``."""
+    if cfg.farm.reduction != "auto":
+        return cfg.farm.reduction
+    return "allreduce" if estimator_family(cfg.estimator, model).linear_outputs else "scalar"

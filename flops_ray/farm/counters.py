@@ -21,7 +21,9 @@ class DispatchCounters:
     """All-reduce only: accepted tasks re-run because the replica holding their partial sum died."""
     restarts: int = 0
     """Replicas replaced."""
+    state_copies: int = 0
+    """Replica-to-replica copies of the parameters and optimizer state (a replica joining or replaced)."""
     bytes_sent: int = 0
-    """Parameters, batch and task messages sent to replicas."""
+    """Bytes the driver sent to replicas: batches, task messages, updates (and a resumed run's state)."""
     bytes_returned: int = 0
-    """Result payloads received from replicas."""
+    """Bytes the driver received from replicas: result payloads, reduction replies."""

@@ -1,7 +1,9 @@
 """The replica pool: one slot per replica position, each holding a live actor; a dead actor is replaced.
 
-A replacement is re-synced to the current step before it gets work, so it holds the same parameters
-and batch as its peers. Deaths are charged to a :class:`~flops_ray.farm.fault_budget.FaultBudget` (too
+The replicas own the parameters: a replacement (or a replica placed late, when the autoscaler adds a
+node) first adopts the state of a live peer, replica to replica, then gets the current step's batch, so
+it holds the same parameters and batch as its peers; the driver only ever holds object references to
+that state. Deaths are charged to a :class:`~flops_ray.farm.fault_budget.FaultBudget` (too
 many with no progress fail the farm); a slot's replacements in a row wait with backoff.
 """
 
@@ -15,8 +17,9 @@ import ray
 from ray.actor import ActorHandle
 
 from flops_ray.farm.counters import DispatchCounters
+from flops_ray.farm.errors import FarmError
 from flops_ray.farm.fault_budget import FaultBudget
-from flops_ray.messages import ShardTask
+from flops_ray.messages import ReplicaState, ShardTask
 
 
 @dataclass
@@ -40,6 +43,8 @@ class Slot:
     """Queued ``finalize`` positions whose pilot this replica ran."""
     held: list[ShardTask] = field(default_factory=list)
     """All-reduce: accepted tasks whose gradient partial lives on this replica."""
+    version: int = 0
+    """Updates applied to the parameters its actor holds (a new actor starts from the model: 0)."""
 
 
 class ReplicaPool:
@@ -63,25 +68,28 @@ class ReplicaPool:
         self.budget = budget
         self.counters = counters
         self.slots = [Slot(make_worker(i)) for i in range(workers)]
-        self._sync: tuple[ray.ObjectRef, ray.ObjectRef, int] | None = None
+        self.version = 0
+        """Updates the farm has applied: every replica that takes work holds the parameters after these."""
+        self._snapshot: tuple[int, ray.ObjectRef] | None = None
+        self._sync: tuple[ray.ObjectRef, int] | None = None
         self._gen = 0
         self.orphans: list[ShardTask] = []
         """All-reduce: accepted tasks of this step whose gradient partial died with its replica."""
         self.on_replace: list[Callable[[int], None]] = []
         """Called with a slot's index when its actor is replaced (owners of per-replica state listen)."""
 
-    def sync(self, batch_ref: ray.ObjectRef, params_ref: ray.ObjectRef, nbytes: int) -> None:
-        """Point every replica at the step's batch and parameters (already in the object store).
+    def sync(self, batch_ref: ray.ObjectRef, nbytes: int) -> None:
+        """Point every replica at the step's batch (already in the object store).
 
         Calls on one actor run in submission order, so tasks can be queued behind the sync at once.
         """
-        self._sync = (batch_ref, params_ref, nbytes)
+        self._sync = (batch_ref, nbytes)
         self._gen += 1
         self.orphans.clear()
         for slot in self.slots:
             slot.held.clear()
             # A replica not yet up gets the new step when it answers its pending sync: queueing one sync per
-            # step behind an unplaced replica would pin every step's parameters in the object store.
+            # step behind an unplaced replica would pin every step's batch in the object store.
             if slot.handle is not None and (slot.ready or slot.sync_ref is None):
                 self._send_sync(slot)
 
@@ -96,9 +104,55 @@ class ReplicaPool:
         return sum(slot.ready for slot in self.slots)
 
     def _send_sync(self, slot: Slot) -> None:
-        batch_ref, params_ref, nbytes = self._sync
-        slot.sync_ref, slot.sync_gen = slot.handle.sync.remote(batch_ref, params_ref), self._gen
+        batch_ref, nbytes = self._sync
+        if slot.version != self.version:
+            slot.handle.adopt.remote(self._state_source(slot))
+            slot.version = self.version
+        slot.sync_ref, slot.sync_gen = slot.handle.sync.remote(batch_ref, self.version), self._gen
         self.counters.bytes_sent += nbytes
+
+    def _state_source(self, joining: Slot) -> ray.ObjectRef:
+        """A reference to the current state for ``joining``: exported by a live peer (it travels replica to
+        replica), else the last snapshot if it is current.
+
+        Raises:
+            FarmError: no live replica and no snapshot holds the parameters after ``version`` updates.
+        """
+        for peer in self.slots:
+            if peer is not joining and peer.ready and peer.version == self.version:
+                self.counters.state_copies += 1
+                return peer.handle.export_state.remote()
+        if self._snapshot is not None and self._snapshot[0] == self.version:
+            return self._snapshot[1]
+        raise FarmError(
+            f"no live replica holds the parameters after update {self.version} (every replica holding them "
+            "died); resume the run from its last checkpoint"
+        )
+
+    def load_state(self, state: ReplicaState) -> None:
+        """Make ``state`` every replica's (a resumed run): one ``ray.put``, kept as the snapshot a replica
+        joining with no live peer at this version adopts."""
+        ref = ray.put(state)
+        self._snapshot, self.version = (state.version, ref), state.version
+        for slot in self.slots:
+            if slot.handle is not None:
+                slot.handle.adopt.remote(ref)
+                slot.version = state.version
+        self.counters.bytes_sent += state.params.nbytes
+
+    def keep_snapshot(self, version: int, ref: ray.ObjectRef) -> None:
+        """Keep ``ref`` (a replica's exported state at ``version``) for joiners that find no live peer."""
+        self._snapshot = (version, ref)
+
+    def applied(self, slots: list[Slot]) -> None:
+        """``slots`` applied the step's update: the farm is one version further; the others adopt it later."""
+        self.version += 1
+        for slot in slots:
+            slot.version = self.version
+
+    def current(self) -> list[Slot]:
+        """Up replicas holding the current parameters."""
+        return [s for s in self.slots if s.ready and s.version == self.version]
 
     def synced_ok(self, slot: Slot) -> None:
         """The slot's replica answered its sync: it may take work once it holds the current step."""
@@ -126,7 +180,7 @@ class ReplicaPool:
         self.orphans += slot.held
         if slot.handle is not None:
             ray.kill(slot.handle, no_restart=True)
-        slot.handle, slot.ready, slot.sync_ref = None, False, None
+        slot.handle, slot.ready, slot.sync_ref, slot.version = None, False, None, 0
         slot.losses += 1
         slot.start_at = time.monotonic() + self.budget.backoff(slot.losses)
         slot.calls.clear()

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 
 import ray
-from ray.exceptions import ObjectLostError, RayActorError
+from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 
 from flops_ray.farm.counters import DispatchCounters
 from flops_ray.farm.errors import FarmError
@@ -39,13 +39,17 @@ class Scheduler:
         in_flight: most calls outstanding per replica.
         keep_partials: replicas keep gradient partials for the all-reduce instead of returning them.
         stall_timeout: seconds without any call finishing before the farm gives up.
+        coefficients: replicas return per-draw coefficients instead of gradient partials (the scalar protocol).
     """
 
-    def __init__(self, pool: ReplicaPool, in_flight: int, keep_partials: bool, stall_timeout: float):
+    def __init__(
+        self, pool: ReplicaPool, in_flight: int, keep_partials: bool, stall_timeout: float, coefficients: bool = False
+    ):
         self.pool = pool
         self.counters: DispatchCounters = pool.counters
         self.in_flight = in_flight
         self.keep_partials = keep_partials
+        self.coefficients = coefficients
         self.stall_timeout = stall_timeout
         self.listeners: list[ResultListener] = []
         self._owner: dict[tuple[int, int], int] = {}
@@ -108,6 +112,12 @@ class Scheduler:
                 value = ray.get(ref)
             except (RayActorError, ObjectLostError) as exc:
                 # A result stored on a node that has just gone is lost with its replica: same recovery.
+                general = self._requeue(slot, tasks, general, exc)
+                continue
+            except RayTaskError as exc:
+                if ref is not slot.sync_ref:
+                    raise
+                # It could not adopt its peer's state (the peer died while exporting it): start it afresh.
                 general = self._requeue(slot, tasks, general, exc)
                 continue
             if ref is slot.sync_ref:
@@ -176,7 +186,7 @@ class Scheduler:
         for slot in self.pool.slots:
             while slot.ready and len(slot.calls) < self.in_flight and (slot.affine or general):
                 pos = slot.affine.pop(0) if slot.affine else general.pop(0)
-                ref = slot.handle.run.remote(tasks[pos], self.keep_partials)
+                ref = slot.handle.run.remote(tasks[pos], self.keep_partials, self.coefficients)
                 slot.calls[ref] = pos
                 self.counters.dispatched += 1
                 self.counters.bytes_sent += len(pickle.dumps(tasks[pos]))

@@ -1,7 +1,9 @@
-"""The replica actor: a :class:`~flops_ray.engine.QueryEngine` inside a Ray actor.
+"""The replica actor: a :class:`~flops_ray.engine.QueryEngine` and its own optimizer inside a Ray actor.
 
-The model arrives once, at construction; every step the driver side broadcasts the parameters and the
-batch with one ``ray.put`` each, and the actor receives only object references to them.
+The model arrives once, at construction. From then on the parameters never travel: each step the driver
+broadcasts the batch (one ``ray.put``), the replicas evaluate shards, and every replica applies the same
+:class:`~flops_ray.messages.StepUpdate` to its own copy. A replica that joins later copies the state of a
+live peer, replica to replica through the object store.
 """
 
 from __future__ import annotations
@@ -18,10 +20,20 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from flops_ray.config import EstimatorConfig, GroupConfig
+from flops_ray.config import EstimatorConfig, GroupConfig, UpdateRule
 from flops_ray.engine import QueryEngine
+from flops_ray.groups import to_numpy
 from flops_ray.losses import LossFn
-from flops_ray.messages import ShardResult, ShardTask, TaskKey, TaskKind
+from flops_ray.messages import (
+    ReplicaState,
+    ShardResult,
+    ShardTask,
+    StepUpdate,
+    TaskKey,
+    TaskKind,
+    UpdateSource,
+)
+from flops_ray.update import ParamUpdate
 
 
 @dataclass(frozen=True)
@@ -67,11 +79,15 @@ class WorkerStats:
 
 @dataclass(frozen=True)
 class ReduceReply:
-    """A replica's answer to an all-reduce: the task keys it had summed, and the sum on rank 0."""
+    """A replica's answer to an all-reduce: the task keys it had summed, and the norms of the sums it now holds."""
 
     keys: tuple[TaskKey, ...]
-    grads: tuple[np.ndarray, ...] | None
-    """Per group ``(P_g,)`` float64 sums over all replicas (rank 0 only)."""
+    norms: tuple[float, ...]
+    """Per group, the L2 norm of the all-reduced gradient (not finite when the gradient is not)."""
+
+
+class ReplicaStateError(RuntimeError):
+    """A replica was asked for work at another version of the parameters than the one it holds."""
 
 
 @ray.remote(max_restarts=0)
@@ -84,6 +100,7 @@ class Worker:
         estimator: estimator settings.
         root_seed: the run's root seed.
         loss_fn: per-sample loss.
+        rule: the optimizer and clipping every replica applies to its own copy.
         options: per-replica knobs.
     """
 
@@ -94,6 +111,7 @@ class Worker:
         estimator: EstimatorConfig,
         root_seed: int,
         loss_fn: LossFn,
+        rule: UpdateRule,
         options: WorkerOptions,
     ):
         # Ray reserves logical CPUs only; one intra-op thread per reserved CPU avoids oversubscribing a node.
@@ -104,6 +122,9 @@ class Worker:
         device = "cuda:0" if gpu_ids and torch.cuda.is_available() else "cpu"
         self.engine = QueryEngine(model, groups, estimator, root_seed, loss_fn, device)
         self.sizes = [g.size for g in self.engine.groups]
+        self.update = ParamUpdate([[p for _, p in g.params] for g in self.engine.groups], rule)
+        self.version = 0
+        self._reduced: list[torch.Tensor] | None = None
         self.options = options
         self.info = WorkerInfo(ray.get_runtime_context().get_node_id(), gpu_ids, device, torch.get_num_threads())
         self._held: list[torch.Tensor] = []
@@ -117,22 +138,26 @@ class Worker:
     def stats(self) -> WorkerStats:
         return WorkerStats(self._tasks, self._forwards, self._busy)
 
-    def sync(self, batch: StepBatch, params: np.ndarray) -> int:
-        """Load the step's ``(P,)`` parameters and batch; forget the previous step's partial sums."""
+    def sync(self, batch: StepBatch, version: int) -> int:
+        """Load the step's batch; forget the previous step's partial sums. The replica must hold the
+        parameters after ``version`` updates (a replica that missed one adopts a peer's state first)."""
+        if self.version != version:
+            raise ReplicaStateError(f"replica holds update {self.version} of the parameters, step needs {version}")
         with warnings.catch_warnings():
             # Object-store arrays are read-only views; the engine copies them and never writes to them.
             warnings.filterwarnings("ignore", message=".*not writable.*")
-            self.engine.set_params(params)
             self.engine.set_batch(batch.step, batch.x, batch.y)
         self._held = [torch.zeros(n, dtype=torch.float64, device=self.engine.device) for n in self.sizes]
         self._held_keys = []
+        self._reduced = None
         return batch.step
 
-    def run(self, task: ShardTask, keep: bool) -> ShardResult:
-        """Evaluate ``task``; with ``keep`` the gradient partial stays here for the all-reduce."""
+    def run(self, task: ShardTask, keep: bool, coefficients: bool = False) -> ShardResult:
+        """Evaluate ``task``; with ``keep`` the gradient partial stays here for the all-reduce, with
+        ``coefficients`` it travels as per-draw coefficients (the scalar protocol)."""
         t0 = time.perf_counter()
         kept = keep and task.kind in (TaskKind.FINALIZE, TaskKind.MAIN)
-        result, grad = self.engine.run_on_device(task) if kept else (self.engine.run(task), None)
+        result, grad = self.engine.run_on_device(task) if kept else (self.engine.run(task, coefficients), None)
         if self.options.slowdown > 1.0:
             time.sleep((self.options.slowdown - 1.0) * (time.perf_counter() - t0))
         self._tasks += 1
@@ -168,10 +193,58 @@ class Worker:
             dist.destroy_process_group()
 
     def allreduce(self) -> ReduceReply:
-        """Sum the kept partials of every replica; rank 0 returns the per-group sums."""
-        flat = torch.cat(self._held)  # (P,) a copy, so a failed collective leaves the partials intact
+        """Sum the kept partials of every replica (float32 on the wire); every replica keeps the sum."""
+        flat = torch.cat(self._held).float()  # (P,) a copy, so a failed collective leaves the partials intact
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        grads = None
-        if dist.get_rank() == 0:
-            grads = tuple(g.cpu().numpy() for g in torch.split(flat, self.sizes))
-        return ReduceReply(tuple(self._held_keys), grads)
+        self._reduced = list(torch.split(flat.double(), self.sizes))
+        norms = tuple(float(g.norm()) for g in self._reduced)
+        return ReduceReply(tuple(self._held_keys), norms)
+
+    # ---- the replica's own copy of the training state -----------------------------------------------
+    def apply(self, update: StepUpdate) -> tuple[float, ...]:
+        """Apply ``update`` to this replica's parameters (once: a repeat is ignored); returns the group norms."""
+        if self.version == update.version + 1:
+            return ()
+        if self.version != update.version:
+            raise ReplicaStateError(f"replica holds update {self.version}, the update applies to {update.version}")
+        if update.source == UpdateSource.HELD:
+            if self._reduced is None:
+                raise ReplicaStateError("no all-reduced gradient to apply: this replica was not in the collective")
+            grads = self._reduced
+        elif update.source == UpdateSource.GRADS:
+            grads = [torch.from_numpy(np.asarray(g)).to(self.engine.device) for g in update.grads]
+        else:
+            grads = self.engine.replay(update.tasks, update.coefs)
+        norms = self.update.apply(grads)
+        self.version += 1
+        self._reduced = None
+        return tuple(norms)
+
+    def export_state(self) -> ReplicaState:
+        """This replica's parameters and optimizer state (for a joining peer, or a checkpoint)."""
+        opt = _to_cpu(self.update.state_dict())
+        return ReplicaState(self.version, to_numpy(self.engine.get_params()), opt)
+
+    def adopt(self, state: ReplicaState) -> int:
+        """Take over ``state`` (a peer's, or a checkpoint's); returns its version."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*not writable.*")
+            self.engine.set_params(state.params)
+        self.update.load_state_dict(state.optimizer)
+        self.version = state.version
+        return self.version
+
+    def digest(self) -> tuple[int, str]:
+        """The version and a hash of this replica's parameters (copies that drifted hash differently)."""
+        return self.version, self.update.digest()
+
+
+def _to_cpu(obj):
+    """``obj`` with every tensor in it moved to the CPU (a GPU replica's optimizer state, for a CPU reader)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_cpu(v) for v in obj]
+    return obj
