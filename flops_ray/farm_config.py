@@ -15,8 +15,10 @@ class FarmConfig:
 
     backend: str = "local"
     """``local`` (one in-process replica) or ``ray`` (driver + worker actors)."""
-    workers: int = 2
-    """Ray: number of replica actors."""
+    workers: int | str = 2
+    """Ray: number of replica actors, or an elastic range ``"min..max"``: the run starts once ``min`` are up
+    (more if the cluster holds them), replicas join as the autoscaler adds nodes (adopting a live peer's
+    parameters) up to ``max``, and leave with their nodes without failing the run."""
     num_cpus_per_worker: float = 1.0
     """Ray: CPUs reserved per replica actor."""
     num_gpus_per_worker: float = 0.0
@@ -49,9 +51,19 @@ class FarmConfig:
     collective_timeout_s: float = 60.0
     """Ray, ``allreduce``: seconds a replica waits in the collective for a peer that may have died."""
 
+    @property
+    def min_workers(self) -> int:
+        """Replicas the farm waits for before step 0."""
+        return worker_range(self.workers)[0]
+
+    @property
+    def max_workers(self) -> int:
+        """Replica slots the farm keeps (those not placed wait for resources)."""
+        return worker_range(self.workers)[1]
+
     def validate(self) -> None:
         require(self.backend in ("local", "ray"), "farm.backend", f"must be 'local' or 'ray', got {self.backend!r}")
-        require(self.workers >= 1, "farm.workers", f"must be >= 1, got {self.workers}")
+        worker_range(self.workers)
         require(self.num_cpus_per_worker >= 0, "farm.num_cpus_per_worker", "must be >= 0")
         require(self.num_gpus_per_worker >= 0, "farm.num_gpus_per_worker", "must be >= 0")
         require(self.shard_cost >= 2, "farm.shard_cost", f"must be >= 2, got {self.shard_cost}")
@@ -65,3 +77,23 @@ class FarmConfig:
             "farm.collective_timeout_s",
             f"must be > 0, got {self.collective_timeout_s}",
         )
+
+
+def worker_range(workers: int | str) -> tuple[int, int]:
+    """``(min, max)`` replicas of ``farm.workers``: a number ``n`` is ``(n, n)``, a string ``"a..b"`` is ``(a, b)``.
+
+    >>> worker_range(3), worker_range("2..8")
+    ((3, 3), (2, 8))
+
+    Raises:
+        ConfigError: not a positive number or a range ``1 <= min <= max``.
+    """
+    if isinstance(workers, int) and not isinstance(workers, bool):
+        low = high = workers
+    else:
+        parts = str(workers).split("..")
+        ok = len(parts) == 2 and all(p.strip().isdigit() for p in parts)
+        require(ok, "farm.workers", f"must be a number or a range 'min..max', got {workers!r}")
+        low, high = (int(p) for p in parts)
+    require(1 <= low <= high, "farm.workers", f"must be >= 1 (and min <= max), got {workers!r}")
+    return low, high

@@ -130,7 +130,7 @@ def quick_config(cfg: TrainConfig, job: JobConfig) -> tuple[TrainConfig, JobConf
         eval_every=2,
         groups=groups,
         allocator=alloc,
-        farm=dataclasses.replace(cfg.farm, workers=min(cfg.farm.workers, 2)),
+        farm=dataclasses.replace(cfg.farm, workers=min(cfg.farm.max_workers, 2)),
     )
     return cfg.validate(), dataclasses.replace(job, log_every=1)
 

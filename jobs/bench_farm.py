@@ -285,7 +285,7 @@ def training(bench: BenchConfig) -> dict:
         "allocator_overhead": alloc_s / step_s,
         "allocator_fit_share": sum(log.fit_seconds for log in logs) / step_s,
         "step_seconds": step_s / len(logs),
-        "bytes_per_step_per_worker": wire / len(logs) / cfg.farm.workers,
+        "bytes_per_step_per_worker": wire / len(logs) / cfg.farm.max_workers,
     }
     print(f"training: {out}", flush=True)
     return out

@@ -20,6 +20,12 @@ HANG = 1800
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
+@pytest.fixture(scope="session")
+def hang() -> int:
+    """:data:`HANG`, for tests that wait on Ray themselves."""
+    return HANG
+
+
 @pytest.fixture(scope="module")
 def ray_env():
     """Isolate ``HOME`` and ``RAY_TMPDIR`` (Ray writes its auth token and sessions there) and keep Ray on loopback."""

@@ -35,7 +35,7 @@ from flops_ray.step import Reduced, reduce_in_order
 
 
 class RayBackend:
-    """Shard tasks on ``cfg.farm.workers`` replica actors, started on the Ray that ``cfg.farm`` names.
+    """Shard tasks on up to ``cfg.farm.max_workers`` replica actors, started on the Ray that ``cfg.farm`` names.
 
     Args:
         cfg: the run's configuration (``farm`` sets replicas, resources, dispatch and reduction).
@@ -52,9 +52,9 @@ class RayBackend:
         worker_options: Sequence[WorkerOptions] | None = None,
     ):
         farm = cfg.farm
-        options = list(worker_options or [WorkerOptions()] * farm.workers)
-        if len(options) != farm.workers:
-            raise ValueError(f"{len(options)} worker options for {farm.workers} workers")
+        options = list(worker_options or [WorkerOptions()] * farm.max_workers)
+        if len(options) != farm.max_workers:
+            raise ValueError(f"{len(options)} worker options for {farm.max_workers} workers")
         self._owns_ray = init_ray(farm)
         self.pool: ReplicaPool | None = None
         try:
@@ -79,7 +79,7 @@ class RayBackend:
             ).remote(model_ref, cfg.groups, cfg.estimator, cfg.seed, loss_fn, cfg.update_rule, options[slot])
 
         self.counters = DispatchCounters()
-        self.pool = ReplicaPool(make_worker, farm.workers, FaultBudget(farm.max_retries), self.counters)
+        self.pool = ReplicaPool(make_worker, farm.max_workers, FaultBudget(farm.max_retries), self.counters)
         self.replicas = await_replicas(self.pool, farm, need)
         self.startup_seconds = time.perf_counter() - t0
         self.reduction = resolve_reduction(cfg, model)

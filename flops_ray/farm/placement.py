@@ -59,14 +59,14 @@ def _alive_nodes() -> list[dict[str, float]]:
 
 
 def check_placement(farm: FarmConfig, local: bool) -> int:
-    """Before any replica starts: fail or warn when the cluster cannot hold ``farm.workers`` replicas.
+    """Before any replica starts: fail or warn when the cluster cannot hold ``farm.max_workers`` replicas.
 
     Args:
         farm: the farm settings.
         local: Ray is this machine's own (no autoscaler can add a node).
 
     Returns:
-        How many replicas to wait for before step 0: those the current nodes hold, at least one.
+        How many replicas to wait for before step 0: those the current nodes hold, at least ``min_workers``.
 
     Raises:
         FarmError: a local Ray cannot hold even one replica (the message names the resource).
@@ -82,22 +82,22 @@ def check_placement(farm: FarmConfig, local: bool) -> int:
             RuntimeWarning,
             stacklevel=2,
         )
-    elif fit < farm.workers:
+    elif fit < farm.max_workers:
         warnings.warn(
-            f"the cluster's nodes hold {fit} of the {farm.workers} replicas asked for (each asks for "
+            f"the cluster's nodes hold {fit} of the {farm.max_workers} replicas asked for (each asks for "
             f"{_text(demand)}); the rest wait for resources",
             RuntimeWarning,
             stacklevel=2,
         )
     cores = os.cpu_count() or 1
-    if local and farm.workers * farm.num_cpus_per_worker > cores:
+    if local and farm.max_workers * farm.num_cpus_per_worker > cores:
         warnings.warn(
-            f"{farm.workers} replicas x {farm.num_cpus_per_worker:g} CPU on a machine with {cores} cores: "
+            f"{farm.max_workers} replicas x {farm.num_cpus_per_worker:g} CPU on a machine with {cores} cores: "
             "they share the cores and each runs slower",
             RuntimeWarning,
             stacklevel=2,
         )
-    return max(1, min(farm.workers, fit))
+    return max(farm.min_workers, min(farm.max_workers, fit))
 
 
 def await_replicas(pool: ReplicaPool, farm: FarmConfig, need: int) -> list:

@@ -70,9 +70,9 @@ def init_ray(farm: FarmConfig, num_cpus: float | None = None, num_gpus: float | 
         ray.init(address=address)
         return True
     if num_cpus is None:
-        num_cpus = max(os.cpu_count() or 1, farm.workers * farm.num_cpus_per_worker)
+        num_cpus = max(os.cpu_count() or 1, farm.max_workers * farm.num_cpus_per_worker)
     # A single local node must offer the per-replica resource, or no replica would ever be placed.
-    resources = {farm.replica_resource: farm.workers} if farm.replica_resource else None
+    resources = {farm.replica_resource: farm.max_workers} if farm.replica_resource else None
     ray.init(
         num_cpus=math.ceil(num_cpus),
         num_gpus=num_gpus,
