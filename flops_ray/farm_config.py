@@ -48,8 +48,17 @@ class FarmConfig:
     stall_timeout_s: float = 600.0
     """Ray: seconds without any shard result before the step fails (a hung replica or a full cluster),
     and the longest wait for the first replica to be placed (an autoscaler may be adding a node)."""
+    snapshot_every: int = 1
+    """Ray: every this many steps one replica (in turn) copies its parameters and optimizer state into its
+    node's object store, so a run survives losing every replica at once (a replacement adopts a live peer's
+    state first, else this snapshot; the driver holds only a reference). 0: peers only."""
     collective_timeout_s: float = 60.0
     """Ray, ``allreduce``: seconds a replica waits in the collective for a peer that may have died."""
+
+    @property
+    def elastic(self) -> bool:
+        """Whether ``workers`` is a range ``"min..max"``."""
+        return isinstance(self.workers, str)
 
     @property
     def min_workers(self) -> int:
@@ -70,6 +79,7 @@ class FarmConfig:
         require(self.in_flight >= 1, "farm.in_flight", f"must be >= 1, got {self.in_flight}")
         require(self.reduction in REDUCTIONS, "farm.reduction", f"must be one of {REDUCTIONS}")
         require(self.max_retries >= 0, "farm.max_retries", "must be >= 0")
+        require(self.snapshot_every >= 0, "farm.snapshot_every", f"must be >= 0, got {self.snapshot_every}")
         require(self.connect_timeout_s > 0, "farm.connect_timeout_s", f"must be > 0, got {self.connect_timeout_s}")
         require(self.stall_timeout_s > 0, "farm.stall_timeout_s", f"must be > 0, got {self.stall_timeout_s}")
         require(

@@ -41,6 +41,7 @@ from flops_ray.config import EstimatorConfig, FarmConfig, TrainConfig
 from flops_ray.data import batch_at, digits
 from flops_ray.engine import QueryEngine
 from flops_ray.farm.backend import RayBackend
+from flops_ray.farm.costs import call_costs
 from flops_ray.farm.ray_init import init_ray
 from flops_ray.farm.worker import WorkerOptions
 from flops_ray.losses import cross_entropy
@@ -291,28 +292,9 @@ def training(bench: BenchConfig) -> dict:
     return out
 
 
-@ray.remote(num_cpus=0)
-class _Echo:
-    def ping(self) -> None:
-        return None
-
-
 def costs(bench: BenchConfig) -> dict:
     """Per-call costs: a pipelined actor call, ``ray.put`` and a driver-side float64 reduction per MiB."""
-    echo = _Echo.remote()
-    ray.get(echo.ping.remote())
-    n = 500
-    t0 = time.perf_counter()
-    ray.get([echo.ping.remote() for _ in range(n)])
-    call = (time.perf_counter() - t0) / n
-    ray.kill(echo)
-    mib = 64
-    arr = np.ones(mib * 2**20 // 4, dtype=np.float32)
-    put = _best(bench.reps, lambda: ray.put(arr)) / mib
-    acc = np.zeros(mib * 2**20 // 8)
-    part = np.ones_like(acc)
-    add = _best(bench.reps, lambda: np.add(acc, part, out=acc)) / mib
-    out = {"call_seconds": call, "put_seconds_per_mib": put, "reduce_seconds_per_mib": add}
+    out = call_costs(bench.reps)
     print(f"costs: {out}", flush=True)
     return out
 

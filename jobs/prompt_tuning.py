@@ -241,7 +241,8 @@ def tune(cfg: PromptConfig, model: PromptedViT, default: torch.Tensor, allocator
     def record(trainer: Trainer, report: StepReport) -> None:
         # The box answers losses only: accuracy is the frozen model's under the tuned prompt.
         if trainer.step_count % cfg.eval_every == 0 or trainer.step_count == cfg.steps:
-            acc = model.accuracy(box.theta(), test)
+            # trainer.model: the box with the replicas' current parameters (they own them during the run).
+            acc = model.accuracy(trainer.model.theta(), test)
             curve.append({"step": trainer.step_count, "loss": report.loss, "accuracy": acc})
             print(
                 f"{allocator:9s} step {trainer.step_count:>4}/{cfg.steps}  loss {report.loss:.3f}  acc {acc:.3f}",

@@ -1,4 +1,5 @@
-"""The farm gives the in-process result: any number of replicas, a replica killed mid-step, all-reduce.
+"""The farm gives the in-process result: any number of replicas, a replica killed mid-step, all-reduce, the
+scalar protocol; replicas that drift apart fail loudly.
 
 docs/DESIGN.md section 2: a step depends only on seed, step, params, batch and config, never on which
 replica ran which shard or on retries.
@@ -14,6 +15,7 @@ import torch
 
 from flops_ray.config import AllocatorConfig, EstimatorConfig, FarmConfig, TrainConfig
 from flops_ray.data import digits
+from flops_ray.farm.errors import FarmError
 from flops_ray.models import create_model
 from flops_ray.trainer import Trainer
 
@@ -36,8 +38,10 @@ def data():
     return digits("train"), None
 
 
-def _trainer(data, backend_factory=None, **farm) -> Trainer:
+def _trainer(data, backend_factory=None, spsa: bool = False, **farm) -> Trainer:
     cfg = BASE.replace(farm=dataclasses.replace(BASE.farm, **farm))
+    if spsa:
+        cfg = cfg.replace(estimator=dataclasses.replace(cfg.estimator, kind="spsa"))
     return Trainer(cfg, create_model("digits_vit", 10, 8, cfg.seed), *data, backend_factory=backend_factory)
 
 
@@ -116,3 +120,32 @@ def test_fractional_fake_gpu(data, reference):
     assert [i.gpu_ids for i in infos] == [("0",), ("0",)]
     assert {i.device for i in infos} == {"cuda:0" if torch.cuda.is_available() else "cpu"}
     _assert_same(_params_per_step(trainer), reference)
+
+
+@pytest.fixture(scope="module")
+def spsa_reference(data) -> list[torch.Tensor]:
+    return _params_per_step(_trainer(data, backend="local", spsa=True))
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_scalar_protocol_matches_in_process(data, spsa_reference, workers, recorded):
+    """SPSA shards return per-draw coefficients; every replica rebuilds the step's gradient from seeds."""
+    trainer = _trainer(data, recorded, spsa=True, workers=workers)
+    assert trainer.backend.reduction == "scalar"
+    _assert_same(_params_per_step(trainer), spsa_reference)
+    runs = trainer.backend.runs
+    assert all(r.grad is None for _, results in runs for r in results), "no gradient crosses the wire"
+    assert any(r.coefs is not None for _, results in runs for r in results)
+    assert (spsa_reference[0] - spsa_reference[-1]).abs().max() > 1e-4
+
+
+def test_replicas_that_drift_apart_fail_loudly(data):
+    """Reading the parameters (a checkpoint, an evaluation) compares every replica's digest first."""
+    with _trainer(data, workers=2) as trainer:
+        trainer.step()
+        state = trainer.backend.state()
+        slot = trainer.backend.pool.current()[1]
+        ray.get(slot.handle.adopt.remote(dataclasses.replace(state, params=state.params + 1e-3)))
+        trainer.step()
+        with pytest.raises(FarmError, match="drifted apart"):
+            trainer.get_params()

@@ -34,6 +34,7 @@ CORE = {
     "prompts",
     "replay",
     "seeding",
+    "step_time",
     "shards",
     "step",
     "trace_memory",

@@ -87,6 +87,7 @@ class RayBackend:
         self.scheduler = Scheduler(self.pool, farm.in_flight, keep, farm.stall_timeout_s, coefficients=scalar)
         self.allreduce = AllReduce(self.scheduler, farm.collective_timeout_s) if keep else None
         self._update: StepUpdate | None = None
+        self.snapshot_every = farm.snapshot_every
 
     def sync(self, step: int, x: np.ndarray, y: np.ndarray) -> None:
         """One ``ray.put`` of the batch, shared by every replica."""
@@ -143,6 +144,10 @@ class RayBackend:
         if not done:
             raise FarmError(f"every replica died applying update {update.version}; resume from the last checkpoint")
         self.pool.applied(done)
+        every = self.snapshot_every
+        if every and self.pool.version % every == 0:
+            keeper = done[self.pool.version // every % len(done)]
+            self.pool.keep_snapshot(self.pool.version, keeper.handle.export_state.remote())
         for slot, exc in dead:
             self.pool.replace(slot, "a replica died applying the step's update", exc)
 

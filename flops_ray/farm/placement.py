@@ -66,7 +66,8 @@ def check_placement(farm: FarmConfig, local: bool) -> int:
         local: Ray is this machine's own (no autoscaler can add a node).
 
     Returns:
-        How many replicas to wait for before step 0: those the current nodes hold, at least ``min_workers``.
+        How many replicas to wait for before step 0: those the current nodes hold, at least one (an elastic
+        range: at least its minimum).
 
     Raises:
         FarmError: a local Ray cannot hold even one replica (the message names the resource).
@@ -97,7 +98,8 @@ def check_placement(farm: FarmConfig, local: bool) -> int:
             RuntimeWarning,
             stacklevel=2,
         )
-    return max(farm.min_workers, min(farm.max_workers, fit))
+    # A fixed count starts on the replicas that fit (the rest join later); a range waits for its minimum.
+    return max(farm.min_workers if farm.elastic else 1, min(farm.max_workers, fit))
 
 
 def await_replicas(pool: ReplicaPool, farm: FarmConfig, need: int) -> list:

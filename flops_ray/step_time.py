@@ -1,0 +1,95 @@
+"""A step-time model of the farm: how long one step takes on ``n`` replicas, from per-unit costs.
+
+A step is a sequence of rounds (clean pass, pilot, main) separated by barriers. A round of ``T`` equal
+shards on ``n`` replicas takes ``ceil(T / n)`` waves of one shard each (completion-order dispatch of equal
+shards), and never less than the driver needs to dispatch its calls. Then the update: the LR partials
+meet in a ring all-reduce among the replicas (``2 (n-1)/n x 4P`` bytes per replica, float32 on the wire);
+SPSA/ES send per-draw coefficients and every replica rebuilds the gradient from seeds (``draws x P_g``
+noise numbers, on every replica whatever ``n``); each replica applies the optimizer to its own copy.
+The driver adds its fixed per-step work (planning, allocation). Parameters never cross the driver.
+
+>>> w = Workload(rounds=((64, 64), (1024, 64)), params=1000, reduction="allreduce")
+>>> c = Costs(query_s=1e-3, call_s=1e-4, driver_s=0.01, link_bytes_per_s=1e9)
+>>> round(step_time(w, c, 1)["total"], 4), round(step_time(w, c, 4)["total"], 4)
+(1.0984, 0.3305)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One step's work."""
+
+    rounds: tuple[tuple[int, int], ...]
+    """Per round (barrier to barrier): ``(forwards, shard_cost)``; clean items count as forwards."""
+    params: int
+    """``P``: trainable parameters (all groups)."""
+    reduction: str
+    """``allreduce`` (LR partials) or ``scalar`` (SPSA/ES coefficients, gradients rebuilt from seeds)."""
+    replay_numbers: int = 0
+    """``scalar``: noise numbers each replica regenerates to rebuild the gradient, ``sum_g draws_g x P_g``."""
+    update_bytes: int = 0
+    """``scalar``: bytes of the step's coefficient message, which the driver sends to every replica."""
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Per-unit costs of one replica and of the driver (measured, or stated for a device not at hand)."""
+
+    query_s: float
+    """Seconds per perturbed forward on one replica (1 / engine queries per second)."""
+    call_s: float
+    """Driver seconds per dispatched call (a pipelined actor call)."""
+    driver_s: float
+    """Driver seconds per step outside the replicas' work: planning, allocation, bookkeeping."""
+    link_bytes_per_s: float
+    """Bandwidth of each replica's link in the all-reduce ring."""
+    link_latency_s: float = 20e-6
+    """Latency of one hop of the ring."""
+    apply_s_per_param: float = 0.0
+    """Optimizer step per parameter on a replica."""
+    replay_s_per_number: float = 0.0
+    """``scalar``: seconds per regenerated and weighed noise number on a replica."""
+    driver_bytes_per_s: float = 1e9
+    """Bandwidth out of the driver (the coefficient message goes to every replica)."""
+    cores: float = math.inf
+    """Cores the replicas share (a local run): ``n`` replicas above it each run ``cores / n`` as fast."""
+
+
+def round_time(forwards: int, shard_cost: int, n: int, costs: Costs) -> float:
+    """Seconds for a round of ``forwards`` in shards of ``shard_cost`` on ``n`` replicas."""
+    if forwards == 0:
+        return 0.0
+    shards = math.ceil(forwards / shard_cost)
+    slow = max(1.0, n / costs.cores)
+    shard_s = forwards / shards * costs.query_s * slow
+    waves = math.ceil(shards / n)
+    return max(waves * shard_s, shards * costs.call_s) + costs.call_s
+
+
+def step_time(work: Workload, costs: Costs, n: int) -> dict[str, float]:
+    """Seconds of one step on ``n`` replicas, by part (``total`` is their sum)."""
+    compute = sum(round_time(f, s, n, costs) for f, s in work.rounds)
+    if work.reduction == "allreduce":
+        ring = 2 * (n - 1) / n * 4 * work.params / costs.link_bytes_per_s + 2 * (n - 1) * costs.link_latency_s
+        reduce = ring + 2 * costs.call_s
+    else:
+        send = n * work.update_bytes / costs.driver_bytes_per_s
+        reduce = send + work.replay_numbers * costs.replay_s_per_number * max(1.0, n / costs.cores) + costs.call_s
+    parts = {
+        "driver": costs.driver_s,
+        "compute": compute,
+        "reduce": reduce,
+        "apply": work.params * costs.apply_s_per_param,
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def efficiency(work: Workload, costs: Costs, n: int) -> float:
+    """Strong-scaling efficiency ``T(1) / (n T(n))`` of the same step on ``n`` replicas."""
+    return step_time(work, costs, 1)["total"] / (n * step_time(work, costs, n)["total"])
