@@ -6,7 +6,9 @@ shards), and never less than the driver needs to dispatch its calls. Then the up
 meet in a ring all-reduce among the replicas (``2 (n-1)/n x 4P`` bytes per replica, float32 on the wire);
 SPSA/ES send per-draw coefficients and every replica rebuilds the gradient from seeds (``draws x P_g``
 noise numbers, on every replica whatever ``n``); each replica applies the optimizer to its own copy.
-The driver adds its fixed per-step work (planning, allocation). Parameters never cross the driver.
+The driver adds its fixed per-step work (planning, allocation). Parameters never cross the driver. On a
+machine whose cores the replicas share with the driver, a step also takes at least all of their CPU
+seconds divided by the cores.
 
 >>> w = Workload(rounds=((64, 64), (1024, 64)), params=1000, reduction="allreduce")
 >>> c = Costs(query_s=1e-3, call_s=1e-4, driver_s=0.01, link_bytes_per_s=1e9)
@@ -48,6 +50,8 @@ class Costs:
     """Driver seconds per step outside the replicas' work: planning, allocation, bookkeeping."""
     link_bytes_per_s: float
     """Bandwidth of each replica's link in the all-reduce ring."""
+    task_s: float = 0.0
+    """Seconds a shard call costs beyond its forwards (Ray's task overhead at both ends, the result's trip)."""
     link_latency_s: float = 20e-6
     """Latency of one hop of the ring."""
     apply_s_per_param: float = 0.0
@@ -58,6 +62,8 @@ class Costs:
     """Bandwidth out of the driver (the coefficient message goes to every replica)."""
     cores: float = math.inf
     """Cores the replicas share (a local run): ``n`` replicas above it each run ``cores / n`` as fast."""
+    host_s: float = 0.0
+    """CPU seconds per step that the driver and Ray's own processes take from those cores (a local run)."""
 
 
 def round_time(forwards: int, shard_cost: int, n: int, costs: Costs) -> float:
@@ -66,7 +72,7 @@ def round_time(forwards: int, shard_cost: int, n: int, costs: Costs) -> float:
         return 0.0
     shards = math.ceil(forwards / shard_cost)
     slow = max(1.0, n / costs.cores)
-    shard_s = forwards / shards * costs.query_s * slow
+    shard_s = forwards / shards * costs.query_s * slow + costs.task_s
     waves = math.ceil(shards / n)
     return max(waves * shard_s, shards * costs.call_s) + costs.call_s
 
@@ -74,6 +80,10 @@ def round_time(forwards: int, shard_cost: int, n: int, costs: Costs) -> float:
 def step_time(work: Workload, costs: Costs, n: int) -> dict[str, float]:
     """Seconds of one step on ``n`` replicas, by part (``total`` is their sum)."""
     compute = sum(round_time(f, s, n, costs) for f, s in work.rounds)
+    # Shared cores: the replicas' and the host's CPU seconds cannot take less than the cores can serve.
+    shards = sum(math.ceil(f / s) for f, s in work.rounds if f)
+    busy = sum(f for f, _ in work.rounds) * costs.query_s + shards * costs.task_s + costs.host_s
+    compute = max(compute, busy / costs.cores)
     if work.reduction == "allreduce":
         ring = 2 * (n - 1) / n * 4 * work.params / costs.link_bytes_per_s + 2 * (n - 1) * costs.link_latency_s
         reduce = ring + 2 * costs.call_s

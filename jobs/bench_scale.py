@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -29,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import ray
 import torch
 from torch import nn
 
@@ -38,6 +40,7 @@ from flops_ray.estimators import RowPlan
 from flops_ray.farm.costs import call_costs
 from flops_ray.farm.ray_init import init_ray
 from flops_ray.local_backend import LocalBackend
+from flops_ray.losses import cross_entropy
 from flops_ray.messages import ShardItem, ShardTask, TaskKind
 from flops_ray.models import create_model
 from flops_ray.replay import replay_gradients
@@ -63,6 +66,9 @@ class ScaleConfig:
     """Queries per sample and group of the local runs."""
     shard_cost: int = 64
     """Forward passes per shard of the local runs."""
+    validate_queries: int = 64
+    """Queries per sample and group of the step-time check (steps of ~1 s on one core: compute-dominated, as
+    a GPU farm's steps are)."""
     validate_workers: tuple[int, ...] = (1, 2, 3)
     """Replica counts of the local step-time check."""
     validate_steps: int = 4
@@ -88,8 +94,8 @@ ASSUMPTIONS = {
     "the driver; Adam reads param, grad and two moments and writes three (28 B/param at 3 TB/s HBM); replay "
     "weighs each regenerated number at tensor-core rate (2 flops at 50 TFLOP/s); per-query engine costs are "
     "the H100 float32 figures of bench_engine (docs/results/bench_engine_cuda.json); shard cost per round "
-    "min(256, max(8, forwards / (4 n))) so every GPU gets several shards; driver seconds per step as measured "
-    "here for the same batch size",
+    "min(256, max(8, forwards / (4 n))) so every GPU gets several shards; driver seconds per step measured "
+    "here at the local batch size and scaled linearly to B = 128",
 }
 VIT_B = {"batch": 128, "queries_per_sample": 20, "groups": 4, "pilot": 4, "params": 86_000_000}
 
@@ -105,7 +111,8 @@ MLP_GROUPS = (GroupConfig("mlp", ("1", "3", "5"), sigma=0.01, queries_per_sample
 
 
 def _config(bench: ScaleConfig, kind: str, workers: int, groups=MLP_GROUPS, model: str = "mlp") -> TrainConfig:
-    groups = tuple(GroupConfig(g.name, g.modules, g.sigma, bench.queries_per_sample) for g in groups)
+    q = bench.queries_per_sample if model == "mlp" else bench.validate_queries
+    groups = tuple(GroupConfig(g.name, g.modules, g.sigma, q) for g in groups)
     return TrainConfig(
         model=model,
         batch_size=bench.batch_size,
@@ -165,8 +172,32 @@ class _TimedLocal(LocalBackend):
         self.apply_s += time.perf_counter() - t0
 
 
+def task_overhead(bench: ScaleConfig, kind: str, calls: int = 200) -> float:
+    """Seconds per shard call on a 1-replica farm beyond the same shards run in-process: tiny shards (one sample,
+    one pair of queries), farm time minus in-process time, per call."""
+    cfg = _config(bench, kind, 1, groups=_vit_groups(), model="digits_vit")
+    x, y = digits("train").x[: bench.batch_size], digits("train").y[: bench.batch_size]
+    tasks = [ShardTask(TaskKind.MAIN, 0, 0, i, (ShardItem(i % len(y), i, 0, 2),), weights=(1.0,)) for i in range(calls)]
+    model = create_model("digits_vit", 10, 8, bench.seed)
+    local = default_backend(cfg.replace(farm=FarmConfig()), model, cross_entropy)
+    local.sync(0, x, y)
+    torch.set_num_threads(1)
+    local.run(tasks[:10])
+    t0 = time.perf_counter()
+    local.run(tasks)
+    inproc = time.perf_counter() - t0
+    with Trainer(cfg, model, digits("train")) as tr:
+        tr.backend.sync(0, x, y)
+        tr.backend.run(tasks[:10])
+        t0 = time.perf_counter()
+        tr.backend.run(tasks)
+        farm = time.perf_counter() - t0
+    return max(0.0, (farm - inproc) / calls)
+
+
 def calibrate(bench: ScaleConfig, kind: str, call_s: float) -> tuple[Costs, Workload]:
-    """Costs of one replica thread and of the driver, from in-process steps of the validation workload."""
+    """Costs of one replica thread and of the driver, from in-process steps of the validation workload, and
+    the farm's own overhead per shard call."""
     cfg = _config(bench, kind, 1, groups=_vit_groups(), model="digits_vit")
     backends: list[_TimedLocal] = []
 
@@ -192,6 +223,7 @@ def calibrate(bench: ScaleConfig, kind: str, call_s: float) -> tuple[Costs, Work
         query_s=query_s,
         call_s=call_s,
         driver_s=driver_s,
+        task_s=task_overhead(bench, kind),
         link_bytes_per_s=1e9,
         apply_s_per_param=b.apply_s / steps / p,
         replay_s_per_number=replay_seconds_per_number(bench, sizes[0]),
@@ -231,14 +263,33 @@ def replay_seconds_per_number(bench: ScaleConfig, size: int) -> float:
     return best / (draws * size)
 
 
+def busy_seconds() -> float:
+    """CPU seconds this machine's cores have been busy, all processes (Linux ``/proc/stat``; 0 elsewhere)."""
+    try:
+        ticks = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    except OSError:
+        return 0.0
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def validate(bench: ScaleConfig, kind: str, costs: Costs, work: Workload) -> dict:
-    """Predicted against measured step seconds of real local farms of the digits ViT."""
-    out = {"workers": [], "predicted_s": [], "measured_s": [], "error": []}
+    """Predicted against measured step seconds of real local farms of the digits ViT. The first farm also
+    measures ``host_s``: the machine's busy CPU seconds per step beyond its replica's own."""
+    out = {"workers": [], "predicted_s": [], "measured_s": [], "error": [], "host_s": 0.0}
     for n in bench.validate_workers:
         cfg = _config(bench, kind, n, groups=_vit_groups(), model="digits_vit")
         with Trainer(cfg, create_model("digits_vit", 10, 8, bench.seed), digits("train")) as tr:
             tr.step()
+            handles = [s.handle for s in tr.backend.pool.slots]
+            before, busy = ray.get([h.stats.remote() for h in handles]), busy_seconds()
             reports = tr.fit(bench.validate_steps)
+            busy = busy_seconds() - busy
+            replicas = sum(
+                a.busy_seconds - b.busy_seconds for a, b in zip(ray.get([h.stats.remote() for h in handles]), before)
+            )
+        if n == bench.validate_workers[0]:
+            out["host_s"] = max(0.0, busy - replicas) / len(reports)
+            costs = dataclasses.replace(costs, host_s=out["host_s"])
         measured = sorted(r.seconds for r in reports)[len(reports) // 2]
         predicted = step_time(work, costs, n)["total"]
         out["workers"].append(n)
@@ -279,7 +330,8 @@ def simulate(bench: ScaleConfig, measured: Costs) -> dict:
         costs = Costs(
             query_s=1.0 / gpu["queries_per_s"][key],
             call_s=measured.call_s,
-            driver_s=measured.driver_s,
+            driver_s=measured.driver_s * VIT_B["batch"] / bench.batch_size,
+            task_s=measured.task_s,
             link_bytes_per_s=a["link_bytes_per_s"],
             link_latency_s=a["link_latency_s"],
             apply_s_per_param=a["adam_bytes_per_param"] / a["hbm_bytes_per_s"],
