@@ -62,8 +62,8 @@ def test_bench_farm_tiny(tmp_path, run_script):
     assert all(v > 0 for v in (*figures, *result["blackbox_vs_limit"].values()))
     assert result["makespan_ratio"]["dynamic"] > 0 and result["makespan_ratio"]["static"] > 0
     assert 0 <= result["allocator_overhead"] < 1
-    # Parameters out and gradient sums back (~17k float64 each), batch and messages: well under 1 MB.
-    # Shipping the step's LR noise instead (B * q * 2 groups * 17 tokens * 64 floats) would not be.
+    # Batch, task messages, losses and traces, no parameters: well under 1 MB. Shipping the step's LR noise
+    # instead (B * q * 2 groups * 17 tokens * 64 floats) would not be.
     assert 0 < result["bytes_per_step_per_worker"] < 1e6
 
 
@@ -105,3 +105,25 @@ def test_bench_engine_tiny(tmp_path, run_script):
     assert result["details"]["digits_vit"]["assembly_flops_per_query"] == 17 * (2 * 256 * 64 + 64)
     assert result["noise_numbers_per_s"] > 0
     assert result["peak_replica_bytes"]["vit_b16"] > 0 and result["peak_rows"] == {"vit_b16": 2}
+
+
+def test_bench_scale_tiny(tmp_path, run_script):
+    result = _run_tiny(
+        run_script,
+        "bench_scale.py",
+        "ScaleConfig(widths=(8, 96), wire_steps=1, batch_size=8, queries_per_sample=4, shard_cost=16, "
+        "validate_queries=4, validate_workers=(1, 2), validate_steps=1, gpus=(8, 64), reps=1)",
+        tmp_path,
+    )
+    for kind in ("es", "lr"):
+        p, driver = result["driver_bytes_per_step"][kind]["P"], result["driver_bytes_per_step"][kind]["bytes"]
+        assert p[1] > 50 * p[0]
+        # Parameters never cross the driver: the same messages whatever P (a byte or two of pickled ints aside).
+        assert abs(driver[1] - driver[0]) <= 0.01 * driver[0], driver
+    lr = result["replica_bytes_per_step"]["lr"]["bytes"]
+    assert lr[1] > lr[0], "an LR replica's share of the ring grows with P"
+    assert set(result["simulated_efficiency"]) == {"lr_vit_b16", "es_vit_b16"}
+    for curve in result["simulated_efficiency"].values():
+        assert set(curve) == {"8", "64"} and all(0 < e <= 1 for e in curve.values())
+    for check in result["validation"].values():
+        assert check["workers"] == [1, 2] and all(t > 0 for t in check["predicted_s"] + check["measured_s"])
