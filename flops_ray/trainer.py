@@ -149,7 +149,7 @@ class Trainer:
             return
         state = self.backend.state()
         with torch.no_grad():
-            unflatten_into(torch.from_numpy(np.asarray(state.params)).to(self.params[0].dtype), self.params)
+            unflatten_into(torch.tensor(state.params, dtype=self.params[0].dtype), self.params)
         self.optimizer.load_state_dict(state.optimizer)
         self._pulled = self.step_count
 

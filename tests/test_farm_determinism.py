@@ -113,6 +113,22 @@ def test_allreduce_survives_a_killed_replica(data, reference, inject_fault):
     assert c.recomputed >= 1, "the killed replica should have held accepted partials"
 
 
+def _kill_all(backend) -> None:
+    for slot in backend.pool.slots:
+        ray.kill(slot.handle, no_restart=True)
+
+
+def test_every_replica_killed_at_once_resumes_from_the_snapshot(data, reference, inject_fault):
+    """All three replicas die mid-step 1: the first replacement tries to adopt from a peer that is dead too
+    (its export is lost), so it and the others adopt the snapshot kept after step 0; same parameters."""
+    trainer = _trainer(data, reduction="allreduce")
+    inject_fault(trainer.backend, after=30, action=_kill_all)
+    _assert_same(_params_per_step(trainer), reference)
+    c = trainer.backend.counters
+    assert c.restarts == 3, "one replacement per death: a replica whose source died is re-synced, not replaced"
+    assert c.state_copies >= 1, "the first replacement should have tried a (dead) live peer first"
+
+
 def test_fractional_fake_gpu(data, reference):
     """Two replicas share the one (fake) GPU at 0.5 each; without CUDA they fall back to the CPU."""
     trainer = _trainer(data, workers=2, num_gpus_per_worker=0.5)

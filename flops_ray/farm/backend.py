@@ -26,7 +26,7 @@ from flops_ray.farm.errors import FarmError
 from flops_ray.farm.fault_budget import FaultBudget
 from flops_ray.farm.placement import await_replicas, check_placement
 from flops_ray.farm.ray_init import cluster_address, init_ray
-from flops_ray.farm.replica_pool import ReplicaPool
+from flops_ray.farm.replica_pool import ReplicaPool, export
 from flops_ray.farm.scheduler import Scheduler
 from flops_ray.farm.worker import StepBatch, Worker, WorkerInfo, WorkerOptions
 from flops_ray.losses import LossFn, cross_entropy
@@ -147,7 +147,7 @@ class RayBackend:
         every = self.snapshot_every
         if every and self.pool.version % every == 0:
             keeper = done[self.pool.version // every % len(done)]
-            self.pool.keep_snapshot(self.pool.version, keeper.handle.export_state.remote())
+            self.pool.keep_snapshot(export(keeper.handle, self.pool.version))
         for slot, exc in dead:
             self.pool.replace(slot, "a replica died applying the step's update", exc)
 
@@ -163,9 +163,9 @@ class RayBackend:
         digests = self.digests()
         if len(set(digests)) > 1:
             raise FarmError(f"replicas' parameters drifted apart: (version, digest) per replica {digests}")
-        ref = current[0].handle.export_state.remote()
-        self.pool.keep_snapshot(self.pool.version, ref)
-        return ray.get(ref)
+        snapshot = export(current[0].handle, self.pool.version)
+        self.pool.keep_snapshot(snapshot)
+        return ray.get(snapshot.state)
 
     def load_state(self, state: ReplicaState) -> None:
         self.pool.load_state(state)

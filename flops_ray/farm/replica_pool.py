@@ -9,17 +9,54 @@ many with no progress fail the farm); a slot's replacements in a row wait with b
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import ray
 from ray.actor import ActorHandle
+from ray.exceptions import ObjectLostError, RayActorError, RayError
 
 from flops_ray.farm.counters import DispatchCounters
 from flops_ray.farm.errors import FarmError
 from flops_ray.farm.fault_budget import FaultBudget
 from flops_ray.messages import ReplicaState, ShardTask
+
+_QUICK_S = 60.0
+"""Seconds to wait for a result that is already computed (a hang guard, never expected to elapse)."""
+
+
+@dataclass(frozen=True)
+class StateExport:
+    """A replica's state put in the object store by the replica itself (the driver holds references only)."""
+
+    version: int
+    """Updates applied to the exported parameters."""
+    state: ray.ObjectRef
+    """The :class:`~flops_ray.messages.ReplicaState`."""
+    done: ray.ObjectRef
+    """The version again, a few bytes: it resolves (or fails) with the export, so the driver can learn whether
+    the export happened without moving the state."""
+    exporter: ActorHandle | None
+    """The actor that exported it (None: the driver put it, a resumed run)."""
+
+
+def export(handle: ActorHandle, version: int) -> StateExport:
+    """Have the replica ``handle`` (holding ``version``) export its state."""
+    state, done = handle.export_state.remote()
+    return StateExport(version, state, done, handle)
+
+
+@dataclass(frozen=True)
+class Adoption:
+    """A joining replica taking over a state: what it adopts and where from."""
+
+    source: StateExport
+    peer: Slot | None
+    """The slot of the live peer that exported it (None: the snapshot)."""
+    call: ray.ObjectRef
+    """The ``adopt`` call (read when the sync behind it fails, so its error is never left unhandled)."""
 
 
 @dataclass
@@ -45,6 +82,8 @@ class Slot:
     """All-reduce: accepted tasks whose gradient partial lives on this replica."""
     version: int = 0
     """Updates applied to the parameters its actor holds (a new actor starts from the model: 0)."""
+    adoption: Adoption | None = None
+    """The state its actor adopts before its pending sync (None: it needs none)."""
 
 
 class ReplicaPool:
@@ -70,7 +109,7 @@ class ReplicaPool:
         self.slots = [Slot(make_worker(i)) for i in range(workers)]
         self.version = 0
         """Updates the farm has applied: every replica that takes work holds the parameters after these."""
-        self._snapshot: tuple[int, ray.ObjectRef] | None = None
+        self._snapshot: StateExport | None = None
         self._sync: tuple[ray.ObjectRef, int] | None = None
         self._gen = 0
         self.orphans: list[ShardTask] = []
@@ -105,15 +144,17 @@ class ReplicaPool:
 
     def _send_sync(self, slot: Slot) -> None:
         batch_ref, nbytes = self._sync
+        slot.adoption = None
         if slot.version != self.version:
-            slot.handle.adopt.remote(self._state_source(slot))
+            source, peer = self._state_source(slot)
+            slot.adoption = Adoption(source, peer, slot.handle.adopt.remote(source.state))
             slot.version = self.version
         slot.sync_ref, slot.sync_gen = slot.handle.sync.remote(batch_ref, self.version), self._gen
         self.counters.bytes_sent += nbytes
 
-    def _state_source(self, joining: Slot) -> ray.ObjectRef:
-        """A reference to the current state for ``joining``: exported by a live peer (it travels replica to
-        replica), else the last snapshot if it is current.
+    def _state_source(self, joining: Slot) -> tuple[StateExport, Slot | None]:
+        """The current state for ``joining`` and the peer exporting it: a live peer's (it travels replica to
+        replica), else the last snapshot if it is current (peer None).
 
         Raises:
             FarmError: no live replica and no snapshot holds the parameters after ``version`` updates.
@@ -121,9 +162,9 @@ class ReplicaPool:
         for peer in self.slots:
             if peer is not joining and peer.ready and peer.version == self.version:
                 self.counters.state_copies += 1
-                return peer.handle.export_state.remote()
-        if self._snapshot is not None and self._snapshot[0] == self.version:
-            return self._snapshot[1]
+                return export(peer.handle, self.version), peer
+        if self._snapshot is not None and self._snapshot.version == self.version:
+            return self._snapshot, None
         raise FarmError(
             f"no live replica holds the parameters after update {self.version} (every replica holding them "
             "died); resume the run from its last checkpoint"
@@ -133,16 +174,53 @@ class ReplicaPool:
         """Make ``state`` every replica's (a resumed run): one ``ray.put``, kept as the snapshot a replica
         joining with no live peer at this version adopts."""
         ref = ray.put(state)
-        self._snapshot, self.version = (state.version, ref), state.version
+        self._snapshot = StateExport(state.version, ref, ray.put(state.version), None)
+        self.version = state.version
         for slot in self.slots:
             if slot.handle is not None:
                 slot.handle.adopt.remote(ref)
                 slot.version = state.version
         self.counters.bytes_sent += state.params.nbytes
 
-    def keep_snapshot(self, version: int, ref: ray.ObjectRef) -> None:
-        """Keep ``ref`` (a replica's exported state at ``version``) for joiners that find no live peer."""
-        self._snapshot = (version, ref)
+    def keep_snapshot(self, snapshot: StateExport) -> None:
+        """Keep ``snapshot`` (a replica's exported state) for joiners that find no live peer."""
+        self._snapshot = snapshot
+
+    def source_lost(self, slot: Slot) -> tuple[bool, Slot | None]:
+        """``slot``'s sync failed: was the state it was adopting lost (its exporter died before exporting)?
+
+        A lost source is forgotten (a lost snapshot is dropped) and ``slot`` waits for :meth:`resync`.
+
+        Returns:
+            ``(lost, dead_peer)``: ``lost`` False means the replica itself failed (the caller replaces it);
+            ``dead_peer`` is the peer slot still holding the dead exporter (the caller replaces it first).
+        """
+        adoption = slot.adoption
+        if adoption is None:
+            return False, None
+        try:
+            # Both results of the export resolve together, before the adopt behind them runs: no wait here.
+            ray.get(adoption.source.done, timeout=_QUICK_S)
+        except (RayActorError, ObjectLostError):
+            pass
+        else:
+            return False, None
+        with contextlib.suppress(RayError):
+            ray.get(adoption.call, timeout=_QUICK_S)
+        if self._snapshot is adoption.source:
+            self._snapshot = None
+        slot.version, slot.adoption, slot.sync_ref = -1, None, None
+        dead = adoption.peer if adoption.peer is not None and adoption.peer.handle is adoption.source.exporter else None
+        return True, dead
+
+    def resync(self, slot: Slot) -> None:
+        """Send ``slot`` the step again (after :meth:`source_lost`): it adopts from another source first.
+
+        Raises:
+            FarmError: no live replica and no snapshot holds the current parameters.
+        """
+        if slot.handle is not None and self._sync is not None:
+            self._send_sync(slot)
 
     def applied(self, slots: list[Slot]) -> None:
         """``slots`` applied the step's update: the farm is one version further; the others adopt it later."""
@@ -159,7 +237,7 @@ class ReplicaPool:
         if slot.sync_gen != self._gen:
             self._send_sync(slot)
             return
-        slot.sync_ref, slot.ready, slot.losses = None, True, 0
+        slot.sync_ref, slot.ready, slot.losses, slot.adoption = None, True, 0, None
 
     def replace(self, slot: Slot, what: str, cause: BaseException | str, charge: bool = True) -> None:
         """Kill the slot's actor (it may only be unreachable) and start a fresh, re-synced one in its place,
@@ -179,8 +257,9 @@ class ReplicaPool:
         index = self.slots.index(slot)
         self.orphans += slot.held
         if slot.handle is not None:
+            self._save_snapshot_from(slot)
             ray.kill(slot.handle, no_restart=True)
-        slot.handle, slot.ready, slot.sync_ref, slot.version = None, False, None, 0
+        slot.handle, slot.ready, slot.sync_ref, slot.version, slot.adoption = None, False, None, 0, None
         slot.losses += 1
         slot.start_at = time.monotonic() + self.budget.backoff(slot.losses)
         slot.calls.clear()
@@ -192,6 +271,15 @@ class ReplicaPool:
         if charge:
             self.budget.failure(what, cause)
         self.start_due()
+
+    def _save_snapshot_from(self, dying: Slot) -> None:
+        """The snapshot's exporter is dying: if it has not exported yet, have a live peer export instead (the
+        snapshot would otherwise be lost with it, and with it the run, should every other replica die too)."""
+        snap = self._snapshot
+        if snap is None or snap.exporter is not dying.handle or ray.wait([snap.done], timeout=0)[0]:
+            return
+        peers = [s for s in self.current() if s is not dying]
+        self._snapshot = export(peers[0].handle, self.version) if peers else None
 
     def start_due(self) -> None:
         """Start the replacements whose backoff is over (and sync them, if a step is under way)."""

@@ -117,8 +117,14 @@ class Scheduler:
             except RayTaskError as exc:
                 if ref is not slot.sync_ref:
                     raise
-                # It could not adopt its peer's state (the peer died while exporting it): start it afresh.
-                general = self._requeue(slot, tasks, general, exc)
+                lost, dead_peer = self.pool.source_lost(slot)
+                if not lost:
+                    general = self._requeue(slot, tasks, general, exc, charge=True)
+                    continue
+                # The state it was adopting died with its exporter: replace that peer, adopt from another.
+                if dead_peer is not None:
+                    general = self._requeue(dead_peer, tasks, general, exc)
+                self.pool.resync(slot)
                 continue
             if ref is slot.sync_ref:
                 self.pool.synced_ok(slot)
@@ -191,13 +197,18 @@ class Scheduler:
                 self.counters.dispatched += 1
                 self.counters.bytes_sent += len(pickle.dumps(tasks[pos]))
 
-    def _requeue(self, slot: Slot, tasks: list[ShardTask], general: list[int], cause: Exception) -> list[int]:
-        """Requeue a dead replica's work and have the pool replace it; returns the new general queue."""
+    def _requeue(
+        self, slot: Slot, tasks: list[ShardTask], general: list[int], cause: Exception, charge: bool = False
+    ) -> list[int]:
+        """Requeue a dead replica's work and have the pool replace it; returns the new general queue.
+
+        ``charge``: count the death in the fault budget even while the replica was still starting (it failed
+        by itself, not with its node)."""
         requeue = list(slot.calls.values()) + slot.affine
         running = [tasks[pos].key for pos in slot.calls.values()]
-        what = f"a replica died running tasks {running}" if running else "a replica died before finishing a sync"
+        what = f"a replica died running tasks {running}" if running else "a replica failed before finishing a sync"
         # Lost while starting, not by its own constructor: a preempted node, not a sign the work cannot be done.
         starting = not slot.ready and not getattr(cause, "actor_init_failed", False)
         self.counters.retried += len(slot.calls)
-        self.pool.replace(slot, what, cause, charge=not starting)
+        self.pool.replace(slot, what, cause, charge=charge or not starting)
         return sorted(general + requeue, key=lambda i: -tasks[i].cost)

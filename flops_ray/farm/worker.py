@@ -220,10 +220,12 @@ class Worker:
         self._reduced = None
         return tuple(norms)
 
-    def export_state(self) -> ReplicaState:
-        """This replica's parameters and optimizer state (for a joining peer, or a checkpoint)."""
+    @ray.method(num_returns=2)
+    def export_state(self) -> tuple[ReplicaState, int]:
+        """This replica's parameters and optimizer state (for a joining peer, or a checkpoint), and its version
+        as a second, tiny result the driver reads to learn the export happened."""
         opt = _to_cpu(self.update.state_dict())
-        return ReplicaState(self.version, to_numpy(self.engine.get_params()), opt)
+        return ReplicaState(self.version, to_numpy(self.engine.get_params()), opt), self.version
 
     def adopt(self, state: ReplicaState) -> int:
         """Take over ``state`` (a peer's, or a checkpoint's); returns its version."""
