@@ -50,8 +50,10 @@ class FarmConfig:
     and the longest wait for the first replica to be placed (an autoscaler may be adding a node)."""
     snapshot_every: int = 1
     """Ray: every this many steps one replica (in turn) copies its parameters and optimizer state into its
-    node's object store, so a run survives losing every replica at once (a replacement adopts a live peer's
-    state first, else this snapshot; the driver holds only a reference). 0: peers only."""
+    node's object store, so a run survives losing every replica process at once, though not the snapshot's
+    node (a replacement adopts a live peer's state first, else this snapshot if it holds the current
+    parameters: with ``k > 1`` only one step in ``k`` is covered; the driver holds only a reference).
+    0: no periodic snapshot (reading the state for a checkpoint still leaves one)."""
     collective_timeout_s: float = 60.0
     """Ray, ``allreduce``: seconds a replica waits in the collective for a peer that may have died."""
 

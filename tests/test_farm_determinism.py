@@ -129,6 +129,21 @@ def test_every_replica_killed_at_once_resumes_from_the_snapshot(data, reference,
     assert c.state_copies >= 1, "the first replacement should have tried a (dead) live peer first"
 
 
+def test_a_replica_dead_between_steps_is_replaced_when_the_parameters_are_read(data, reference):
+    """A replica killed between steps (no call of its in flight): reading the parameters (a checkpoint, an
+    evaluation) replaces it and reads a survivor; the run goes on with the same parameters."""
+    trainer = _trainer(data)
+    got = []
+    with trainer:
+        for step in range(STEPS):
+            trainer.step()
+            if step == 0:
+                ray.kill(trainer.backend.pool.slots[0].handle, no_restart=True)
+            got.append(torch.from_numpy(trainer.get_params()))
+    _assert_same(got, reference)
+    assert trainer.backend.counters.restarts == 1
+
+
 def test_fractional_fake_gpu(data, reference):
     """Two replicas share the one (fake) GPU at 0.5 each; without CUDA they fall back to the CPU."""
     trainer = _trainer(data, workers=2, num_gpus_per_worker=0.5)

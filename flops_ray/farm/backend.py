@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import ray
 from ray.actor import ActorHandle
-from ray.exceptions import RayActorError
+from ray.exceptions import RayError
 from torch import nn
 
 from flops_ray.config import TrainConfig
@@ -26,7 +26,7 @@ from flops_ray.farm.errors import FarmError
 from flops_ray.farm.fault_budget import FaultBudget
 from flops_ray.farm.placement import await_replicas, check_placement
 from flops_ray.farm.ray_init import cluster_address, init_ray
-from flops_ray.farm.replica_pool import ReplicaPool, export
+from flops_ray.farm.replica_pool import ReplicaPool, Slot, export, failure
 from flops_ray.farm.scheduler import Scheduler
 from flops_ray.farm.worker import StepBatch, Worker, WorkerInfo, WorkerOptions
 from flops_ray.losses import LossFn, cross_entropy
@@ -121,11 +121,12 @@ class RayBackend:
     def apply(self) -> None:
         """Send the step's update to every replica holding the current parameters (one ``ray.put``).
 
-        Replicas that die applying it are replaced; their successors adopt a survivor's state. Those that
-        missed it (placed during the step) adopt the new state before their next step.
+        Replicas that die applying it (or fail, or hang past ``farm.stall_timeout_s``) are replaced; their
+        successors adopt a survivor's state. Those that missed it (placed during the step) adopt the new state
+        before their next step.
 
         Raises:
-            FarmError: every replica died applying it.
+            FarmError: every replica failed to apply it.
         """
         update, self._update = self._update, None
         if update is None:
@@ -133,46 +134,85 @@ class RayBackend:
         targets = self.allreduce.members if update.source == UpdateSource.HELD else self.pool.current()
         payload = update if update.source == UpdateSource.HELD else ray.put(update)
         self.counters.bytes_sent += len(pickle.dumps(update))
-        refs = [slot.handle.apply.remote(payload) for slot in targets]
-        done, dead = [], []
-        for slot, ref in zip(targets, refs):
-            try:
-                ray.get(ref)
-                done.append(slot)
-            except RayActorError as exc:
-                dead.append((slot, exc))
+        answers = self._ask(targets, lambda h: h.apply.remote(payload))
+        done = [slot for slot, answer in answers if not isinstance(answer, RayError)]
         if not done:
-            raise FarmError(f"every replica died applying update {update.version}; resume from the last checkpoint")
+            raise FarmError(f"every replica failed applying update {update.version}; resume from the last checkpoint")
         self.pool.applied(done)
+        # The update is applied: the step made progress, so replacing the failed ones below cannot fail it.
+        self.pool.budget.progress()
         every = self.snapshot_every
-        if every and self.pool.version % every == 0:
-            keeper = done[self.pool.version // every % len(done)]
-            self.pool.keep_snapshot(export(keeper.handle, self.pool.version))
-        for slot, exc in dead:
-            self.pool.replace(slot, "a replica died applying the step's update", exc)
+        failed = self._snapshot(done) if every and self.pool.version % every == 0 else []
+        self._replace_failed(answers + failed, "a replica failed applying the step's update or exporting its state")
+
+    def _snapshot(self, slots: list[Slot]) -> list[tuple[Slot, RayError]]:
+        """Have one of ``slots`` (in turn) export the current state into the object store; returns the keeper
+        if it failed.
+
+        With peers holding the state too the export runs on its own (it delays only the keeper; if the keeper
+        dies before exporting, the pool has a peer export instead). A lone replica is the only copy of the
+        state, so the driver waits until it is out (it costs nothing: that replica is the whole farm)."""
+        keeper = slots[self.pool.version // self.snapshot_every % len(slots)]
+        snapshot = export(keeper.handle, self.pool.version)
+        error = None if len(slots) > 1 else failure(snapshot.done, self.scheduler.stall_timeout)
+        if error is not None:
+            return [(keeper, error)]
+        self.pool.keep_snapshot(snapshot)
+        return []
+
+    def _ask(self, slots: list[Slot], call: Callable[[ActorHandle], ray.ObjectRef]) -> list[tuple[Slot, object]]:
+        """``call`` on every slot's actor: ``(slot, answer)`` pairs, the answer a ``RayError`` for a replica
+        that died, raised or did not answer within ``farm.stall_timeout_s``."""
+        refs = [call(slot.handle) for slot in slots]
+        ray.wait(refs, num_returns=len(refs), timeout=self.scheduler.stall_timeout)
+        answers = []
+        for slot, ref in zip(slots, refs):
+            try:
+                answers.append((slot, ray.get(ref, timeout=0)))
+            except RayError as exc:
+                answers.append((slot, exc))
+        return answers
+
+    def _replace_failed(self, answers: list[tuple[Slot, object]], what: str) -> None:
+        for slot, answer in answers:
+            if isinstance(answer, RayError):
+                self.pool.replace(slot, what, answer)
 
     def state(self) -> ReplicaState:
         """The parameters and optimizer state, from one replica, after checking every replica's digest.
 
+        Replicas found dead (or failing) on the way are replaced; with none left, the current snapshot serves
+        (a checkpoint written after a failed step still gets the parameters).
+
         Raises:
-            FarmError: replicas hold different parameters (they drifted: the run cannot continue exactly).
+            FarmError: replicas hold different parameters (they drifted: the run cannot continue exactly), or
+                no live replica and no snapshot holds the current parameters.
         """
-        current = self.pool.current()
-        if not current:
-            raise FarmError(f"no live replica holds the parameters after update {self.pool.version}")
         digests = self.digests()
         if len(set(digests)) > 1:
             raise FarmError(f"replicas' parameters drifted apart: (version, digest) per replica {digests}")
-        snapshot = export(current[0].handle, self.pool.version)
-        self.pool.keep_snapshot(snapshot)
-        return ray.get(snapshot.state)
+        for slot in self.pool.current():
+            snapshot = export(slot.handle, self.pool.version)
+            try:
+                state = ray.get(snapshot.state, timeout=self.scheduler.stall_timeout)
+            except RayError as exc:
+                self.pool.replace(slot, "a replica failed exporting its state", exc)
+                continue
+            self.pool.keep_snapshot(snapshot)
+            return state
+        ref = self.pool.current_snapshot()
+        if ref is None:
+            raise FarmError(f"no live replica holds the parameters after update {self.pool.version}")
+        return ray.get(ref, timeout=self.scheduler.stall_timeout)
 
     def load_state(self, state: ReplicaState) -> None:
         self.pool.load_state(state)
 
     def digests(self) -> list[tuple[int, str]]:
-        """``(version, digest)`` of every replica holding the current parameters."""
-        return ray.get([slot.handle.digest.remote() for slot in self.pool.current()])
+        """``(version, digest)`` of every live replica holding the current parameters (the dead are replaced)."""
+        answers = self._ask(self.pool.current(), lambda h: h.digest.remote())
+        self._replace_failed(answers, "a replica failed reporting its digest")
+        return [answer for _, answer in answers if not isinstance(answer, RayError)]
 
     def describe(self) -> list[WorkerInfo]:
         """Where each replica runs (node, GPU ids, torch device); a slot waiting out a backoff has none."""

@@ -22,7 +22,8 @@ class DispatchCounters:
     restarts: int = 0
     """Replicas replaced."""
     state_copies: int = 0
-    """Replica-to-replica copies of the parameters and optimizer state (a replica joining or replaced)."""
+    """Exports of a live replica's parameters and optimizer state for joining replicas (one per version
+    serves every replica joining at it)."""
     bytes_sent: int = 0
     """Bytes the driver sent to replicas: batches, task messages, updates (and a resumed run's state)."""
     bytes_returned: int = 0

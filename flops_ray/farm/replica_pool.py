@@ -9,7 +9,6 @@ many with no progress fail the farm); a slot's replacements in a row wait with b
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +24,23 @@ from flops_ray.messages import ReplicaState, ShardTask
 
 _QUICK_S = 60.0
 """Seconds to wait for a result that is already computed (a hang guard, never expected to elapse)."""
+_LOST = (ObjectLostError, RayActorError)
+"""What a result or an argument lost with its actor or node raises."""
+
+
+def failure(ref: ray.ObjectRef, timeout: float) -> RayError | None:
+    """The error ``ref`` resolved to (a ``GetTimeoutError`` if it did not within ``timeout`` seconds; None: a
+    value), reading it so Ray never reports it as unhandled."""
+    try:
+        ray.get(ref, timeout=timeout)
+    except RayError as exc:
+        return exc
+    return None
+
+
+def _lost(exc: RayError | None) -> bool:
+    """Whether ``exc`` says an object was lost with its actor or node (an argument's loss included)."""
+    return isinstance(exc, _LOST) or isinstance(getattr(exc, "cause", None), _LOST)
 
 
 @dataclass(frozen=True)
@@ -110,6 +126,7 @@ class ReplicaPool:
         self.version = 0
         """Updates the farm has applied: every replica that takes work holds the parameters after these."""
         self._snapshot: StateExport | None = None
+        self._export: tuple[StateExport, Slot] | None = None
         self._sync: tuple[ray.ObjectRef, int] | None = None
         self._gen = 0
         self.orphans: list[ShardTask] = []
@@ -159,10 +176,16 @@ class ReplicaPool:
         Raises:
             FarmError: no live replica and no snapshot holds the parameters after ``version`` updates.
         """
+        if self._export is not None:
+            # One export per version serves every replica joining at it (scaling 1 -> 8 makes one, not seven).
+            source, peer = self._export
+            if source.version == self.version and peer is not joining and peer.ready and peer.handle is source.exporter:
+                return source, peer
         for peer in self.slots:
             if peer is not joining and peer.ready and peer.version == self.version:
                 self.counters.state_copies += 1
-                return export(peer.handle, self.version), peer
+                self._export = export(peer.handle, self.version), peer
+                return self._export
         if self._snapshot is not None and self._snapshot.version == self.version:
             return self._snapshot, None
         raise FarmError(
@@ -182,36 +205,43 @@ class ReplicaPool:
                 slot.version = state.version
         self.counters.bytes_sent += state.params.nbytes
 
+    def current_snapshot(self) -> ray.ObjectRef | None:
+        """The snapshot's state if it holds the current parameters (every replica holding them may be gone)."""
+        snap = self._snapshot
+        return snap.state if snap is not None and snap.version == self.version else None
+
     def keep_snapshot(self, snapshot: StateExport) -> None:
         """Keep ``snapshot`` (a replica's exported state) for joiners that find no live peer."""
         self._snapshot = snapshot
 
     def source_lost(self, slot: Slot) -> tuple[bool, Slot | None]:
-        """``slot``'s sync failed: was the state it was adopting lost (its exporter died before exporting)?
+        """``slot``'s sync failed: was the state it was adopting lost (its exporter died or raised before
+        exporting, or the state went with its node)?
 
         A lost source is forgotten (a lost snapshot is dropped) and ``slot`` waits for :meth:`resync`.
 
         Returns:
             ``(lost, dead_peer)``: ``lost`` False means the replica itself failed (the caller replaces it);
-            ``dead_peer`` is the peer slot still holding the dead exporter (the caller replaces it first).
+            ``dead_peer`` is the peer slot still holding an exporter that failed to export (the caller
+            replaces it first; a peer whose export was lost afterwards is found out by its own calls).
         """
         adoption = slot.adoption
         if adoption is None:
             return False, None
-        try:
-            # Both results of the export resolve together, before the adopt behind them runs: no wait here.
-            ray.get(adoption.source.done, timeout=_QUICK_S)
-        except (RayActorError, ObjectLostError):
-            pass
-        else:
+        # The sync behind the adopt has failed, so the export and the adopt have both resolved: no wait here.
+        exported = failure(adoption.source.done, _QUICK_S)
+        adopted = failure(adoption.call, _QUICK_S)
+        # An export that failed (its exporter died or raised), or a state lost with its node after exporting.
+        if exported is None and not _lost(adopted):
             return False, None
-        with contextlib.suppress(RayError):
-            ray.get(adoption.call, timeout=_QUICK_S)
         if self._snapshot is adoption.source:
             self._snapshot = None
+        if self._export is not None and self._export[0] is adoption.source:
+            self._export = None
         slot.version, slot.adoption, slot.sync_ref = -1, None, None
-        dead = adoption.peer if adoption.peer is not None and adoption.peer.handle is adoption.source.exporter else None
-        return True, dead
+        peer = adoption.peer
+        failed = exported is not None and peer is not None and peer.handle is adoption.source.exporter
+        return True, peer if failed else None
 
     def resync(self, slot: Slot) -> None:
         """Send ``slot`` the step again (after :meth:`source_lost`): it adopts from another source first.
@@ -225,6 +255,7 @@ class ReplicaPool:
     def applied(self, slots: list[Slot]) -> None:
         """``slots`` applied the step's update: the farm is one version further; the others adopt it later."""
         self.version += 1
+        self._export = None  # the previous version's state: no joiner needs it any more
         for slot in slots:
             slot.version = self.version
 
@@ -273,11 +304,11 @@ class ReplicaPool:
         self.start_due()
 
     def _save_snapshot_from(self, dying: Slot) -> None:
-        """The snapshot's exporter is dying: if it has not exported yet, have a live peer export instead (the
+        """The snapshot's keeper is dying: if it has not exported yet, have a live peer export instead (the
         snapshot would otherwise be lost with it, and with it the run, should every other replica die too)."""
         snap = self._snapshot
-        if snap is None or snap.exporter is not dying.handle or ray.wait([snap.done], timeout=0)[0]:
-            return
+        if snap is None or snap.exporter is not dying.handle or failure(snap.done, 0) is None:
+            return  # not its export, or exported: the state outlives its exporter's process
         peers = [s for s in self.current() if s is not dying]
         self._snapshot = export(peers[0].handle, self.version) if peers else None
 

@@ -146,8 +146,10 @@ class Scheduler:
         Raises:
             FarmError: no result for ``stall_timeout`` seconds, or no replica exists or waits to start.
         """
-        waiting = {ref: slot for slot in self.pool.slots for ref in slot.calls}
-        waiting.update({slot.sync_ref: slot for slot in self.pool.slots if slot.sync_ref is not None})
+        # Syncs first: a failed sync also fails the runs queued behind it, and ``ray.wait`` lists what is ready
+        # in this order, so the sync's failure (the replica is re-synced or replaced) is read before theirs.
+        waiting = {slot.sync_ref: slot for slot in self.pool.slots if slot.sync_ref is not None}
+        waiting.update({ref: slot for slot in self.pool.slots for ref in slot.calls})
         starts_in = self.pool.next_start()
         if not waiting and starts_in is None:
             raise FarmError("no replica can take work")
