@@ -122,9 +122,11 @@ def test_fewer_replicas_than_asked_warn_and_the_run_goes_on(digits_splits):
 @pytest.mark.usefixtures("ray_local")
 def test_kill_storm_at_default_settings_is_survived(digits_splits):
     """20 replica kills, one every 1-3 s on a random replica (busy, idle or still starting, both at once too),
-    at default settings (LR: all-reduce, replicas own the parameters): the run goes on, and its parameters equal
-    an uninterrupted run of as many steps (within the all-reduce's rounding: it sums in completion order)."""
-    cfg = BASE.replace(steps=1_000_000)
+    at default farm settings (LR: all-reduce, replicas own the parameters), SGD: the run goes on, and its parameters
+    equal an uninterrupted run of as many steps (within the all-reduce's rounding: it sums in completion order)."""
+    # SGD: Adam divides by sqrt(v), so in coordinates whose gradient is nearly zero it turns the all-reduce's
+    # rounding (a recomputed partial lands in another replica's sum) into steps of size lr, far above 1e-6.
+    cfg = BASE.replace(steps=1_000_000, optimizer="sgd")
     kills: list[int] = []
     rng = random.Random(0)
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import ray
 from ray.actor import ActorHandle
-from ray.exceptions import RayError
+from ray.exceptions import RayActorError, RayError
 from torch import nn
 
 from flops_ray.config import TrainConfig
@@ -123,21 +123,33 @@ class RayBackend:
 
         Replicas that die applying it (or fail, or hang past ``farm.stall_timeout_s``) are replaced; their
         successors adopt a survivor's state. Those that missed it (placed during the step) adopt the new state
-        before their next step.
+        before their next step. If every holder of an all-reduced sum dies before applying it, the farm is still
+        at this version: the replacements adopt the snapshot, recompute the lost partials and sum again.
 
         Raises:
-            FarmError: every replica failed to apply it.
+            FarmError: every replica failed to apply it (and, all-reduce, none died: a replica that raises).
         """
         update, self._update = self._update, None
         if update is None:
             raise RuntimeError("no reduced gradient to apply: call reduce first")
-        targets = self.allreduce.members if update.source == UpdateSource.HELD else self.pool.current()
-        payload = update if update.source == UpdateSource.HELD else ray.put(update)
+        held = update.source == UpdateSource.HELD
+        payload = update if held else ray.put(update)
         self.counters.bytes_sent += len(pickle.dumps(update))
-        answers = self._ask(targets, lambda h: h.apply.remote(payload))
-        done = [slot for slot, answer in answers if not isinstance(answer, RayError)]
-        if not done:
-            raise FarmError(f"every replica failed applying update {update.version}; resume from the last checkpoint")
+        while True:
+            targets = self.allreduce.members if held else self.pool.current()
+            answers = self._ask(targets, lambda h: h.apply.remote(payload))
+            done = [slot for slot, answer in answers if not isinstance(answer, RayError)]
+            if done:
+                break
+            if not (held and any(isinstance(answer, RayActorError) for _, answer in answers)):
+                causes = "; ".join(sorted({str(answer).strip().splitlines()[-1] for _, answer in answers}))
+                raise FarmError(
+                    f"every replica failed applying update {update.version} ({causes}); resume from the last checkpoint"
+                )
+            # Every holder of the summed gradient died before applying it: the farm is still at this version
+            # (its replacements adopt the snapshot), so their partials are recomputed and summed again.
+            self._replace_failed(answers, "a replica died holding the step's summed gradient")
+            self.allreduce()
         self.pool.applied(done)
         # The update is applied: the step made progress, so replacing the failed ones below cannot fail it.
         self.pool.budget.progress()

@@ -188,9 +188,12 @@ class ReplicaPool:
                 return self._export
         if self._snapshot is not None and self._snapshot.version == self.version:
             return self._snapshot, None
+        snapshot = None if self._snapshot is None else self._snapshot.version
+        slots = [(s.ready, s.version) for s in self.slots if s is not joining]
         raise FarmError(
             f"no live replica holds the parameters after update {self.version} (every replica holding them "
-            "died); resume the run from its last checkpoint"
+            f"died; (up, version) of the others {slots}, snapshot at {snapshot}); resume the run from its last "
+            "checkpoint"
         )
 
     def load_state(self, state: ReplicaState) -> None:
