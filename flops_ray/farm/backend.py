@@ -176,7 +176,8 @@ class RayBackend:
         """``call`` on every slot's actor: ``(slot, answer)`` pairs, the answer a ``RayError`` for a replica
         that died, raised or did not answer within ``farm.stall_timeout_s``."""
         refs = [call(slot.handle) for slot in slots]
-        ray.wait(refs, num_returns=len(refs), timeout=self.scheduler.stall_timeout)
+        if refs:  # ``ray.wait`` refuses to wait for nothing
+            ray.wait(refs, num_returns=len(refs), timeout=self.scheduler.stall_timeout)
         answers = []
         for slot, ref in zip(slots, refs):
             try:
