@@ -9,12 +9,16 @@ rescaled so the allocation sums to ``A0`` with every entry at least the floor.
 
 The fit is amortised: ``allocate`` samples from the current ``lambda`` and ``update`` takes the warm-started
 LR steps on the same batch's features, for the next step. The driver runs ``update`` while the step's queries
-are in flight, so the fit costs no step time; the paper's fit-then-sample order differs by one step of lag.
+are in flight (a farm, in a thread beside its dispatch loop), so the fit costs step time only where it
+outlasts the main round: on a large farm it can (4 groups at ``B = 128``: about 0.17 s on one core). The
+paper's fit-then-sample order differs by one step of lag. The fit's gradient is in closed form
+(:func:`surrogate_gradient`), 1.6x faster than autograd through the Cholesky factor.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -22,6 +26,61 @@ from flops_ray.budget import allocation_objective, to_counts
 from flops_ray.config import AllocatorConfig
 
 _JITTER = 1e-4  # relative to A^2: keeps the Cholesky factor defined when g -> 0
+
+
+@dataclass(frozen=True)
+class Factors:
+    """``N(mu, S)`` of one batch under one ``lambda``, with the pieces its gradient reuses."""
+
+    mu: torch.Tensor
+    """``(B,)`` mean."""
+    kernel: torch.Tensor
+    """``(B, B)`` ``K = exp(-d / g^2)``."""
+    scale: float
+    """``C = (A s)^2``: ``S = C K + jitter``."""
+    inv_g2: float
+    """``1 / g^2``."""
+    chol: torch.Tensor
+    """``(B, B)`` lower Cholesky factor of ``S``."""
+
+
+def factors(lam: torch.Tensor, phi: torch.Tensor, d: torch.Tensor, mean_alloc: float) -> Factors:
+    """:class:`Factors` of ``lambda = (b0, b1, log s, log g)`` for a batch with ``phi = tanh(losses) (B,)`` and
+    cosine distances ``d (B, B)``, ``A = mean_alloc`` (eq. 5)."""
+    b0, b1, log_s, log_g = lam.tolist()
+    inv_g2 = math.exp(-2 * log_g)
+    kernel = torch.exp(-d * inv_g2)
+    scale = (mean_alloc * math.exp(log_s)) ** 2
+    cov = scale * kernel + _JITTER * mean_alloc**2 * torch.eye(len(phi), dtype=torch.float64)
+    # The covariance is PD by construction (see the module docstring).
+    return Factors(mean_alloc * (b0 + b1 * phi), kernel, scale, inv_g2, torch.linalg.cholesky(cov))
+
+
+def surrogate_gradient(
+    f: Factors, phi: torch.Tensor, d: torch.Tensor, mean_alloc: float, raw: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """``(4,)`` gradient in ``lambda`` of ``sum_k weights_k log p(raw_k | lambda)`` (the LR gradient of eq. 11
+    with the weights fixed), in closed form: a few ``B x B`` products instead of autograd through a Cholesky
+    factor.
+
+    With ``r_k = raw_k - mu`` and ``G = (S^-1 R W R^T S^-1 - sum(w) S^-1) / 2`` (``R: (B, K)``, ``W = diag(w)``),
+    ``d/dmu = S^-1 R w`` and ``d/dtheta = sum_ij G_ij dS_ij/dtheta``, where ``dS/dlog s = 2 C K`` and
+    ``dS/dlog g = 2 C K o d / g^2``.
+
+    Args:
+        f: :func:`factors` of ``lambda``.
+        phi: ``(B,)`` ``tanh`` of the losses.
+        d: ``(B, B)`` cosine distances.
+        mean_alloc: ``A``.
+        raw: ``(K, B)`` draws.
+        weights: ``(K,)``.
+    """
+    u = torch.cholesky_solve((raw - f.mu).T, f.chol)  # (B, K): S^-1 R
+    g_mu = u @ weights
+    big = (u * weights) @ u.T - weights.sum() * torch.cholesky_inverse(f.chol)  # 2 G
+    g_s = (big * f.kernel).sum() * f.scale
+    g_g = (big * f.kernel * d).sum() * f.scale * f.inv_g2
+    return torch.stack([mean_alloc * g_mu.sum(), mean_alloc * (g_mu * phi).sum(), g_s, g_g])
 
 
 def process_draws(raw: torch.Tensor, total: float, minimum: float) -> torch.Tensor:
@@ -66,29 +125,24 @@ class GaussianAllocator:
     def distribution(
         self, lam: torch.Tensor, losses: torch.Tensor, d: torch.Tensor, mean_alloc: float
     ) -> torch.distributions.MultivariateNormal:
-        """``N(mu, S)`` over raw allocations for one batch (``d``: its :meth:`distances`), differentiable in ``lam``."""
-        b0, b1, log_s, log_g = lam
-        phi = torch.tanh(losses.to(torch.float64))
-        mu = mean_alloc * (b0 + b1 * phi)
-        kernel = torch.exp(-d / torch.exp(2 * log_g))
-        cov = (mean_alloc * torch.exp(log_s)) ** 2 * kernel
-        cov = cov + _JITTER * mean_alloc**2 * torch.eye(len(mu), dtype=torch.float64)
-        # The covariance is PD by construction (see the module docstring); skip the argument checks.
-        return torch.distributions.MultivariateNormal(mu, scale_tril=torch.linalg.cholesky(cov), validate_args=False)
+        """``N(mu, S)`` over raw allocations for one batch (``d``: its :meth:`distances`)."""
+        f = factors(lam, torch.tanh(losses.to(torch.float64)), d, mean_alloc)
+        return torch.distributions.MultivariateNormal(f.mu, scale_tril=f.chol, validate_args=False)
 
     def expected_objective(
         self, lam: torch.Tensor, feats, total: float, minimum: float, gen: torch.Generator, draws: int = 4096
     ) -> float:
         """Monte Carlo ``E[J(A)]`` under ``lam`` (for tests and reports)."""
         dist = self.distribution(lam, feats.losses, self.distances(feats.embeddings), total / feats.losses.numel())
-        raw = self._draw(dist, draws, gen)
+        raw = self._draw(dist.loc, dist.scale_tril, draws, gen)
         alloc = process_draws(raw, total, minimum)
         return allocation_objective(feats.traces.to(torch.float64), alloc).mean().item()
 
     @staticmethod
-    def _draw(dist: torch.distributions.MultivariateNormal, n: int, gen: torch.Generator) -> torch.Tensor:
-        z = torch.randn((n, dist.loc.numel()), generator=gen, dtype=torch.float64)
-        return (dist.loc + z @ dist.scale_tril.T).detach()
+    def _draw(mu: torch.Tensor, chol: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
+        """``(n, B)`` draws of ``N(mu, chol chol^T)``."""
+        z = torch.randn((n, mu.numel()), generator=gen, dtype=torch.float64)
+        return mu + z @ chol.T
 
     def update(self, feats, total: float, minimum: float, gen: torch.Generator) -> None:
         """Fit ``lambda`` on this step's features; the next :meth:`allocate` samples from it."""
@@ -103,18 +157,18 @@ class GaussianAllocator:
         traces = feats.finite_traces().to(torch.float64)
         mean_alloc = total / traces.numel()
         d = self.distances(feats.embeddings)
-        lam = self.lam.clone().requires_grad_(True)
+        phi = torch.tanh(feats.losses.to(torch.float64))
+        lam = self.lam.clone()
         opt = torch.optim.Adam([lam], lr=self.lr)
         k = self.draws
         for _ in range(self.iters):
-            dist = self.distribution(lam, feats.losses, d, mean_alloc)
-            raw = self._draw(dist, k, gen)
+            f = factors(lam, phi, d, mean_alloc)
+            raw = self._draw(f.mu, f.chol, k, gen)
             j = allocation_objective(traces, process_draws(raw, total, minimum))
             baseline = (j.sum() - j) / (k - 1)
             # Scale-free advantage: lambda's step does not depend on the units of T.
             adv = (j - baseline) / j.mean().clamp_min(1e-30)
-            opt.zero_grad()
-            (adv * dist.log_prob(raw)).mean().backward()
+            lam.grad = surrogate_gradient(f, phi, d, mean_alloc, raw, adv / k)
             opt.step()
         # A diverged fit (NaN) keeps the last good lambda rather than poisoning every later step.
         if torch.isfinite(lam).all():
@@ -123,11 +177,8 @@ class GaussianAllocator:
 
     def allocate(self, feats, total, minimum, unit, gen):
         """Sample one allocation from the current ``lambda`` (call :meth:`update` to fit it)."""
-        with torch.no_grad():
-            dist = self.distribution(
-                self.lam, feats.losses, self.distances(feats.embeddings), total / feats.losses.numel()
-            )
-            alloc = process_draws(self._draw(dist, 1, gen), total, minimum)[0]
+        dist = self.distribution(self.lam, feats.losses, self.distances(feats.embeddings), total / feats.losses.numel())
+        alloc = process_draws(self._draw(dist.loc, dist.scale_tril, 1, gen), total, minimum)[0]
         return to_counts(alloc, total, minimum, unit)
 
     def state_dict(self) -> dict[str, torch.Tensor]:

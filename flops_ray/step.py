@@ -45,7 +45,8 @@ class Backend(Protocol):
     def run(self, tasks: list[ShardTask], meanwhile: Callable[[], None] | None = None) -> list[ShardResult]:
         """Evaluate ``tasks``; results come back in task order whatever order they finished in.
 
-        ``meanwhile`` is called once, after the tasks are handed out, for driver work that overlaps them.
+        ``meanwhile`` is called once, after the tasks are handed out, for driver work that overlaps them
+        (a farm runs it in a thread beside its dispatch loop).
         """
 
     def reduce(self, tasks: list[ShardTask], results: list[ShardResult], sizes: list[int]) -> Reduced:

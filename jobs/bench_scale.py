@@ -8,12 +8,13 @@
   plus, for LR, its part of the float32 ring all-reduce ``2 (n-1)/n x 4P`` (computed: the collective's
   traffic does not pass through Ray).
 - ``validation``: the step-time model (:mod:`flops_ray.step_time`) fed with costs measured here (call
-  latency, engine seconds per query, driver seconds per step, optimizer and replay seconds) predicts the
-  step time of real local farms of 1-3 replicas of the digits ViT; ``error`` is ``|predicted - measured| /
-  measured``.
+  latency, engine seconds per query, driver seconds per step, optimizer and replay seconds, each measured
+  right before its farm runs) predicts the step time of real local farms of 1-3 replicas of the digits ViT;
+  ``error`` is ``|predicted - measured| / measured``.
 - ``simulated_efficiency``: the same model for ViT-B/16 at the paper's budget (``B = 128``, 20 queries per
   sample and group, 4 groups, ``P = 86 M``) on ``n`` GPUs, with the per-query costs measured on an H100
-  (``docs/results/bench_engine_cuda.json``) and the network and optimizer assumptions in ``assumptions``.
+  (``docs/results/bench_engine_cuda.json``), the network and optimizer assumptions in ``assumptions``, and
+  the driver's costs measured here (its seconds per step at the shipped ViT-B/16 config's step shape).
 
     python jobs/bench_scale.py --quick --out runs/bench_scale
 """
@@ -39,12 +40,12 @@ from flops_ray.data import digits
 from flops_ray.estimators import RowPlan
 from flops_ray.farm.costs import call_costs
 from flops_ray.farm.ray_init import init_ray
+from flops_ray.job_config import load_config
 from flops_ray.local_backend import LocalBackend
-from flops_ray.losses import cross_entropy
 from flops_ray.messages import ShardItem, ShardTask, TaskKind
 from flops_ray.models import create_model
 from flops_ray.replay import replay_gradients
-from flops_ray.step_time import Costs, Workload, efficiency, step_time
+from flops_ray.step_time import Costs, Workload, step_time
 from flops_ray.trainer import Trainer, default_backend
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,7 +72,7 @@ class ScaleConfig:
     a GPU farm's steps are)."""
     validate_workers: tuple[int, ...] = (1, 2, 3)
     """Replica counts of the local step-time check."""
-    validate_steps: int = 4
+    validate_steps: int = 8
     """Timed steps per replica count (after one warm-up step)."""
     gpus: tuple[int, ...] = (8, 16, 64, 256)
     """GPU counts of the simulated efficiency."""
@@ -80,7 +81,7 @@ class ScaleConfig:
     seed: int = 0
 
 
-QUICK = ScaleConfig(validate_steps=3, reps=2)
+QUICK = ScaleConfig(validate_steps=5, reps=2)
 
 # The stated GPU cluster of the simulation (not measured here): DGX H100-class nodes.
 ASSUMPTIONS = {
@@ -94,10 +95,13 @@ ASSUMPTIONS = {
     "the driver; Adam reads param, grad and two moments and writes three (28 B/param at 3 TB/s HBM); replay "
     "weighs each regenerated number at tensor-core rate (2 flops at 50 TFLOP/s); per-query engine costs are "
     "the H100 float32 figures of bench_engine (docs/results/bench_engine_cuda.json); shard cost per round "
-    "min(256, max(8, forwards / (4 n))) so every GPU gets several shards; driver seconds per step measured "
-    "here at the local batch size and scaled linearly to B = 128",
+    "one farm.shard_cost for every round, the one (8 to 256 forwards) the model finds fastest on n GPUs; the "
+    "driver's call, task and per-step seconds are measured here (per step: the shipped ViT-B/16 config's step "
+    "shape, planned and allocated on the driver; its allocator fit runs beside the main round)",
 }
 VIT_B = {"batch": 128, "queries_per_sample": 20, "groups": 4, "pilot": 4, "params": 86_000_000}
+VIT_B_MAIN_SHARD = 32
+"""Forwards per main shard of the ViT-B step on 64 GPUs (about 4 per GPU), for the driver's planning cost."""
 
 
 def mlp(width: int) -> nn.Module:
@@ -152,19 +156,29 @@ def wire(bench: ScaleConfig, kind: str) -> dict:
 
 
 class _TimedLocal(LocalBackend):
-    """The in-process backend, timing its replica's work (shards, update) apart from the driver's."""
+    """The in-process backend, timing its replica's work (shards; the reduction and the update, which a farm's
+    replicas do) and the driver's overlapped work (``meanwhile``: the allocator fit) apart from the driver's
+    own."""
 
-    engine_s = apply_s = 0.0
+    engine_s = apply_s = fit_s = 0.0
     forwards = 0
 
     def run(self, tasks, meanwhile=None):
+        t0 = time.perf_counter()
         if meanwhile is not None:
             meanwhile()
+        self.fit_s += time.perf_counter() - t0
         t0 = time.perf_counter()
         results = super().run(tasks)
         self.engine_s += time.perf_counter() - t0
         self.forwards += sum(r.forwards for r in results)
         return results
+
+    def reduce(self, tasks, results, sizes):
+        t0 = time.perf_counter()
+        reduced = super().reduce(tasks, results, sizes)
+        self.apply_s += time.perf_counter() - t0
+        return reduced
 
     def apply(self):
         t0 = time.perf_counter()
@@ -173,32 +187,43 @@ class _TimedLocal(LocalBackend):
 
 
 def task_overhead(bench: ScaleConfig, kind: str, calls: int = 200) -> float:
-    """Seconds per shard call on a 1-replica farm beyond the same shards run in-process: tiny shards (one sample,
-    one pair of queries), farm time minus in-process time, per call."""
+    """Seconds per shard call on a 1-replica farm beyond the replica's own work on it: tiny shards (one sample,
+    one pair of queries), the farm's wall time minus the replica's busy time over the same calls, per call
+    (both timed in one run, so a host whose speed drifts moves them together)."""
     cfg = _config(bench, kind, 1, groups=_vit_groups(), model="digits_vit")
     x, y = digits("train").x[: bench.batch_size], digits("train").y[: bench.batch_size]
     tasks = [ShardTask(TaskKind.MAIN, 0, 0, i, (ShardItem(i % len(y), i, 0, 2),), weights=(1.0,)) for i in range(calls)]
-    model = create_model("digits_vit", 10, 8, bench.seed)
-    local = default_backend(cfg.replace(farm=FarmConfig()), model, cross_entropy)
-    local.sync(0, x, y)
-    torch.set_num_threads(1)
-    local.run(tasks[:10])
-    t0 = time.perf_counter()
-    local.run(tasks)
-    inproc = time.perf_counter() - t0
-    with Trainer(cfg, model, digits("train")) as tr:
+    with Trainer(cfg, create_model("digits_vit", 10, 8, bench.seed), digits("train")) as tr:
         tr.backend.sync(0, x, y)
         tr.backend.run(tasks[:10])
+        handle = tr.backend.pool.slots[0].handle
+        before = ray.get(handle.stats.remote()).busy_seconds
         t0 = time.perf_counter()
         tr.backend.run(tasks)
         farm = time.perf_counter() - t0
-    return max(0.0, (farm - inproc) / calls)
+        busy = ray.get(handle.stats.remote()).busy_seconds - before
+    return max(0.0, (farm - busy) / calls)
 
 
-def calibrate(bench: ScaleConfig, kind: str, call_s: float) -> tuple[Costs, Workload]:
-    """Costs of one replica thread and of the driver, from in-process steps of the validation workload, and
-    the farm's own overhead per shard call."""
-    cfg = _config(bench, kind, 1, groups=_vit_groups(), model="digits_vit")
+@dataclass(frozen=True)
+class _Timed:
+    """Per-step seconds of in-process steps, split into the replica's part, the driver's overlapped fit and
+    the driver's own."""
+
+    step_s: float
+    engine_s: float
+    apply_s: float
+    fit_s: float
+    forwards: float
+    sizes: list[int]
+
+    @property
+    def driver_s(self) -> float:
+        return self.step_s - self.engine_s - self.apply_s - self.fit_s
+
+
+def timed_steps(cfg: TrainConfig, steps: int, seed: int) -> _Timed:
+    """``steps`` in-process steps of the digits ViT under ``cfg`` (after one warm-up step), one thread."""
     backends: list[_TimedLocal] = []
 
     def factory(c, model, loss_fn):
@@ -208,28 +233,58 @@ def calibrate(bench: ScaleConfig, kind: str, call_s: float) -> tuple[Costs, Work
         return backends[0]
 
     torch.set_num_threads(1)
-    with Trainer(cfg, create_model("digits_vit", 10, 8, bench.seed), digits("train"), backend_factory=factory) as tr:
+    with Trainer(cfg, create_model("digits_vit", 10, 8, seed), digits("train"), backend_factory=factory) as tr:
         tr.step()
         b = backends[0]
-        b.engine_s = b.apply_s = b.forwards = 0
-        reports = tr.fit(bench.validate_steps)
-        p = sum(g.size for g in tr.groups)
+        b.engine_s = b.apply_s = b.fit_s = b.forwards = 0
+        reports = tr.fit(steps)
         sizes = [g.size for g in tr.groups]
-    steps = len(reports)
-    step_s = sum(r.seconds for r in reports) / steps
-    query_s = b.engine_s / b.forwards
-    driver_s = step_s - (b.engine_s + b.apply_s) / steps
+    n = len(reports)
+    return _Timed(
+        sum(r.seconds for r in reports) / n, b.engine_s / n, b.apply_s / n, b.fit_s / n, b.forwards / n, sizes
+    )
+
+
+def calibrate(bench: ScaleConfig, kind: str, call_s: float) -> tuple[Costs, Workload]:
+    """Costs of one replica thread and of the driver, from in-process steps of the validation workload, and
+    the farm's own overhead per shard call."""
+    cfg = _config(bench, kind, 1, groups=_vit_groups(), model="digits_vit")
+    t = timed_steps(cfg, bench.validate_steps, bench.seed)
+    p = sum(t.sizes)
     costs = Costs(
-        query_s=query_s,
+        query_s=t.engine_s / t.forwards,
         call_s=call_s,
-        driver_s=driver_s,
+        driver_s=t.driver_s,
+        fit_s=t.fit_s,
         task_s=task_overhead(bench, kind),
         link_bytes_per_s=1e9,
-        apply_s_per_param=b.apply_s / steps / p,
-        replay_s_per_number=replay_seconds_per_number(bench, sizes[0]),
+        apply_s_per_param=t.apply_s / p,
+        replay_s_per_number=replay_seconds_per_number(bench, t.sizes[0]),
         cores=os.cpu_count() or 1,
     )
-    return costs, _workload(cfg, p, sizes, kind)
+    return costs, _workload(cfg, p, t.sizes, kind)
+
+
+def vit_b_driver_seconds(bench: ScaleConfig) -> tuple[float, float]:
+    """Driver seconds per step of the shipped ViT-B/16 config's step (batch, groups, queries, estimator,
+    allocator; main shards of the 64-GPU size), measured here on the digits ViT: planning and allocation
+    depend on the step's shape, not on the model, whose forwards are timed apart and left out.
+
+    Returns:
+        The driver's own seconds and its allocator fit's (which overlaps the main round).
+    """
+    vit, _ = load_config(ROOT / "jobs/configs/vit_b16_cifar100.yaml")
+    blocks = (("blocks.0.*",), ("blocks.1.*",), ("blocks.[2-3].*",), ("head",))
+    groups = tuple(dataclasses.replace(g, modules=m) for g, m in zip(vit.groups, blocks))
+    cfg = _config(bench, "lr", 1, groups=groups, model="digits_vit").replace(
+        batch_size=vit.batch_size,
+        groups=groups,
+        estimator=vit.estimator,
+        allocator=vit.allocator,
+        farm=FarmConfig(shard_cost=VIT_B_MAIN_SHARD),
+    )
+    t = timed_steps(cfg, 2, bench.seed)
+    return t.driver_s, t.fit_s
 
 
 def _vit_groups() -> tuple[GroupConfig, ...]:
@@ -272,11 +327,14 @@ def busy_seconds() -> float:
     return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
 
 
-def validate(bench: ScaleConfig, kind: str, costs: Costs, work: Workload) -> dict:
-    """Predicted against measured step seconds of real local farms of the digits ViT. The first farm also
-    measures ``host_s``: the machine's busy CPU seconds per step beyond its replica's own."""
-    out = {"workers": [], "predicted_s": [], "measured_s": [], "error": [], "host_s": 0.0}
+def validate(bench: ScaleConfig, kind: str, call_s: float) -> dict:
+    """Predicted against measured step seconds of real local farms of the digits ViT. The costs are measured
+    right before each farm runs (a shared host's speed drifts within minutes); the first farm also measures
+    ``host_s``: the machine's busy CPU seconds per step beyond its replica's own (shards and updates)."""
+    out = {"workers": [], "predicted_s": [], "measured_s": [], "error": [], "host_s": 0.0, "costs": []}
     for n in bench.validate_workers:
+        costs, work = calibrate(bench, kind, call_s)
+        costs = dataclasses.replace(costs, host_s=out["host_s"])
         cfg = _config(bench, kind, n, groups=_vit_groups(), model="digits_vit")
         with Trainer(cfg, create_model("digits_vit", 10, 8, bench.seed), digits("train")) as tr:
             tr.step()
@@ -285,11 +343,13 @@ def validate(bench: ScaleConfig, kind: str, costs: Costs, work: Workload) -> dic
             reports = tr.fit(bench.validate_steps)
             busy = busy_seconds() - busy
             replicas = sum(
-                a.busy_seconds - b.busy_seconds for a, b in zip(ray.get([h.stats.remote() for h in handles]), before)
+                a.busy_seconds + a.update_seconds - b.busy_seconds - b.update_seconds
+                for a, b in zip(ray.get([h.stats.remote() for h in handles]), before)
             )
         if n == bench.validate_workers[0]:
             out["host_s"] = max(0.0, busy - replicas) / len(reports)
             costs = dataclasses.replace(costs, host_s=out["host_s"])
+        out["costs"].append(asdict(costs))
         measured = sorted(r.seconds for r in reports)[len(reports) // 2]
         predicted = step_time(work, costs, n)["total"]
         out["workers"].append(n)
@@ -300,20 +360,16 @@ def validate(bench: ScaleConfig, kind: str, costs: Costs, work: Workload) -> dic
     return out
 
 
-def vit_b_workload(kind: str, n: int) -> Workload:
-    """ViT-B/16 at the paper's budget on ``n`` GPUs (pilot reused; the shard cost each round's size and ``n`` call for)."""
+def vit_b_workload(kind: str, shard: int) -> Workload:
+    """ViT-B/16 at the paper's budget (pilot reused), every round in shards of ``shard`` forwards."""
     v = VIT_B
     b, groups = v["batch"], v["groups"]
     pilot = b * v["pilot"] * groups
     main = b * v["queries_per_sample"] * groups - pilot
-
-    def shard(forwards: int) -> int:
-        return min(256, max(8, forwards // (4 * n)))
-
     unit = 2  # antithetic pairs: LR and SPSA
     draws = b * v["queries_per_sample"] * groups // unit
     return Workload(
-        rounds=((b, shard(b)), (pilot, shard(pilot)), (main, shard(main))),
+        rounds=((b, shard), (pilot, shard), (main, shard)),
         params=v["params"],
         reduction="allreduce" if kind == "lr" else "scalar",
         replay_numbers=0 if kind == "lr" else draws * v["params"] // groups,
@@ -321,8 +377,17 @@ def vit_b_workload(kind: str, n: int) -> Workload:
     )
 
 
+def best_step(kind: str, n: int, costs: Costs) -> dict[str, float]:
+    """The ViT-B step on ``n`` GPUs at the ``farm.shard_cost`` (8 to 256 forwards) the model finds fastest, as
+    a user sizing the farm for ``n`` GPUs would set it: small shards spread a round over more GPUs, large ones
+    cost the driver fewer dispatches."""
+    steps = [dict(step_time(vit_b_workload(kind, s), costs, n), shard_cost=s) for s in range(8, 257, 8)]
+    return min(steps, key=lambda parts: parts["total"])
+
+
 def simulate(bench: ScaleConfig, measured: Costs) -> dict:
-    """Strong-scaling efficiency of ViT-B/16 steps on ``gpus`` H100s under :data:`ASSUMPTIONS`."""
+    """Strong-scaling efficiency of ViT-B/16 steps on ``gpus`` H100s under :data:`ASSUMPTIONS`, with the
+    driver's costs (``call_s``, ``task_s``, ``driver_s`` of the ViT-B step's shape) measured here."""
     gpu = json.loads((ROOT / "docs/results/bench_engine_cuda.json").read_text())["details"]["vit_b16"]
     a = ASSUMPTIONS
     out = {}
@@ -330,7 +395,8 @@ def simulate(bench: ScaleConfig, measured: Costs) -> dict:
         costs = Costs(
             query_s=1.0 / gpu["queries_per_s"][key],
             call_s=measured.call_s,
-            driver_s=measured.driver_s * VIT_B["batch"] / bench.batch_size,
+            driver_s=measured.driver_s,
+            fit_s=measured.fit_s,
             task_s=measured.task_s,
             link_bytes_per_s=a["link_bytes_per_s"],
             link_latency_s=a["link_latency_s"],
@@ -338,8 +404,8 @@ def simulate(bench: ScaleConfig, measured: Costs) -> dict:
             replay_s_per_number=1.0 / gpu["noise_numbers_per_s"][key] + 2.0 / a["replay_flops_per_s"],
             driver_bytes_per_s=a["driver_bytes_per_s"],
         )
-        eff = {str(n): efficiency(vit_b_workload(kind, n), costs, n) for n in bench.gpus}
-        parts = {str(n): step_time(vit_b_workload(kind, n), costs, n) for n in (1, *bench.gpus)}
+        parts = {str(n): best_step(kind, n, costs) for n in (1, *bench.gpus)}
+        eff = {str(n): parts["1"]["total"] / (n * parts[str(n)]["total"]) for n in bench.gpus}
         out[f"{kind}_vit_b16"] = {"efficiency": eff, "step_seconds": parts}
         print(f"{kind} ViT-B/16 simulated efficiency: { {n: round(e, 3) for n, e in eff.items()} }", flush=True)
     return out
@@ -352,19 +418,18 @@ def main(bench: ScaleConfig, out: Path) -> dict:
     t0 = time.perf_counter()
     driver = {kind: wire(bench, kind) for kind in ("es", "lr")}
     calls = call_costs(bench.reps)
-    validation, measured = {}, {}
-    for kind in ("lr", "es"):
-        costs, work = calibrate(bench, kind, calls["call_seconds"])
-        measured[kind] = asdict(costs)
-        validation[kind] = validate(bench, kind, costs, work)
-    sim = simulate(bench, Costs(**measured["lr"]))
+    validation = {kind: validate(bench, kind, calls["call_seconds"]) for kind in ("lr", "es")}
+    driver_s, fit_s = vit_b_driver_seconds(bench)
+    measured = dict(validation["lr"]["costs"][0], driver_s=driver_s, fit_s=fit_s)
+    print(f"driver per ViT-B/16 step: {driver_s * 1e3:.1f} ms, allocator fit {fit_s * 1e3:.1f} ms", flush=True)
+    sim = simulate(bench, Costs(**measured))
     result = {
         "driver_bytes_per_step": {k: {"P": v["P"], "bytes": v["driver"]} for k, v in driver.items()},
         "replica_bytes_per_step": {k: {"P": v["P"], "bytes": v["replica"]} for k, v in driver.items()},
         "simulated_efficiency": {k: v["efficiency"] for k, v in sim.items()},
         "validation": validation,
         "details": {
-            "costs": {**calls, "measured": measured},
+            "costs": {**calls, "simulation": measured},
             "assumptions": ASSUMPTIONS,
             "vit_b16": VIT_B,
             "simulated_step_seconds": {k: v["step_seconds"] for k, v in sim.items()},

@@ -8,7 +8,7 @@ import torch
 from flops_ray.allocators import AllocationFeatures, bernoulli_weights, create_allocator
 from flops_ray.budget import allocation_objective, equal_neyman_gap, fill_to_total, to_counts
 from flops_ray.config import AllocatorConfig
-from flops_ray.gaussian_allocator import GaussianAllocator
+from flops_ray.gaussian_allocator import GaussianAllocator, factors, surrogate_gradient
 
 
 def _synthetic(b: int = 32, seed: int = 0) -> AllocationFeatures:
@@ -27,6 +27,27 @@ def test_theorem2_gap_formula():
     ney = allocation_objective(feats.traces, fill_to_total(feats.traces.sqrt(), total, 0.0))
     assert eq - ney == pytest.approx(equal_neyman_gap(feats.traces, total).item(), rel=1e-9)
     assert ney == pytest.approx((feats.traces.sqrt().sum() ** 2 / total).item(), rel=1e-9)
+
+
+@pytest.mark.parametrize("lam", [(1.0, 0.5, -1.6, 0.0), (0.7, -0.3, -0.4, -0.8)])
+def test_closed_form_fit_gradient_equals_autograd(lam):
+    """The fit's closed-form LR gradient equals autograd through the Gaussian's log-density (eq. 11)."""
+    feats = _synthetic(b=24, seed=3)
+    d = GaussianAllocator.distances(feats.embeddings)
+    phi, mean_alloc = torch.tanh(feats.losses), 16.0
+    g = torch.Generator().manual_seed(4)
+    lam = torch.tensor(lam, dtype=torch.float64, requires_grad=True)
+    dist = GaussianAllocator().distribution(lam.detach(), feats.losses, d, mean_alloc)
+    raw = dist.sample((6,))
+    weights = torch.randn(6, generator=g, dtype=torch.float64)
+    # The reference: the same density written with autograd-visible operations.
+    b0, b1, log_s, log_g = lam
+    cov = (mean_alloc * torch.exp(log_s)) ** 2 * torch.exp(-d / torch.exp(2 * log_g))
+    cov = cov + 1e-4 * mean_alloc**2 * torch.eye(24, dtype=torch.float64)
+    ref = torch.distributions.MultivariateNormal(mean_alloc * (b0 + b1 * phi), covariance_matrix=cov)
+    (weights * ref.log_prob(raw)).sum().backward()
+    closed = surrogate_gradient(factors(lam.detach(), phi, d, mean_alloc), phi, d, mean_alloc, raw, weights)
+    torch.testing.assert_close(closed, lam.grad, rtol=1e-8, atol=1e-10)
 
 
 def test_objective_ordering_neyman_fitted_initial():

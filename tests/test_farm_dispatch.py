@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from flops_ray.farm.backend import RayBackend
 from flops_ray.farm.errors import FarmError
 from flops_ray.farm.worker import WorkerOptions
 from flops_ray.models import create_model
+from flops_ray.plan import plan_clean
 from flops_ray.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -66,6 +68,28 @@ def test_faster_replica_takes_more_shards(data):
         trainer.fit(2)
         fast, slow = ray.get([s.handle.stats.remote() for s in backend.pool.slots])
     assert fast.forwards > 2 * slow.forwards > 0
+
+
+def test_driver_work_beside_the_tasks_does_not_hold_up_their_dispatch(data):
+    """``meanwhile`` (the allocator fit) runs in a thread beside the dispatch loop: with one call in flight
+    per replica, the tasks behind the first one still go out and finish while it runs."""
+    cfg = _cfg(workers=1, in_flight=1)
+    x, y = data[0].x[:8], data[0].y[:8]
+    tasks = plan_clean(0, np.arange(8), 2)  # 4 tasks of 2 rows
+    seen = []
+    with Trainer(cfg, _model(cfg), *data) as trainer:
+        counters = trainer.backend.counters
+        trainer.backend.sync(0, x, y)
+        before = counters.completed
+
+        def meanwhile():
+            deadline = time.monotonic() + 120  # stops a hang; the count decides
+            while counters.completed < before + len(tasks) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            seen.append(counters.completed - before)
+
+        results = trainer.backend.run(tasks, meanwhile=meanwhile)
+    assert seen == [len(tasks)] and len(results) == len(tasks)
 
 
 def test_gives_up_after_max_retries(data, inject_fault):

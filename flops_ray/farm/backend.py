@@ -245,6 +245,7 @@ class RayBackend:
     def close(self) -> None:
         """Kill the replicas, and shut Ray down if this backend started it."""
         if self.pool is not None:
+            self.scheduler.close()
             self.pool.close()
         if self._owns_ray:
             ray.shutdown()

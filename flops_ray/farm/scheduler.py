@@ -18,6 +18,7 @@ from __future__ import annotations
 import pickle
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import ray
 from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
@@ -53,11 +54,16 @@ class Scheduler:
         self.stall_timeout = stall_timeout
         self.listeners: list[ResultListener] = []
         self._owner: dict[tuple[int, int], int] = {}
+        self._side = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flops-meanwhile")
         pool.on_replace.append(self._disown)
 
     def new_step(self) -> None:
         """Forget the previous step's pilot owners."""
         self._owner.clear()
+
+    def close(self) -> None:
+        """Stop the thread that runs ``meanwhile`` work."""
+        self._side.shutdown()
 
     def _disown(self, index: int) -> None:
         self._owner = {k: v for k, v in self._owner.items() if v != index}
@@ -69,16 +75,26 @@ class Scheduler:
 
         Args:
             tasks: the tasks.
-            meanwhile: runs once, right after the first calls are submitted, so driver work (the allocator
-                fit) overlaps the replicas' work.
+            meanwhile: starts once, right after the first calls are submitted, in a thread beside the dispatch
+                loop, so driver work (the allocator fit) overlaps the replicas' work without holding up the
+                calls behind the first ones; ``run`` returns (or raises) once it has finished too, and its error
+                is raised if the tasks succeeded.
             recompute: the tasks were accepted before and are re-run (their partials died): counted as
                 ``recomputed``, not ``accepted``.
         """
+        side: list[Future] = []
+
+        def start() -> None:
+            side.append(self._side.submit(meanwhile))
+
         try:
-            results = self._dispatch(tasks, meanwhile, progress=not recompute)
+            results = self._dispatch(tasks, start if meanwhile is not None else None, progress=not recompute)
         except BaseException:
             self.pool.forget_calls()
+            wait(side)
             raise
+        for future in side:
+            future.result()
         if recompute:
             self.counters.recomputed += len(results)
         else:

@@ -75,6 +75,9 @@ class WorkerStats:
     tasks: int
     forwards: int
     busy_seconds: float
+    """Seconds spent running shards."""
+    update_seconds: float = 0.0
+    """Seconds spent applying updates (rebuilding a scalar-protocol gradient from seeds included)."""
 
 
 @dataclass(frozen=True)
@@ -130,13 +133,13 @@ class Worker:
         self._held: list[torch.Tensor] = []
         self._held_keys: list[TaskKey] = []
         self._tasks = self._forwards = 0
-        self._busy = 0.0
+        self._busy = self._updating = 0.0
 
     def describe(self) -> WorkerInfo:
         return self.info
 
     def stats(self) -> WorkerStats:
-        return WorkerStats(self._tasks, self._forwards, self._busy)
+        return WorkerStats(self._tasks, self._forwards, self._busy, self._updating)
 
     def sync(self, batch: StepBatch, version: int) -> int:
         """Load the step's batch; forget the previous step's partial sums. The replica must hold the
@@ -207,6 +210,7 @@ class Worker:
             return ()
         if self.version != update.version:
             raise ReplicaStateError(f"replica holds update {self.version}, the update applies to {update.version}")
+        t0 = time.perf_counter()
         if update.source == UpdateSource.HELD:
             if self._reduced is None:
                 raise ReplicaStateError("no all-reduced gradient to apply: this replica was not in the collective")
@@ -216,6 +220,7 @@ class Worker:
         else:
             grads = self.engine.replay(update.tasks, update.coefs)
         norms = self.update.apply(grads)
+        self._updating += time.perf_counter() - t0
         self.version += 1
         self._reduced = None
         return tuple(norms)
