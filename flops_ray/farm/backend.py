@@ -57,6 +57,7 @@ class RayBackend:
             raise ValueError(f"{len(options)} worker options for {farm.max_workers} workers")
         self._owns_ray = init_ray(farm)
         self.pool: ReplicaPool | None = None
+        self.scheduler: Scheduler | None = None
         try:
             self._start(cfg, model, loss_fn, options)
         except BaseException:
@@ -244,8 +245,9 @@ class RayBackend:
 
     def close(self) -> None:
         """Kill the replicas, and shut Ray down if this backend started it."""
-        if self.pool is not None:
+        if self.scheduler is not None:
             self.scheduler.close()
+        if self.pool is not None:
             self.pool.close()
         if self._owns_ray:
             ray.shutdown()
