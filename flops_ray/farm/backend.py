@@ -125,7 +125,8 @@ class RayBackend:
         Replicas that die applying it (or fail, or hang past ``farm.stall_timeout_s``) are replaced; their
         successors adopt a survivor's state. Those that missed it (placed during the step) adopt the new state
         before their next step. If every holder of an all-reduced sum dies before applying it, the farm is still
-        at this version: the replacements adopt the snapshot, recompute the lost partials and sum again.
+        at this version: the replacements adopt the snapshot, recompute the lost partials and sum again; so it
+        is if a lone replica applies it and dies saving the snapshot of the result.
 
         Raises:
             FarmError: every replica failed to apply it (and, all-reduce, none died: a replica that raises).
@@ -136,12 +137,22 @@ class RayBackend:
         held = update.source == UpdateSource.HELD
         payload = update if held else ray.put(update)
         self.counters.bytes_sent += len(pickle.dumps(update))
+        every = self.snapshot_every
         while True:
             targets = self.allreduce.members if held else self.pool.current()
             answers = self._ask(targets, lambda h: h.apply.remote(payload))
             done = [slot for slot, answer in answers if not isinstance(answer, RayError)]
             if done:
-                break
+                self.pool.applied(done)
+                failed = self._snapshot(done) if every and self.pool.version % every == 0 else []
+                if not (held and failed):
+                    break
+                # The lone replica died exporting the state it had just applied, the only copy: the farm is back
+                # at this version, and its replacement adopts the snapshot, recomputes the partials, sums again.
+                self.pool.unapply()
+                self._replace_failed(answers + failed, "the only replica holding the step's update died saving it")
+                self.allreduce()
+                continue
             if not (held and any(isinstance(answer, RayActorError) for _, answer in answers)):
                 causes = "; ".join(sorted({str(answer).strip().splitlines()[-1] for _, answer in answers}))
                 raise FarmError(
@@ -151,11 +162,8 @@ class RayBackend:
             # (its replacements adopt the snapshot), so their partials are recomputed and summed again.
             self._replace_failed(answers, "a replica died holding the step's summed gradient")
             self.allreduce()
-        self.pool.applied(done)
         # The update is applied: the step made progress, so replacing the failed ones below cannot fail it.
         self.pool.budget.progress()
-        every = self.snapshot_every
-        failed = self._snapshot(done) if every and self.pool.version % every == 0 else []
         self._replace_failed(answers + failed, "a replica failed applying the step's update or exporting its state")
 
     def _snapshot(self, slots: list[Slot]) -> list[tuple[Slot, RayError]]:

@@ -262,6 +262,11 @@ class ReplicaPool:
         for slot in slots:
             slot.version = self.version
 
+    def unapply(self) -> None:
+        """The only replica that applied the step's update died before its state was saved: the farm is back at
+        the previous version (the snapshot's), whose update is applied again."""
+        self.version -= 1
+
     def current(self) -> list[Slot]:
         """Up replicas holding the current parameters."""
         return [s for s in self.slots if s.ready and s.version == self.version]
