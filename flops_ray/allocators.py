@@ -63,7 +63,9 @@ class Allocator(Protocol):
     step's traces is used from the next step on (docs/DESIGN.md section 3).
 
     ``allocate`` is on the step's critical path and only samples; ``update`` fits the state on the same
-    features for the next step and runs while the step's queries are in flight.
+    features for the next step, on a shallow copy whose ``state_dict`` was loaded with a copy of the
+    original's, in a thread beside the step's queries: the next step loads the fitted state into the
+    original. So all of an allocator's fitted state must travel through ``state_dict``.
     """
 
     needs_traces: bool

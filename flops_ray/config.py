@@ -84,11 +84,13 @@ class EstimatorConfig:
     """LR only: use ``(+eps, -eps)`` pairs; if False, LR subtracts the clean loss (one-sided baseline).
     SPSA is always antithetic and ES never is."""
     pilot_queries: int = 0
-    """Queries per sample spent first, before the allocation, in their own round trip (counted in the
-    budget). Only ``allocator.signal = pilot`` allocates from them (then they need two independent draws:
-    4 queries for antithetic pairs, and a trace-reading allocator does not reuse them in the estimate);
-    otherwise they are reused and only feed the trace memory. 0: no pilot round. MeZO is SPSA with a
-    budget of 2 and equal allocation."""
+    """Every sample's first queries (counted in the budget). With ``allocator.signal = pilot`` a trace-reading
+    allocator reads their traces: they run first, in their own round (a barrier), and need two independent
+    draws (4 queries for antithetic pairs). One that allocates from them (neyman) does not reuse them in the
+    estimate; one that only fits on them (gaussian) does, and its main round runs them again (the replicas
+    keep nothing in between: ``B x pilot`` more forwards per group). Otherwise nothing reads them before the
+    allocation: they run with the other queries, enter the estimate and feed the trace memory (every query
+    of the step then returns per-sample traces). MeZO is SPSA with a budget of 2 and equal allocation."""
     floor: int = 2
     """Fewest queries any sample gets (even, >= 2)."""
     trace_coords: int = 512
@@ -97,10 +99,6 @@ class EstimatorConfig:
     """Most perturbed rows in one batched forward on a replica (memory bound, not a semantic knob): a replica
     holds one such chunk's noise and activations, whatever the shard's size (LR: the group's linears' inputs
     and outputs per row; SPSA/ES: about three ``P_g``-sized float32 vectors per row)."""
-    pilot_cache_mb: int = 1024
-    """Most memory (MiB) a replica spends holding reused pilots' per-item gradient sums (``items x P_g``
-    float32 each, all pilots at once) until their ``finalize`` tasks; a pilot that would exceed it keeps
-    none and is finalized by running its queries again."""
     on_nonfinite: str = "raise"
     """A query whose loss is NaN or inf (or a black-box call that raises): ``raise`` stops the step with an
     error naming the shard and sample; ``skip`` drops the query (it contributes 0, which shrinks that
@@ -132,7 +130,6 @@ class EstimatorConfig:
         )
         require(self.trace_coords >= 1, "estimator.trace_coords", f"must be >= 1, got {self.trace_coords}")
         require(self.max_rows >= 2, "estimator.max_rows", f"must be >= 2, got {self.max_rows}")
-        require(self.pilot_cache_mb >= 0, "estimator.pilot_cache_mb", f"must be >= 0, got {self.pilot_cache_mb}")
         require(
             self.precision in PRECISIONS,
             "estimator.precision",
@@ -195,6 +192,14 @@ def reuses_pilot(estimator: EstimatorConfig, allocator: AllocatorConfig) -> bool
 
     chosen_by_pilot = allocator.signal == "pilot" and ALLOCATORS[allocator.kind].allocates_from_traces
     return estimator.pilot_queries > 0 and not chosen_by_pilot
+
+
+def reads_pilot(estimator: EstimatorConfig, allocator: AllocatorConfig) -> bool:
+    """Whether a step reads its pilot's traces (to allocate, or to fit the allocator): only then does the pilot
+    run as a round of its own, before the allocation."""
+    from flops_ray.allocators import ALLOCATORS
+
+    return estimator.pilot_queries > 0 and allocator.signal == "pilot" and ALLOCATORS[allocator.kind].needs_traces
 
 
 def least_queries(estimator: EstimatorConfig, allocator: AllocatorConfig) -> int:

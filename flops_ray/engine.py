@@ -12,14 +12,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
 from flops_ray.config import EstimatorConfig, GroupConfig
-from flops_ray.estimators import Evaluation, RowPlan, Shard, estimator_family
+from flops_ray.estimators import RowPlan, Shard, estimator_family
 from flops_ray.groups import flatten, resolve_groups, to_numpy, unflatten_into
 from flops_ray.losses import LossFn, cross_entropy
 from flops_ray.messages import ShardResult, ShardTask, TaskKind
@@ -69,8 +68,6 @@ class QueryEngine:
         self._x: torch.Tensor | None = None
         self._y: torch.Tensor | None = None
         self._coords: dict[tuple[int, int], torch.Tensor] = {}
-        self._pilot_sums: dict[tuple[int, int], _PilotSums] = {}
-        """(group, index) -> a reused pilot's sums and losses, until its finalize."""
         self._skipped = 0
 
     # ---- parameters and batch -------------------------------------------------------------------
@@ -89,13 +86,12 @@ class QueryEngine:
             unflatten_into(flat, self.trainable())
 
     def set_batch(self, step: int, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray) -> None:
-        """Make ``(x, y)`` the batch of ``step``; forgets the previous step's pilot sums."""
+        """Make ``(x, y)`` the batch of ``step``."""
         self._step = step
         x = torch.as_tensor(x)
         # Token ids and other integer inputs keep their dtype; only floating inputs follow the model's.
         self._x = x.to(self.device, self.dtype if x.is_floating_point() else x.dtype)
         self._y = torch.as_tensor(y).to(self.device)
-        self._pilot_sums.clear()
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The step's batch ``x (B, ...)``, ``y (B,)`` on the replica's device."""
@@ -123,9 +119,6 @@ class QueryEngine:
         self._skipped = 0
         if task.kind == TaskKind.CLEAN:
             return self._clean(task), None
-        cached = self._pilot_sums.pop((task.group, task.index), None) if task.kind == TaskKind.FINALIZE else None
-        if cached is not None:
-            return cached.finalize(task)
         losses, grad, coefs, traces, dof = self._evaluate(task, coefficients)
         result = ShardResult(
             task.key, losses, coefs=coefs, traces=traces, trace_dof=dof, forwards=task.cost, skipped=self._skipped
@@ -162,7 +155,7 @@ class QueryEngine:
         self, task: ShardTask, coefficients: bool
     ) -> tuple[np.ndarray, torch.Tensor | None, np.ndarray | None, np.ndarray | None, np.ndarray | None]:
         """The task's perturbed losses ``(R,)``, its weighted gradient sum ``(P_g,)`` or (``coefficients``) per-draw
-        coefficients ``(D,)`` (``finalize``, ``main``), and per-item traces and their degrees of freedom
+        coefficients ``(D,)`` (``main``), and per-item traces and their degrees of freedom
         (``pilot``, ``main`` with ``traces``).
 
         Each chunk's coefficients ``c_q = (L_q - L_clean,j) / sigma`` weight its terms as soon as it has run
@@ -170,10 +163,7 @@ class QueryEngine:
         baseline is subtracted for every estimator: it keeps the estimate unbiased (``E[eps] = 0`` given the
         upstream noise), cancels exactly within an SPSA pair, and within an LR pair it removes the
         ``L_clean * eps (h+ - h-)^T`` term that appears when a group's upstream module shifts the input ``h``
-        of a later one. A reused pilot (``keep_sums``) keeps its per-item sums for its ``finalize`` task while
-        all the sums the replica holds fit in ``estimator.pilot_cache_mb``; otherwise the finalize runs its
-        queries again (same noise, same losses), so no replica holds more than that budget of them. Per-draw
-        coefficients are ``(D,)`` numbers: a pilot always keeps those.
+        of a later one.
         """
         est = self.estimators[task.group]
         rows = RowPlan.of(task, self.est.unit, self.root_seed, self.device)
@@ -182,15 +172,11 @@ class QueryEngine:
         base = torch.tensor([it.baseline for it in task.items], dtype=torch.float64, device=self.device)
         weights = None if task.weights is None else torch.tensor(task.weights, dtype=torch.float32, device=self.device)
         idx = self._trace_coords(task.step, task.group) if task.traces or task.kind == TaskKind.PILOT else None
-        n_items = len(task.items)
         # Per draw, its unweighted sum of sign * coefficient: weighted by its item's weight at the end.
         raw = torch.zeros(len(rows.keys), device=self.device) if coefficients else None
         grad = None
         if weights is not None and not coefficients:
             grad = torch.zeros(est.group.size, dtype=torch.float32, device=self.device)
-        held = sum(p.nbytes for p in self._pilot_sums.values())
-        keep = task.keep_sums and held + n_items * est.group.size * 4 <= self.est.pilot_cache_mb * 2**20
-        item_sums = torch.zeros(n_items, est.group.size, device=self.device) if keep and not coefficients else None
         losses, subs = [], []
         with self.forward_precision():
             for sl, ev in est.forward(shard):
@@ -203,8 +189,6 @@ class QueryEngine:
                         grad += ev.sums(coef * weights[rows.item[sl]])
                     if raw is not None:
                         raw.index_add_(0, rows.draw[sl], coef * rows.sign[sl])
-                    if item_sums is not None:
-                        _add_item_sums(item_sums, task, sl, ev, coef)
                     if idx is not None:
                         subs.append(ev.subsample(coef, idx))
                 losses.append(ev.losses)
@@ -212,8 +196,6 @@ class QueryEngine:
         self._check_finite(task, host, np.repeat(np.arange(len(task.items)), [it.cost for it in task.items]), skip)
         traces = self._item_traces(task, rows, torch.cat(subs)) if idx is not None else (None, None)
         draw_item = None if raw is None else torch.zeros_like(rows.keys).scatter_(0, rows.draw, rows.item)
-        if item_sums is not None or (raw is not None and task.keep_sums):
-            self._pilot_sums[(task.group, task.index)] = _PilotSums(host, item_sums, raw, draw_item)
         coefs = None if raw is None or weights is None else to_numpy(raw * weights[draw_item])
         return host, grad, coefs, *traces
 
@@ -264,41 +246,3 @@ class QueryEngine:
         scale = unit * self.groups[task.group].size / sub.shape[1]
         traces = torch.where(n > 1, scale * sq / (n - 1).clamp(min=1), float("nan"))
         return traces.double().cpu().numpy(), (n - 1).clamp(min=0).double().cpu().numpy()
-
-
-@dataclass(frozen=True)
-class _PilotSums:
-    """What a reused pilot keeps for its finalize: per-item gradient sums, or per-draw coefficients."""
-
-    losses: np.ndarray
-    item_sums: torch.Tensor | None
-    """``(n_items, P_g)`` unweighted per-item sums (gradient sums kept on the replica)."""
-    raw: torch.Tensor | None
-    """``(D,)`` unweighted per-draw coefficients (the scalar protocol)."""
-    draw_item: torch.Tensor | None
-    """``(D,)`` the item each draw belongs to."""
-
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.item_sums is None else self.item_sums.numel() * self.item_sums.element_size()
-
-    def finalize(self, task: ShardTask) -> tuple[ShardResult, torch.Tensor | None]:
-        """The finalize ``task``'s result from the kept sums, with no forward pass."""
-        sums = self.item_sums if self.raw is None else self.raw
-        weights = torch.tensor(task.weights, dtype=torch.float32, device=sums.device)
-        if self.raw is None:
-            return ShardResult(task.key, self.losses, forwards=0), weights @ self.item_sums
-        coefs = to_numpy(self.raw * weights[self.draw_item])
-        return ShardResult(task.key, self.losses, coefs=coefs, forwards=0), None
-
-
-def _add_item_sums(out: torch.Tensor, task: ShardTask, rows: slice, ev: Evaluation, coef: torch.Tensor) -> None:
-    """Add each item's unweighted sum ``sum_q c_q D_q`` over the chunk's ``rows`` to ``out (n_items, P_g)``
-    (an item's queries are contiguous rows, so each sum reads only its own)."""
-    end = 0
-    for i, it in enumerate(task.items):
-        start, end = end, end + it.cost
-        a, b = max(rows.start, start), min(rows.stop, end)
-        if a < b:
-            local = slice(a - rows.start, b - rows.start)
-            out[i] += ev.sums(coef[local], local)

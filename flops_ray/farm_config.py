@@ -32,6 +32,10 @@ class FarmConfig:
     """Ray: seconds to wait for ``address`` to answer before failing (Ray itself would retry forever)."""
     shard_cost: int = 64
     """Target forward passes per shard (one remote call); ~50 ms of work amortises call overhead."""
+    clean_shard: int = 0
+    """Samples per clean-pass task (one plain forward each); 0: ``shard_cost``. The clean pass is a barrier
+    before the allocation: on a farm with more replicas than ``batch_size / shard_cost`` clean tasks, smaller
+    ones spread it over more replicas (the results depend on it, never on the number of replicas)."""
     in_flight: int = 2
     """Ray: calls in flight per replica; completion-order dispatch keeps fast replicas busy."""
     reduction: str = "auto"
@@ -72,12 +76,18 @@ class FarmConfig:
         """Replica slots the farm keeps (those not placed wait for resources)."""
         return worker_range(self.workers)[1]
 
+    @property
+    def clean_shard_size(self) -> int:
+        """Samples per clean-pass task (``clean_shard``, else ``shard_cost``)."""
+        return self.clean_shard or self.shard_cost
+
     def validate(self) -> None:
         require(self.backend in ("local", "ray"), "farm.backend", f"must be 'local' or 'ray', got {self.backend!r}")
         worker_range(self.workers)
         require(self.num_cpus_per_worker >= 0, "farm.num_cpus_per_worker", "must be >= 0")
         require(self.num_gpus_per_worker >= 0, "farm.num_gpus_per_worker", "must be >= 0")
         require(self.shard_cost >= 2, "farm.shard_cost", f"must be >= 2, got {self.shard_cost}")
+        require(self.clean_shard >= 0, "farm.clean_shard", f"must be >= 0 (0: shard_cost), got {self.clean_shard}")
         require(self.in_flight >= 1, "farm.in_flight", f"must be >= 1, got {self.in_flight}")
         require(self.reduction in REDUCTIONS, "farm.reduction", f"must be one of {REDUCTIONS}")
         require(self.max_retries >= 0, "farm.max_retries", "must be >= 0")

@@ -8,10 +8,10 @@ and starts at ``(1, 1/2, 1/5, 1)``, the paper's ``(A, A/2, A/5, 1)``. A draw is 
 rescaled so the allocation sums to ``A0`` with every entry at least the floor.
 
 The fit is amortised: ``allocate`` samples from the current ``lambda`` and ``update`` takes the warm-started
-LR steps on the same batch's features, for the next step. The driver runs ``update`` while the step's queries
-are in flight (a farm, in a thread beside its dispatch loop), so the fit costs step time only where it
-outlasts the main round: on a large farm it can (4 groups at ``B = 128``: about 0.17 s on one core). The
-paper's fit-then-sample order differs by one step of lag. The fit's gradient is in closed form
+LR steps on the same batch's features, for the next step. The step runs ``update`` on a copy in a thread,
+from its main round until the next step's allocation, so the fit (4 groups at ``B = 128``: about 0.17 s on
+one core) costs step time only where it outlasts a whole step. The paper's fit-then-sample order differs
+by one step of lag. The fit's gradient is in closed form
 (:func:`surrogate_gradient`), 1.6x faster than autograd through the Cholesky factor.
 """
 
@@ -122,20 +122,17 @@ class GaussianAllocator:
         e = torch.nn.functional.normalize(embeddings.to(torch.float64), dim=-1)
         return 1.0 - e @ e.T
 
-    def distribution(
-        self, lam: torch.Tensor, losses: torch.Tensor, d: torch.Tensor, mean_alloc: float
-    ) -> torch.distributions.MultivariateNormal:
-        """``N(mu, S)`` over raw allocations for one batch (``d``: its :meth:`distances`)."""
-        f = factors(lam, torch.tanh(losses.to(torch.float64)), d, mean_alloc)
-        return torch.distributions.MultivariateNormal(f.mu, scale_tril=f.chol, validate_args=False)
+    def _factors(self, lam: torch.Tensor, feats, total: float) -> Factors:
+        """:func:`factors` of ``lam`` for the batch of ``feats`` at the budget ``total``."""
+        phi = torch.tanh(feats.losses.to(torch.float64))
+        return factors(lam, phi, self.distances(feats.embeddings), total / feats.losses.numel())
 
     def expected_objective(
         self, lam: torch.Tensor, feats, total: float, minimum: float, gen: torch.Generator, draws: int = 4096
     ) -> float:
         """Monte Carlo ``E[J(A)]`` under ``lam`` (for tests and reports)."""
-        dist = self.distribution(lam, feats.losses, self.distances(feats.embeddings), total / feats.losses.numel())
-        raw = self._draw(dist.loc, dist.scale_tril, draws, gen)
-        alloc = process_draws(raw, total, minimum)
+        f = self._factors(lam, feats, total)
+        alloc = process_draws(self._draw(f.mu, f.chol, draws, gen), total, minimum)
         return allocation_objective(feats.traces.to(torch.float64), alloc).mean().item()
 
     @staticmethod
@@ -177,8 +174,8 @@ class GaussianAllocator:
 
     def allocate(self, feats, total, minimum, unit, gen):
         """Sample one allocation from the current ``lambda`` (call :meth:`update` to fit it)."""
-        dist = self.distribution(self.lam, feats.losses, self.distances(feats.embeddings), total / feats.losses.numel())
-        alloc = process_draws(self._draw(dist.loc, dist.scale_tril, 1, gen), total, minimum)[0]
+        f = self._factors(self.lam, feats, total)
+        alloc = process_draws(self._draw(f.mu, f.chol, 1, gen), total, minimum)[0]
         return to_counts(alloc, total, minimum, unit)
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -34,10 +33,7 @@ class LocalBackend:
     def sync(self, step: int, x: np.ndarray, y: np.ndarray) -> None:
         self.engine.set_batch(step, x, y)
 
-    def run(self, tasks: list[ShardTask], meanwhile: Callable[[], None] | None = None) -> list[ShardResult]:
-        # One process: nothing to overlap with, so the driver's work simply goes first.
-        if meanwhile is not None:
-            meanwhile()
+    def run(self, tasks: list[ShardTask]) -> list[ShardResult]:
         return [self.engine.run(t) for t in tasks]
 
     def reduce(self, tasks: list[ShardTask], results: list[ShardResult], sizes: list[int]) -> Reduced:

@@ -18,9 +18,8 @@ class TaskKind(str, Enum):
     CLEAN = "clean"
     """Unperturbed losses and embeddings of the items."""
     PILOT = "pilot"
-    """The first queries of each item: trace estimates, per-item sums kept on the replica."""
-    FINALIZE = "finalize"
-    """A pilot's per-item sums weighted by ``1/(B A_j)`` (served from the replica's pilot cache)."""
+    """The first queries of each item, run before the allocation reads their trace estimates (never weighted:
+    ``allocator.signal = pilot``)."""
     MAIN = "main"
     """The remaining queries, weighted."""
 
@@ -28,7 +27,7 @@ class TaskKind(str, Enum):
         return self.value
 
 
-CLEAN, PILOT, FINALIZE, MAIN = TaskKind.CLEAN, TaskKind.PILOT, TaskKind.FINALIZE, TaskKind.MAIN
+CLEAN, PILOT, MAIN = TaskKind.CLEAN, TaskKind.PILOT, TaskKind.MAIN
 
 
 TaskKey = tuple[int, int | None, str, int]
@@ -65,12 +64,9 @@ class ShardTask:
     index: int
     items: tuple[ShardItem, ...]
     weights: tuple[float, ...] | None = None
-    """Per item ``1 / (B * A_j)`` for ``finalize`` and ``main``; None otherwise."""
+    """Per item ``1 / (B * A_j)`` for ``main``; None otherwise."""
     traces: bool = False
     """``main``: also return per-item trace estimates, for the trace memory (a pilot always does)."""
-    keep_sums: bool = False
-    """``pilot``: a ``finalize`` task will weight these queries; the replica keeps their per-item sums (within
-    ``estimator.pilot_cache_mb``) so that the finalize runs no forward pass."""
 
     @property
     def cost(self) -> int:
@@ -84,9 +80,9 @@ class ShardTask:
         return (self.step, self.group, self.kind.value, self.index)
 
     @property
-    def order(self) -> tuple[int, bool, int]:
-        """Its place in the canonical reduction: by group, finalizes first, then by index."""
-        return (self.group, self.kind != FINALIZE, self.index)
+    def order(self) -> tuple[int, int]:
+        """Its place in the canonical reduction: by group, then by index."""
+        return (self.group, self.index)
 
 
 @dataclass
@@ -97,7 +93,7 @@ class ShardResult:
     losses: np.ndarray
     """``(Q,)`` perturbed losses in item order (clean tasks: ``(n_items,)`` clean losses)."""
     grad: np.ndarray | None = None
-    """``(P_g,)`` weighted gradient sum (``finalize``, ``main``)."""
+    """``(P_g,)`` weighted gradient sum (``main``)."""
     coefs: np.ndarray | None = None
     """Scalar protocol (SPSA/ES): ``(D,)`` float32 weighted coefficient of each of the task's noise draws, in
     first-use order, instead of ``grad``: ``grad = sum_d coefs[d] z_d`` (:mod:`flops_ray.replay`)."""
@@ -111,7 +107,7 @@ class ShardResult:
     proxies: np.ndarray | None = None
     """``(n_items, G)`` clean-pass trace proxies per layer group (``clean``; NaN where the model has none)."""
     forwards: int = 0
-    """Forward passes actually run for this result (0 when served from the pilot cache)."""
+    """Forward passes run for this result."""
     skipped: int = 0
     """Queries dropped for a non-finite loss (``estimator.on_nonfinite = "skip"``)."""
 

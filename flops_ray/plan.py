@@ -46,10 +46,10 @@ def plan_pilot_chunks(
     return plan_chunks(items, max(pilot, shard_cost // pilot * pilot), unit)
 
 
-def plan_pilot(step: int, groups: int, chunks: list[Chunk], keep_sums: bool = False) -> list[ShardTask]:
-    """Pilot tasks of every group over the same ``chunks`` (``keep_sums``: finalize tasks will reuse them)."""
+def plan_pilot(step: int, groups: int, chunks: list[Chunk]) -> list[ShardTask]:
+    """Pilot tasks of every group over the same ``chunks``."""
     return [
-        ShardTask(kind=TaskKind.PILOT, step=step, group=g, index=i, items=c, keep_sums=keep_sums)
+        ShardTask(kind=TaskKind.PILOT, step=step, group=g, index=i, items=c)
         for g in range(groups)
         for i, c in enumerate(chunks)
     ]
@@ -61,52 +61,43 @@ def plan_main(
     counts: np.ndarray,
     sample_ids: np.ndarray,
     losses: np.ndarray,
-    pilot_chunks: list[Chunk],
     pilot: int,
     shard_cost: int,
     unit: int,
     reuse_pilot: bool = True,
     traces: bool = False,
 ) -> list[ShardTask]:
-    """One group's weighted tasks: its pilots finalized (when reused), then the queries ``[pilot, A_j)``.
+    """One group's weighted tasks: the queries ``[0, A_j)``, or ``[pilot, A_j)`` after a pilot that is not reused.
 
     Args:
         step: the step counter.
         group: the layer group.
         counts: ``(B,)`` allocated queries ``A_j`` (the pilot included).
         sample_ids: ``(B,)`` dataset indices; losses: ``(B,)`` clean losses (the queries' baselines).
-        pilot_chunks: the chunks of :func:`plan_pilot_chunks` (empty without a pilot).
         pilot: pilot queries per sample.
         shard_cost: target forward passes per task.
         unit: queries per noise draw (a pair is never split).
-        reuse_pilot: the pilot's draws enter the estimate (weights ``1 / (B A_j)``); otherwise they only
-            allocated, and the estimate averages the ``A_j - pilot`` later queries.
-        traces: main tasks also return per-item trace estimates (for the trace memory).
-
-    Returns:
-        ``finalize`` tasks (one per pilot chunk, when reused) then ``main`` tasks.
+        reuse_pilot: the pilot's queries enter the estimate (weights ``1 / (B A_j)``) and run here with the
+            rest; otherwise a pilot round allocated from them, and the estimate averages the ``A_j - pilot``
+            later queries.
+        traces: the tasks also return per-item trace estimates (for the trace memory).
     """
-    used = counts if reuse_pilot else counts - pilot
-    weights = 1.0 / (len(counts) * used)
-
-    def weighted(kind: TaskKind, chunks: list[Chunk]) -> list[ShardTask]:
-        return [
-            ShardTask(
-                kind=kind,
-                step=step,
-                group=group,
-                index=i,
-                items=c,
-                weights=tuple(float(weights[it.pos]) for it in c),
-                traces=traces,
-            )
-            for i, c in enumerate(chunks)
-        ]
-
-    rest = [
-        ShardItem(p, int(sample_ids[p]), pilot, int(counts[p]), float(losses[p]))
+    first = 0 if reuse_pilot else pilot
+    weights = 1.0 / (len(counts) * (counts - first))
+    items = [
+        ShardItem(p, int(sample_ids[p]), first, int(counts[p]), float(losses[p]))
         for p in range(len(counts))
-        if counts[p] > pilot
+        if counts[p] > first
     ]
-    finalize = weighted(TaskKind.FINALIZE, pilot_chunks) if reuse_pilot else []
-    return finalize + weighted(TaskKind.MAIN, plan_chunks(rest, shard_cost, unit))
+    return [
+        ShardTask(
+            kind=TaskKind.MAIN,
+            step=step,
+            group=group,
+            index=i,
+            items=c,
+            weights=tuple(float(weights[it.pos]) for it in c),
+            traces=traces,
+        )
+        for i, c in enumerate(plan_chunks(items, shard_cost, unit))
+    ]

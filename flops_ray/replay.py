@@ -32,7 +32,7 @@ def replay_gradients(
     """Per group ``(P_g,)`` float64 ``sum_tasks sum_d coefs[d] z_d``, tasks in canonical order.
 
     Args:
-        tasks: the step's weighted tasks (``finalize``, ``main``).
+        tasks: the step's weighted (``main``) tasks.
         coefs: per task, ``(D,)`` the weighted coefficient of each of its draws in first-use order.
         sizes: ``P_g`` per group (the noise size of a parameter-perturbing family).
         unit: queries per draw (2 for antithetic pairs).

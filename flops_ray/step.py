@@ -1,7 +1,7 @@
 """One forward-only step, independent of where queries run (docs/DESIGN.md section 2).
 
-clean pass -> pilot shards (``T_j``) -> allocation per group -> shard plan -> finalize pilots + main
-shards -> reduction. A :class:`Backend` executes task lists and reduces them where its replicas are, so
+clean pass -> pilot shards (only where the step reads their ``T_j``) -> allocation per group -> shard
+plan -> main shards -> reduction. A :class:`Backend` executes task lists and reduces them where its replicas are, so
 the in-process backend and the Ray farm give the same result for the same seed; the task lists come
 from the pure planners in :mod:`flops_ray.plan`. The replicas own the parameters: the step never sees
 them, and the trainer asks the backend to apply the reduced gradient on every replica.
@@ -9,8 +9,9 @@ them, and the trainer asks the backend to apply the reduced gradient on every re
 
 from __future__ import annotations
 
+import copy
 import time
-from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -18,8 +19,15 @@ import numpy as np
 import torch
 
 from flops_ray.allocators import AllocationFeatures, Allocator
-from flops_ray.config import AllocatorConfig, EstimatorConfig, GroupConfig, least_queries, reuses_pilot
-from flops_ray.messages import ReplicaState, ShardResult, ShardTask, TaskKind
+from flops_ray.config import (
+    AllocatorConfig,
+    EstimatorConfig,
+    GroupConfig,
+    least_queries,
+    reads_pilot,
+    reuses_pilot,
+)
+from flops_ray.messages import ReplicaState, ShardResult, ShardTask
 from flops_ray.plan import plan_clean, plan_main, plan_pilot, plan_pilot_chunks
 from flops_ray.seeding import STREAM_ALLOC, STREAM_ALLOC_FIT, generator
 from flops_ray.trace_memory import TraceMemory
@@ -42,12 +50,8 @@ class Backend(Protocol):
     def sync(self, step: int, x: np.ndarray, y: np.ndarray) -> None:
         """Give every replica the step's batch (one broadcast)."""
 
-    def run(self, tasks: list[ShardTask], meanwhile: Callable[[], None] | None = None) -> list[ShardResult]:
-        """Evaluate ``tasks``; results come back in task order whatever order they finished in.
-
-        ``meanwhile`` is called once, after the tasks are handed out, for driver work that overlaps them
-        (a farm runs it in a thread beside its dispatch loop).
-        """
+    def run(self, tasks: list[ShardTask]) -> list[ShardResult]:
+        """Evaluate ``tasks``; results come back in task order whatever order they finished in."""
 
     def reduce(self, tasks: list[ShardTask], results: list[ShardResult], sizes: list[int]) -> Reduced:
         """Sum the weighted tasks' gradients per group ``(P_g,)`` where the update will be applied."""
@@ -99,7 +103,8 @@ class StepReport:
     allocator_seconds: float = 0.0
     """Sampling allocations: on the step's critical path."""
     fit_seconds: float = 0.0
-    """Fitting allocator state for the next step: overlapped with the step's queries."""
+    """The allocator fit this step adopted before its allocation: the previous step's, which ran in a thread
+    from that step's main round on (it costs step time only where it outlasts that)."""
     bytes_returned: int = 0
     skipped: int = 0
     """Queries dropped for non-finite losses (``estimator.on_nonfinite = "skip"``)."""
@@ -107,10 +112,17 @@ class StepReport:
     """Test accuracy after the step, when the step was an evaluation point."""
 
 
+_FITS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flops-allocator-fit")
+"""Runs allocator fits beside the step that started them (one at a time, process-wide)."""
+
+
 class ForwardStep:
     """Estimates the batch gradient ``g = (1/B) sum_j (1/A_j) sum_q G_jq`` of every group (paper eq. 4).
 
-    Holds what stays fixed across steps; each call runs one step on ``backend``.
+    Holds what stays fixed across steps; each call runs one step on ``backend``. A step's allocator fit
+    (``Allocator.update``, for the next step) runs on copies of the allocators in a thread, from the step's
+    main round until the next step's allocation adopts it (:meth:`settle`), so it overlaps the queries, the
+    update and the next clean pass; a failed step drops its fit (:meth:`discard`).
 
     Args:
         backend: where the queries run.
@@ -121,6 +133,7 @@ class ForwardStep:
         memory: the per-sample trace memory, fed by the queries of the steps that allocate from it.
         shard_cost: target forward passes per task.
         root_seed: the run's root seed.
+        clean_shard: samples per clean-pass task (None: ``shard_cost``).
     """
 
     def __init__(
@@ -135,6 +148,7 @@ class ForwardStep:
         memory: TraceMemory,
         shard_cost: int,
         root_seed: int,
+        clean_shard: int | None = None,
     ):
         self.backend = backend
         self.groups = groups
@@ -144,11 +158,49 @@ class ForwardStep:
         self.allocators = allocators
         self.memory = memory
         self.shard_cost = shard_cost
+        self.clean_shard = clean_shard or shard_cost
         self.root_seed = root_seed
         self.reuse_pilot = reuses_pilot(estimator, allocator)
+        self.pilot_round = reads_pilot(estimator, allocator)
         self.committing = False
         """True from the moment a step's results start changing state until the trainer has applied it."""
         self.minimum = least_queries(estimator, allocator)
+        self._pending: Future[tuple[list[dict], float]] | None = None
+
+    def settle(self) -> float:
+        """Adopt the last step's allocator fit, waiting while it still runs; call before reading allocator state.
+
+        Returns:
+            The fit's seconds (0 when none was pending).
+
+        Raises:
+            Exception: the fit's own error (it stays pending, so every later read raises it too).
+        """
+        if self._pending is None:
+            return 0.0
+        states, seconds = self._pending.result()
+        self._pending = None
+        for allocator, state in zip(self.allocators, states):
+            allocator.load_state_dict(state)
+        return seconds
+
+    def discard(self) -> None:
+        """Drop a pending fit, which may still run on its copies: the allocators keep their state (a failed
+        step, or state loaded from a checkpoint)."""
+        self._pending = None
+
+    def _start_fit(self, step: int, feats: list[AllocationFeatures], b: int) -> None:
+        """Fit copies of the allocators on this step's features in a thread, for the next step to adopt."""
+        copies = [_twin(a) for a in self.allocators]
+
+        def fit() -> tuple[list[dict], float]:
+            t0 = time.perf_counter()
+            for g, (allocator, cfg) in enumerate(zip(copies, self.groups)):
+                gen = generator(self.root_seed, STREAM_ALLOC_FIT, step, g)
+                allocator.update(feats[g], cfg.queries_per_sample * b, self.minimum, gen)
+            return [a.state_dict() for a in copies], time.perf_counter() - t0
+
+        self._pending = _FITS.submit(fit)
 
     def _uses_memory(self, g: int, proxies: np.ndarray) -> bool:
         """Whether group ``g`` allocates from the trace memory: asked for, or the clean pass has no proxy."""
@@ -171,26 +223,30 @@ class ForwardStep:
             The reduced gradient and the step's report.
 
         Raises:
-            FloatingPointError: a group's gradient estimate is not finite (nothing changed: allocator state
-                is restored).
+            FloatingPointError: a group's gradient estimate is not finite (nothing changed: the step's
+                allocator fit is dropped).
         """
         t0 = time.perf_counter()
         b = len(sample_ids)
         unit, pilot = self.estimator.unit, self.estimator.pilot_queries
         ids = torch.as_tensor(sample_ids, dtype=torch.long)
         self.backend.sync(step, x, y)
-        clean = self.backend.run(plan_clean(step, sample_ids, self.shard_cost))
+        clean = self.backend.run(plan_clean(step, sample_ids, self.clean_shard))
         losses = np.concatenate([r.losses for r in clean])
         emb = torch.from_numpy(np.concatenate([r.embeddings for r in clean]))
         proxies = np.concatenate([r.proxies for r in clean])
         report = StepReport(step, float(losses.mean()), losses)
 
-        pilot_chunks = plan_pilot_chunks(sample_ids, losses, pilot, self.shard_cost, unit)
-        pilot_tasks = plan_pilot(step, len(self.groups), pilot_chunks, self.reuse_pilot)
+        # A pilot round (a barrier) only where the step reads its traces; otherwise it runs with the main queries.
+        pilot_tasks = []
+        if self.pilot_round:
+            chunks = plan_pilot_chunks(sample_ids, losses, pilot, self.shard_cost, unit)
+            pilot_tasks = plan_pilot(step, len(self.groups), chunks)
         pilot_results = self.backend.run(pilot_tasks) if pilot_tasks else []
 
         tasks: list[ShardTask] = []
         feats = []
+        report.fit_seconds = self.settle()
         for g, cfg in enumerate(self.groups):
             pilot_traces = _per_sample(pilot_tasks, pilot_results, g, b)[0]
             traces = self._signal(g, ids, proxies, pilot_traces)
@@ -204,30 +260,22 @@ class ForwardStep:
             report.traces.append(traces)
             used = counts if self.reuse_pilot else counts - pilot
             report.variance_ratio.append(variance_ratio(traces, used, total / b))
-            # Per-sample traces of the main queries cost a little per shard: only a memory that is read needs them.
-            feed = self._uses_memory(g, proxies)
+            # Per-sample traces of the main queries cost a little per shard: a memory read this step needs them, and
+            # a pilot without a round feeds the memory through them, as its own round would.
+            feed = self._uses_memory(g, proxies) or (pilot > 0 and not self.pilot_round)
             tasks += plan_main(
-                step, g, counts, sample_ids, losses, pilot_chunks, pilot, self.shard_cost, unit, self.reuse_pilot, feed
+                step, g, counts, sample_ids, losses, pilot, self.shard_cost, unit, self.reuse_pilot, feed
             )
 
-        def fit_allocators() -> None:
-            tf = time.perf_counter()
-            for g, cfg in enumerate(self.groups):
-                gen = generator(self.root_seed, STREAM_ALLOC_FIT, step, g)
-                self.allocators[g].update(feats[g], cfg.queries_per_sample * b, self.minimum, gen)
-            report.fit_seconds = time.perf_counter() - tf
-
-        # The fit advances allocator state before the queries finish; a failed step must not keep it.
-        saved = [{k: v.clone() for k, v in a.state_dict().items()} for a in self.allocators]
+        self._start_fit(step, feats, b)
         try:
-            results = self.backend.run(tasks, meanwhile=fit_allocators)
+            results = self.backend.run(tasks)
             reduced = self.backend.reduce(tasks, results, self.sizes)
             bad = [cfg.name for cfg, ok in zip(self.groups, reduced.finite) if not ok]
             if bad:
                 raise FloatingPointError(f"step {step}: the gradient estimate of groups {bad} is not finite")
         except BaseException:
-            for allocator, state in zip(self.allocators, saved):
-                allocator.load_state_dict(state)
+            self.discard()
             raise
         # From here the step changes state for good: the trainer clears this once the step is applied.
         self.committing = True
@@ -237,12 +285,16 @@ class ForwardStep:
             self.memory.observe(g, ids, torch.from_numpy(visit), torch.from_numpy(dof))
         report.queries = sum(r.forwards for r in pilot_results + results)
         report.bytes_returned = sum(r.nbytes for r in clean + pilot_results + results)
-        # A finalize re-reads its pilot's queries, whose skips the pilot result already counted.
-        report.skipped = sum(r.skipped for r in clean + pilot_results) + sum(
-            r.skipped for t, r in zip(tasks, results) if t.kind != TaskKind.FINALIZE
-        )
+        report.skipped = sum(r.skipped for r in clean + pilot_results + results)
         report.seconds = time.perf_counter() - t0
         return reduced, report
+
+
+def _twin(allocator: Allocator) -> Allocator:
+    """A copy of ``allocator`` whose state (``state_dict``) is its own: its fit leaves the original as it was."""
+    twin = copy.copy(allocator)
+    twin.load_state_dict({k: v.clone() for k, v in allocator.state_dict().items()})
+    return twin
 
 
 def _per_sample(

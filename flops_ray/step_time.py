@@ -6,8 +6,9 @@ shards), and never less than the driver needs to dispatch its calls. Then the up
 meet in a ring all-reduce among the replicas (``2 (n-1)/n x 4P`` bytes per replica, float32 on the wire);
 SPSA/ES send per-draw coefficients and every replica rebuilds the gradient from seeds (``draws x P_g``
 noise numbers, on every replica whatever ``n``); each replica applies the optimizer to its own copy.
-The driver adds its fixed per-step work (planning, allocation); the allocator's fit runs beside the last
-round, which lasts at least as long as the fit. Parameters never cross the driver. On a
+The driver adds its fixed per-step work (planning, allocation). The allocator's fit runs in a thread from
+the main round until the next step's allocation, a whole step less the driver's own work, so a step lasts
+at least the fit plus that work. Parameters never cross the driver. On a
 machine whose cores the replicas share with the driver, a step also takes at least all of their CPU
 seconds divided by the cores.
 
@@ -66,8 +67,8 @@ class Costs:
     host_s: float = 0.0
     """CPU seconds per step that the driver and Ray's own processes take from those cores (a local run)."""
     fit_s: float = 0.0
-    """Driver seconds per step beside the last round (the allocator fit, in a thread next to the dispatch
-    loop): the round lasts at least this long."""
+    """Driver seconds per step in a thread beside the rest (the allocator fit, from the main round to the next
+    step's allocation): a step lasts at least ``fit_s + driver_s``."""
 
 
 def round_time(forwards: int, shard_cost: int, n: int, costs: Costs) -> float:
@@ -83,10 +84,7 @@ def round_time(forwards: int, shard_cost: int, n: int, costs: Costs) -> float:
 
 def step_time(work: Workload, costs: Costs, n: int) -> dict[str, float]:
     """Seconds of one step on ``n`` replicas, by part (``total`` is their sum)."""
-    rounds = [round_time(f, s, n, costs) for f, s in work.rounds]
-    if rounds:
-        rounds[-1] = max(rounds[-1], costs.fit_s)
-    compute = sum(rounds)
+    compute = sum(round_time(f, s, n, costs) for f, s in work.rounds)
     # Shared cores: the replicas' and the host's CPU seconds cannot take less than the cores can serve.
     shards = sum(math.ceil(f / s) for f, s in work.rounds if f)
     busy = sum(f for f, _ in work.rounds) * costs.query_s + shards * costs.task_s + costs.host_s
@@ -103,6 +101,8 @@ def step_time(work: Workload, costs: Costs, n: int) -> dict[str, float]:
         "reduce": reduce,
         "apply": work.params * costs.apply_s_per_param,
     }
+    # The fit's window is the step less the driver's own work; what the fit outlasts it by, the step waits.
+    parts["fit_wait"] = max(0.0, costs.fit_s + costs.driver_s - sum(parts.values()))
     parts["total"] = sum(parts.values())
     return parts
 

@@ -124,6 +124,7 @@ class Trainer:
                 allocators=self.allocators,
                 memory=self.memory,
                 shard_cost=cfg.farm.shard_cost,
+                clean_shard=cfg.farm.clean_shard_size,
                 root_seed=cfg.seed,
             )
 
@@ -232,6 +233,8 @@ class Trainer:
     def state_dict(self) -> TrainState:
         """Everything needed to continue this run exactly."""
         self._pull()
+        if self.forward_step is not None:
+            self.forward_step.settle()
         return TrainState(
             step=self.step_count,
             config=config_to_dict(self.cfg),
@@ -267,6 +270,8 @@ class Trainer:
             raise CheckpointError(f"{where}: trace memory does not fit ({exc})") from exc
         with torch.no_grad():
             self._model.load_state_dict(state.model)
+        if self.forward_step is not None:
+            self.forward_step.discard()
         self.step_count = self._pulled = state.step
         if self.backend is not None:
             self.backend.load_state(ReplicaState(state.step, self._master_params(), self.optimizer.state_dict()))

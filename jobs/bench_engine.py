@@ -59,9 +59,9 @@ from flops_ray.engine import QueryEngine
 from flops_ray.estimators import RowPlan
 from flops_ray.groups import resolve_groups
 from flops_ray.job_config import jobs_dir, load_config
-from flops_ray.messages import ShardTask, TaskKind
+from flops_ray.messages import ShardTask
 from flops_ray.models import create_model
-from flops_ray.plan import plan_clean, plan_main, plan_pilot_chunks
+from flops_ray.plan import plan_clean, plan_main
 from flops_ray.run import model_in_chans
 
 
@@ -146,16 +146,14 @@ def replica(
     queries of ``group``, and that shard: clean pass, equal counts and the main plan as in a training step."""
     est = dataclasses.replace(cfg.estimator, kind=kind)
     pilot, per_sample = est.pilot_queries, cfg.groups[group].queries_per_sample
-    samples = -(-shard // (per_sample - pilot))
+    reuse = reuses_pilot(est, cfg.allocator)
+    samples = -(-shard // (per_sample - (0 if reuse else pilot)))
     x, y, ids = _batch(cfg, model, samples)
     engine = QueryEngine(model, cfg.groups, est, cfg.seed, device=where)
     engine.set_batch(0, x, y)
     losses = np.concatenate([engine.run(t).losses for t in plan_clean(0, ids, cfg.farm.shard_cost)])
     counts = np.full(samples, per_sample)
-    chunks = plan_pilot_chunks(ids, losses, pilot, cfg.farm.shard_cost, est.unit)
-    reuse = reuses_pilot(est, cfg.allocator)
-    tasks = plan_main(0, group, counts, ids, losses, chunks, pilot, shard, est.unit, reuse)
-    return engine, next(t for t in tasks if t.kind == TaskKind.MAIN)
+    return engine, plan_main(0, group, counts, ids, losses, pilot, shard, est.unit, reuse)[0]
 
 
 def _seconds(fn: Callable[[], object], where: torch.device) -> float:

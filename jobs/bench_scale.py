@@ -94,8 +94,9 @@ ASSUMPTIONS = {
     "note": "8 GPUs per node with one 400 Gb/s NIC each (50 GB/s per GPU in the ring), a 100 Gb/s link out of "
     "the driver; Adam reads param, grad and two moments and writes three (28 B/param at 3 TB/s HBM); replay "
     "weighs each regenerated number at tensor-core rate (2 flops at 50 TFLOP/s); per-query engine costs are "
-    "the H100 float32 figures of bench_engine (docs/results/bench_engine_cuda.json); shard cost per round "
-    "one farm.shard_cost for every round, the one (8 to 256 forwards) the model finds fastest on n GPUs; the "
+    "the H100 float32 figures of bench_engine (docs/results/bench_engine_cuda.json); one farm.shard_cost for "
+    "the main round and one farm.clean_shard for the clean pass, those (8 to 256 forwards, 1 to 128 samples) "
+    "the model finds fastest on n GPUs; the "
     "driver's call, task and per-step seconds are measured here (per step: the shipped ViT-B/16 config's step "
     "shape, planned and allocated on the driver; its allocator fit runs beside the main round)",
 }
@@ -157,17 +158,12 @@ def wire(bench: ScaleConfig, kind: str) -> dict:
 
 class _TimedLocal(LocalBackend):
     """The in-process backend, timing its replica's work (shards; the reduction and the update, which a farm's
-    replicas do) and the driver's overlapped work (``meanwhile``: the allocator fit) apart from the driver's
-    own."""
+    replicas do) apart from the driver's."""
 
-    engine_s = apply_s = fit_s = 0.0
+    engine_s = apply_s = 0.0
     forwards = 0
 
-    def run(self, tasks, meanwhile=None):
-        t0 = time.perf_counter()
-        if meanwhile is not None:
-            meanwhile()
-        self.fit_s += time.perf_counter() - t0
+    def run(self, tasks):
         t0 = time.perf_counter()
         results = super().run(tasks)
         self.engine_s += time.perf_counter() - t0
@@ -207,8 +203,8 @@ def task_overhead(bench: ScaleConfig, kind: str, calls: int = 200) -> float:
 
 @dataclass(frozen=True)
 class _Timed:
-    """Per-step seconds of in-process steps, split into the replica's part, the driver's overlapped fit and
-    the driver's own."""
+    """Per-step seconds of in-process steps, split into the replica's part and the driver's own, and the
+    allocator fit's (in its thread, apart)."""
 
     step_s: float
     engine_s: float
@@ -219,7 +215,7 @@ class _Timed:
 
     @property
     def driver_s(self) -> float:
-        return self.step_s - self.engine_s - self.apply_s - self.fit_s
+        return self.step_s - self.engine_s - self.apply_s
 
 
 def timed_steps(cfg: TrainConfig, steps: int, seed: int) -> _Timed:
@@ -236,13 +232,14 @@ def timed_steps(cfg: TrainConfig, steps: int, seed: int) -> _Timed:
     with Trainer(cfg, create_model("digits_vit", 10, 8, seed), digits("train"), backend_factory=factory) as tr:
         tr.step()
         b = backends[0]
-        b.engine_s = b.apply_s = b.fit_s = b.forwards = 0
-        reports = tr.fit(steps)
+        b.engine_s = b.apply_s = b.forwards = 0
+        step_s = fit_s = 0.0
+        for _ in range(steps):
+            # The fit of the step before runs on into this one: waited for here, so a step's time is its own.
+            fit_s += tr.forward_step.settle()
+            step_s += tr.step().seconds
         sizes = [g.size for g in tr.groups]
-    n = len(reports)
-    return _Timed(
-        sum(r.seconds for r in reports) / n, b.engine_s / n, b.apply_s / n, b.fit_s / n, b.forwards / n, sizes
-    )
+    return _Timed(step_s / steps, b.engine_s / steps, b.apply_s / steps, fit_s / steps, b.forwards / steps, sizes)
 
 
 def calibrate(bench: ScaleConfig, kind: str, call_s: float) -> tuple[Costs, Workload]:
@@ -296,7 +293,7 @@ def _workload(cfg: TrainConfig, p: int, sizes: list[int], kind: str) -> Workload
     q = sum(g.queries_per_sample for g in cfg.groups) * b
     draws = [g.queries_per_sample * b // cfg.estimator.unit for g in cfg.groups]
     return Workload(
-        rounds=((b, s), (q, s)),
+        rounds=((b, cfg.farm.clean_shard_size), (q, s)),
         params=p,
         reduction="allreduce" if kind == "lr" else "scalar",
         replay_numbers=0 if kind == "lr" else sum(d * n for d, n in zip(draws, sizes)),
@@ -360,16 +357,15 @@ def validate(bench: ScaleConfig, kind: str, call_s: float) -> dict:
     return out
 
 
-def vit_b_workload(kind: str, shard: int) -> Workload:
-    """ViT-B/16 at the paper's budget (pilot reused), every round in shards of ``shard`` forwards."""
+def vit_b_workload(kind: str, shard: int, clean: int) -> Workload:
+    """ViT-B/16 at the paper's budget: the clean pass in tasks of ``clean`` samples, then every query (the
+    pilot is reused: it runs with the rest) in shards of ``shard`` forwards."""
     v = VIT_B
     b, groups = v["batch"], v["groups"]
-    pilot = b * v["pilot"] * groups
-    main = b * v["queries_per_sample"] * groups - pilot
     unit = 2  # antithetic pairs: LR and SPSA
     draws = b * v["queries_per_sample"] * groups // unit
     return Workload(
-        rounds=((b, shard), (pilot, shard), (main, shard)),
+        rounds=((b, clean), (b * v["queries_per_sample"] * groups, shard)),
         params=v["params"],
         reduction="allreduce" if kind == "lr" else "scalar",
         replay_numbers=0 if kind == "lr" else draws * v["params"] // groups,
@@ -378,10 +374,14 @@ def vit_b_workload(kind: str, shard: int) -> Workload:
 
 
 def best_step(kind: str, n: int, costs: Costs) -> dict[str, float]:
-    """The ViT-B step on ``n`` GPUs at the ``farm.shard_cost`` (8 to 256 forwards) the model finds fastest, as
-    a user sizing the farm for ``n`` GPUs would set it: small shards spread a round over more GPUs, large ones
-    cost the driver fewer dispatches."""
-    steps = [dict(step_time(vit_b_workload(kind, s), costs, n), shard_cost=s) for s in range(8, 257, 8)]
+    """The ViT-B step on ``n`` GPUs at the ``farm.shard_cost`` (8 to 256 forwards) and ``farm.clean_shard`` (1 to
+    128 samples) the model finds fastest, as a user sizing the farm for ``n`` GPUs would set them: small shards
+    spread a round over more GPUs, large ones cost the driver fewer dispatches."""
+    steps = [
+        dict(step_time(vit_b_workload(kind, s, c), costs, n), shard_cost=s, clean_shard=c)
+        for s in range(8, 257, 8)
+        for c in (1, 2, 4, 8, 16, 32, 64, 128)
+    ]
     return min(steps, key=lambda parts: parts["total"])
 
 

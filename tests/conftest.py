@@ -85,8 +85,8 @@ class RecordingBackend:
         self.inner = inner
         self.runs: list[tuple[list, list]] = []
 
-    def run(self, tasks, meanwhile=None):
-        results = self.inner.run(tasks, meanwhile)
+    def run(self, tasks):
+        results = self.inner.run(tasks)
         assert [r.key for r in results] == [t.key for t in tasks]
         self.runs.append((tasks, results))
         return results

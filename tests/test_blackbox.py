@@ -66,9 +66,9 @@ def test_one_call_per_shard_chunk():
 
     tr = Trainer(_cfg((BlackBox.group(0.01, 8),)), _box(counted), DATA)
     log = tr.step()
-    # 1 clean call, then pilot and main shards of at most shard_cost (64) rows each.
+    # 1 clean call, then main shards of at most shard_cost (64) rows each.
     assert sum(calls) == log.queries + 16
-    assert len(calls) <= 1 + 2 * int(np.ceil(log.queries / 64)) + 2
+    assert len(calls) <= 1 + int(np.ceil(log.queries / 64)) + 1
     assert max(calls) > 8
 
 

@@ -35,12 +35,12 @@ class TokenNet(nn.Module):
 torch.manual_seed(0)
 model = TokenNet()
 groups = (GroupConfig("big", ("fc2",), 1e-3, 2),)
-est = EstimatorConfig(kind=kind, max_rows=8, pilot_queries=2, pilot_cache_mb=16)
+est = EstimatorConfig(kind=kind, max_rows=8, pilot_queries=2)
 engine = QueryEngine(model, groups, est, root_seed=0)
 engine.set_batch(0, torch.randn(items, tokens, 16), torch.randint(4, (items,)))
 shard = tuple(ShardItem(p, p, 0, 2, 1.0) for p in range(items))
 weights = None if task_kind == "pilot" else (1.0,) * items
-task = ShardTask(TaskKind(task_kind), 0, 0, 0, shard, weights=weights, keep_sums=task_kind == "pilot")
+task = ShardTask(TaskKind(task_kind), 0, 0, 0, shard, weights=weights)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 engine.run(task)
 print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024))
@@ -58,7 +58,7 @@ def _peak_bytes(kind: str, items: int, task_kind: str) -> int:
 @pytest.mark.parametrize(("kind", "task_kind"), [("lr", "main"), ("spsa", "main"), ("spsa", "pilot")])
 def test_peak_memory_does_not_grow_with_the_shard(kind, task_kind):
     """256 samples (512 queries) cost no more than 8 samples plus 128 MiB, where holding every row's noise
-    (SPSA: 2 GiB), inputs and noise (LR: 512 MiB) or every sample's pilot sums (1 GiB) would not fit;
-    over its 16 MiB cache budget a pilot keeps no sums and its finalize recomputes them."""
+    (SPSA: 2 GiB) or inputs and noise (LR: 512 MiB) would not fit; a pilot's traces keep ``trace_coords``
+    numbers per row."""
     small, large = _peak_bytes(kind, 8, task_kind), _peak_bytes(kind, 256, task_kind)
     assert large - small < 128 * 2**20, f"peak grew by {(large - small) / 2**20:.0f} MiB"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
@@ -153,32 +151,6 @@ def test_clean_pass_proxy_survives_in_place_ops_after_a_group_linear():
     (e,) = torch.autograd.grad(cross_entropy(model[2](torch.relu(y1)), y).sum(), y1)
     want = (e.double() ** 2).sum(1) * ((x.double() ** 2).sum(1) + 1)
     assert torch.allclose(proxy[:, 0], want)
-
-
-@pytest.mark.parametrize("kind", ["lr", "spsa"])
-def test_finalize_from_the_pilot_cache_equals_a_recomputed_one(kind):
-    """A reused pilot keeps per-item sums for its finalize (no forward); a replica without them, or with too
-    small a cache budget, runs the pilot's queries again and gets the same weighted sum."""
-    items = (ShardItem(0, 3, 0, 4, 0.0), ShardItem(1, 8, 0, 4, 0.0))
-    engine, _, _ = _engine(kind)
-    items = tuple(ShardItem(it.pos, it.sample_id, 0, 4, engine.run(_clean(it)).losses[0]) for it in items)
-    pilot = ShardTask(TaskKind.PILOT, 0, 0, 0, items, keep_sums=True)
-    finalize = ShardTask(TaskKind.FINALIZE, 0, 0, 0, items, weights=(0.25, 0.5))
-    engine.run(pilot)
-    cached = engine.run(finalize)
-    fresh, _, _ = _engine(kind)
-    recomputed = fresh.run(finalize)
-    assert cached.forwards == 0 and recomputed.forwards == 8
-    np.testing.assert_allclose(cached.grad, recomputed.grad, rtol=1e-5, atol=1e-6 * np.abs(recomputed.grad).max())
-    np.testing.assert_array_equal(cached.losses, recomputed.losses)
-    tight, _, _ = _engine(kind)
-    tight.est = dataclasses.replace(tight.est, pilot_cache_mb=0)
-    tight.run(pilot)
-    assert tight.run(finalize).forwards == 8
-
-
-def _clean(item: ShardItem) -> ShardTask:
-    return ShardTask(TaskKind.CLEAN, 0, None, 0, (ShardItem(item.pos, item.sample_id, 0, 1),))
 
 
 class _Attend(nn.Module):

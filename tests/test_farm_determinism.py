@@ -26,10 +26,10 @@ BASE = TrainConfig(
     model="digits_vit",
     batch_size=8,
     steps=STEPS,
-    # A reused pilot: 21 tasks a step (1 clean, 4 pilot, 16 main), which the fault tests' timings count on.
+    # A reused pilot: 17 tasks a step (1 clean, 16 main), which the fault tests' timings count on.
     estimator=EstimatorConfig(pilot_queries=4),
     allocator=AllocatorConfig(kind="gaussian", gaussian_iters=3),
-    farm=FarmConfig(backend="ray", workers=3, shard_cost=16, num_cpus_per_worker=1),
+    farm=FarmConfig(backend="ray", workers=3, shard_cost=4, clean_shard=8, num_cpus_per_worker=1),
 )
 
 
@@ -77,8 +77,8 @@ def test_replicas_match_in_process(data, reference, workers, recorded):
 def test_killed_replica_mid_step(data, reference, inject_fault, recorded):
     """A replica killed with shards in flight: they are re-dispatched, its successor re-syncs, same bits."""
     trainer = _trainer(data, recorded, reduction="driver")
-    # Step 0 runs a few dozen tasks; the kill lands in the middle of its main shards.
-    inject_fault(trainer.backend, after=30)
+    # 17 tasks a step: the kill lands among step 1's main shards, a dozen of them still to run.
+    inject_fault(trainer.backend, after=22)
     _assert_same(_params_per_step(trainer), reference)
     c = trainer.backend.counters
     assert c.restarts == 1
@@ -106,7 +106,7 @@ def test_allreduce_survives_a_killed_replica(data, reference, inject_fault):
     """Partial sums held by the killed replica are recomputed on the survivors before the collective."""
     trainer = _trainer(data, reduction="allreduce")
     # Which replica is busiest at a given moment is timing; the one holding the most partials is chosen.
-    inject_fault(trainer.backend, after=36, action=_kill_most_held)
+    inject_fault(trainer.backend, after=40, action=_kill_most_held)
     _assert_same(_params_per_step(trainer), reference)
     c = trainer.backend.counters
     assert c.restarts == 1
@@ -122,7 +122,7 @@ def test_every_replica_killed_at_once_resumes_from_the_snapshot(data, reference,
     """All three replicas die mid-step 1: the first replacement tries to adopt from a peer that is dead too
     (its export is lost), so it and the others adopt the snapshot kept after step 0; same parameters."""
     trainer = _trainer(data, reduction="allreduce")
-    inject_fault(trainer.backend, after=30, action=_kill_all)
+    inject_fault(trainer.backend, after=22, action=_kill_all)
     _assert_same(_params_per_step(trainer), reference)
     c = trainer.backend.counters
     assert c.restarts == 3, "one replacement per death: a replica whose source died is re-synced, not replaced"

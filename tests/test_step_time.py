@@ -1,4 +1,4 @@
-"""The farm's step-time model: rounds, the driver's overlapped fit, the reductions."""
+"""The farm's step-time model: rounds, the allocator fit in its thread, the reductions."""
 
 from __future__ import annotations
 
@@ -20,12 +20,12 @@ def test_a_round_is_its_waves_of_shards():
     assert round_time(1000, 1, 1000, COSTS) == pytest.approx(1000 * 1e-4 + 1e-4)
 
 
-def test_the_fit_beside_the_last_round_costs_only_what_outlasts_it():
+def test_the_fit_costs_only_what_outlasts_the_step_less_the_drivers_work():
     base = step_time(WORK, COSTS, 4)
-    last = round_time(1024, 64, 4, COSTS)
-    hidden = step_time(WORK, dataclasses.replace(COSTS, fit_s=0.5 * last), 4)
-    assert hidden["total"] == pytest.approx(base["total"])
-    longer = step_time(WORK, dataclasses.replace(COSTS, fit_s=last + 0.2), 4)
+    window = base["total"] - COSTS.driver_s
+    hidden = step_time(WORK, dataclasses.replace(COSTS, fit_s=0.99 * window), 4)
+    assert hidden["total"] == pytest.approx(base["total"]) and hidden["fit_wait"] == 0
+    longer = step_time(WORK, dataclasses.replace(COSTS, fit_s=window + 0.2), 4)
     assert longer["total"] == pytest.approx(base["total"] + 0.2)
 
 

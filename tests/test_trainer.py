@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import numpy as np
 import pytest
 import torch
 
+from flops_ray.allocators import EqualAllocator
 from flops_ray.config import AllocatorConfig, EstimatorConfig, FarmConfig, GroupConfig, TrainConfig
 from flops_ray.local_backend import LocalBackend
+from flops_ray.messages import TaskKind
 from flops_ray.models import create_model
 from flops_ray.trainer import Trainer, default_backend
 
@@ -53,8 +56,12 @@ def test_mezo_spends_one_pair_per_sample(data):
 
 
 def test_pilot_shards_never_split_a_sample(data):
-    """A 6-query pilot with 16-query shards: each trace still comes from all of its sample's draws."""
-    kw = {"estimator": EstimatorConfig(kind="spsa", pilot_queries=6), "allocator": AllocatorConfig(kind="neyman")}
+    """A 6-query pilot with 16-query shards: each trace the allocation reads still comes from all of its
+    sample's draws."""
+    kw = {
+        "estimator": EstimatorConfig(kind="spsa", pilot_queries=6),
+        "allocator": AllocatorConfig(kind="neyman", signal="pilot"),
+    }
     small = _trainer(data, farm=FarmConfig(shard_cost=16), **kw).step()
     whole = _trainer(data, farm=FarmConfig(shard_cost=1024), **kw).step()
     assert np.isfinite(small.traces[0]).all()
@@ -86,19 +93,21 @@ def test_training_beats_chance(data, estimator, bar):
 
 
 class _FailingQueries(LocalBackend):
-    """A backend whose main queries fail (a lost node, say) after the allocator fit has run."""
+    """A backend whose main queries fail (a lost node, say) once the step's allocator fit has finished."""
 
     fail = False
+    forward_step = None
 
-    def run(self, tasks, meanwhile=None):
-        if self.fail and meanwhile is not None:
-            meanwhile()
+    def run(self, tasks):
+        if self.fail and tasks[0].kind == TaskKind.MAIN:
+            self.forward_step._pending.result()
             raise RuntimeError("replicas lost")
-        return super().run(tasks, meanwhile)
+        return super().run(tasks)
 
 
 def test_a_failed_step_keeps_the_allocator_state(data):
-    """The Gaussian fit overlaps the queries; when they fail, the step's fit must not survive it."""
+    """The Gaussian fit overlaps the queries; when they fail, the step's fit must not survive it, even when it
+    finished first."""
     backends = []
 
     def factory(cfg, model, loss_fn):
@@ -108,16 +117,66 @@ def test_a_failed_step_keeps_the_allocator_state(data):
     gaussian = {"allocator": AllocatorConfig(kind="gaussian", gaussian_iters=3)}
     tr = _trainer(data, factory, **gaussian)
     ref = _trainer(data, **gaussian)
+    backends[0].forward_step = tr.forward_step
     tr.step()
     ref.step()
-    before = tr.allocators[0].state_dict()["lambda"]
+    before = tr.state_dict().allocators[0]["lambda"]
     backends[0].fail = True
     with pytest.raises(RuntimeError, match="replicas lost"):
         tr.step()
-    assert torch.equal(tr.allocators[0].state_dict()["lambda"], before)
+    assert torch.equal(tr.state_dict().allocators[0]["lambda"], before)
     backends[0].fail = False
     tr.fit(1)
     ref.fit(1)
     # The fit did move lambda, and the retried step is the step a run without the failure takes.
-    assert not torch.equal(tr.allocators[0].state_dict()["lambda"], before)
+    assert not torch.equal(tr.state_dict().allocators[0]["lambda"], before)
     assert torch.equal(torch.from_numpy(tr.get_params()), torch.from_numpy(ref.get_params()))
+
+
+class _MainRoundFlag(LocalBackend):
+    """Sets ``done`` once a step's main queries have all run."""
+
+    done = threading.Event()
+
+    def run(self, tasks):
+        results = super().run(tasks)
+        if tasks and tasks[0].kind == TaskKind.MAIN:
+            self.done.set()
+        return results
+
+
+class _FitAfterTheQueries(EqualAllocator):
+    """Equal allocation whose fit counts itself, but only once the step's main queries are done."""
+
+    def __init__(self, done: threading.Event):
+        self.done, self.fits = done, 0
+
+    def update(self, feats, total, minimum, gen) -> None:
+        # A deadline stops a hang: a fit run before the queries instead of beside them waits here in vain.
+        if not self.done.wait(60):
+            raise TimeoutError("the fit ran before the step's queries, not beside them")
+        self.fits += 1
+
+    def state_dict(self):
+        return {"fits": torch.tensor(self.fits)}
+
+    def load_state_dict(self, state):
+        self.fits = int(state["fits"])
+
+
+def test_the_allocator_fit_runs_beside_the_queries_and_the_next_step_adopts_it(data):
+    """The step's fit (on a copy, in a thread) can only finish after the step's main queries have run; the
+    step returns without it, and the next allocation, or a read of the state, adopts it."""
+    backends = []
+
+    def factory(cfg, model, loss_fn):
+        backends.append(_MainRoundFlag(default_backend(cfg, model, loss_fn).engine, cfg.update_rule))
+        return backends[0]
+
+    tr = _trainer(data, factory)
+    tr.allocators[0] = allocator = _FitAfterTheQueries(_MainRoundFlag.done)
+    tr.step()
+    assert allocator.fits == 0, "the step's fit is adopted by the next step, not by the step itself"
+    report = tr.step()
+    assert allocator.fits == 1 and report.fit_seconds > 0
+    assert int(tr.state_dict().allocators[0]["fits"]) == 2

@@ -101,10 +101,10 @@ class Draws:
         out.mul_((scale * self.sign).to(self.dtype)[:, None])
         return out if offset is None else out.add_(offset)
 
-    def weigh(self, w: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
-        """``(size,)`` float32 ``sum_r w_r sign_r z_draw_r`` over ``rows`` (``w``: their weights), read per draw."""
+    def weigh(self, w: torch.Tensor) -> torch.Tensor:
+        """``(size,)`` float32 ``sum_r w_r sign_r z_draw_r`` (``w (r,)``: the rows' weights), read per draw."""
         per_draw = torch.zeros(len(self.z), dtype=torch.float32, device=self.z.device)
-        per_draw.index_add_(0, self.draw[rows], w.float() * self.sign[rows])
+        per_draw.index_add_(0, self.draw, w.float() * self.sign)
         return per_draw @ self.z
 
     def at(self, idx: torch.Tensor) -> torch.Tensor:
@@ -140,8 +140,8 @@ class Evaluation(Protocol):
     losses: torch.Tensor
     """``(r,)`` perturbed losses."""
 
-    def sums(self, w: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
-        """``(P_g,)`` float32 sum ``sum_r w_r D_r`` over the chunk's ``rows``, with ``w`` their weights (rows with
+    def sums(self, w: torch.Tensor) -> torch.Tensor:
+        """``(P_g,)`` float32 sum ``sum_r w_r D_r`` over the chunk's rows, with ``w (r,)`` their weights (rows with
         ``w_r = 0`` add nothing, even when their activations are not finite)."""
 
     def subsample(self, coef: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -30,17 +30,17 @@ class LinearEvaluation:
     masked: bool = False
     """Rows may hold non-finite activations (``on_nonfinite = "skip"``): zero-weight rows are masked out."""
 
-    def _tokens(self, m: int, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
-        """``h (r, T, C_in)`` and ``e (r, T, C_out)`` of linear ``m`` (its ``rows``)."""
-        h, e = self.h[m][rows], self.e[m][rows]
+    def _tokens(self, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``h (r, T, C_in)`` and ``e (r, T, C_out)`` of linear ``m``."""
+        h, e = self.h[m], self.e[m]
         return h.reshape(len(h), -1, h.shape[-1]), e.reshape(len(e), -1, e.shape[-1])
 
-    def sums(self, w: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+    def sums(self, w: torch.Tensor) -> torch.Tensor:
         """``sum_r w_r sum_t eps_rt h_rt^T`` (and ``sum_r w_r sum_t eps_rt`` for biases): one float32 matmul per
         linear over all ``r x T`` tokens of the chunk."""
         parts = []
         for m, (_, lin) in enumerate(self.group.linears):
-            h, e = self._tokens(m, rows)
+            h, e = self._tokens(m)
             if self.masked:
                 h = torch.where(w[:, None, None] != 0, h, 0)
             ew = e.float() * w[:, None, None]  # (r, T, C_out)

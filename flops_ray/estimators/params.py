@@ -28,8 +28,8 @@ class NoiseEvaluation:
     losses: torch.Tensor
     noise: Draws
 
-    def sums(self, w: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
-        return self.noise.weigh(w, rows)  # (P_g,)
+    def sums(self, w: torch.Tensor) -> torch.Tensor:
+        return self.noise.weigh(w)  # (P_g,)
 
     def subsample(self, coef: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         return coef[:, None] * self.noise.at(idx)

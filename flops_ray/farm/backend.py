@@ -57,7 +57,6 @@ class RayBackend:
             raise ValueError(f"{len(options)} worker options for {farm.max_workers} workers")
         self._owns_ray = init_ray(farm)
         self.pool: ReplicaPool | None = None
-        self.scheduler: Scheduler | None = None
         try:
             self._start(cfg, model, loss_fn, options)
         except BaseException:
@@ -93,11 +92,10 @@ class RayBackend:
     def sync(self, step: int, x: np.ndarray, y: np.ndarray) -> None:
         """One ``ray.put`` of the batch, shared by every replica."""
         batch = StepBatch(step, np.ascontiguousarray(x), np.ascontiguousarray(y))
-        self.scheduler.new_step()
         self.pool.sync(ray.put(batch), batch.nbytes)
 
-    def run(self, tasks: list[ShardTask], meanwhile: Callable[[], None] | None = None) -> list[ShardResult]:
-        return self.scheduler.run(tasks, meanwhile)
+    def run(self, tasks: list[ShardTask]) -> list[ShardResult]:
+        return self.scheduler.run(tasks)
 
     def reduce(self, tasks: list[ShardTask], results: list[ShardResult], sizes: list[int]) -> Reduced:
         """Prepare the step's update: the replicas' all-reduce, the per-draw coefficients (scalar), or the
@@ -253,8 +251,6 @@ class RayBackend:
 
     def close(self) -> None:
         """Kill the replicas, and shut Ray down if this backend started it."""
-        if self.scheduler is not None:
-            self.scheduler.close()
         if self.pool is not None:
             self.pool.close()
         if self._owns_ray:

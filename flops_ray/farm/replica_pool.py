@@ -92,8 +92,6 @@ class Slot:
     """Which of the pool's syncs ``sync_ref`` answers (a replica still starting may answer an old one)."""
     calls: dict[ray.ObjectRef, int] = field(default_factory=dict)
     """In-flight ``run`` calls: reference -> task position."""
-    affine: list[int] = field(default_factory=list)
-    """Queued ``finalize`` positions whose pilot this replica ran."""
     held: list[ShardTask] = field(default_factory=list)
     """All-reduce: accepted tasks whose gradient partial lives on this replica."""
     version: int = 0
@@ -302,7 +300,6 @@ class ReplicaPool:
         slot.losses += 1
         slot.start_at = time.monotonic() + self.budget.backoff(slot.losses)
         slot.calls.clear()
-        slot.affine.clear()
         slot.held.clear()
         self.counters.restarts += 1
         for listener in self.on_replace:
@@ -344,7 +341,6 @@ class ReplicaPool:
             for ref in slot.calls:
                 ray.cancel(ref)
             slot.calls.clear()
-            slot.affine.clear()
 
     def close(self) -> None:
         """Kill every replica."""

@@ -1,9 +1,7 @@
-"""Completion-order scheduling of shard tasks over the replica pool, with pilot affinity and retries.
+"""Completion-order scheduling of shard tasks over the replica pool, with retries.
 
 - Largest-cost task first, at most ``in_flight`` calls per replica; the next task goes to whichever
   replica finishes first (``ray.wait``), so a faster replica takes more shards.
-- A ``finalize`` task goes to the replica that ran its ``pilot`` while that replica lives: it is served
-  from the pilot cache there instead of recomputing the pilot forwards.
 - A replica that dies (any :class:`ray.exceptions.RayActorError`, or a result lost with its node) is
   replaced, after a backoff when deaths come in a row; its in-flight tasks go back in the queue. Deaths
   never fail the step while shards keep finishing (the pool's fault budget; a replica lost while still
@@ -18,7 +16,6 @@ from __future__ import annotations
 import pickle
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import ray
 from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
@@ -26,7 +23,7 @@ from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 from flops_ray.farm.counters import DispatchCounters
 from flops_ray.farm.errors import FarmError
 from flops_ray.farm.replica_pool import ReplicaPool, Slot
-from flops_ray.messages import ShardResult, ShardTask, TaskKind
+from flops_ray.messages import ShardResult, ShardTask
 
 ResultListener = Callable[[int], None]
 """Called with the number of results accepted so far (all runs) after each accepted result."""
@@ -53,74 +50,38 @@ class Scheduler:
         self.coefficients = coefficients
         self.stall_timeout = stall_timeout
         self.listeners: list[ResultListener] = []
-        self._owner: dict[tuple[int, int], int] = {}
-        self._side = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flops-meanwhile")
-        pool.on_replace.append(self._disown)
 
-    def new_step(self) -> None:
-        """Forget the previous step's pilot owners."""
-        self._owner.clear()
-
-    def close(self) -> None:
-        """Stop the thread that runs ``meanwhile`` work."""
-        self._side.shutdown()
-
-    def _disown(self, index: int) -> None:
-        self._owner = {k: v for k, v in self._owner.items() if v != index}
-
-    def run(
-        self, tasks: list[ShardTask], meanwhile: Callable[[], None] | None = None, *, recompute: bool = False
-    ) -> list[ShardResult]:
+    def run(self, tasks: list[ShardTask], *, recompute: bool = False) -> list[ShardResult]:
         """Evaluate ``tasks`` on the replicas; results in task order.
 
         Args:
             tasks: the tasks.
-            meanwhile: starts once, right after the first calls are submitted, in a thread beside the dispatch
-                loop, so driver work (the allocator fit) overlaps the replicas' work without holding up the
-                calls behind the first ones; ``run`` returns (or raises) once it has finished too, and its error
-                is raised if the tasks succeeded.
             recompute: the tasks were accepted before and are re-run (their partials died): counted as
                 ``recomputed``, not ``accepted``.
         """
-        side: list[Future] = []
-
-        def start() -> None:
-            side.append(self._side.submit(meanwhile))
-
         try:
-            results = self._dispatch(tasks, start if meanwhile is not None else None, progress=not recompute)
+            results = self._dispatch(tasks, progress=not recompute)
         except BaseException:
             self.pool.forget_calls()
-            wait(side)
             raise
-        for future in side:
-            future.result()
         if recompute:
             self.counters.recomputed += len(results)
         else:
             self.counters.accepted += len(results)
         return results
 
-    def _dispatch(
-        self, tasks: list[ShardTask], meanwhile: Callable[[], None] | None, progress: bool
-    ) -> list[ShardResult]:
+    def _dispatch(self, tasks: list[ShardTask], progress: bool) -> list[ShardResult]:
         """Run ``tasks``; ``progress``: their results refill the fault budget (recomputed partials do not, or a
         replica that dies in every all-reduce would loop forever)."""
         if not self.pool.synced:
             raise FarmError("sync() must give the replicas a step before tasks run")
         results: list[ShardResult | None] = [None] * len(tasks)
         general = sorted(range(len(tasks)), key=lambda i: -tasks[i].cost)
-        for slot in self.pool.slots:
-            slot.affine.clear()
-        general = self._place_affine(tasks, general)
         done = 0
         last_finish = time.monotonic()
         while done < len(tasks):
             self.pool.start_due()
             self._fill(tasks, general)
-            if meanwhile is not None:
-                meanwhile, overlapped = None, meanwhile
-                overlapped()
             ref, slot = self._next_finished(last_finish)
             if ref is None:
                 continue
@@ -152,8 +113,6 @@ class Scheduler:
             self._accept(slot, slot.calls.pop(ref), tasks, results, value)
             for listener in self.listeners:
                 listener(self.counters.accepted + done)
-        if meanwhile is not None:
-            meanwhile()  # an empty task list: the driver's work still happens
         return results
 
     def _next_finished(self, last_finish: float) -> tuple[ray.ObjectRef | None, Slot | None]:
@@ -189,27 +148,14 @@ class Scheduler:
         results[pos] = value
         self.counters.bytes_returned += value.nbytes
         task = tasks[pos]
-        if task.kind == TaskKind.PILOT:
-            self._owner[(task.group, task.index)] = self.pool.slots.index(slot)
         if self.keep_partials and value.grad is None and task.weights is not None:
             slot.held.append(task)
 
-    def _place_affine(self, tasks: list[ShardTask], positions: list[int]) -> list[int]:
-        """Move ``finalize`` positions whose pilot owner is up to that owner's queue; return the rest."""
-        rest = []
-        for i in positions:
-            owner = self._owner.get((tasks[i].group, tasks[i].index)) if tasks[i].kind == TaskKind.FINALIZE else None
-            if owner is not None:
-                self.pool.slots[owner].affine.append(i)
-            else:
-                rest.append(i)
-        return rest
-
     def _fill(self, tasks: list[ShardTask], general: list[int]) -> None:
-        """Top every ready replica up to ``in_flight`` calls: its own finalizes first, then the largest task."""
+        """Top every ready replica up to ``in_flight`` calls, largest task first."""
         for slot in self.pool.slots:
-            while slot.ready and len(slot.calls) < self.in_flight and (slot.affine or general):
-                pos = slot.affine.pop(0) if slot.affine else general.pop(0)
+            while slot.ready and len(slot.calls) < self.in_flight and general:
+                pos = general.pop(0)
                 ref = slot.handle.run.remote(tasks[pos], self.keep_partials, self.coefficients)
                 slot.calls[ref] = pos
                 self.counters.dispatched += 1
@@ -222,7 +168,7 @@ class Scheduler:
 
         ``charge``: count the death in the fault budget even while the replica was still starting (it failed
         by itself, not with its node)."""
-        requeue = list(slot.calls.values()) + slot.affine
+        requeue = list(slot.calls.values())
         running = [tasks[pos].key for pos in slot.calls.values()]
         what = f"a replica died running tasks {running}" if running else "a replica failed before finishing a sync"
         # Lost while starting, not by its own constructor: a preempted node, not a sign the work cannot be done.

@@ -159,7 +159,7 @@ class Worker:
         """Evaluate ``task``; with ``keep`` the gradient partial stays here for the all-reduce, with
         ``coefficients`` it travels as per-draw coefficients (the scalar protocol)."""
         t0 = time.perf_counter()
-        kept = keep and task.kind in (TaskKind.FINALIZE, TaskKind.MAIN)
+        kept = keep and task.kind == TaskKind.MAIN
         result, grad = self.engine.run_on_device(task) if kept else (self.engine.run(task, coefficients), None)
         if self.options.slowdown > 1.0:
             time.sleep((self.options.slowdown - 1.0) * (time.perf_counter() - t0))
