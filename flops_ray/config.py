@@ -88,9 +88,9 @@ class EstimatorConfig:
     allocator reads their traces: they run first, in their own round (a barrier), and need two independent
     draws (4 queries for antithetic pairs). One that allocates from them (neyman) does not reuse them in the
     estimate; one that only fits on them (gaussian) does, and its main round runs them again (the replicas
-    keep nothing in between: ``B x pilot`` more forwards per group). Otherwise nothing reads them before the
-    allocation: they run with the other queries, enter the estimate and feed the trace memory (every query
-    of the step then returns per-sample traces). MeZO is SPSA with a budget of 2 and equal allocation."""
+    keep nothing in between: ``B x pilot`` more forwards per group). Otherwise nothing reads them: they are
+    each sample's first queries, run with the others, and only set the fewest queries a sample gets. MeZO is
+    SPSA with a budget of 2 and equal allocation."""
     floor: int = 2
     """Fewest queries any sample gets (even, >= 2)."""
     trace_coords: int = 512

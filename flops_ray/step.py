@@ -260,9 +260,8 @@ class ForwardStep:
             report.traces.append(traces)
             used = counts if self.reuse_pilot else counts - pilot
             report.variance_ratio.append(variance_ratio(traces, used, total / b))
-            # Per-sample traces of the main queries cost a little per shard: a memory read this step needs them, and
-            # a pilot without a round feeds the memory through them, as its own round would.
-            feed = self._uses_memory(g, proxies) or (pilot > 0 and not self.pilot_round)
+            # Per-sample traces of the main queries cost up to a fifth of an LR shard: only a memory read needs them.
+            feed = self._uses_memory(g, proxies)
             tasks += plan_main(
                 step, g, counts, sample_ids, losses, pilot, self.shard_cost, unit, self.reuse_pilot, feed
             )

@@ -35,7 +35,8 @@ import ray
 import torch
 from torch import nn
 
-from flops_ray.config import AllocatorConfig, EstimatorConfig, FarmConfig, GroupConfig, TrainConfig
+from flops_ray.allocators import AllocationFeatures, create_allocator
+from flops_ray.config import AllocatorConfig, EstimatorConfig, FarmConfig, GroupConfig, TrainConfig, least_queries
 from flops_ray.data import digits
 from flops_ray.estimators import RowPlan
 from flops_ray.farm.costs import call_costs
@@ -81,7 +82,7 @@ class ScaleConfig:
     seed: int = 0
 
 
-QUICK = ScaleConfig(validate_steps=5, reps=2)
+QUICK = ScaleConfig(reps=2)
 
 # The stated GPU cluster of the simulation (not measured here): DGX H100-class nodes.
 ASSUMPTIONS = {
@@ -96,13 +97,15 @@ ASSUMPTIONS = {
     "weighs each regenerated number at tensor-core rate (2 flops at 50 TFLOP/s); per-query engine costs are "
     "the H100 float32 figures of bench_engine (docs/results/bench_engine_cuda.json); one farm.shard_cost for "
     "the main round and one farm.clean_shard for the clean pass, those (8 to 256 forwards, 1 to 128 samples) "
-    "the model finds fastest on n GPUs; the "
-    "driver's call, task and per-step seconds are measured here (per step: the shipped ViT-B/16 config's step "
-    "shape, planned and allocated on the driver; its allocator fit runs beside the main round)",
+    "the model finds fastest on n GPUs; the driver's call, task and per-step seconds are measured here (per "
+    "step: the shipped ViT-B/16 config's step shape, planned and allocated on the driver); its allocator fit, "
+    "timed alone on one thread here, runs in a driver thread with a core of its own from the main round to "
+    "the next step's allocation",
 }
 VIT_B = {"batch": 128, "queries_per_sample": 20, "groups": 4, "pilot": 4, "params": 86_000_000}
 VIT_B_MAIN_SHARD = 32
-"""Forwards per main shard of the ViT-B step on 64 GPUs (about 4 per GPU), for the driver's planning cost."""
+"""Forwards per main shard of the ViT-B step for the driver's planning cost: 5 shards per GPU at 64 GPUs, more
+tasks to plan than the sizes the model picks there (conservative)."""
 
 
 def mlp(width: int) -> nn.Module:
@@ -268,7 +271,7 @@ def vit_b_driver_seconds(bench: ScaleConfig) -> tuple[float, float]:
     depend on the step's shape, not on the model, whose forwards are timed apart and left out.
 
     Returns:
-        The driver's own seconds and its allocator fit's (which overlaps the main round).
+        The driver's own seconds, and the allocator fit's alone on one thread (:func:`fit_seconds`).
     """
     vit, _ = load_config(ROOT / "jobs/configs/vit_b16_cifar100.yaml")
     blocks = (("blocks.0.*",), ("blocks.1.*",), ("blocks.[2-3].*",), ("head",))
@@ -281,7 +284,30 @@ def vit_b_driver_seconds(bench: ScaleConfig) -> tuple[float, float]:
         farm=FarmConfig(shard_cost=VIT_B_MAIN_SHARD),
     )
     t = timed_steps(cfg, 2, bench.seed)
-    return t.driver_s, t.fit_s
+    return t.driver_s, fit_seconds(cfg, bench.reps)
+
+
+def fit_seconds(cfg: TrainConfig, reps: int, width: int = 768) -> float:
+    """Seconds of one step's allocator fit under ``cfg`` (every group's), alone on one thread: on a farm it runs
+    in a thread of the driver beside a dispatch loop that mostly waits on Ray, not beside an in-process engine
+    as in :func:`timed_steps`. Its cost depends on the batch, the groups and the allocator's settings, not on the
+    features' values (``width``: the embeddings', ViT-B's by default). Best of ``reps``."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    b = cfg.batch_size
+    feats = AllocationFeatures(
+        torch.rand(b, generator=gen, dtype=torch.float64) + 0.1,
+        torch.rand(b, generator=gen, dtype=torch.float64),
+        torch.randn(b, width, generator=gen, dtype=torch.float64),
+    )
+    minimum = least_queries(cfg.estimator, cfg.allocator)
+    best = math.inf
+    for _ in range(reps):
+        allocators = [create_allocator(cfg.allocator) for _ in cfg.groups]
+        t0 = time.perf_counter()
+        for allocator, group in zip(allocators, cfg.groups):
+            allocator.update(feats, group.queries_per_sample * b, minimum, gen)
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def _vit_groups() -> tuple[GroupConfig, ...]:
@@ -326,12 +352,12 @@ def busy_seconds() -> float:
 
 def validate(bench: ScaleConfig, kind: str, call_s: float) -> dict:
     """Predicted against measured step seconds of real local farms of the digits ViT. The costs are measured
-    right before each farm runs (a shared host's speed drifts within minutes); the first farm also measures
-    ``host_s``: the machine's busy CPU seconds per step beyond its replica's own (shards and updates)."""
+    right before and right after each farm runs, and averaged (a shared host's speed drifts by a quarter within
+    minutes); the first farm also measures ``host_s``: the machine's busy CPU seconds per step beyond its
+    replica's own (shards and updates)."""
     out = {"workers": [], "predicted_s": [], "measured_s": [], "error": [], "host_s": 0.0, "costs": []}
     for n in bench.validate_workers:
-        costs, work = calibrate(bench, kind, call_s)
-        costs = dataclasses.replace(costs, host_s=out["host_s"])
+        before_farm, work = calibrate(bench, kind, call_s)
         cfg = _config(bench, kind, n, groups=_vit_groups(), model="digits_vit")
         with Trainer(cfg, create_model("digits_vit", 10, 8, bench.seed), digits("train")) as tr:
             tr.step()
@@ -345,7 +371,9 @@ def validate(bench: ScaleConfig, kind: str, call_s: float) -> dict:
             )
         if n == bench.validate_workers[0]:
             out["host_s"] = max(0.0, busy - replicas) / len(reports)
-            costs = dataclasses.replace(costs, host_s=out["host_s"])
+        after_farm, _ = calibrate(bench, kind, call_s)
+        mean = {k: (v + getattr(after_farm, k)) / 2 for k, v in asdict(before_farm).items()}
+        costs = Costs(**{**mean, "cores": before_farm.cores, "host_s": out["host_s"]})
         out["costs"].append(asdict(costs))
         measured = sorted(r.seconds for r in reports)[len(reports) // 2]
         predicted = step_time(work, costs, n)["total"]

@@ -46,15 +46,13 @@ def _model(cfg: TrainConfig):
 
 def test_a_pilot_nothing_reads_runs_with_the_main_queries(data, recorded):
     """A reused pilot (the allocation reads the clean pass) adds no round: a step is one clean and one main
-    round, runs exactly its budget of queries, and every main task returns the traces the pilot fed the trace
-    memory with."""
+    round and runs exactly its budget of queries; no task spends time on per-sample traces nothing reads."""
     cfg = _cfg()
     with Trainer(cfg, _model(cfg), *data, backend_factory=recorded) as trainer:
         report = trainer.step()
         (clean, _), (main, results) = trainer.backend.runs
-        assert trainer.memory.weight.sum() > 0
     assert {t.kind for t in clean} == {TaskKind.CLEAN} and {t.kind for t in main} == {TaskKind.MAIN}
-    assert all(t.traces and r.traces is not None for t, r in zip(main, results))
+    assert not any(t.traces or r.traces is not None for t, r in zip(main, results))
     assert report.queries == sum(g.queries_per_sample for g in cfg.groups) * cfg.batch_size
 
 
