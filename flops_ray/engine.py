@@ -173,7 +173,7 @@ class QueryEngine:
         weights = None if task.weights is None else torch.tensor(task.weights, dtype=torch.float32, device=self.device)
         idx = self._trace_coords(task.step, task.group) if task.traces or task.kind == TaskKind.PILOT else None
         # Per draw, its unweighted sum of sign * coefficient: weighted by its item's weight at the end.
-        raw = torch.zeros(len(rows.keys), device=self.device) if coefficients else None
+        raw = torch.zeros(len(rows.keys), device=self.device) if coefficients and weights is not None else None
         grad = None
         if weights is not None and not coefficients:
             grad = torch.zeros(est.group.size, dtype=torch.float32, device=self.device)
@@ -196,7 +196,7 @@ class QueryEngine:
         self._check_finite(task, host, np.repeat(np.arange(len(task.items)), [it.cost for it in task.items]), skip)
         traces = self._item_traces(task, rows, torch.cat(subs)) if idx is not None else (None, None)
         draw_item = None if raw is None else torch.zeros_like(rows.keys).scatter_(0, rows.draw, rows.item)
-        coefs = None if raw is None or weights is None else to_numpy(raw * weights[draw_item])
+        coefs = None if raw is None else to_numpy(raw * weights[draw_item])
         return host, grad, coefs, *traces
 
     def _check_finite(self, task: ShardTask, losses: np.ndarray, items: np.ndarray, skip: bool) -> None:

@@ -166,6 +166,9 @@ class ForwardStep:
         """True from the moment a step's results start changing state until the trainer has applied it."""
         self.minimum = least_queries(estimator, allocator)
         self._pending: Future[tuple[list[dict], float]] | None = None
+        self._pending_step = -1
+        self._unreported = 0.0
+        """Seconds of fits adopted since the last step's report (a checkpoint may adopt one between steps)."""
 
     def settle(self) -> float:
         """Adopt the last step's allocator fit, waiting while it still runs; call before reading allocator state.
@@ -174,14 +177,23 @@ class ForwardStep:
             The fit's seconds (0 when none was pending).
 
         Raises:
-            Exception: the fit's own error (it stays pending, so every later read raises it too).
+            Exception: the fit's own error, once, noting its step; the allocators keep their state from
+                before it (a checkpoint written after the error holds that state).
         """
         if self._pending is None:
             return 0.0
-        states, seconds = self._pending.result()
-        self._pending = None
+        pending, self._pending = self._pending, None
+        try:
+            states, seconds = pending.result()
+        except BaseException as exc:
+            if not pending.done():  # interrupted while waiting: the fit is still the next step's to adopt
+                self._pending = pending
+            else:
+                exc.add_note(f"in the allocator fit of step {self._pending_step} (its state was not adopted)")
+            raise
         for allocator, state in zip(self.allocators, states):
             allocator.load_state_dict(state)
+        self._unreported += seconds
         return seconds
 
     def discard(self) -> None:
@@ -200,7 +212,7 @@ class ForwardStep:
                 allocator.update(feats[g], cfg.queries_per_sample * b, self.minimum, gen)
             return [a.state_dict() for a in copies], time.perf_counter() - t0
 
-        self._pending = _FITS.submit(fit)
+        self._pending, self._pending_step = _FITS.submit(fit), step
 
     def _uses_memory(self, g: int, proxies: np.ndarray) -> bool:
         """Whether group ``g`` allocates from the trace memory: asked for, or the clean pass has no proxy."""
@@ -246,7 +258,8 @@ class ForwardStep:
 
         tasks: list[ShardTask] = []
         feats = []
-        report.fit_seconds = self.settle()
+        self.settle()
+        report.fit_seconds, self._unreported = self._unreported, 0.0
         for g, cfg in enumerate(self.groups):
             pilot_traces = _per_sample(pilot_tasks, pilot_results, g, b)[0]
             traces = self._signal(g, ids, proxies, pilot_traces)

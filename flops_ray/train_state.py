@@ -17,9 +17,18 @@ from torch import nn
 from flops_ray.config import TrainConfig
 from flops_ray.config_dict import config_to_dict
 
-RESUME_FREE = ("steps", "eval_every", "farm", "pretrained", "data.cache_dir", "data.test_dataset")
+RESUME_FREE = (
+    "steps",
+    "eval_every",
+    "farm",
+    "pretrained",
+    "data.cache_dir",
+    "data.test_dataset",
+    "estimator.pilot_cache_mb",
+)
 """Config fields a resumed run may change: run length, evaluation cadence, where queries run (the result
-does not depend on it), the path the initial weights came from, and where data is cached or tested."""
+does not depend on it), the path the initial weights came from, where data is cached or tested, and a
+memory budget earlier versions saved (``estimator.pilot_cache_mb``, gone with the pilot cache)."""
 
 
 class CheckpointError(ValueError):

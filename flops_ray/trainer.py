@@ -251,6 +251,8 @@ class Trainer:
             CheckpointError: another config, model, optimizer state or allocator count.
         """
         check_resumable(state, self.cfg, self._model, self.params, where)
+        if self.forward_step is not None:
+            self.forward_step.discard()  # first: a load that fails part-way must not let it land later
         if len(state.allocators) != len(self.allocators):
             raise CheckpointError(
                 f"{where} holds {len(state.allocators)} allocator states, the trainer has {len(self.allocators)}"
@@ -270,8 +272,6 @@ class Trainer:
             raise CheckpointError(f"{where}: trace memory does not fit ({exc})") from exc
         with torch.no_grad():
             self._model.load_state_dict(state.model)
-        if self.forward_step is not None:
-            self.forward_step.discard()
         self.step_count = self._pulled = state.step
         if self.backend is not None:
             self.backend.load_state(ReplicaState(state.step, self._master_params(), self.optimizer.state_dict()))

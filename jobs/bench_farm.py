@@ -6,8 +6,8 @@
   ideal = total forwards / summed replica speed (each replica's forwards / busy seconds in that run),
   for completion-order dispatch and for a static per-sample assignment (sample ``j`` -> replica ``j % W``).
 - ``allocator_overhead``: allocator seconds on the step's critical path (sampling the allocation) / step
-  seconds of real training steps on the farm; the Gaussian fit runs while the step's queries are in flight
-  and is reported beside it as ``allocator_fit_share`` (fit seconds / step seconds, overlapped).
+  seconds of real training steps on the farm; the Gaussian fit runs in a thread beside the steps and is
+  reported beside them as ``allocator_fit_share`` (fit seconds / step seconds, overlapped).
 - ``bytes_per_step_per_worker``: parameters, batch, task messages and results crossing to and from the
   replicas per step, divided by the number of replicas.
 - ``blackbox_efficiency[W]``: the same ratio on a black-box objective (prompt tokens of a frozen ViT, ES in a

@@ -29,7 +29,7 @@ BASE = TrainConfig(
     # A reused pilot: 17 tasks a step (1 clean, 16 main), which the fault tests' timings count on.
     estimator=EstimatorConfig(pilot_queries=4),
     allocator=AllocatorConfig(kind="gaussian", gaussian_iters=3),
-    farm=FarmConfig(backend="ray", workers=3, shard_cost=4, clean_shard=8, num_cpus_per_worker=1),
+    farm=FarmConfig(backend="ray", workers=3, shard_cost=16, clean_shard=8, num_cpus_per_worker=1),
 )
 
 

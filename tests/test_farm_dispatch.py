@@ -27,7 +27,7 @@ BASE = TrainConfig(
     # A reused pilot (run with the main queries); 1 clean and 16 main tasks a step.
     estimator=EstimatorConfig(pilot_queries=4),
     allocator=AllocatorConfig(kind="neyman"),
-    farm=FarmConfig(backend="ray", workers=3, shard_cost=4, clean_shard=8, num_cpus_per_worker=1),
+    farm=FarmConfig(backend="ray", workers=3, shard_cost=16, clean_shard=8, num_cpus_per_worker=1),
 )
 
 

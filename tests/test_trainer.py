@@ -180,3 +180,23 @@ def test_the_allocator_fit_runs_beside_the_queries_and_the_next_step_adopts_it(d
     report = tr.step()
     assert allocator.fits == 1 and report.fit_seconds > 0
     assert int(tr.state_dict().allocators[0]["fits"]) == 2
+
+
+class _FailingFit(EqualAllocator):
+    def update(self, feats, total, minimum, gen) -> None:
+        raise ValueError("the fit broke")
+
+
+def test_a_failed_fit_fails_the_step_that_would_adopt_it_once(data):
+    """A fit raising in its thread fails the next step (not applied), naming the fit's step; the state stays
+    the one before the fit, checkpointable, and the step then runs."""
+    tr = _trainer(data)
+    tr.allocators[0] = _FailingFit()
+    tr.step()
+    with pytest.raises(ValueError, match="the fit broke") as info:
+        tr.step()
+    assert "allocator fit of step 0" in " ".join(info.value.__notes__)
+    assert tr.step_count == 1 and tr.consistent
+    tr.state_dict()
+    tr.allocators[0] = EqualAllocator()
+    assert tr.step().step == 1
