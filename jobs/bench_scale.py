@@ -41,6 +41,7 @@ from flops_ray.data import digits
 from flops_ray.estimators import RowPlan
 from flops_ray.farm.costs import call_costs
 from flops_ray.farm.ray_init import init_ray
+from flops_ray.gaussian_allocator import GaussianAllocator
 from flops_ray.job_config import load_config
 from flops_ray.local_backend import LocalBackend
 from flops_ray.messages import ShardItem, ShardTask, TaskKind
@@ -268,7 +269,8 @@ def calibrate(bench: ScaleConfig, kind: str, call_s: float) -> tuple[Costs, Work
 def vit_b_driver_seconds(bench: ScaleConfig) -> tuple[float, float]:
     """Driver seconds per step of the shipped ViT-B/16 config's step (batch, groups, queries, estimator,
     allocator; main shards of the 64-GPU size), measured here on the digits ViT: planning and allocation
-    depend on the step's shape, not on the model, whose forwards are timed apart and left out.
+    depend on the step's shape, not on the model, whose forwards are timed apart and left out, except for
+    the batch's cosine distances, whose cost at ViT-B's embedding width is measured apart and added.
 
     Returns:
         The driver's own seconds, and the allocator fit's alone on one thread (:func:`fit_seconds`).
@@ -284,7 +286,25 @@ def vit_b_driver_seconds(bench: ScaleConfig) -> tuple[float, float]:
         farm=FarmConfig(shard_cost=VIT_B_MAIN_SHARD),
     )
     t = timed_steps(cfg, 2, bench.seed)
-    return t.driver_s, fit_seconds(cfg, bench.reps)
+    narrow = create_model("digits_vit", 10, 8, bench.seed).embed_dim
+    return t.driver_s + wider_embeddings_seconds(cfg.batch_size, narrow, 768), fit_seconds(cfg, bench.reps)
+
+
+def wider_embeddings_seconds(b: int, narrow: int, wide: int, reps: int = 50) -> float:
+    """Seconds the step's one ``(B, B)`` cosine-distance matrix (the driver's only work that grows with the
+    model's width) costs more from ``(B, wide)`` embeddings than from ``(B, narrow)`` ones (best of ``reps``)."""
+
+    def best(width: int) -> float:
+        e = torch.randn(b, width, dtype=torch.float64)
+        seconds = []
+        for _ in range(reps):
+            fresh = e.clone()  # a new tensor: the last batch's matrix is not reused
+            t0 = time.perf_counter()
+            GaussianAllocator.distances(fresh)
+            seconds.append(time.perf_counter() - t0)
+        return min(seconds)
+
+    return max(0.0, best(wide) - best(narrow))
 
 
 def fit_seconds(cfg: TrainConfig, reps: int, width: int = 768) -> float:
