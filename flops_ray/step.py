@@ -9,15 +9,14 @@ them, and the trainer asks the backend to apply the reduced gradient on every re
 
 from __future__ import annotations
 
-import copy
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 import torch
 
+from flops_ray.allocator_fit import AllocatorFit
 from flops_ray.allocators import AllocationFeatures, Allocator
 from flops_ray.config import (
     AllocatorConfig,
@@ -112,17 +111,13 @@ class StepReport:
     """Test accuracy after the step, when the step was an evaluation point."""
 
 
-_FITS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flops-allocator-fit")
-"""Runs allocator fits beside the step that started them (one at a time, process-wide)."""
-
-
 class ForwardStep:
     """Estimates the batch gradient ``g = (1/B) sum_j (1/A_j) sum_q G_jq`` of every group (paper eq. 4).
 
     Holds what stays fixed across steps; each call runs one step on ``backend``. A step's allocator fit
     (``Allocator.update``, for the next step) runs on copies of the allocators in a thread, from the step's
-    main round until the next step's allocation adopts it (:meth:`settle`), so it overlaps the queries, the
-    update and the next clean pass; a failed step drops its fit (:meth:`discard`).
+    main round until the next step's allocation adopts it (:mod:`flops_ray.allocator_fit`), so it overlaps
+    the queries, the update and the next clean pass; a failed step drops its fit.
 
     Args:
         backend: where the queries run.
@@ -165,54 +160,8 @@ class ForwardStep:
         self.committing = False
         """True from the moment a step's results start changing state until the trainer has applied it."""
         self.minimum = least_queries(estimator, allocator)
-        self._pending: Future[tuple[list[dict], float]] | None = None
-        self._pending_step = -1
-        self._unreported = 0.0
-        """Seconds of fits adopted since the last step's report (a checkpoint may adopt one between steps)."""
-
-    def settle(self) -> float:
-        """Adopt the last step's allocator fit, waiting while it still runs; call before reading allocator state.
-
-        Returns:
-            The fit's seconds (0 when none was pending).
-
-        Raises:
-            Exception: the fit's own error, once, noting its step; the allocators keep their state from
-                before it (a checkpoint written after the error holds that state).
-        """
-        if self._pending is None:
-            return 0.0
-        pending, self._pending = self._pending, None
-        try:
-            states, seconds = pending.result()
-        except BaseException as exc:
-            if not pending.done():  # interrupted while waiting: the fit is still the next step's to adopt
-                self._pending = pending
-            else:
-                exc.add_note(f"in the allocator fit of step {self._pending_step} (its state was not adopted)")
-            raise
-        for allocator, state in zip(self.allocators, states):
-            allocator.load_state_dict(state)
-        self._unreported += seconds
-        return seconds
-
-    def discard(self) -> None:
-        """Drop a pending fit, which may still run on its copies: the allocators keep their state (a failed
-        step, or state loaded from a checkpoint)."""
-        self._pending = None
-
-    def _start_fit(self, step: int, feats: list[AllocationFeatures], b: int) -> None:
-        """Fit copies of the allocators on this step's features in a thread, for the next step to adopt."""
-        copies = [_twin(a) for a in self.allocators]
-
-        def fit() -> tuple[list[dict], float]:
-            t0 = time.perf_counter()
-            for g, (allocator, cfg) in enumerate(zip(copies, self.groups)):
-                gen = generator(self.root_seed, STREAM_ALLOC_FIT, step, g)
-                allocator.update(feats[g], cfg.queries_per_sample * b, self.minimum, gen)
-            return [a.state_dict() for a in copies], time.perf_counter() - t0
-
-        self._pending, self._pending_step = _FITS.submit(fit), step
+        self.fit = AllocatorFit(allocators)
+        """The last step's allocator fit: ``fit.settle()`` before reading allocator state."""
 
     def _uses_memory(self, g: int, proxies: np.ndarray) -> bool:
         """Whether group ``g`` allocates from the trace memory: asked for, or the clean pass has no proxy."""
@@ -258,8 +207,8 @@ class ForwardStep:
 
         tasks: list[ShardTask] = []
         feats = []
-        self.settle()
-        report.fit_seconds, self._unreported = self._unreported, 0.0
+        self.fit.settle()
+        report.fit_seconds = self.fit.take_seconds()
         for g, cfg in enumerate(self.groups):
             pilot_traces = _per_sample(pilot_tasks, pilot_results, g, b)[0]
             traces = self._signal(g, ids, proxies, pilot_traces)
@@ -279,7 +228,18 @@ class ForwardStep:
                 step, g, counts, sample_ids, losses, pilot, self.shard_cost, unit, self.reuse_pilot, feed
             )
 
-        self._start_fit(step, feats, b)
+        self.fit.start(
+            step,
+            [
+                (
+                    feats[g],
+                    cfg.queries_per_sample * b,
+                    self.minimum,
+                    generator(self.root_seed, STREAM_ALLOC_FIT, step, g),
+                )
+                for g, cfg in enumerate(self.groups)
+            ],
+        )
         try:
             results = self.backend.run(tasks)
             reduced = self.backend.reduce(tasks, results, self.sizes)
@@ -287,7 +247,7 @@ class ForwardStep:
             if bad:
                 raise FloatingPointError(f"step {step}: the gradient estimate of groups {bad} is not finite")
         except BaseException:
-            self.discard()
+            self.fit.discard()
             raise
         # From here the step changes state for good: the trainer clears this once the step is applied.
         self.committing = True
@@ -300,13 +260,6 @@ class ForwardStep:
         report.skipped = sum(r.skipped for r in clean + pilot_results + results)
         report.seconds = time.perf_counter() - t0
         return reduced, report
-
-
-def _twin(allocator: Allocator) -> Allocator:
-    """A copy of ``allocator`` whose state (``state_dict``) is its own: its fit leaves the original as it was."""
-    twin = copy.copy(allocator)
-    twin.load_state_dict({k: v.clone() for k, v in allocator.state_dict().items()})
-    return twin
 
 
 def _per_sample(

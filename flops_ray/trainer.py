@@ -234,7 +234,7 @@ class Trainer:
         """Everything needed to continue this run exactly."""
         self._pull()
         if self.forward_step is not None:
-            self.forward_step.settle()
+            self.forward_step.fit.settle()
         return TrainState(
             step=self.step_count,
             config=config_to_dict(self.cfg),
@@ -252,7 +252,7 @@ class Trainer:
         """
         check_resumable(state, self.cfg, self._model, self.params, where)
         if self.forward_step is not None:
-            self.forward_step.discard()  # first: a load that fails part-way must not let it land later
+            self.forward_step.fit.discard()  # first: a load that fails part-way must not let it land later
         if len(state.allocators) != len(self.allocators):
             raise CheckpointError(
                 f"{where} holds {len(state.allocators)} allocator states, the trainer has {len(self.allocators)}"

@@ -240,7 +240,7 @@ def timed_steps(cfg: TrainConfig, steps: int, seed: int) -> _Timed:
         step_s = fit_s = 0.0
         for _ in range(steps):
             # The fit of the step before runs on into this one: waited for here, so a step's time is its own.
-            fit_s += tr.forward_step.settle()
+            fit_s += tr.forward_step.fit.settle()
             step_s += tr.step().seconds
         sizes = [g.size for g in tr.groups]
     return _Timed(step_s / steps, b.engine_s / steps, b.apply_s / steps, fit_s / steps, b.forwards / steps, sizes)

@@ -13,6 +13,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "flops_ray"
 CORE = {
+    "allocator_fit",
     "allocators",
     "blackbox",
     "budget",

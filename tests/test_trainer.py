@@ -100,7 +100,7 @@ class _FailingQueries(LocalBackend):
 
     def run(self, tasks):
         if self.fail and tasks[0].kind == TaskKind.MAIN:
-            self.forward_step._pending.result()
+            self.forward_step.fit._pending.result()
             raise RuntimeError("replicas lost")
         return super().run(tasks)
 
