@@ -34,6 +34,7 @@ __all__ = [
 SIGNALS = ("clean", "memory", "pilot")
 OPTIMIZERS = ("adam", "sgd")
 PRECISIONS = ("float32", "bfloat16", "float16")
+NOISE_LAWS = ("gaussian", "rank1")
 
 
 def _registered(kind: str) -> tuple[str, ...]:
@@ -108,6 +109,16 @@ class EstimatorConfig:
     precision: str = "float32"
     """Forward passes on the replicas: ``float32``, or under ``torch.autocast`` in ``bfloat16`` / ``float16``
     (less memory traffic on GPUs; parameters, noise and gradient sums stay float32/float64)."""
+    noise: str = "gaussian"
+    """SPSA/ES: a draw's law. ``gaussian``: independent normals per parameter (the paper's); ``rank1``: each
+    weight matrix's noise is ``u v^T`` with normal ``u``, ``v`` (same ``E[eps eps^T] = I``, unbiased; SPSA's
+    variance about ``2/m + 2/n`` higher for an ``m x n`` matrix), ``m + n`` normals instead of ``mn`` per
+    draw, and a replica replays a step's gradient as one matmul per matrix. LR perturbs outputs: always
+    ``gaussian``."""
+    share_prefix: bool = True
+    """Run the blocks before a group's first block once per sample, not once per query (the block's input fans
+    out to the sample's queries; checked exact on a replica's first chunk, else off): a query of a top group
+    costs well under a plain forward. Off: every query runs the whole model."""
 
     @property
     def paired(self) -> bool:
@@ -135,6 +146,7 @@ class EstimatorConfig:
             "estimator.precision",
             f"must be one of {PRECISIONS}, got {self.precision!r}",
         )
+        require(self.noise in NOISE_LAWS, "estimator.noise", f"must be one of {NOISE_LAWS}, got {self.noise!r}")
         require(
             self.on_nonfinite in ("raise", "skip"),
             "estimator.on_nonfinite",

@@ -20,6 +20,7 @@ from torch import nn
 from flops_ray.config import EstimatorConfig, GroupConfig
 from flops_ray.estimators import RowPlan, Shard, estimator_family
 from flops_ray.groups import flatten, resolve_groups, to_numpy, unflatten_into
+from flops_ray.heap import keep_freed_memory
 from flops_ray.losses import LossFn, cross_entropy
 from flops_ray.messages import ShardResult, ShardTask, TaskKind
 from flops_ray.replay import replay_gradients
@@ -52,6 +53,8 @@ class QueryEngine:
         device: str | torch.device = "cpu",
     ):
         self.device = torch.device(device)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # chunks reuse the pages the last one freed
         self.model = model.to(self.device).eval()
         family = estimator_family(estimator, self.model)
         self.scalar = not family.linear_outputs
@@ -127,8 +130,8 @@ class QueryEngine:
 
     def replay(self, tasks: Sequence[ShardTask], coefs: Sequence[np.ndarray]) -> list[torch.Tensor]:
         """Per group ``(P_g,)`` float64 gradient sums rebuilt from the weighted tasks' per-draw coefficients."""
-        sizes = [g.size for g in self.groups]
-        return replay_gradients(tasks, coefs, sizes, self.est.unit, self.root_seed, self.device)
+        layouts = [est.noise_layout(self._x) for est in self.estimators]
+        return replay_gradients(tasks, coefs, layouts, self.est.unit, self.root_seed, self.device)
 
     def forward_precision(self) -> contextlib.AbstractContextManager:
         """The precision of forward passes: ``estimator.precision`` under autocast, else the model's dtype."""
@@ -168,7 +171,7 @@ class QueryEngine:
         est = self.estimators[task.group]
         rows = RowPlan.of(task, self.est.unit, self.root_seed, self.device)
         skip = self.est.on_nonfinite == "skip"
-        shard = Shard(task, rows, self._x, self._y, est.noise_size(self._x), self.dtype, skip_errors=skip)
+        shard = Shard(task, rows, self._x, self._y, est.noise_layout(self._x), self.dtype, skip_errors=skip)
         base = torch.tensor([it.baseline for it in task.items], dtype=torch.float64, device=self.device)
         weights = None if task.weights is None else torch.tensor(task.weights, dtype=torch.float32, device=self.device)
         idx = self._trace_coords(task.step, task.group) if task.traces or task.kind == TaskKind.PILOT else None

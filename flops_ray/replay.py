@@ -15,16 +15,16 @@ import torch
 
 from flops_ray.estimators.base import RowPlan
 from flops_ray.messages import ShardTask
-from flops_ray.noise import gaussian
+from flops_ray.noise import NoiseLayout
 
 BLOCK_BYTES = 64 * 2**20
-"""Noise made at a time while replaying: a block of draws of at most this many bytes (``(d, P_g)`` float32)."""
+"""Noise made at a time while replaying: a block of draws of at most this many bytes of normals (float32)."""
 
 
 def replay_gradients(
     tasks: Sequence[ShardTask],
     coefs: Sequence[np.ndarray],
-    sizes: Sequence[int],
+    layouts: Sequence[NoiseLayout],
     unit: int,
     root_seed: int,
     device: torch.device,
@@ -34,21 +34,22 @@ def replay_gradients(
     Args:
         tasks: the step's weighted (``main``) tasks.
         coefs: per task, ``(D,)`` the weighted coefficient of each of its draws in first-use order.
-        sizes: ``P_g`` per group (the noise size of a parameter-perturbing family).
+        layouts: per group, how a draw fills its ``(P_g,)`` (:meth:`Estimator.noise_layout` of a
+            parameter-perturbing family).
         unit: queries per draw (2 for antithetic pairs).
         root_seed: the run's root seed.
         device: where the noise is made and the sums kept.
     """
-    grads = [torch.zeros(n, dtype=torch.float64, device=device) for n in sizes]
+    grads = [torch.zeros(lay.size, dtype=torch.float64, device=device) for lay in layouts]
     for task, c in sorted(zip(tasks, coefs), key=lambda tc: tc[0].order):
         keys = RowPlan.of(task, unit, root_seed, device).keys
         if len(keys) != len(c):
             raise ValueError(f"task {task.key} has {len(keys)} noise draws but {len(c)} coefficients")
-        size = sizes[task.group]
+        layout = layouts[task.group]
         c = torch.as_tensor(c, dtype=torch.float32, device=device)
-        block = max(1, BLOCK_BYTES // (4 * size))
-        part = torch.zeros(size, dtype=torch.float32, device=device)
+        block = max(1, BLOCK_BYTES // (4 * layout.normals))
+        part = torch.zeros(layout.size, dtype=torch.float32, device=device)
         for s in range(0, len(keys), block):
-            part += c[s : s + block] @ gaussian(keys[s : s + block], size)  # (d,) @ (d, P_g)
+            part += layout.weigh(keys[s : s + block], c[s : s + block])
         grads[task.group] += part
     return grads

@@ -25,6 +25,7 @@ RESUME_FREE = (
     "data.cache_dir",
     "data.test_dataset",
     "estimator.pilot_cache_mb",
+    "estimator.share_prefix",
 )
 """Config fields a resumed run may change: run length, evaluation cadence, where queries run (the result
 does not depend on it), the path the initial weights came from, where data is cached or tested, and a
@@ -62,13 +63,18 @@ def _flat(data: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
 
 
 def config_mismatch(saved: dict[str, Any], current: TrainConfig, free: Iterable[str] = RESUME_FREE) -> list[str]:
-    """Fields (outside ``free``) where ``current`` differs from a saved config, as ``field: saved -> current``."""
+    """Fields (outside ``free``) where ``current`` differs from a saved config, as ``field: saved -> current``.
+
+    A field the saved config lacks (it predates the field) matches the field's default: that is how the saved
+    run behaved."""
     old, now = dict(_flat(saved)), dict(_flat(config_to_dict(current)))
+    defaults = dict(_flat(config_to_dict(TrainConfig())))
     free = tuple(free)
     return [
         f"{key}: {old.get(key)!r} -> {now.get(key)!r}"
         for key in sorted(set(old) | set(now))
-        if not any(key == f or key.startswith(f + ".") for f in free) and old.get(key) != now.get(key)
+        if not any(key == f or key.startswith(f + ".") for f in free)
+        and old.get(key, defaults.get(key)) != now.get(key)
     ]
 
 

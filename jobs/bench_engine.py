@@ -1,6 +1,10 @@
-"""Engine benchmark: how close one replica's perturbed queries come to plain inference of the same model.
+"""Engine benchmark: one replica's perturbed queries against plain inference of the same model.
 
-A query can never be cheaper than one forward pass; LR also assembles ``sum_t eps_t h_t^T`` per query.
+A query that runs the whole model can never be cheaper than one forward pass; LR also assembles
+``sum_t eps_t h_t^T`` per query. The engine shares the blocks before the group between a sample's queries
+(``estimator.share_prefix``, :mod:`flops_ray.estimators.prefix`), so a query of a high group costs less
+than a forward and its efficiency can pass 1; each kind is also timed with every query through the whole
+model, the bound the first sentence states.
 On one main shard of ``Q`` queries, planned as the trainer plans it (``flops_ray.plan``, equal counts,
 the config's pilot and pair settings), on the same rows and device:
 
@@ -8,9 +12,13 @@ the config's pilot and pair settings), on the same rows and device:
   replica's work, its gradient sum left on the device for the reduction) divided by plain
   batched inference rows/s (``model(x)`` under ``torch.inference_mode``, in the engine's ``max_rows``
   chunks) of the same ``Q`` rows; each repetition times the two back to back, the median ratio is kept.
+  ``details[workload]["efficiency_whole_model"][kind]``: the same with ``estimator.share_prefix`` off;
+  ``details[workload]["shared_prefix"]``: the block where a sample's queries fan out (``null``: none);
+  ``details[workload]["efficiency_rank1_noise"][kind]``: SPSA/ES with ``estimator.noise: rank1``.
 - ``lr_bound[workload]``: ``F / (F + A)``, with ``F`` the forward flops per row (``FlopCounterMode``,
   attention counted through its matmuls) and ``A`` the LR assembly flops per query of the group's
-  linears (``2 * in * out`` per token, plus ``out`` per token for a bias): the best LR efficiency.
+  linears (``2 * in * out`` per token, plus ``out`` per token for a bias): the best LR efficiency of
+  queries through the whole model.
 - ``details[workload]["noise_bound"][kind]``: ``t_infer / (t_infer + t_noise)``, the best efficiency the
   kind could reach on this device if its queries cost a plain forward plus making their noise and
   nothing else (SPSA/ES need ``P_g`` numbers per draw, LR one per output of the group's linears).
@@ -87,8 +95,8 @@ class Workload:
 
 DIGITS = Workload("digits_ops_lr.yaml", "top", ("lr", "spsa", "es"), model="digits_vit", reps=21)
 """The default digits ViT without its backprop pretraining (same architecture, so the same speed)."""
-VIT_B16 = Workload("vit_b16_cifar100.yaml", "top", ("lr", "spsa"), shard=32)
-"""Fewer queries than the config's 256 per shard: SPSA's noise alone is 28M floats per draw."""
+VIT_B16 = Workload("vit_b16_cifar100.yaml", "top", ("lr", "spsa"), shard=40)
+"""Fewer queries than the config's 256 per shard (two samples' 20): SPSA's noise alone is 28M floats per draw."""
 
 
 @dataclass(frozen=True)
@@ -107,7 +115,9 @@ class BenchConfig:
         return {"digits_vit": self.digits_vit, "vit_b16": self.vit_b16}
 
 
-QUICK = BenchConfig(replace(DIGITS, reps=15), replace(VIT_B16, shard=8, reps=5), peak_rows=64)
+QUICK = BenchConfig(replace(DIGITS, reps=15), replace(VIT_B16, shard=24, reps=5), peak_rows=64)
+"""ViT-B/16 on a shard of 24 queries: a sample's 20 and 4 of the next (a shard of one sample shares nothing
+before the engine has checked the fan-out on one of several)."""
 
 
 def device() -> torch.device:
@@ -139,12 +149,36 @@ def _batch(cfg: TrainConfig, model: nn.Module, samples: int) -> tuple[np.ndarray
     return x.numpy(), y.numpy(), np.arange(samples)
 
 
+@dataclass(frozen=True)
+class Variant:
+    """An estimator kind and the engine settings it is timed with."""
+
+    kind: str
+    share_prefix: bool = True
+    """``estimator.share_prefix``."""
+    noise: str = "gaussian"
+    """``estimator.noise``."""
+
+    def __str__(self) -> str:
+        return " ".join(
+            [self.kind, *([] if self.share_prefix else ["whole"]), *([self.noise] * (self.noise != "gaussian"))]
+        )
+
+
+def variants(kinds: tuple[str, ...]) -> list[Variant]:
+    """Each kind as configured (the blocks before the group shared per sample), with every query through the
+    whole model (``share_prefix`` off), and SPSA/ES also with rank-1 noise."""
+    out = [Variant(k, share) for k in kinds for share in (True, False)]
+    return out + [Variant(k, noise="rank1") for k in kinds if k != "lr"]
+
+
 def replica(
-    cfg: TrainConfig, group: int, kind: str, model: nn.Module, shard: int, where: torch.device
+    cfg: TrainConfig, group: int, model: nn.Module, shard: int, where: torch.device, variant: Variant
 ) -> tuple[QueryEngine, ShardTask]:
-    """An engine for estimator ``kind`` holding a batch just large enough for one main shard of ``shard``
-    queries of ``group``, and that shard: clean pass, equal counts and the main plan as in a training step."""
-    est = dataclasses.replace(cfg.estimator, kind=kind)
+    """An engine for ``variant`` holding a batch just large enough for one main shard of ``shard`` queries of
+    ``group``, and that shard: clean pass, equal counts and the main plan as in a training step."""
+    v = variant
+    est = dataclasses.replace(cfg.estimator, kind=v.kind, share_prefix=v.share_prefix, noise=v.noise)
     pilot, per_sample = est.pilot_queries, cfg.groups[group].queries_per_sample
     reuse = reuses_pilot(est, cfg.allocator)
     samples = -(-shard // (per_sample - (0 if reuse else pilot)))
@@ -222,30 +256,40 @@ def measure(name: str, work: Workload, where: torch.device) -> dict:
 def _measure(name: str, work: Workload, where: torch.device, cfg: TrainConfig, group: int, model: nn.Module) -> dict:
     # A GPU runs the config's own shard: a few rows would time kernel launches, not queries.
     shard = cfg.farm.shard_cost if where.type == "cuda" else work.shard or cfg.farm.shard_cost
-    replicas = {kind: replica(cfg, group, kind, model, shard, where) for kind in work.kinds}
-    engine, task = replicas[work.kinds[0]]
+    replicas = {v: replica(cfg, group, model, shard, where, v) for v in variants(work.kinds)}
+    engine, task = next(iter(replicas.values()))
     rows = RowPlan.of(task, engine.est.unit, engine.root_seed, engine.device)
     inputs = engine.batch()[0][rows.pos]
     max_rows = engine.est.max_rows
     _infer(engine, model, inputs, rows, max_rows)  # warm-up
     for engine, task in replicas.values():
         engine.run(task)  # warm-up (LR probes its output sizes once)
-    seconds: dict[str, list[tuple[float, float]]] = {kind: [] for kind in work.kinds}
+    seconds: dict[Variant, list[tuple[float, float]]] = {v: [] for v in replicas}
     for rep in range(work.reps):
-        for kind, (engine, task) in replicas.items():
+        for v, (engine, task) in replicas.items():
             # Back to back, so both sides of a ratio see the same load of a shared machine.
             plain = _seconds(lambda e=engine: _infer(e, model, inputs, rows, max_rows), where)
-            seconds[kind].append((plain, _seconds(lambda e=engine, t=task: e.run_on_device(t), where)))
-        last = {k: s[-1][0] / s[-1][1] for k, s in seconds.items()}
+            seconds[v].append((plain, _seconds(lambda e=engine, t=task: e.run_on_device(t), where)))
+        last = {str(v): s[-1][0] / s[-1][1] for v, s in seconds.items()}
         print(f"{name} rep {rep + 1}/{work.reps}: {len(rows)} queries, efficiency {_fmt(last)}", flush=True)
-    efficiency = {k: statistics.median(plain / perturbed for plain, perturbed in s) for k, s in seconds.items()}
-    made = {kind: noise_seconds(engine, task, work.reps, where) for kind, (engine, task) in replicas.items()}
+    ratio = {v: statistics.median(plain / perturbed for plain, perturbed in s) for v, s in seconds.items()}
+    efficiency = {k: ratio[Variant(k)] for k in work.kinds}
+    whole = {k: ratio[Variant(k, share_prefix=False)] for k in work.kinds}
+    rank1 = {k: r for v, r in ratio.items() if v.noise == "rank1" for k in [v.kind]}
+    made = {k: noise_seconds(*replicas[Variant(k)], work.reps, where) for k in work.kinds}
     noise = {kind: numbers / sec for kind, (numbers, sec) in made.items()}
     plain = statistics.median(plain for s in seconds.values() for plain, _ in s)
     bound = lr_bound(model, cfg, group, inputs)
-    print(f"{name}: efficiency {_fmt(efficiency)}, LR bound {bound['bound']:.3f}, noise/s {_fmt(noise)}", flush=True)
+    print(
+        f"{name}: efficiency {_fmt(efficiency)} (whole model per query: {_fmt(whole)}; rank-1 noise: {_fmt(rank1)}), LR bound "
+        f"{bound['bound']:.3f}, noise/s {_fmt(noise)}",
+        flush=True,
+    )
     return {
         "efficiency": efficiency,
+        "efficiency_whole_model": whole,
+        "efficiency_rank1_noise": rank1,
+        "shared_prefix": replicas[Variant(work.kinds[0])][0].estimators[group].prefix.cut,
         "lr_bound": bound["bound"],
         "forward_flops_per_row": bound["forward_flops"],
         "assembly_flops_per_query": bound["assembly_flops"],
@@ -253,7 +297,7 @@ def _measure(name: str, work: Workload, where: torch.device, cfg: TrainConfig, g
         "max_rows": max_rows,
         "rows_per_s": len(rows) / plain,
         "queries_per_s": {
-            k: len(rows) / statistics.median(perturbed for _, perturbed in s) for k, s in seconds.items()
+            k: len(rows) / statistics.median(perturbed for _, perturbed in seconds[k, True]) for k in work.kinds
         },
         "noise_numbers_per_s": noise,
         "noise_bound": {kind: plain / (plain + sec) for kind, (_, sec) in made.items()},
@@ -263,12 +307,12 @@ def _measure(name: str, work: Workload, where: torch.device, cfg: TrainConfig, g
 def noise_seconds(engine: QueryEngine, task: ShardTask, reps: int, where: torch.device) -> tuple[int, float]:
     """Gaussian numbers the engine's noise path makes for ``task``'s rows, and its seconds (median of ``reps``)."""
     rows = RowPlan.of(task, engine.est.unit, engine.root_seed, engine.device)
-    size = engine.estimators[task.group].noise_size(engine.batch()[0])
+    layout = engine.estimators[task.group].noise_layout(engine.batch()[0])
     chunks = rows.chunks(engine.est.max_rows)
     seconds = [
-        _seconds(lambda: [rows.draws(sl, size, engine.dtype).rows() for sl in chunks], where) for _ in range(reps)
+        _seconds(lambda: [rows.draws(sl, layout, engine.dtype).rows() for sl in chunks], where) for _ in range(reps)
     ]
-    return len(rows.keys) * size, statistics.median(seconds)
+    return len(rows.keys) * layout.size, statistics.median(seconds)
 
 
 def _fmt(values: dict[str, float]) -> str:
@@ -289,7 +333,8 @@ def peak_replica(work: Workload, rows: int) -> dict:
     where = device()
     before = _held(where)
     cfg, group, model = load_workload(work)
-    engine, task = replica(cfg, group, cfg.estimator.kind, model, rows, where)
+    est = cfg.estimator
+    engine, task = replica(cfg, group, model, rows, where, Variant(est.kind, est.share_prefix, est.noise))
     engine.run(task)
     return {"bytes": _held(where) - before, "rows": task.cost, "kind": cfg.estimator.kind}
 

@@ -46,6 +46,7 @@ from flops_ray.job_config import load_config
 from flops_ray.local_backend import LocalBackend
 from flops_ray.messages import ShardItem, ShardTask, TaskKind
 from flops_ray.models import create_model
+from flops_ray.noise import NoiseLayout
 from flops_ray.replay import replay_gradients
 from flops_ray.step_time import Costs, Workload, step_time
 from flops_ray.trainer import Trainer, default_backend
@@ -356,7 +357,7 @@ def replay_seconds_per_number(bench: ScaleConfig, size: int) -> float:
     best = math.inf
     for _ in range(bench.reps):
         t0 = time.perf_counter()
-        replay_gradients([task], [coefs], [size], 1, bench.seed, torch.device("cpu"))
+        replay_gradients([task], [coefs], [NoiseLayout.dense(size)], 1, bench.seed, torch.device("cpu"))
         best = min(best, time.perf_counter() - t0)
     return best / (draws * size)
 

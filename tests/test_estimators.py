@@ -12,6 +12,7 @@ from flops_ray.engine import NonFiniteLossError, QueryEngine
 from flops_ray.estimators import RowPlan
 from flops_ray.losses import cross_entropy
 from flops_ray.messages import ShardItem, ShardTask, TaskKind
+from flops_ray.noise import NoiseLayout
 
 
 class TokenMLP(nn.Module):
@@ -27,12 +28,12 @@ class TokenMLP(nn.Module):
 
 
 def _engine(
-    kind: str, sigma: float = 1e-3, antithetic: bool = True, trace_coords: int = 512
+    kind: str, sigma: float = 1e-3, antithetic: bool = True, trace_coords: int = 512, noise: str = "gaussian"
 ) -> tuple[QueryEngine, torch.Tensor, float]:
     torch.manual_seed(0)
     model = TokenMLP().double()
     groups = (GroupConfig("all", ("fc1", "fc2"), sigma, 2),)
-    est = EstimatorConfig(kind=kind, antithetic=antithetic, trace_coords=trace_coords)
+    est = EstimatorConfig(kind=kind, antithetic=antithetic, trace_coords=trace_coords, noise=noise)
     engine = QueryEngine(model, groups, est, root_seed=7)
     x = torch.randn(2, 5, 6, dtype=torch.float64)
     y = torch.tensor([1, 2])
@@ -56,8 +57,18 @@ def _block_means(engine: QueryEngine, baseline: float, blocks: int, per_block: i
     return torch.stack(out)
 
 
-@pytest.mark.parametrize(("kind", "antithetic"), [("lr", True), ("lr", False), ("spsa", True), ("es", False)])
-def test_estimator_is_unbiased(kind, antithetic):
+@pytest.mark.parametrize(
+    ("kind", "antithetic", "noise"),
+    [
+        ("lr", True, "gaussian"),
+        ("lr", False, "gaussian"),
+        ("spsa", True, "gaussian"),
+        ("es", False, "gaussian"),
+        ("spsa", True, "rank1"),
+        ("es", False, "rank1"),
+    ],
+)
+def test_estimator_is_unbiased(kind, antithetic, noise):
     """z-scores of the block means against autograd follow N(0, 1) coordinate by coordinate.
 
     With K = 40 independent blocks the per-coordinate t-statistic has variance (K-1)/(K-3) = 1.05, so
@@ -68,7 +79,7 @@ def test_estimator_is_unbiased(kind, antithetic):
     sigma = 1e-3 in float64 keeps the O(sigma^2) smoothing bias ~1e-6 of the gradient, far below the
     standard errors.
     """
-    engine, true, clean = _engine(kind, antithetic=antithetic)
+    engine, true, clean = _engine(kind, antithetic=antithetic, noise=noise)
     means = _block_means(engine, clean, blocks=40, per_block=200)
     est = means.mean(0)
     se = means.std(0, unbiased=True) / means.shape[0] ** 0.5
@@ -93,6 +104,16 @@ def test_ranges_sum_to_the_whole():
     )
     # Shard sums are float32: 24 terms in another order differ by a few float32 roundings of the largest.
     np.testing.assert_allclose(parts, whole, rtol=0, atol=24 * 2**-23 * np.abs(whole).max())
+
+
+@pytest.mark.parametrize("kind", ["spsa", "es"])
+def test_rank1_noise_replays_to_the_shards_gradient(kind):
+    """The scalar protocol's replay of rank-1 draws (one matmul per matrix) gives the shard's own sum."""
+    engine, _, clean = _engine(kind, sigma=0.1, noise="rank1")
+    task = _main(0, 0, (ShardItem(0, 9, 0, 8, clean), ShardItem(1, 5, 2, 12, clean)), (0.5, 0.25))
+    direct = engine.run(task).grad
+    (replayed,) = engine.replay([task], [engine.run(task, coefficients=True).coefs])
+    np.testing.assert_allclose(replayed.numpy(), direct, rtol=1e-5, atol=1e-6 * np.abs(direct).max())
 
 
 def test_query_noise_is_a_pure_function_of_its_counters():
@@ -178,7 +199,8 @@ def test_spsa_runs_modules_that_cannot_run_per_row_through_the_whole_model():
     assert engine.estimators[0]._whole_model
     params = engine.groups[0].params
     theta = torch.cat([p.detach().flatten() for _, p in params])
-    eps = RowPlan.of(task, 2, 3, torch.device("cpu")).draws(slice(0, 8), len(theta), torch.float64).rows()
+    rows = RowPlan.of(task, 2, 3, torch.device("cpu"))
+    eps = rows.draws(slice(0, 8), NoiseLayout.dense(len(theta)), torch.float64).rows()
     x, y = engine.batch()
     expected = []
     for r in range(8):  # rows 0-3 are sample 0's two pairs, rows 4-7 sample 1's

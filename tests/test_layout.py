@@ -26,6 +26,7 @@ CORE = {
     "farm_config",
     "gaussian_allocator",
     "groups",
+    "heap",
     "local_backend",
     "losses",
     "messages",

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from flops_ray.noise import draw_keys, gaussian
+from flops_ray.noise import NoiseLayout, draw_keys, gaussian
 from flops_ray.seeding import STREAM_QUERY, derive_seed
 
 N = 1 << 20
@@ -70,6 +70,26 @@ def test_draws_and_coordinates_are_uncorrelated():
     assert off.abs().max().item() < 5 / math.sqrt(n)
     lag = torch.corrcoef(torch.stack([z[0, 1:], z[0, :-1]]))[0, 1].item()
     assert abs(lag) < 5 / math.sqrt(n)
+
+
+def test_rank1_draws_have_identity_covariance_and_their_weighted_sum_needs_no_draws():
+    """A rank-1 block ``vec(u v^T)``: unit variance, uncorrelated coordinates (``E[z z^T] = I``), kurtosis
+    ``E[u^4] E[v^4] = 9``; a dense block beside it is plain normals; ``weigh`` equals ``coefs @ make``."""
+    layout = NoiseLayout(((4, 3), (5, 0)))
+    n = N // 16
+    keys = draw_keys(2, 0, 1, torch.arange(n), torch.zeros(n, dtype=torch.long))
+    z = layout.make(keys).double()  # (n, 17)
+    se = 1 / math.sqrt(n)
+    cov = z.T @ z / n
+    # Per draw, Var(z_a z_b) is at most Var(z_a^2) = 9 - 1 = 8; Var(z_a^4) = E[u^8] E[v^8] - 81 = 105^2 - 81.
+    # A draw's coordinates are averaged together, so its average varies at most as much as one coordinate.
+    assert (cov - torch.eye(17, dtype=z.dtype)).abs().max().item() < 5 * math.sqrt(8) * se
+    assert abs((z[:, :12] ** 4).mean().item() - 9) < 5 * math.sqrt(105**2 - 81) * se
+    assert abs((z[:, 12:] ** 4).mean().item() - 3) < 5 * math.sqrt(96) * se
+    coefs = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(layout.weigh(keys[:64], coefs), coefs @ layout.make(keys[:64]), rtol=1e-5, atol=1e-5)
+    assert NoiseLayout.of([torch.Size([4, 3]), torch.Size([5])], rank1=True) == layout
+    assert NoiseLayout.of([torch.Size([4, 3]), torch.Size([5])], rank1=False) == NoiseLayout.dense(17)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

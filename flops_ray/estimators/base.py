@@ -9,7 +9,7 @@ estimate over ``[q0, q1)`` can be computed in pieces and summed.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -17,10 +17,11 @@ import torch
 from torch import nn
 
 from flops_ray.config import EstimatorConfig
+from flops_ray.estimators.prefix import SharedPrefix
 from flops_ray.groups import ResolvedGroup
 from flops_ray.losses import LossFn
 from flops_ray.messages import ShardTask
-from flops_ray.noise import draw_keys, gaussian
+from flops_ray.noise import NoiseLayout, draw_keys
 from flops_ray.trace_proxy import clean_pass
 
 
@@ -35,6 +36,8 @@ class RowPlan:
     """Row of the query's sample in the step's batch."""
     item: torch.Tensor
     """Index of the query's item in the task."""
+    item_pos: torch.Tensor
+    """``(I,)`` row of each item's sample in the step's batch."""
     sign: torch.Tensor
     """``+1``, or ``-1`` for the second query of an antithetic pair (float32)."""
     draw: torch.Tensor
@@ -43,6 +46,8 @@ class RowPlan:
     """``(D,)`` int64 keys of the distinct draws (:func:`flops_ray.noise.draw_keys`), in first-use order."""
     host_draw: tuple[int, ...]
     """On the host: ``draw`` of every row, so a chunk's draws are known without asking the device."""
+    host_item: tuple[int, ...]
+    """On the host: ``item`` of every row, so a chunk's samples are known without asking the device."""
     unit: int
     """Queries per draw: 2 for antithetic pairs, else 1."""
 
@@ -61,10 +66,12 @@ class RowPlan:
         return cls(
             pos=pos[item].to(device),
             item=item.to(device),
+            item_pos=pos.to(device),
             sign=sign.to(device),
             draw=draw.to(device),
             keys=keys.to(device),
             host_draw=tuple(draw.tolist()),
+            host_item=tuple(item.tolist()),
             unit=unit,
         )
 
@@ -75,10 +82,19 @@ class RowPlan:
         """Row slices of at most ``max_rows`` (one batched forward each)."""
         return [slice(s, min(len(self), s + max_rows)) for s in range(0, len(self), max_rows)]
 
-    def draws(self, rows: slice, size: int, dtype: torch.dtype) -> Draws:
+    def samples(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """``rows``' samples as batch rows ``(u,)``, one per item, and each row's index into them ``(r,)``."""
+        lo, hi = self.host_item[rows.start], self.host_item[rows.stop - 1] + 1
+        return self.item_pos[lo:hi], self.item[rows] - lo
+
+    def draws(self, rows: slice, layout: NoiseLayout, dtype: torch.dtype) -> Draws:
         """The distinct draws of ``rows``, each made once on the device (``dtype``: the model's)."""
-        lo, hi = self.host_draw[rows.start], self.host_draw[rows.stop - 1] + 1
-        return Draws(gaussian(self.keys[lo:hi], size), self.draw[rows] - lo, self.sign[rows], dtype)
+        chunk = self.host_draw[rows]
+        lo, hi = chunk[0], chunk[-1] + 1
+        # Rows that take the draws in order, each once or each twice (a whole pair), need no gather.
+        runs = len(chunk) // (hi - lo)
+        in_order = runs in (1, self.unit) and chunk == tuple(d for d in range(lo, hi) for _ in range(runs))
+        return Draws(layout.make(self.keys[lo:hi]), self.draw[rows] - lo, self.sign[rows], dtype, in_order)
 
 
 @dataclass(frozen=True)
@@ -93,12 +109,21 @@ class Draws:
     """``(r,)`` each row's sign (float32)."""
     dtype: torch.dtype
     """The model's dtype, that of the rows handed to it."""
+    in_order: bool = False
+    """Row ``r`` takes draw ``r // (r / d)``: each draw once, or twice in a row (an antithetic pair)."""
 
     def rows(self, scale: float = 1.0, offset: torch.Tensor | None = None) -> torch.Tensor:
         """``(r, size)`` ``offset + scale * sign_r z_draw_r`` in the model's dtype (a float64 model's ``offset``
-        keeps its digits): one gather, then in-place updates."""
-        out = torch.index_select(self.z, 0, self.draw).to(self.dtype)
-        out.mul_((scale * self.sign).to(self.dtype)[:, None])
+        keeps its digits): one pass over the rows when they take the draws in order, else a gather first."""
+        z = self.z.to(self.dtype)
+        signs = (scale * self.sign).to(self.dtype)
+        if self.in_order:
+            d = len(z)
+            signs = signs.view(d, -1, 1)  # (d, r / d, 1)
+            out = z[:, None, :] * signs if offset is None else torch.addcmul(offset, z[:, None, :], signs)
+            return out.view(len(self.draw), -1)
+        out = torch.index_select(z, 0, self.draw)
+        out.mul_(signs[:, None])
         return out if offset is None else out.add_(offset)
 
     def weigh(self, w: torch.Tensor) -> torch.Tensor:
@@ -122,8 +147,8 @@ class Shard:
     """``(B, ...)`` the step's batch on the replica's device."""
     y: torch.Tensor
     """``(B,)`` targets."""
-    noise_size: int
-    """Noise numbers per query."""
+    noise_layout: NoiseLayout
+    """How a query's noise fills its vector (:meth:`Estimator.noise_layout`)."""
     dtype: torch.dtype
     """The model's dtype, in which the rows' noise is handed over (it is made in float32)."""
     skip_errors: bool = False
@@ -131,7 +156,15 @@ class Shard:
 
     def noise(self, rows: slice) -> Draws:
         """The noise of ``rows``, made on the device when their chunk runs."""
-        return self.rows.draws(rows, self.noise_size, self.dtype)
+        return self.rows.draws(rows, self.noise_layout, self.dtype)
+
+    def outputs(
+        self, rows: slice, forward: Callable[[torch.Tensor], torch.Tensor], prefix: SharedPrefix
+    ) -> torch.Tensor:
+        """Model outputs of ``rows`` by ``forward`` (the model with the chunk's perturbation in place), the blocks
+        before the group run once per sample where ``prefix`` allows."""
+        first, fan = self.rows.samples(rows)
+        return prefix.run(forward, self.x, first, fan)
 
 
 class Evaluation(Protocol):
@@ -167,10 +200,16 @@ class Estimator(ABC):
         self.group = group
         self.cfg = cfg
         self.loss_fn = loss_fn
+        self.prefix = SharedPrefix(model, group, cfg)
+        """Where a chunk's rows fan out from its samples (families that run the model's blocks)."""
 
     @abstractmethod
     def noise_size(self, x: torch.Tensor) -> int:
         """Noise numbers per query (``x``: the step's batch, for families that probe output sizes)."""
+
+    def noise_layout(self, x: torch.Tensor) -> NoiseLayout:
+        """How a query's :meth:`noise_size` numbers are drawn: independent normals unless a family says else."""
+        return NoiseLayout.dense(self.noise_size(x))
 
     def clean(
         self, task: ShardTask, x: torch.Tensor, y: torch.Tensor, groups: list[ResolvedGroup]

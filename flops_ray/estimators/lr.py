@@ -125,6 +125,6 @@ class LinearOutputEstimator(Estimator):
         with self._hooks(make_hook):
             for sl in shard.rows.chunks(self.cfg.max_rows):
                 current["eps"] = shard.noise(sl).rows()
-                losses = self.loss_fn(self.model(shard.x[pos[sl]]), shard.y[pos[sl]])
+                losses = self.loss_fn(shard.outputs(sl, self.model, self.prefix), shard.y[pos[sl]])
                 h, e = zip(*captured)
                 yield sl, LinearEvaluation(losses, self.group, list(h), list(e), masked=shard.skip_errors)

@@ -19,6 +19,7 @@ from torch.func import functional_call, vmap
 from flops_ray.estimators.base import Draws, Estimator, Shard
 from flops_ray.estimators.registry import register_estimator
 from flops_ray.groups import ResolvedGroup, flatten
+from flops_ray.noise import NoiseLayout
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,10 @@ class ParamEstimator(Estimator):
     def noise_size(self, x: torch.Tensor) -> int:
         return self.group.size
 
+    def noise_layout(self, x: torch.Tensor) -> NoiseLayout:
+        """``estimator.noise``: dense normals, or rank-1 blocks for the group's matrices."""
+        return NoiseLayout.of([p.shape for _, p in self.group.params], self.cfg.noise == "rank1")
+
     @contextlib.contextmanager
     def _per_row(self, theta: torch.Tensor) -> Iterator[None]:
         """Swap each owning module for a :class:`_PerRow` of it with ``theta (r, P_g)``'s slices."""
@@ -127,15 +132,15 @@ class ParamEstimator(Estimator):
 
         return vmap(one)(theta, x)
 
-    def _rows(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The model on rows ``x (r, ...)``, row ``r`` with the group's parameters ``theta[r] (P_g,)``."""
+    def _rows(self, theta: torch.Tensor, shard: Shard, rows: slice) -> torch.Tensor:
+        """The model on the shard's ``rows``, row ``r`` with the group's parameters ``theta[r] (P_g,)``."""
         if not self._whole_model:
             try:
                 with self._per_row(theta):
-                    return self.model(x)
+                    return shard.outputs(rows, self.model, self.prefix)
             except _NotBatchFirst:
                 self._whole_model = True
-        return self._whole(theta, x)
+        return self._whole(theta, shard.x[shard.rows.pos[rows]])
 
     def forward(self, shard: Shard) -> Iterator[tuple[slice, NoiseEvaluation]]:
         pos = shard.rows.pos
@@ -146,5 +151,5 @@ class ParamEstimator(Estimator):
             for sl in shard.rows.chunks(self.cfg.max_rows):
                 noise = shard.noise(sl)
                 theta = noise.rows(self.group.sigma, base)
-                out = self._rows(theta, shard.x[pos[sl]])
+                out = self._rows(theta, shard, sl)
                 yield sl, NoiseEvaluation(self.loss_fn(out, shard.y[pos[sl]]), noise)

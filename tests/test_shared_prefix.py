@@ -1,0 +1,107 @@
+"""The shared prefix: blocks before a group run once per sample, with the estimate of every row through the model."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from flops_ray.config import EstimatorConfig, GroupConfig
+from flops_ray.engine import QueryEngine
+from flops_ray.messages import ShardItem, ShardTask, TaskKind
+
+
+class _Block(nn.Module):
+    """A residual token MLP, as a transformer block's second half."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, 2 * width)
+        self.fc2 = nn.Linear(2 * width, width)
+
+    def forward(self, x):
+        return x + self.fc2(torch.tanh(self.fc1(x)))
+
+
+class Stacked(nn.Module):
+    """Embedding, a stack of three blocks, pooled head; ``skip`` adds the embedding back around the stack."""
+
+    def __init__(self, skip: bool = False):
+        super().__init__()
+        self.embed = nn.Linear(5, 6)
+        self.blocks = nn.Sequential(*(_Block(6) for _ in range(3)))
+        self.head = nn.Linear(6, 3)
+        self.skip = skip
+
+    def forward(self, x):
+        h = self.embed(x)
+        out = self.blocks(h)
+        return self.head((out + h if self.skip else out).mean(1))
+
+
+TOP = ("blocks.2.fc2", "head")
+
+
+def _run(kind: str, share: bool, skip: bool = False, rows: dict | None = None, modules: tuple[str, ...] = TOP):
+    """Losses and gradient sum of one main shard (3 samples, 6 queries each) of a group of ``modules``;
+    ``rows`` collects the rows each block sees."""
+    torch.manual_seed(0)
+    model = Stacked(skip).double()
+    if rows is not None:
+
+        def seen(name):
+            def hook(module, args, out):
+                rows[name] = len(args[0])  # the last call: the shard's only chunk (after any checks)
+
+            return hook
+
+        for name in ("embed", "blocks.0", "blocks.2"):
+            model.get_submodule(name).register_forward_hook(seen(name))
+    groups = (GroupConfig("top", modules, 1e-3, 6),)
+    est = EstimatorConfig(kind=kind, share_prefix=share)
+    engine = QueryEngine(model, groups, est, root_seed=5)
+    engine.set_batch(0, torch.randn(4, 7, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 1]))
+    items = tuple(ShardItem(pos, 10 + pos, 0, 6, 1.0) for pos in (0, 2, 3))
+    task = ShardTask(kind=TaskKind.MAIN, step=0, group=0, index=0, items=items, weights=(1.0, 0.5, 0.25))
+    result = engine.run(task)
+    return result.losses, result.grad, engine.estimators[0].prefix.cut
+
+
+@pytest.mark.parametrize(
+    ("modules", "cut", "per_sample"),
+    [(TOP, "blocks.2", ("embed", "blocks.0")), (("head",), "head", ("embed", "blocks.0", "blocks.2"))],
+)
+@pytest.mark.parametrize("kind", ["lr", "spsa", "es"])
+def test_blocks_below_the_group_run_once_per_sample_with_the_same_estimate(kind, modules, cut, per_sample):
+    rows: dict[str, int] = {}
+    losses, grad, found = _run(kind, share=True, rows=rows, modules=modules)
+    assert found == cut
+    want = {name: 3 if name in per_sample else 18 for name in ("embed", "blocks.0", "blocks.2")}
+    assert rows == want, "the prefix ran per query, or rows were lost"
+    whole_losses, whole_grad, _ = _run(kind, share=False, modules=modules)
+    np.testing.assert_allclose(losses, whole_losses, rtol=1e-12)
+    np.testing.assert_allclose(grad, whole_grad, rtol=1e-9, atol=1e-12)
+
+
+def test_a_skip_around_the_cut_makes_every_query_run_the_whole_model():
+    """The embedding added back after the stack cannot meet fanned-out rows: the first chunk finds it, warns,
+    and the estimate is the one of whole-model rows."""
+    with pytest.warns(UserWarning, match="cannot be shared"):
+        losses, grad, cut = _run("spsa", share=True, skip=True)
+    assert cut is None
+    whole_losses, whole_grad, _ = _run("spsa", share=False, skip=True)
+    np.testing.assert_array_equal(losses, whole_losses)
+    np.testing.assert_array_equal(grad, whole_grad)
+
+
+def test_share_prefix_is_a_config_field_resumes_may_change():
+    from flops_ray.config import TrainConfig
+    from flops_ray.config_dict import config_to_dict
+    from flops_ray.train_state import config_mismatch
+
+    cfg = TrainConfig()
+    off = cfg.replace(estimator=dataclasses.replace(cfg.estimator, share_prefix=False))
+    assert config_mismatch(config_to_dict(cfg), off) == []
