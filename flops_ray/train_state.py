@@ -67,14 +67,13 @@ def config_mismatch(saved: dict[str, Any], current: TrainConfig, free: Iterable[
 
     A field the saved config lacks (it predates the field) matches the field's default: that is how the saved
     run behaved."""
-    old, now = dict(_flat(saved)), dict(_flat(config_to_dict(current)))
-    defaults = dict(_flat(config_to_dict(TrainConfig())))
+    now = dict(_flat(config_to_dict(current)))
+    old = {**dict(_flat(config_to_dict(TrainConfig()))), **dict(_flat(saved))}
     free = tuple(free)
     return [
         f"{key}: {old.get(key)!r} -> {now.get(key)!r}"
         for key in sorted(set(old) | set(now))
-        if not any(key == f or key.startswith(f + ".") for f in free)
-        and old.get(key, defaults.get(key)) != now.get(key)
+        if not any(key == f or key.startswith(f + ".") for f in free) and old.get(key) != now.get(key)
     ]
 
 

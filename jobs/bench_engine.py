@@ -297,7 +297,7 @@ def _measure(name: str, work: Workload, where: torch.device, cfg: TrainConfig, g
         "max_rows": max_rows,
         "rows_per_s": len(rows) / plain,
         "queries_per_s": {
-            k: len(rows) / statistics.median(perturbed for _, perturbed in seconds[k, True]) for k in work.kinds
+            k: len(rows) / statistics.median(perturbed for _, perturbed in seconds[Variant(k)]) for k in work.kinds
         },
         "noise_numbers_per_s": noise,
         "noise_bound": {kind: plain / (plain + sec) for kind, (_, sec) in made.items()},

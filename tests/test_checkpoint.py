@@ -13,6 +13,8 @@ from flops_ray.checkpoint import (
     read_checkpoint,
 )
 from flops_ray.config import AllocatorConfig, EstimatorConfig, GroupConfig, TrainConfig
+from flops_ray.config_dict import config_to_dict
+from flops_ray.train_state import config_mismatch
 from flops_ray.models import create_model
 from flops_ray.trainer import Trainer
 from flops_ray.weights import load_pretrained, save_state_dict
@@ -97,6 +99,15 @@ def test_different_config_is_named(tmp_path, data):
     other = Trainer(_cfg(lr=1e-2), model, *data)
     with pytest.raises(CheckpointError, match=r"different config: lr: 0\.002 -> 0\.01"):
         other.resume(path)
+
+
+def test_a_field_newer_than_the_checkpoint_is_read_as_its_default():
+    """A run saved before ``estimator.noise`` existed behaved as its default: it resumes at the default only."""
+    saved = config_to_dict(_cfg())
+    del saved["estimator"]["noise"]
+    assert config_mismatch(saved, _cfg()) == []
+    rank1 = _cfg(estimator=EstimatorConfig(noise="rank1"))
+    assert config_mismatch(saved, rank1) == ["estimator.noise: 'gaussian' -> 'rank1'"]
 
 
 def test_different_model_is_named(tmp_path, data):

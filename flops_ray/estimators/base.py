@@ -110,7 +110,7 @@ class Draws:
     dtype: torch.dtype
     """The model's dtype, that of the rows handed to it."""
     in_order: bool = False
-    """Row ``r`` takes draw ``r // (r / d)``: each draw once, or twice in a row (an antithetic pair)."""
+    """The rows take the draws in order, each draw once or twice in a row (a whole antithetic pair)."""
 
     def rows(self, scale: float = 1.0, offset: torch.Tensor | None = None) -> torch.Tensor:
         """``(r, size)`` ``offset + scale * sign_r z_draw_r`` in the model's dtype (a float64 model's ``offset``
@@ -164,7 +164,8 @@ class Shard:
         """Model outputs of ``rows`` by ``forward`` (the model with the chunk's perturbation in place), the blocks
         before the group run once per sample where ``prefix`` allows."""
         first, fan = self.rows.samples(rows)
-        return prefix.run(forward, self.x, first, fan)
+        with torch.inference_mode():  # no version counters or view tracking: 2-7% of a digits ViT query
+            return prefix.run(forward, self.x, first, fan)
 
 
 class Evaluation(Protocol):
