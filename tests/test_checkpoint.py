@@ -14,8 +14,8 @@ from flops_ray.checkpoint import (
 )
 from flops_ray.config import AllocatorConfig, EstimatorConfig, GroupConfig, TrainConfig
 from flops_ray.config_dict import config_to_dict
-from flops_ray.train_state import config_mismatch
 from flops_ray.models import create_model
+from flops_ray.train_state import config_mismatch
 from flops_ray.trainer import Trainer
 from flops_ray.weights import load_pretrained, save_state_dict
 
