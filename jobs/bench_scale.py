@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -223,48 +224,64 @@ class _Timed:
         return self.step_s - self.engine_s - self.apply_s
 
 
+class LocalSteps(contextlib.AbstractContextManager):
+    """In-process steps of the digits ViT under ``cfg`` on one thread (after one warm-up step), taken one at a
+    time, so they can be interleaved with a farm's: the replica's part (shards, reduction, update) timed
+    apart from the driver's own, and the allocator fit's."""
+
+    def __init__(self, cfg: TrainConfig, seed: int):
+        backends: list[_TimedLocal] = []
+
+        def factory(c, model, loss_fn):
+            engine = default_backend(c.replace(farm=FarmConfig()), model, loss_fn).engine
+            backends.append(_TimedLocal(engine, c.update_rule))
+            return backends[0]
+
+        torch.set_num_threads(1)
+        self.trainer = Trainer(cfg, create_model("digits_vit", 10, 8, seed), digits("train"), backend_factory=factory)
+        self.trainer.step()
+        self.backend = backends[0]
+        self.backend.engine_s = self.backend.apply_s = self.backend.forwards = 0
+        self.steps, self.step_s, self.fit_s = 0, 0.0, 0.0
+
+    def step(self) -> None:
+        # The fit of the step before runs on into this one: waited for here, so a step's time is its own.
+        self.fit_s += self.trainer.forward_step.fit.settle()
+        self.step_s += self.trainer.step().seconds
+        self.steps += 1
+
+    def timed(self) -> _Timed:
+        b, n = self.backend, self.steps
+        sizes = [g.size for g in self.trainer.groups]
+        return _Timed(self.step_s / n, b.engine_s / n, b.apply_s / n, self.fit_s / n, b.forwards / n, sizes)
+
+    def __exit__(self, *exc) -> None:
+        self.trainer.close()
+
+
 def timed_steps(cfg: TrainConfig, steps: int, seed: int) -> _Timed:
     """``steps`` in-process steps of the digits ViT under ``cfg`` (after one warm-up step), one thread."""
-    backends: list[_TimedLocal] = []
-
-    def factory(c, model, loss_fn):
-        backends.append(
-            _TimedLocal(default_backend(c.replace(farm=FarmConfig()), model, loss_fn).engine, c.update_rule)
-        )
-        return backends[0]
-
-    torch.set_num_threads(1)
-    with Trainer(cfg, create_model("digits_vit", 10, 8, seed), digits("train"), backend_factory=factory) as tr:
-        tr.step()
-        b = backends[0]
-        b.engine_s = b.apply_s = b.forwards = 0
-        step_s = fit_s = 0.0
+    with LocalSteps(cfg, seed) as local:
         for _ in range(steps):
-            # The fit of the step before runs on into this one: waited for here, so a step's time is its own.
-            fit_s += tr.forward_step.fit.settle()
-            step_s += tr.step().seconds
-        sizes = [g.size for g in tr.groups]
-    return _Timed(step_s / steps, b.engine_s / steps, b.apply_s / steps, fit_s / steps, b.forwards / steps, sizes)
+            local.step()
+        return local.timed()
 
 
-def calibrate(bench: ScaleConfig, kind: str, call_s: float) -> tuple[Costs, Workload]:
-    """Costs of one replica thread and of the driver, from in-process steps of the validation workload, and
-    the farm's own overhead per shard call."""
-    cfg = _config(bench, kind, 1, groups=_vit_groups(), model="digits_vit")
-    t = timed_steps(cfg, bench.validate_steps, bench.seed)
+def costs_of(t: _Timed, call_s: float, task_s: float, replay_s: float) -> Costs:
+    """A replica thread's and the driver's costs from in-process steps ``t``, with the farm's own per-call
+    costs and the seconds per replayed noise number."""
     p = sum(t.sizes)
-    costs = Costs(
+    return Costs(
         query_s=t.engine_s / t.forwards,
         call_s=call_s,
         driver_s=t.driver_s,
         fit_s=t.fit_s,
-        task_s=task_overhead(bench, kind),
+        task_s=task_s,
         link_bytes_per_s=1e9,
         apply_s_per_param=t.apply_s / p,
-        replay_s_per_number=replay_seconds_per_number(bench, t.sizes[0]),
+        replay_s_per_number=replay_s,
         cores=os.cpu_count() or 1,
     )
-    return costs, _workload(cfg, p, t.sizes, kind)
 
 
 def vit_b_driver_seconds(bench: ScaleConfig) -> tuple[float, float]:
@@ -372,29 +389,40 @@ def busy_seconds() -> float:
 
 
 def validate(bench: ScaleConfig, kind: str, call_s: float) -> dict:
-    """Predicted against measured step seconds of real local farms of the digits ViT. The costs are measured
-    right before and right after each farm runs, and averaged (a shared host's speed drifts by a quarter within
-    minutes); the first farm also measures ``host_s``: the machine's busy CPU seconds per step beyond its
-    replica's own (shards and updates)."""
+    """Predicted against measured step seconds of real local farms of the digits ViT. The costs come from
+    in-process steps (and, for the scalar protocol, replay timings) taken one by one between the farm's steps,
+    so both see the same host (a shared host's speed drifts by a quarter within minutes); the first farm also
+    measures ``host_s``: the machine's busy CPU seconds per step beyond its replica's own (shards and
+    updates)."""
     out = {"workers": [], "predicted_s": [], "measured_s": [], "error": [], "host_s": 0.0, "costs": []}
+    local_cfg = _config(bench, kind, 1, groups=_vit_groups(), model="digits_vit")
     for n in bench.validate_workers:
-        before_farm, work = calibrate(bench, kind, call_s)
+        task_s = task_overhead(bench, kind)
         cfg = _config(bench, kind, n, groups=_vit_groups(), model="digits_vit")
-        with Trainer(cfg, create_model("digits_vit", 10, 8, bench.seed), digits("train")) as tr:
+        with (
+            LocalSteps(local_cfg, bench.seed) as local,
+            Trainer(cfg, create_model("digits_vit", 10, 8, bench.seed), digits("train")) as tr,
+        ):
             tr.step()
             handles = [s.handle for s in tr.backend.pool.slots]
-            before, busy = ray.get([h.stats.remote() for h in handles]), busy_seconds()
-            reports = tr.fit(bench.validate_steps)
-            busy = busy_seconds() - busy
+            before, busy, reports, replay = ray.get([h.stats.remote() for h in handles]), 0.0, [], []
+            for _ in range(bench.validate_steps):
+                local.step()
+                if kind != "lr":
+                    replay.append(replay_seconds_per_number(bench, local.trainer.groups[0].size))
+                busy -= busy_seconds()
+                reports.append(tr.step())
+                busy += busy_seconds()
             replicas = sum(
                 a.busy_seconds + a.update_seconds - b.busy_seconds - b.update_seconds
                 for a, b in zip(ray.get([h.stats.remote() for h in handles]), before)
             )
+            timed = local.timed()
         if n == bench.validate_workers[0]:
             out["host_s"] = max(0.0, busy - replicas) / len(reports)
-        after_farm, _ = calibrate(bench, kind, call_s)
-        mean = {k: (v + getattr(after_farm, k)) / 2 for k, v in asdict(before_farm).items()}
-        costs = Costs(**{**mean, "cores": before_farm.cores, "host_s": out["host_s"]})
+        replay_s = sorted(replay)[len(replay) // 2] if replay else 0.0
+        costs = dataclasses.replace(costs_of(timed, call_s, task_s, replay_s), host_s=out["host_s"])
+        work = _workload(local_cfg, sum(timed.sizes), timed.sizes, kind)
         out["costs"].append(asdict(costs))
         measured = sorted(r.seconds for r in reports)[len(reports) // 2]
         predicted = step_time(work, costs, n)["total"]
