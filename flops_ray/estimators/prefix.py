@@ -3,8 +3,8 @@
 A query perturbs only its group, so every block the model runs before the group's first one computes the
 same activations for all queries of a sample. A chunk runs those blocks on its distinct samples and expands
 their output to its rows at the *cut*: the element of a sequential stack (``nn.Sequential`` or
-``nn.ModuleList``) that holds the group's first module, else the model's child holding it (a head). A query then costs the forward from the cut on plus
-its share of the prefix, less than a plain forward when the group sits high in the model (the ViT configs'
+``nn.ModuleList``) that holds the group's first module, else the model's child holding it (a head). A query
+then costs the forward from the cut on plus its share of the prefix, less than a plain forward when the group sits high in the model (the ViT configs'
 ``top`` groups).
 
 Whether a model allows the cut is checked, not assumed: the first chunk of several samples also runs every
@@ -15,7 +15,7 @@ whole model. Until then, and for chunks of one query per sample, rows run the wh
 >>> from flops_ray.groups import resolve_groups
 >>> from flops_ray.config import GroupConfig
 >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
->>> group = resolve_groups(model, (GroupConfig("top", ("2",)),), linear_outputs=True)[0]
+>>> group = resolve_groups(model, (GroupConfig("top", ("2",), sigma=0.1, queries_per_sample=2),), linear_outputs=True)[0]
 >>> find_cut(model, group)
 '2'
 """
