@@ -13,7 +13,8 @@
 - ``blackbox_efficiency[W]``: the same ratio on a black-box objective (prompt tokens of a frozen ViT, ES in a
   random subspace: :mod:`flops_ray.prompts`), in sample-forwards per second.
 - ``blackbox_vs_limit[W]``: a black box against the machine's limit: tuning the 650-parameter head of the
-  frozen digits ViT through per-sample losses (ES, ``limit_queries`` per sample), farm sample-forwards/s
+  frozen digits ViT through per-sample losses (ES, ``limit_queries`` per sample in shards of
+  ``limit_shard_cost``), farm sample-forwards/s
   divided by ``W`` x the best single-thread batched inference rate of the same ViT, measured in the same run.
 - ``costs``: per-call costs behind the step-time model in docs/FARM.md.
 
@@ -74,6 +75,9 @@ class BenchConfig:
     """Training steps for the allocator share and the wire bytes."""
     limit_queries: int = 40
     """Queries per sample of the head black box behind ``blackbox_vs_limit``."""
+    limit_shard_cost: int = 256
+    """Forward passes per shard of the head black box: its 2,560 forwards in 10 shards, 5 per replica at
+    ``W = 2`` (``shard_cost``'s 5 shards of 512 would leave one replica idle for a fifth of the round)."""
     limit_batches: tuple[int, ...] = (64, 256, 1024)
     """Batch sizes tried for the plain inference rate; the best is the limit."""
     seed: int = 0
@@ -82,8 +86,9 @@ class BenchConfig:
 QUICK = BenchConfig(reps=2, train_steps=3)
 
 
-def _cfg(bench: BenchConfig, workers: int) -> TrainConfig:
-    farm = FarmConfig(backend="ray", workers=workers, num_cpus_per_worker=1, shard_cost=bench.shard_cost)
+def _cfg(bench: BenchConfig, workers: int, shard_cost: int = 0) -> TrainConfig:
+    shard_cost = shard_cost or bench.shard_cost
+    farm = FarmConfig(backend="ray", workers=workers, num_cpus_per_worker=1, shard_cost=shard_cost)
     return TrainConfig(model="digits_vit", batch_size=bench.batch_size, seed=bench.seed, farm=farm)
 
 
@@ -157,7 +162,7 @@ class FrozenHead(nn.Module):
 
 def head_blackbox_setup(bench: BenchConfig, workers: int) -> tuple[TrainConfig, nn.Module]:
     """The frozen digits ViT's head (650 parameters) as a black box searched by ES."""
-    cfg = _cfg(bench, workers).replace(
+    cfg = _cfg(bench, workers, bench.limit_shard_cost).replace(
         groups=(BlackBox.group(0.05, bench.limit_queries),), estimator=EstimatorConfig(kind="es")
     )
     vit = create_model("digits_vit", 10, 8, cfg.seed)

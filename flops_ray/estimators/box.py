@@ -35,7 +35,9 @@ class BlackBoxEstimator(Estimator):
     ) -> torch.Tensor:
         """The box on rows ``u (R, d)`` at batch positions ``pos (R,)``; with ``skip`` a failing call gives NaNs."""
         try:
-            return self.model.losses(u, x[pos], y[pos])
+            # A black box is only queried: no autograd bookkeeping, as for a model's perturbed forwards.
+            with torch.inference_mode():
+                return self.model.losses(u, x[pos], y[pos])
         except BlackBoxError as exc:
             if skip and not isinstance(exc, BlackBoxShapeError):
                 # The policy drops the whole call: its rows become non-finite and are counted as skipped.
