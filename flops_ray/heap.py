@@ -4,10 +4,13 @@ glibc hands the top of its heap back to the operating system once more than its 
 and serves blocks above its mmap threshold with fresh mappings, unmapped again when freed; the next chunk
 then touches every page again (a fault and a zeroed 4 KiB page each). A shard's noise, per-row parameters
 and activations are megabytes per chunk, so on the digits ViT that cost a quarter of an SPSA shard's time.
-Raising both thresholds keeps freed pages for the next chunk; the process holds on to what it has used (its
-peak stays its footprint). Both must be set: setting either one stops glibc from raising the mmap threshold
-by itself, which left a replica at the default 128 KiB and 14x the page faults of an in-process engine whose
-threshold had already grown (about 10% of an ES step). Nothing changes off glibc.
+Raising both thresholds keeps freed pages for the next chunk. Both must be set: setting either one stops
+glibc from raising the mmap threshold by itself, which left a replica at the default 128 KiB and 14x the
+page faults of an in-process engine whose threshold had already grown (its ES shards ran 10-17% slower). Both
+stay moderate, since what the heap keeps counts in the peak: blocks above 8 MiB (ViT-B's activations) still
+get mappings of their own, and at most 64 MiB stays free at the heap's top (a ViT-B replica's peak on a
+256-query shard: 11.1e9 bytes; 12.4e9 with blocks up to 32 MiB kept and 1 GiB held). Nothing changes off
+glibc.
 """
 
 from __future__ import annotations
@@ -18,11 +21,11 @@ import functools
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-TRIM_THRESHOLD = 1 << 30
+TRIM_THRESHOLD = 64 << 20
 """Free bytes at the top of the heap glibc keeps before returning them (its default is 128 KiB, adapting)."""
-MMAP_THRESHOLD = 32 << 20
-"""Blocks at least this large get a mapping of their own (glibc's ceiling for it on 64-bit systems; its default
-is 128 KiB, adapting): a shard's blocks stay on the heap."""
+MMAP_THRESHOLD = 8 << 20
+"""Blocks at least this large get a mapping of their own (its default is 128 KiB, adapting): a digits shard's
+noise and per-row parameters stay on the heap."""
 
 
 @functools.cache

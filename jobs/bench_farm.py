@@ -15,7 +15,8 @@
 - ``blackbox_vs_limit[W]``: a black box against the machine's limit: tuning the 650-parameter head of the
   frozen digits ViT through per-sample losses (ES, ``limit_queries`` per sample in shards of
   ``limit_shard_cost``), farm sample-forwards/s
-  divided by ``W`` x the best single-thread batched inference rate of the same ViT, measured in the same run.
+  divided by ``W`` x the best single-thread batched inference rate of the same ViT, timed between the
+  farm's repetitions (the host's speed drifts within minutes; ``details.limit_rows_per_s[W]``).
 - ``costs``: per-call costs behind the step-time model in docs/FARM.md.
 
     python jobs/bench_farm.py --quick --out runs/bench_farm
@@ -63,8 +64,9 @@ class BenchConfig:
     """Samples per step (``B``)."""
     queries_per_sample: int = 128
     """Mean queries per sample and group in the throughput and makespan workloads."""
-    shard_cost: int = 512
-    """Forward passes per shard (~80 ms on one core for the digits ViT, so the ~1 ms call is amortised)."""
+    shard_cost: int = 2048
+    """Forward passes per shard (~70 ms on one core for the digits ViT's LR queries, whose blocks below the
+    groups run once per sample, so a call's ~1 ms of Ray work on each side is amortised)."""
     spread: float = 16.0
     """Largest / smallest per-sample count in the makespan workload (>= 10)."""
     slowdown: float = 2.0
@@ -75,9 +77,9 @@ class BenchConfig:
     """Training steps for the allocator share and the wire bytes."""
     limit_queries: int = 40
     """Queries per sample of the head black box behind ``blackbox_vs_limit``."""
-    limit_shard_cost: int = 256
-    """Forward passes per shard of the head black box: its 2,560 forwards in 10 shards, 5 per replica at
-    ``W = 2`` (``shard_cost``'s 5 shards of 512 would leave one replica idle for a fifth of the round)."""
+    limit_shard_cost: int = 640
+    """Forward passes per shard of the head black box (~90 ms on one core): its 2,560 forwards in 4 shards,
+    2 per replica at ``W = 2`` (5 shards of 512 would leave one replica idle for a fifth of the round)."""
     limit_batches: tuple[int, ...] = (64, 256, 1024)
     """Batch sizes tried for the plain inference rate; the best is the limit."""
     seed: int = 0
@@ -193,36 +195,42 @@ def _single_threaded(fn) -> float:
         torch.set_num_threads(threads)
 
 
-def efficiency(bench: BenchConfig, setup: Setup = vit_setup) -> dict:
+def efficiency(bench: BenchConfig, setup: Setup = vit_setup, queries: int = 0, limit: bool = False) -> dict:
     """Farm rate with ``W`` replicas / (``W`` x the in-process rate), for each ``W`` of ``bench.workers``.
 
     The in-process reference runs the same shards batched the same way, one thread. Its repetitions are
     interleaved with the farm's, so both see the same load of this shared machine; the best of each is kept.
+    Every sample gets ``queries`` (0: ``bench.queries_per_sample``) per group. With ``limit``,
+    :func:`limit_rows_per_s` is interleaved with them too (``limit_rows_per_s[W]``).
     """
     x, y, ids = _batch(bench)
     cfg, model = setup(bench, 1)
-    tasks = _tasks(cfg, ids, np.full(len(ids), bench.queries_per_sample), per_sample=False)
+    tasks = _tasks(cfg, ids, np.full(len(ids), queries or bench.queries_per_sample), per_sample=False)
     forwards = sum(t.cost for t in tasks)
     local = QueryEngine(model, cfg.groups, cfg.estimator, cfg.seed)
     local.set_batch(0, x, y)
     _single_threaded(lambda: local.run(tasks[0]))  # warm-up
-    out: dict = {"in_process_queries_per_s": {}, "efficiency": {}, "farm_queries_per_s": {}}
+    out: dict = {"in_process_queries_per_s": {}, "efficiency": {}, "farm_queries_per_s": {}, "limit_rows_per_s": {}}
     for w in bench.workers:
         cfg, model = setup(bench, w)
         backend = RayBackend(cfg, model)
         try:
             backend.sync(0, x, y)
             backend.run(tasks)  # warm-up: replicas start and load the batch
-            local_s, farm_s = [], []
+            local_s, farm_s, limits = [], [], []
             for _ in range(bench.reps):
                 local_s.append(_single_threaded(lambda: [local.run(t) for t in tasks]))
                 farm_s.append(_timed(lambda b=backend: b.run(tasks)))
+                if limit:
+                    limits.append(limit_rows_per_s(bench, x))
         finally:
             backend.close()
         base, rate = forwards / min(local_s), forwards / min(farm_s)
         out["in_process_queries_per_s"][str(w)] = base
         out["farm_queries_per_s"][str(w)] = rate
         out["efficiency"][str(w)] = rate / (w * base)
+        if limit:
+            out["limit_rows_per_s"][str(w)] = max(limits)
         print(f"{setup.__name__} W={w}: {rate:.0f} forwards/s, efficiency {out['efficiency'][str(w)]:.3f}", flush=True)
     return out
 
@@ -309,10 +317,10 @@ def main(bench: BenchConfig, out: Path) -> dict:
     init_ray(FarmConfig(workers=max(bench.workers)), num_cpus=os.cpu_count())
     eff = efficiency(bench)
     blackbox = efficiency(bench, blackbox_setup)
-    head = efficiency(bench, head_blackbox_setup)
-    limit = limit_rows_per_s(bench, _batch(bench)[0])
-    vs_limit = {w: rate / (int(w) * limit) for w, rate in head["farm_queries_per_s"].items()}
-    print(f"black box vs limit ({limit:.0f} rows/s per thread): {vs_limit}", flush=True)
+    head = efficiency(bench, head_blackbox_setup, bench.limit_queries, limit=True)
+    limit = head["limit_rows_per_s"]
+    vs_limit = {w: rate / (int(w) * limit[w]) for w, rate in head["farm_queries_per_s"].items()}
+    print(f"black box vs limit ({limit} rows/s per thread): {vs_limit}", flush=True)
     span = makespan(bench)
     train = training(bench)
     result = {
