@@ -57,11 +57,16 @@ class BlackBox(nn.Module):
         subspace: ``d > 0`` searches ``u (d,)`` with ``theta = theta0 + u W``, ``W`` a fixed ``(d, D)``
             Gaussian matrix scaled by ``1/sqrt(d)``; 0 searches ``theta`` itself.
         seed: seeds ``W``.
+        inference: call ``fn`` under ``torch.inference_mode`` rather than ``torch.no_grad`` (a few percent
+            faster): only for a function that records no autograd inside (``torch.enable_grad`` does not
+            reach through) and keeps none of the tensors it is given or makes.
     """
 
     GROUP_MODULE = "search"
 
-    def __init__(self, fn: BatchedLoss, theta0: torch.Tensor, subspace: int = 0, seed: int = 0):
+    def __init__(
+        self, fn: BatchedLoss, theta0: torch.Tensor, subspace: int = 0, seed: int = 0, inference: bool = False
+    ):
         super().__init__()
         # A copy: the caller's tensor (often a live module's weights) keeps changing after the box is made.
         theta0 = torch.as_tensor(theta0, dtype=torch.float32).flatten().clone()
@@ -70,6 +75,7 @@ class BlackBox(nn.Module):
         # Registered first: the engine reads the working dtype from the first parameter.
         self.search = SearchVector(subspace or theta0.numel())
         self.fn = fn
+        self.inference = inference
         self.register_buffer("theta0", theta0)
         projection = None
         if subspace:

@@ -1,16 +1,15 @@
 """Keep freed memory mapped: a replica allocates and frees the same large buffers chunk after chunk.
 
-glibc hands the top of its heap back to the operating system once more than its trim threshold is free,
-and serves blocks above its mmap threshold with fresh mappings, unmapped again when freed; the next chunk
-then touches every page again (a fault and a zeroed 4 KiB page each). A shard's noise, per-row parameters
-and activations are megabytes per chunk, so on the digits ViT that cost a quarter of an SPSA shard's time.
-Raising both thresholds keeps freed pages for the next chunk. Both must be set: setting either one stops
-glibc from raising the mmap threshold by itself, which left a replica at the default 128 KiB and 14x the
-page faults of an in-process engine whose threshold had already grown (its ES shards ran 10-17% slower). Both
-stay moderate, since what the heap keeps counts in the peak: blocks above 8 MiB (ViT-B's activations) still
-get mappings of their own, and at most 64 MiB stays free at the heap's top (a ViT-B replica's peak on a
-256-query shard: 11.1e9 bytes; 12.4e9 with blocks up to 32 MiB kept and 1 GiB held). Nothing changes off
-glibc.
+glibc hands the top of its heap back to the operating system once more than its trim threshold is free, and
+serves blocks above its mmap threshold with fresh mappings, unmapped again when freed; the next chunk then
+touches every page again (a fault and a zeroed 4 KiB page each). A shard's noise, per-row parameters and
+activations are megabytes per chunk, so on the digits ViT that cost a quarter of an SPSA shard's time. Raising
+both thresholds keeps freed pages for the next chunk. Both must be set: setting either one stops glibc from
+raising the mmap threshold by itself, which left a replica at the default 128 KiB and 14x the page faults of
+an in-process engine whose threshold had already grown (its ES shards ran 10-17% slower). Both stay moderate,
+since what the heap keeps counts in the peak: blocks of 8 MiB and more (ViT-B's activations) still get
+mappings of their own, and at most 64 MiB stays free at the heap's top (a ViT-B replica's peak on a 256-query
+shard: 11.1e9 bytes; 12.4e9 with blocks up to 32 MiB kept and 1 GiB held). Nothing changes off glibc.
 """
 
 from __future__ import annotations
@@ -36,4 +35,5 @@ def keep_freed_memory() -> bool:
         mallopt = ctypes.CDLL(name).mallopt
     except (OSError, AttributeError, TypeError):
         return False
-    return bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)) and bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    # The mmap threshold first: a trim threshold set alone would freeze the mmap threshold where it stands.
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))

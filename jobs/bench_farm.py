@@ -123,10 +123,6 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def _best(reps: int, fn) -> float:
-    return min(_timed(fn) for _ in range(reps))
-
-
 Setup = Callable[[BenchConfig, int], tuple[TrainConfig, nn.Module]]
 """``(bench, workers) -> (config, model)``: the workload an efficiency figure is measured on."""
 
@@ -141,7 +137,8 @@ def blackbox_setup(bench: BenchConfig, workers: int) -> tuple[TrainConfig, nn.Mo
     """A black box: prompt tokens of a frozen digits ViT searched by ES in a 32-dimensional subspace."""
     cfg = _cfg(bench, workers).replace(groups=(BlackBox.group(0.05, 8),), estimator=EstimatorConfig(kind="es"))
     prompted = PromptedViT(create_model("digits_vit", 10, 8, cfg.seed), tokens=2)
-    return cfg, BlackBox(prompted, torch.zeros(2 * prompted.vit.embed_dim), subspace=32, seed=cfg.seed)
+    box = BlackBox(prompted, torch.zeros(2 * prompted.vit.embed_dim), subspace=32, seed=cfg.seed, inference=True)
+    return cfg, box
 
 
 class FrozenHead(nn.Module):
@@ -169,7 +166,7 @@ def head_blackbox_setup(bench: BenchConfig, workers: int) -> tuple[TrainConfig, 
     )
     vit = create_model("digits_vit", 10, 8, cfg.seed)
     head = torch.cat([vit.head.weight.detach().flatten(), vit.head.bias.detach()])
-    return cfg, BlackBox(FrozenHead(vit), head)
+    return cfg, BlackBox(FrozenHead(vit), head, inference=True)
 
 
 def limit_rows_per_s(bench: BenchConfig, x: np.ndarray) -> float:
@@ -210,7 +207,9 @@ def efficiency(bench: BenchConfig, setup: Setup = vit_setup, queries: int = 0, l
     local = QueryEngine(model, cfg.groups, cfg.estimator, cfg.seed)
     local.set_batch(0, x, y)
     _single_threaded(lambda: local.run(tasks[0]))  # warm-up
-    out: dict = {"in_process_queries_per_s": {}, "efficiency": {}, "farm_queries_per_s": {}, "limit_rows_per_s": {}}
+    out: dict = {"in_process_queries_per_s": {}, "efficiency": {}, "farm_queries_per_s": {}}
+    if limit:
+        out["limit_rows_per_s"] = {}
     for w in bench.workers:
         cfg, model = setup(bench, w)
         backend = RayBackend(cfg, model)

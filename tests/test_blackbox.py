@@ -201,3 +201,26 @@ def test_integer_losses_are_refused():
     box = BlackBox(lambda thetas, x, y: (thetas.sum(-1) > 0).long(), torch.zeros(3))
     with pytest.raises(BlackBoxShapeError, match="int64 losses; return floating-point losses"):
         box.losses(torch.zeros(4, 3), torch.ones(4, 3), torch.ones(4))
+
+
+@pytest.mark.parametrize("inference", [False, True])
+def test_a_box_may_record_autograd_unless_it_opts_into_inference_mode(inference):
+    """By default the box runs under ``no_grad``, so a function may differentiate inside (``enable_grad``);
+    ``inference=True`` runs it under ``inference_mode``, where the same function cannot."""
+    inner = ModuleLoss(_mlp(), cross_entropy)
+    modes = []
+
+    def differentiating(thetas, x, y):
+        modes.append(torch.is_inference_mode_enabled())
+        with torch.enable_grad():
+            t = thetas.detach().requires_grad_()
+            (grad,) = torch.autograd.grad(inner(t, x, y).sum(), t)  # e.g. an inner step on the parameters
+        return inner(thetas - 1e-3 * grad, x, y)
+
+    tr = Trainer(_cfg((BlackBox.group(0.01, 8),)), _box(differentiating, inference=inference), DATA)
+    if inference:
+        with pytest.raises(BlackBoxError, match="the loss function raised RuntimeError"):
+            tr.step()
+    else:
+        assert np.isfinite(tr.step().loss)
+    assert modes and all(m == inference for m in modes)

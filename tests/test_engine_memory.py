@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -64,28 +65,48 @@ def test_peak_memory_does_not_grow_with_the_shard(kind, task_kind):
     assert large - small < 128 * 2**20, f"peak grew by {(large - small) / 2**20:.0f} MiB"
 
 
-# A fresh process, as a replica is: glibc's mmap threshold is still at its 128 KiB default there.
-_FAULTS = r"""
-import json, resource
+# A fresh process, as a replica is; glibc starts at its default mmap threshold (128 KiB, pinned by the
+# environment so that whatever importing torch allocated cannot have raised it already).
+_HEAP = r"""
+import ctypes, ctypes.util, json, resource
 import torch
 from flops_ray.heap import keep_freed_memory
 
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+mapped = None
+if hasattr(libc, "mallinfo2"):
+    libc.mallinfo2.restype = MallInfo2
+    before = libc.mallinfo2().hblks
 kept = keep_freed_memory()
+block = torch.ones(1 << 20)  # 4 MiB
+if hasattr(libc, "mallinfo2"):
+    mapped = libc.mallinfo2().hblks - before  # blocks with a mapping of their own, this one's included
+del block
 for _ in range(10):
-    torch.ones(1 << 20)  # 4 MiB: the first few land higher up the heap until freed neighbours merge to fit one
+    torch.ones(1 << 20)  # the first few land higher up the heap until freed neighbours merge to fit one
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(20):
     torch.ones(1 << 20)  # allocated, touched and freed, as a chunk's noise is
-print(json.dumps([kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before]))
+print(json.dumps([kept, mapped, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before]))
 """
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="counts the page faults Linux keeps per process")
 def test_freed_blocks_are_reused_without_page_faults():
-    """After :func:`~flops_ray.heap.keep_freed_memory`, a 4 MiB block freed and allocated again reuses its pages:
-    mapping it afresh each time would fault its 1,024 pages in again (20,480 faults over the loop)."""
-    out = subprocess.run([sys.executable, "-c", _FAULTS], stdout=subprocess.PIPE, text=True, check=True, timeout=600)
-    kept, faults = json.loads(out.stdout.splitlines()[-1])
+    """After :func:`~flops_ray.heap.keep_freed_memory`, a 4 MiB block lives on the heap, not in a mapping of its
+    own, and freed and allocated again it reuses its pages: mapping it afresh each time would fault its 1,024
+    pages in again (20,480 faults over the loop)."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+    command = [sys.executable, "-c", _HEAP]
+    out = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True, timeout=600, env=env).stdout
+    kept, mapped, faults = json.loads(out.splitlines()[-1])
     if not kept:
         pytest.skip("not glibc: mallopt is unavailable")
+    assert mapped in (None, 0), f"a 4 MiB block got a mapping of its own ({mapped} new mapped blocks)"
     assert faults < 1024, f"{faults} page faults over 20 reuses of a 4 MiB block"

@@ -35,8 +35,7 @@ class BlackBoxEstimator(Estimator):
     ) -> torch.Tensor:
         """The box on rows ``u (R, d)`` at batch positions ``pos (R,)``; with ``skip`` a failing call gives NaNs."""
         try:
-            # A black box is only queried: no autograd bookkeeping, as for a model's perturbed forwards.
-            with torch.inference_mode():
+            with torch.inference_mode(self.model.inference):
                 return self.model.losses(u, x[pos], y[pos])
         except BlackBoxError as exc:
             if skip and not isinstance(exc, BlackBoxShapeError):

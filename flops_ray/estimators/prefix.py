@@ -4,8 +4,8 @@ A query perturbs only its group, so every block the model runs before the group'
 same activations for all queries of a sample. A chunk runs those blocks on its distinct samples and expands
 their output to its rows at the *cut*: the element of a sequential stack (``nn.Sequential`` or
 ``nn.ModuleList``) that holds the group's first module, else the model's child holding it (a head). A query
-then costs the forward from the cut on plus its share of the prefix, less than a plain forward when the group sits high in the model (the ViT configs'
-``top`` groups).
+then costs the forward from the cut on plus its share of the prefix, less than a plain forward when the group
+sits high in the model (the ViT configs' ``top`` groups).
 
 Whether a model allows the cut is checked, not assumed: the first chunk of several samples also runs every
 row through the whole model and the shared outputs must match (a skip connection around the cut, or a

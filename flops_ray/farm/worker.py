@@ -198,8 +198,11 @@ class Worker:
 
     def allreduce(self) -> ReduceReply:
         """Sum the kept partials of every replica (float32 on the wire); every replica keeps the sum."""
-        # (P,) a copy, so a failed collective leaves the partials intact; zeros from a replica that ran no main shard
-        flat = torch.cat(self._held or self._zero_sums()).float()
+        # (P,) a copy, so a failed collective leaves the partials intact; zeros from a replica that kept none
+        if self._held:
+            flat = torch.cat(self._held).float()
+        else:
+            flat = torch.zeros(sum(self.sizes), dtype=torch.float32, device=self.engine.device)
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         self._reduced = list(torch.split(flat.double(), self.sizes))
         norms = tuple(float(g.norm()) for g in self._reduced)
