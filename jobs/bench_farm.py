@@ -14,9 +14,9 @@
   random subspace: :mod:`flops_ray.prompts`), in sample-forwards per second.
 - ``blackbox_vs_limit[W]``: a black box against the machine's limit: tuning the 650-parameter head of the
   frozen digits ViT through per-sample losses (ES, ``limit_queries`` per sample in shards of
-  ``limit_shard_cost``), farm sample-forwards/s
-  divided by ``W`` x the best single-thread batched inference rate of the same ViT, timed between the
-  farm's repetitions (the host's speed drifts within minutes; ``details.limit_rows_per_s[W]``).
+  ``limit_shard_cost``), farm sample-forwards/s divided by ``W`` x the best single-thread batched inference
+  rate of the same ViT, timed between the farm's repetitions (the host's speed drifts within minutes;
+  ``details.limit_rows_per_s[W]``).
 - ``costs``: per-call costs behind the step-time model in docs/FARM.md.
 
     python jobs/bench_farm.py --quick --out runs/bench_farm

@@ -167,7 +167,8 @@ class Worker:
         self._forwards += result.forwards
         self._busy += time.perf_counter() - t0
         if kept:
-            self._held = self._held or self._zero_sums()
+            if not self._held:
+                self._held = [torch.zeros(n, dtype=torch.float64, device=self.engine.device) for n in self.sizes]
             self._held[task.group] += grad  # float32 partial into the float64 sum, on the device
             self._held_keys.append(task.key)
         return result
@@ -207,10 +208,6 @@ class Worker:
         self._reduced = list(torch.split(flat.double(), self.sizes))
         norms = tuple(float(g.norm()) for g in self._reduced)
         return ReduceReply(tuple(self._held_keys), norms)
-
-    def _zero_sums(self) -> list[torch.Tensor]:
-        """Per group ``(P_g,)`` float64 zeros on the replica's device."""
-        return [torch.zeros(n, dtype=torch.float64, device=self.engine.device) for n in self.sizes]
 
     # ---- the replica's own copy of the training state -----------------------------------------------
     def apply(self, update: StepUpdate) -> tuple[float, ...]:
