@@ -150,7 +150,7 @@ class Worker:
             # Object-store arrays are read-only views; the engine copies them and never writes to them.
             warnings.filterwarnings("ignore", message=".*not writable.*")
             self.engine.set_batch(batch.step, batch.x, batch.y)
-        self._held = [torch.zeros(n, dtype=torch.float64, device=self.engine.device) for n in self.sizes]
+        self._held = []  # made at the first kept partial: a scalar-protocol step never keeps one
         self._held_keys = []
         self._reduced = None
         return batch.step
@@ -167,6 +167,8 @@ class Worker:
         self._forwards += result.forwards
         self._busy += time.perf_counter() - t0
         if kept:
+            if not self._held:
+                self._held = [torch.zeros(n, dtype=torch.float64, device=self.engine.device) for n in self.sizes]
             self._held[task.group] += grad  # float32 partial into the float64 sum, on the device
             self._held_keys.append(task.key)
         return result
@@ -197,7 +199,11 @@ class Worker:
 
     def allreduce(self) -> ReduceReply:
         """Sum the kept partials of every replica (float32 on the wire); every replica keeps the sum."""
-        flat = torch.cat(self._held).float()  # (P,) a copy, so a failed collective leaves the partials intact
+        # (P,) a copy, so a failed collective leaves the partials intact; zeros from a replica that kept none
+        if self._held:
+            flat = torch.cat(self._held).float()
+        else:
+            flat = torch.zeros(sum(self.sizes), dtype=torch.float32, device=self.engine.device)
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         self._reduced = list(torch.split(flat.double(), self.sizes))
         norms = tuple(float(g.norm()) for g in self._reduced)
