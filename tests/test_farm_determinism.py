@@ -113,6 +113,19 @@ def test_allreduce_survives_a_killed_replica(data, reference, inject_fault):
     assert c.recomputed >= 1, "the killed replica should have held accepted partials"
 
 
+def test_allreduce_recomputes_partials_lost_while_recomputing(data, reference, inject_fault):
+    """A second replica dies while the first one's partials are being recomputed for the collective: its own
+    partials are recomputed too before the sum (they were once left out, summing a fraction of the step)."""
+    trainer = _trainer(data, reduction="allreduce")
+    # Step 1's main shards run up to result 34; 35 is the first partial recomputed for its all-reduce.
+    inject_fault(trainer.backend, after=30, action=_kill_most_held)
+    inject_fault(trainer.backend, after=35)
+    _assert_same(_params_per_step(trainer), reference)
+    c = trainer.backend.counters
+    assert c.restarts == 2
+    assert c.recomputed >= 2
+
+
 def _kill_all(backend) -> None:
     for slot in backend.pool.slots:
         ray.kill(slot.handle, no_restart=True)

@@ -42,7 +42,8 @@ class AllReduce:
         """Sum every replica's kept partials into each member; returns the per-group norms of the sums."""
         counters = self.pool.counters
         while True:
-            if self.pool.orphans:
+            # A replica dying while partials are recomputed orphans its own: recompute until none is left.
+            while self.pool.orphans:
                 lost, self.pool.orphans = self.pool.orphans, []
                 self.scheduler.run(lost, recompute=True)
             members = [s for s in self.pool.slots if s.ready]
