@@ -110,6 +110,8 @@ class ShardResult:
     """Forward passes run for this result."""
     skipped: int = 0
     """Queries dropped for a non-finite loss (``estimator.on_nonfinite = "skip"``)."""
+    seconds: float = 0.0
+    """Seconds the replica spent on it (the scheduler learns the order of its tasks from them)."""
 
     @property
     def nbytes(self) -> int:

@@ -1,7 +1,9 @@
 """Completion-order scheduling of shard tasks over the replica pool, with retries.
 
-- Largest-cost task first, at most ``in_flight`` calls per replica; the next task goes to whichever
-  replica finishes first (``ray.wait``), so a faster replica takes more shards.
+- Longest task first (its forward passes times the seconds per forward its kind and group took so far:
+  :class:`~flops_ray.farm.task_costs.TaskCosts`), one call per replica in turn up to ``in_flight`` each, so a
+  round's longest tasks spread over the replicas; the next task goes to whichever replica finishes first
+  (``ray.wait``), so a faster replica takes more shards.
 - A replica that dies (any :class:`ray.exceptions.RayActorError`, or a result lost with its node) is
   replaced, after a backoff when deaths come in a row; its in-flight tasks go back in the queue. Deaths
   never fail the step while shards keep finishing (the pool's fault budget; a replica lost while still
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import pickle
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import ray
 from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
@@ -23,6 +25,7 @@ from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 from flops_ray.farm.counters import DispatchCounters
 from flops_ray.farm.errors import FarmError
 from flops_ray.farm.replica_pool import ReplicaPool, Slot
+from flops_ray.farm.task_costs import TaskCosts
 from flops_ray.messages import ShardResult, ShardTask
 
 ResultListener = Callable[[int], None]
@@ -50,6 +53,7 @@ class Scheduler:
         self.coefficients = coefficients
         self.stall_timeout = stall_timeout
         self.listeners: list[ResultListener] = []
+        self.costs = TaskCosts()
 
     def run(self, tasks: list[ShardTask], *, recompute: bool = False) -> list[ShardResult]:
         """Evaluate ``tasks`` on the replicas; results in task order.
@@ -76,7 +80,7 @@ class Scheduler:
         if not self.pool.synced:
             raise FarmError("sync() must give the replicas a step before tasks run")
         results: list[ShardResult | None] = [None] * len(tasks)
-        general = sorted(range(len(tasks)), key=lambda i: -tasks[i].cost)
+        general = self._longest_first(tasks, range(len(tasks)))
         done = 0
         last_finish = time.monotonic()
         while done < len(tasks):
@@ -148,18 +152,22 @@ class Scheduler:
         results[pos] = value
         self.counters.bytes_returned += value.nbytes
         task = tasks[pos]
+        self.costs.learn(task, value.seconds)
         if self.keep_partials and value.grad is None and task.weights is not None:
             slot.held.append(task)
 
     def _fill(self, tasks: list[ShardTask], general: list[int]) -> None:
-        """Top every ready replica up to ``in_flight`` calls, largest task first."""
-        for slot in self.pool.slots:
-            while slot.ready and len(slot.calls) < self.in_flight and general:
-                pos = general.pop(0)
-                ref = slot.handle.run.remote(tasks[pos], self.keep_partials, self.coefficients)
-                slot.calls[ref] = pos
-                self.counters.dispatched += 1
-                self.counters.bytes_sent += len(pickle.dumps(tasks[pos]))
+        """Top every ready replica up to ``in_flight`` calls, longest task first to the replica with the fewest."""
+        while general:
+            open_slots = [slot for slot in self.pool.slots if slot.ready and len(slot.calls) < self.in_flight]
+            if not open_slots:
+                return
+            slot = min(open_slots, key=lambda s: len(s.calls))
+            pos = general.pop(0)
+            ref = slot.handle.run.remote(tasks[pos], self.keep_partials, self.coefficients)
+            slot.calls[ref] = pos
+            self.counters.dispatched += 1
+            self.counters.bytes_sent += len(pickle.dumps(tasks[pos]))
 
     def _requeue(
         self, slot: Slot, tasks: list[ShardTask], general: list[int], cause: Exception, charge: bool = False
@@ -175,4 +183,7 @@ class Scheduler:
         starting = not slot.ready and not getattr(cause, "actor_init_failed", False)
         self.counters.retried += len(slot.calls)
         self.pool.replace(slot, what, cause, charge=charge or not starting)
-        return sorted(general + requeue, key=lambda i: -tasks[i].cost)
+        return self._longest_first(tasks, general + requeue)
+
+    def _longest_first(self, tasks: list[ShardTask], positions: Iterable[int]) -> list[int]:
+        return sorted(positions, key=lambda i: -self.costs.estimate(tasks[i]))

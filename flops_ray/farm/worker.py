@@ -163,9 +163,10 @@ class Worker:
         result, grad = self.engine.run_on_device(task) if kept else (self.engine.run(task, coefficients), None)
         if self.options.slowdown > 1.0:
             time.sleep((self.options.slowdown - 1.0) * (time.perf_counter() - t0))
+        result.seconds = time.perf_counter() - t0
         self._tasks += 1
         self._forwards += result.forwards
-        self._busy += time.perf_counter() - t0
+        self._busy += result.seconds
         if kept:
             if not self._held:
                 self._held = [torch.zeros(n, dtype=torch.float64, device=self.engine.device) for n in self.sizes]
