@@ -14,8 +14,9 @@ from flops_ray.config import AllocatorConfig, EstimatorConfig, FarmConfig, Train
 from flops_ray.driver import start_driver
 from flops_ray.farm.backend import RayBackend
 from flops_ray.farm.errors import FarmError
+from flops_ray.farm.task_costs import TaskCosts
 from flops_ray.farm.worker import WorkerOptions
-from flops_ray.messages import TaskKind
+from flops_ray.messages import ShardItem, ShardTask, TaskKind
 from flops_ray.models import create_model
 from flops_ray.trainer import Trainer
 
@@ -65,6 +66,38 @@ def test_faster_replica_takes_more_shards(data):
         trainer.fit(2)
         fast, slow = ray.get([s.handle.stats.remote() for s in backend.pool.slots])
     assert fast.forwards > 2 * slow.forwards > 0
+
+
+def test_longest_expected_tasks_go_one_per_replica(data):
+    """Tasks are ordered by learned seconds, not counted forwards, and the first calls go one per replica: the
+    two tasks of the group whose forwards cost 10x reach different replicas, though they have fewer forwards
+    (ordering by forwards and filling one replica first gave both to the same one)."""
+    cfg = _cfg(workers=2)
+    x, y = data[0].x[:8], data[0].y[:8]
+    backend = RayBackend(cfg, _model(cfg))
+    try:
+        backend.sync(0, x, y)
+
+        def task(group: int, index: int, queries: int) -> ShardTask:
+            return ShardTask(TaskKind.MAIN, 0, group, index, (ShardItem(index, index, 0, queries),), weights=(0.1,))
+
+        warm = [task(g, i, 2) for g in (0, 1) for i in range(4)]
+        for _ in range(1000):  # until both replicas have answered their sync (a run reads the answers)
+            if backend.pool.up == 2:
+                break
+            backend.run(warm)
+        assert backend.pool.up == 2
+        cheap, costly = [task(0, 0, 32), task(0, 1, 32)], [task(1, 0, 16), task(1, 1, 16)]
+        backend.scheduler.costs = TaskCosts(smoothing=1.0)
+        backend.scheduler.costs.learn(cheap[0], seconds=0.032)
+        backend.scheduler.costs.learn(costly[0], seconds=0.16)
+        handles = [s.handle for s in backend.pool.slots]
+        before = [s.forwards for s in ray.get([h.stats.remote() for h in handles])]
+        backend.run(cheap + costly)  # 2 replicas x 2 calls in flight: all four go out at once
+        after = [s.forwards for s in ray.get([h.stats.remote() for h in handles])]
+    finally:
+        backend.close()
+    assert [a - b for a, b in zip(after, before)] == [48, 48]
 
 
 def test_gives_up_after_max_retries(data, inject_fault):
