@@ -6,10 +6,12 @@ touches every page again (a fault and a zeroed 4 KiB page each). A shard's noise
 activations are megabytes per chunk, so on the digits ViT that cost a quarter of an SPSA shard's time. Raising
 both thresholds keeps freed pages for the next chunk. Both must be set: setting either one stops glibc from
 raising the mmap threshold by itself, which left a replica at the default 128 KiB and 14x the page faults of
-an in-process engine whose threshold had already grown (its ES shards ran 10-17% slower). Both stay moderate,
-since what the heap keeps counts in the peak: blocks of 8 MiB and more (ViT-B's activations) still get
-mappings of their own, and at most 64 MiB stays free at the heap's top (a ViT-B replica's peak on a 256-query
-shard: 11.1e9 bytes; 12.4e9 with blocks up to 32 MiB kept and 1 GiB held). Nothing changes off glibc.
+an in-process engine whose threshold had already grown (its ES shards ran 10-17% slower). The mmap threshold
+stays moderate, since what the heap keeps counts in the peak: blocks of 8 MiB and more (ViT-B's activations)
+still get mappings of their own (a ViT-B replica's peak on a 256-query shard: 11.4e9 bytes; 12.4e9 with blocks
+up to 32 MiB on the heap). Up to 1 GiB free at the heap's top stays mapped: with 64 MiB (11.1e9 bytes) a full
+test run once crashed at interpreter exit, a native thread reading a heap page just trimmed away. Nothing
+changes off glibc.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import functools
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-TRIM_THRESHOLD = 64 << 20
+TRIM_THRESHOLD = 1 << 30
 """Free bytes at the top of the heap glibc keeps before returning them (its default is 128 KiB, adapting)."""
 MMAP_THRESHOLD = 8 << 20
 """Blocks at least this large get a mapping of their own (its default is 128 KiB, adapting): a digits shard's
