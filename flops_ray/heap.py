@@ -9,9 +9,9 @@ raising the mmap threshold by itself, which left a replica at the default 128 Ki
 an in-process engine whose threshold had already grown (its ES shards ran 10-17% slower). The mmap threshold
 stays moderate, since what the heap keeps counts in the peak: blocks of 8 MiB and more (ViT-B's activations)
 still get mappings of their own (a ViT-B replica's peak on a 256-query shard: 11.4e9 bytes; 12.4e9 with blocks
-up to 32 MiB on the heap). Up to 1 GiB free at the heap's top stays mapped: with 64 MiB (11.1e9 bytes) a full
-test run once crashed at interpreter exit, a native thread reading a heap page just trimmed away. Nothing
-changes off glibc.
+up to 32 MiB on the heap). Up to 1 GiB free at the heap's top stays mapped: with 64 MiB (11.1e9 bytes) one
+full test run of four crashed at interpreter exit, a native thread reading the page just above the heap's top
+(the reader is not found; keeping the pages may hide it rather than mend it). Nothing changes off glibc.
 """
 
 from __future__ import annotations

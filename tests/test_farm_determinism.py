@@ -117,13 +117,26 @@ def test_allreduce_recomputes_partials_lost_while_recomputing(data, reference, i
     """A second replica dies while the first one's partials are being recomputed for the collective: its own
     partials are recomputed too before the sum (they were once left out, summing a fraction of the step)."""
     trainer = _trainer(data, reduction="allreduce")
+    held: list[int] = []
+
+    def kill_holder(busy: bool):
+        def action(backend) -> None:
+            # The second victim must be running recomputed tasks and hold partials of its own.
+            slots = [s for s in backend.pool.slots if s.calls or not busy]
+            slot = max(slots, key=lambda s: len(s.held))
+            assert slot.held, "the fault should land on a replica holding partials"
+            held.append(len(slot.held))
+            ray.kill(slot.handle, no_restart=True)
+
+        return action
+
     # Step 1's main shards run up to result 34; 35 is the first partial recomputed for its all-reduce.
-    inject_fault(trainer.backend, after=30, action=_kill_most_held)
-    inject_fault(trainer.backend, after=35)
+    inject_fault(trainer.backend, after=30, action=kill_holder(busy=False))
+    inject_fault(trainer.backend, after=35, action=kill_holder(busy=True))
     _assert_same(_params_per_step(trainer), reference)
     c = trainer.backend.counters
-    assert c.restarts == 2
-    assert c.recomputed >= 2
+    assert c.restarts == 2 and len(held) == 2
+    assert c.recomputed >= sum(held), "the second victim's partials should have been recomputed too"
 
 
 def _kill_all(backend) -> None:

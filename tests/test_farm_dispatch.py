@@ -69,9 +69,10 @@ def test_faster_replica_takes_more_shards(data):
 
 
 def test_longest_expected_tasks_go_one_per_replica(data):
-    """Tasks are ordered by learned seconds, not counted forwards, and the first calls go one per replica: the
-    two tasks of the group whose forwards cost 10x reach different replicas, though they have fewer forwards
-    (ordering by forwards and filling one replica first gave both to the same one)."""
+    """Tasks are ordered by learned seconds, not counted forwards, and the first calls go one per replica in
+    that order. Forwards 64 (cheap group) and 32, 24, 16 (a group whose forwards cost 10x): by seconds the
+    replicas get 32 + 16 and 24 + 64; by forwards 64 + 24 and 32 + 16; filling one replica first gives
+    32 + 24 and 16 + 64 by seconds, 64 + 32 and 24 + 16 by forwards (the old scheduler)."""
     cfg = _cfg(workers=2)
     x, y = data[0].x[:8], data[0].y[:8]
     backend = RayBackend(cfg, _model(cfg))
@@ -87,17 +88,17 @@ def test_longest_expected_tasks_go_one_per_replica(data):
                 break
             backend.run(warm)
         assert backend.pool.up == 2
-        cheap, costly = [task(0, 0, 32), task(0, 1, 32)], [task(1, 0, 16), task(1, 1, 16)]
+        cheap, costly = [task(1, 0, 64)], [task(0, i, q) for i, q in enumerate((32, 24, 16))]
         backend.scheduler.costs = TaskCosts(smoothing=1.0)
-        backend.scheduler.costs.learn(cheap[0], seconds=0.032)
-        backend.scheduler.costs.learn(costly[0], seconds=0.16)
+        backend.scheduler.costs.learn(cheap[0], seconds=0.064)
+        backend.scheduler.costs.learn(costly[0], seconds=0.32)
         handles = [s.handle for s in backend.pool.slots]
         before = [s.forwards for s in ray.get([h.stats.remote() for h in handles])]
         backend.run(cheap + costly)  # 2 replicas x 2 calls in flight: all four go out at once
         after = [s.forwards for s in ray.get([h.stats.remote() for h in handles])]
     finally:
         backend.close()
-    assert [a - b for a, b in zip(after, before)] == [48, 48]
+    assert [a - b for a, b in zip(after, before)] == [48, 88]
 
 
 def test_gives_up_after_max_retries(data, inject_fault):

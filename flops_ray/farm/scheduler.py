@@ -29,7 +29,8 @@ from flops_ray.farm.task_costs import TaskCosts
 from flops_ray.messages import ShardResult, ShardTask
 
 ResultListener = Callable[[int], None]
-"""Called with the number of results accepted so far (all runs) after each accepted result."""
+"""Called after each accepted result with the results accepted by earlier runs plus this run's so far (a
+recompute run adds to no count, so its numbers continue from the last run's total)."""
 
 
 class Scheduler:
