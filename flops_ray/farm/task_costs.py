@@ -1,9 +1,9 @@
 """Learned task costs: seconds per forward pass of each kind of shard task, from the replicas' own timings.
 
 A task's ``cost`` counts forward passes, but with the shared prefix a forward of a group high in the model
-costs a fraction of one of a group low in it, so ordering by counted forwards can hand one replica every
-expensive task of a round. The scheduler orders by estimated seconds instead. Only which replica runs which
-task depends on it, never a result.
+costs a fraction of one of a group low in it, so ordering by counted forwards can leave a round's expensive
+tasks for last, where they set when it ends. The scheduler orders by estimated seconds instead. Only which
+replica runs which task depends on it, never a result.
 """
 
 from __future__ import annotations
