@@ -158,17 +158,18 @@ class Scheduler:
             slot.held.append(task)
 
     def _fill(self, tasks: list[ShardTask], general: list[int]) -> None:
-        """Top every ready replica up to ``in_flight`` calls, longest task first to the replica with the fewest."""
-        while general:
-            open_slots = [slot for slot in self.pool.slots if slot.ready and len(slot.calls) < self.in_flight]
-            if not open_slots:
-                return
-            slot = min(open_slots, key=lambda s: len(s.calls))
-            pos = general.pop(0)
-            ref = slot.handle.run.remote(tasks[pos], self.keep_partials, self.coefficients)
-            slot.calls[ref] = pos
-            self.counters.dispatched += 1
-            self.counters.bytes_sent += len(pickle.dumps(tasks[pos]))
+        """Top every ready replica up to ``in_flight`` calls, longest task first, one call per replica in turn: a
+        pass per depth gives each replica with at most that many calls one more (the fewest-loaded first)."""
+        for depth in range(self.in_flight):
+            for slot in self.pool.slots:
+                if not general:
+                    return
+                if slot.ready and len(slot.calls) <= depth:
+                    pos = general.pop(0)
+                    ref = slot.handle.run.remote(tasks[pos], self.keep_partials, self.coefficients)
+                    slot.calls[ref] = pos
+                    self.counters.dispatched += 1
+                    self.counters.bytes_sent += len(pickle.dumps(tasks[pos]))
 
     def _requeue(
         self, slot: Slot, tasks: list[ShardTask], general: list[int], cause: Exception, charge: bool = False
