@@ -7,10 +7,12 @@ their output to its rows at the *cut*: the element of a sequential stack (``nn.S
 then costs the forward from the cut on plus its share of the prefix, less than a plain forward when the group
 sits high in the model (the ViT configs' ``top`` groups).
 
-Whether a model allows the cut is checked, not assumed: the first chunk of several samples also runs every
-row through the whole model and the shared outputs must match (a skip connection around the cut, or a
-module mixing rows, would make them fail or differ); otherwise the estimator keeps running rows through the
-whole model. Until then, and for chunks of one query per sample, rows run the whole model.
+Whether a model allows the cut is checked, not assumed: the first chunk also runs every row through the
+whole model and the shared outputs must match (a skip connection around the cut, or a module mixing rows,
+would make them fail or differ); otherwise the estimator keeps running rows through the whole model. A chunk
+of one sample is checked with a second sample of the batch beside it, so a model whose chunks all hold one
+sample (a sample's queries over ``max_rows``) still shares. Chunks of one query per sample, and batches of
+one sample, run the whole model.
 
 >>> from flops_ray.groups import resolve_groups
 >>> from flops_ray.config import GroupConfig
@@ -86,17 +88,20 @@ class SharedPrefix:
             first: ``(u,)`` batch rows of the chunk's distinct samples.
             fan: ``(r,)`` each row's index into ``first``.
         """
-        if self.cut is None or len(first) == len(fan) or (len(first) == 1 and not self._checked):
-            # Nothing to share; or one sample, whose single-row tensors would broadcast past a skip connection
-            # the check must see fail.
+        if self.cut is None or len(first) == len(fan) or (len(x) == 1 and not self._checked):
+            # Nothing to share; or a batch of one sample, whose single-row tensors would broadcast past a skip
+            # connection the check must see fail.
             return forward(x[first[fan]])
         if self._checked:
             return self._shared(forward, x[first], fan)
         full = forward(x[first[fan]])
         self._checked = True
+        # A chunk of one sample is checked beside a second sample of the batch that no row fans out from: alone,
+        # its single-row tensors would broadcast past a skip connection and pass.
+        probe = first if len(first) > 1 else torch.cat([first, (first + 1) % len(x)])
         try:
             # Run last, so what the forward captured (LR's inputs and noise) is the shared run's.
-            shared = self._shared(forward, x[first], fan)
+            shared = self._shared(forward, x[probe], fan)
             exact = shared.shape == full.shape and _close(shared, full, self.tolerance)
         except Exception:  # any failure of the shared run means the cut is not exact
             exact = False
