@@ -1,9 +1,9 @@
 """Completion-order scheduling of shard tasks over the replica pool, with retries.
 
-- Longest task first (its forward passes times the seconds per forward its kind and group took so far:
-  :class:`~flops_ray.farm.task_costs.TaskCosts`), one call per replica in turn up to ``in_flight`` each, so a
-  round's longest tasks spread over the replicas; the next task goes to whichever replica finishes first
-  (``ray.wait``), so a faster replica takes more shards.
+- Longest task first (its forward passes times the seconds per forward its kind and group took so far, each
+  replica's slowness divided out: :class:`~flops_ray.farm.task_costs.TaskCosts`), one call per replica in
+  turn up to ``in_flight`` each, so a round's longest tasks spread over the replicas; the next task goes to
+  whichever replica finishes first (``ray.wait``), so a faster replica takes more shards.
 - A replica that dies (any :class:`ray.exceptions.RayActorError`, or a result lost with its node) is
   replaced, after a backoff when deaths come in a row; its in-flight tasks go back in the queue. Deaths
   never fail the step while shards keep finishing (the pool's fault budget; a replica lost while still
@@ -153,7 +153,7 @@ class Scheduler:
         results[pos] = value
         self.counters.bytes_returned += value.nbytes
         task = tasks[pos]
-        self.costs.learn(task, value.seconds)
+        self.costs.learn(task, value.seconds, slot.handle)
         if self.keep_partials and value.grad is None and task.weights is not None:
             slot.held.append(task)
 
