@@ -16,7 +16,8 @@
   frozen digits ViT through per-sample losses (ES, ``limit_queries`` per sample in shards of
   ``limit_shard_cost``), farm sample-forwards/s divided by ``W`` x the best single-thread batched inference
   rate of the same ViT, timed between the farm's repetitions (the host's speed drifts within minutes;
-  ``details.limit_rows_per_s[W]``).
+  ``details.limit_rows_per_s[W]``), each batch size over as many rows as one farm repetition evaluates
+  (a rate over 20 ms bursts would be the luckiest burst, not a rate).
 - ``costs``: per-call costs behind the step-time model in docs/FARM.md.
 
     python jobs/bench_farm.py --quick --out runs/bench_farm
@@ -73,6 +74,10 @@ class BenchConfig:
     """How much slower the slowed replica is."""
     reps: int = 3
     """Timed repetitions; the best is kept (the machine is shared)."""
+    rounds: int = 4
+    """Consecutive rounds (in-process: passes over the same tasks) timed in one repetition, so a rate is a
+    throughput over about a second: a single 0.2 s round right after the replicas idled runs 10-20% slower
+    on this host than the rounds that follow it (measured), and training runs its rounds back to back."""
     train_steps: int = 4
     """Training steps for the allocator share and the wire bytes."""
     limit_queries: int = 40
@@ -169,15 +174,16 @@ def head_blackbox_setup(bench: BenchConfig, workers: int) -> tuple[TrainConfig, 
     return cfg, BlackBox(FrozenHead(vit), head, inference=True)
 
 
-def limit_rows_per_s(bench: BenchConfig, vit: nn.Module, x: np.ndarray) -> float:
-    """The best single-thread batched inference rate of ``vit`` (rows/s) over ``bench.limit_batches``."""
-    rows = torch.from_numpy(x).repeat(max(bench.limit_batches) // len(x) + 1, 1, 1, 1)
+def limit_rows_per_s(bench: BenchConfig, vit: nn.Module, x: np.ndarray, rows: int) -> float:
+    """The best single-thread batched inference rate of ``vit`` (rows/s) over ``bench.limit_batches``, each
+    timed over ``rows`` rows (at least one batch) of ``x`` repeated."""
+    data = torch.from_numpy(x).repeat(max(bench.limit_batches) // len(x) + 1, 1, 1, 1)
     best = 0.0
     for batch in bench.limit_batches:
-        chunk = rows[:batch]
+        chunk, calls = data[:batch], max(1, round(rows / batch))
         with torch.inference_mode():
             vit(chunk)  # warm-up
-            best = max(best, batch * bench.reps / _single_threaded(lambda c=chunk: [vit(c) for _ in range(bench.reps)]))
+            best = max(best, batch * calls / _single_threaded(lambda c=chunk, n=calls: [vit(c) for _ in range(n)]))
     return best
 
 
@@ -194,8 +200,9 @@ def _single_threaded(fn) -> float:
 def efficiency(bench: BenchConfig, setup: Setup = vit_setup, queries: int = 0, limit: bool = False) -> dict:
     """Farm rate with ``W`` replicas / (``W`` x the in-process rate), for each ``W`` of ``bench.workers``.
 
-    The in-process reference runs the same shards batched the same way, one thread. Its repetitions are
-    interleaved with the farm's, so both see the same load of this shared machine; the best of each is kept.
+    The in-process reference runs the same shards batched the same way, one thread. A repetition times
+    ``bench.rounds`` rounds of each; the repetitions are interleaved, so both see the same load of this
+    shared machine, and the best of each is kept.
     Every sample gets ``queries`` (0: ``bench.queries_per_sample``) per group. With ``limit``,
     :func:`limit_rows_per_s` is interleaved with them too (``limit_rows_per_s[W]``).
     """
@@ -218,13 +225,13 @@ def efficiency(bench: BenchConfig, setup: Setup = vit_setup, queries: int = 0, l
             backend.run(tasks)  # warm-up: replicas start and load the batch
             local_s, farm_s, limits = [], [], []
             for _ in range(bench.reps):
-                local_s.append(_single_threaded(lambda: [local.run(t) for t in tasks]))
-                farm_s.append(_timed(lambda b=backend: b.run(tasks)))
+                local_s.append(_single_threaded(lambda: [local.run(t) for _ in range(bench.rounds) for t in tasks]))
+                farm_s.append(_timed(lambda b=backend: [b.run(tasks) for _ in range(bench.rounds)]))
                 if limit:
-                    limits.append(limit_rows_per_s(bench, vit, x))
+                    limits.append(limit_rows_per_s(bench, vit, x, forwards * bench.rounds))
         finally:
             backend.close()
-        base, rate = forwards / min(local_s), forwards / min(farm_s)
+        base, rate = forwards * bench.rounds / min(local_s), forwards * bench.rounds / min(farm_s)
         out["in_process_queries_per_s"][str(w)] = base
         out["farm_queries_per_s"][str(w)] = rate
         out["efficiency"][str(w)] = rate / (w * base)

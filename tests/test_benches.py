@@ -53,7 +53,7 @@ def test_bench_farm_tiny(tmp_path, run_script):
     result = _run_tiny(
         run_script,
         "bench_farm.py",
-        "BenchConfig(workers=(1,), batch_size=8, queries_per_sample=8, shard_cost=32, spread=10.0, reps=1, "
+        "BenchConfig(workers=(1,), batch_size=8, queries_per_sample=8, shard_cost=32, spread=10.0, reps=1, rounds=1, "
         "train_steps=1, limit_queries=4, limit_batches=(8,))",
         tmp_path,
     )
