@@ -64,7 +64,11 @@ class BenchConfig:
     batch_size: int = 64
     """Samples per step (``B``)."""
     queries_per_sample: int = 128
-    """Mean queries per sample and group in the throughput and makespan workloads."""
+    """Mean queries per sample and group in the throughput workloads."""
+    makespan_queries: int = 384
+    """Mean queries per sample and group in the makespan workload, whose shards hold one sample each: 3-50 ms
+    per shard on one core. At 128, once the blocks below a group ran once per sample, the smallest took about
+    1 ms and the ratio measured Ray's per-call work more than the balance (1.12-1.13 against 1.05 at 384)."""
     shard_cost: int = 2048
     """Forward passes per shard (~70 ms on one core for the digits ViT's LR queries, whose blocks below the
     groups run once per sample, so a call's ~1 ms of Ray work on each side is amortised)."""
@@ -242,8 +246,9 @@ def efficiency(bench: BenchConfig, setup: Setup = vit_setup, queries: int = 0, l
 
 
 def spread_counts(bench: BenchConfig, unit: int) -> np.ndarray:
-    """``(B,)`` counts from ``q/sqrt(spread)`` to ``q*sqrt(spread)`` (geometric), shuffled, even."""
-    q = bench.queries_per_sample
+    """``(B,)`` counts from ``q/sqrt(spread)`` to ``q*sqrt(spread)`` (geometric, ``q = bench.makespan_queries``),
+    shuffled, even."""
+    q = bench.makespan_queries
     counts = np.geomspace(q / np.sqrt(bench.spread), q * np.sqrt(bench.spread), bench.batch_size)
     counts = np.maximum(unit, np.round(counts / unit) * unit).astype(int)
     return np.random.default_rng(bench.seed).permutation(counts)

@@ -53,8 +53,8 @@ def test_bench_farm_tiny(tmp_path, run_script):
     result = _run_tiny(
         run_script,
         "bench_farm.py",
-        "BenchConfig(workers=(1,), batch_size=8, queries_per_sample=8, shard_cost=32, spread=10.0, reps=1, rounds=1, "
-        "train_steps=1, limit_queries=4, limit_batches=(8,))",
+        "BenchConfig(workers=(1,), batch_size=8, queries_per_sample=8, makespan_queries=8, shard_cost=32, "
+        "spread=10.0, reps=1, rounds=1, train_steps=1, limit_queries=4, limit_batches=(8,))",
         tmp_path,
     )
     assert set(result["efficiency"]) == set(result["blackbox_efficiency"]) == set(result["blackbox_vs_limit"]) == {"1"}
