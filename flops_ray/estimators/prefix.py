@@ -11,8 +11,9 @@ Whether a model allows the cut is checked, not assumed: the first chunk also run
 whole model and the shared outputs must match (a skip connection around the cut, or a module mixing rows,
 would make them fail or differ); otherwise the estimator keeps running rows through the whole model. A chunk
 of one sample is checked with a second sample of the batch beside it, so a model whose chunks all hold one
-sample (a sample's queries over ``max_rows``) still shares. Chunks of one query per sample, and batches of
-one sample, run the whole model.
+sample (a sample's queries filling whole chunks) still shares. The check needs more rows than samples (only
+then does a tensor from before the cut fail to meet the fanned-out rows): until a chunk has them, and for
+chunks of one query per sample, rows run the whole model.
 
 >>> from flops_ray.groups import resolve_groups
 >>> from flops_ray.config import GroupConfig
@@ -88,32 +89,39 @@ class SharedPrefix:
             first: ``(u,)`` batch rows of the chunk's distinct samples.
             fan: ``(r,)`` each row's index into ``first``.
         """
-        if self.cut is None or len(first) == len(fan) or (len(x) == 1 and not self._checked):
-            # Nothing to share; or a batch of one sample, whose single-row tensors would broadcast past a skip
-            # connection the check must see fail.
-            return forward(x[first[fan]])
+        if self.cut is None or len(first) == len(fan):
+            return forward(x[first[fan]])  # nothing to share
         if self._checked:
-            return self._shared(forward, x[first], fan)
-        full = forward(x[first[fan]])
-        self._checked = True
+            try:
+                return self._shared(forward, x[first], fan)
+            except _CutMismatch:  # a prefix that behaves otherwise at this many samples
+                return self._give_up(forward, x[first[fan]])
         # A chunk of one sample is checked beside a second sample of the batch that no row fans out from: alone,
         # its single-row tensors would broadcast past a skip connection and pass.
-        probe = first if len(first) > 1 else torch.cat([first, (first + 1) % len(x)])
+        probe = first if len(first) > 1 or len(x) == 1 else torch.cat([first, (first + 1) % len(x)])
+        if len(probe) == 1 or len(fan) <= len(probe):
+            # Too few to check the cut on: only with two samples or more, and more rows than samples, does a
+            # tensor from before the cut fail to meet the fanned-out rows, whatever the tolerance.
+            return forward(x[first[fan]])
+        full = forward(x[first[fan]])
+        self._checked = True
         try:
             # Run last, so what the forward captured (LR's inputs and noise) is the shared run's.
             shared = self._shared(forward, x[probe], fan)
             exact = shared.shape == full.shape and _close(shared, full, self.tolerance)
         except Exception:  # any failure of the shared run means the cut is not exact
             exact = False
-        if exact:
-            return shared
+        return shared if exact else self._give_up(forward, x[first[fan]])
+
+    def _give_up(self, forward: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+        """Warn, stop sharing for good, and run ``rows`` through the whole model."""
         warnings.warn(
             f"the blocks before {self.cut!r} cannot be shared between a sample's queries (outputs differ or fail "
             "when rows fan out there): every query runs the whole model",
-            stacklevel=2,
+            stacklevel=3,
         )
         self.cut = None
-        return forward(x[first[fan]])
+        return forward(rows)
 
     def _shared(self, forward: Callable[[torch.Tensor], torch.Tensor], xs: torch.Tensor, fan: torch.Tensor):
         def fan_out(module: nn.Module, args: tuple) -> tuple:

@@ -5,13 +5,15 @@ costs a fraction of one of a group low in it, so ordering by counted forwards ca
 tasks for last, where they set when it ends. The scheduler orders by estimated seconds instead. Only which
 replica runs which task depends on it, never a result.
 
-Replicas differ in speed (mixed GPUs, a loaded node), so each one's timings are divided by how much slower
-it runs than the others before they teach a rate: otherwise a rate would jump with whichever replica
-reported last, and so would the order.
+Replicas differ in speed (mixed GPUs, a loaded node): a timing is modelled as ``rate[kind, group] x
+slowness[replica]``, both learned, so a rate does not jump with whichever replica reported last. Both are
+smoothed in logs and the replicas' mean log slowness is held at 0: only their product is seen, and
+smoothing the factors as they came let their scales drift apart without bound.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable
 
 from flops_ray.messages import ShardTask
@@ -32,30 +34,39 @@ class TaskCosts:
 
     def __init__(self, smoothing: float = 0.5):
         self.smoothing = smoothing
-        """Weight of a new measurement against what was learned before."""
-        self._rate: dict[tuple[str, int | None], float] = {}
-        """Seconds per forward per ``(kind, group)``, on a replica of slowness 1."""
-        self._slowness: dict[Hashable, float] = {}
-        """Each replica's seconds over those its task's rate predicts (the first to report sets the scale)."""
+        """Weight of a new measurement against what was learned before (1.0: a kind's rate is its first
+        timing and later ones teach only the replicas' slowness)."""
+        self._log_rate: dict[tuple[str, int | None], float] = {}
+        """Log seconds per forward per ``(kind, group)``, less the mean of ``_log_slow``."""
+        self._log_slow: dict[Hashable, float] = {}
+        """Each replica's log slowness (its timings over what its tasks' rates predict), plus their mean: holding
+        the offset in the mean keeps an update O(1) however many replicas and kinds there are. A replacement is
+        a new key, starting from the average; a dead replica's entry stays (one float per death)."""
+        self._log_slow_sum = 0.0
+
+    def _mean(self) -> float:
+        return self._log_slow_sum / len(self._log_slow) if self._log_slow else 0.0
 
     def learn(self, task: ShardTask, seconds: float, replica: Hashable = None) -> None:
         """Take ``seconds`` (``replica``'s time running ``task``) into that replica's slowness and the rate of
         ``task``'s kind and group."""
         if task.cost <= 0 or seconds <= 0:
             return
-        key, rate = (task.kind.value, task.group), seconds / task.cost
-        slow = self._slowness.get(replica, 1.0)
-        old = self._rate.get(key)
+        key, seen, mean = (task.kind.value, task.group), math.log(seconds / task.cost), self._mean()
+        slow = self._log_slow[replica] - mean if replica in self._log_slow else 0.0  # a new one: average
+        old = self._log_rate.get(key)
         if old is not None:
-            slow += self.smoothing * (rate / old - slow)
-            self._slowness[replica] = slow
-        rate /= slow
-        self._rate[key] = rate if old is None else old + self.smoothing * (rate - old)
+            old += mean
+            slow += self.smoothing * (seen - old - slow)
+            self._log_slow_sum += slow + mean - self._log_slow.get(replica, 0.0)
+            self._log_slow[replica] = slow + mean
+        seen -= slow
+        self._log_rate[key] = (seen if old is None else old + self.smoothing * (seen - old)) - mean
 
     def estimate(self, task: ShardTask) -> float:
-        """Seconds ``task`` should take on a replica of slowness 1; a kind and group not measured yet count as
-        the costliest measured."""
-        rate = self._rate.get((task.kind.value, task.group))
-        if rate is None:
-            rate = max(self._rate.values(), default=1.0)
-        return task.cost * rate
+        """Seconds ``task`` should take on a replica of average speed; a kind and group not measured yet count
+        as the costliest measured."""
+        log_rate = self._log_rate.get((task.kind.value, task.group))
+        if log_rate is None:
+            log_rate = max(self._log_rate.values(), default=-self._mean())
+        return task.cost * math.exp(log_rate + self._mean())
