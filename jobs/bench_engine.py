@@ -116,8 +116,8 @@ class BenchConfig:
 
 
 QUICK = BenchConfig(replace(DIGITS, reps=15), replace(VIT_B16, shard=24, reps=5), peak_rows=64)
-"""ViT-B/16 on a shard of 24 queries: a sample's 20 and 4 of the next (a shard of one sample shares nothing
-before the engine has checked the fan-out on one of several)."""
+"""ViT-B/16 on a shard of 24 queries: a sample's 20 and 4 of the next, two samples as a training shard holds
+(the prefix check runs on the first chunk, as in training)."""
 
 
 def device() -> torch.device:
