@@ -66,7 +66,8 @@ class TaskCosts:
     def estimate(self, task: ShardTask) -> float:
         """Seconds ``task`` should take on a replica of average speed; a kind and group not measured yet count
         as the costliest measured."""
+        mean = self._mean()
         log_rate = self._log_rate.get((task.kind.value, task.group))
         if log_rate is None:
-            log_rate = max(self._log_rate.values(), default=-self._mean())
-        return task.cost * math.exp(log_rate + self._mean())
+            log_rate = max(self._log_rate.values(), default=-mean)
+        return task.cost * math.exp(log_rate + mean)
