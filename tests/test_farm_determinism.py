@@ -139,6 +139,37 @@ def test_allreduce_recomputes_partials_lost_while_recomputing(data, reference, i
     assert c.recomputed >= sum(held), "the second victim's partials should have been recomputed too"
 
 
+class _Interrupted(Exception):
+    pass
+
+
+def test_a_failed_recompute_loses_no_partial(data, inject_fault):
+    """The recompute of a dead replica's partials raises (a fault budget spent, a stall) after one of them was
+    accepted: every partial accepted before the death is still held by a live replica or orphaned, once, so a
+    later sum of the step recomputes the rest instead of summing a fraction of the step."""
+    trainer = _trainer(data, reduction="allreduce")
+    accepted: set = set()
+
+    def kill_holder(backend) -> None:
+        accepted.update(t.key for s in backend.pool.slots for t in s.held)
+        _kill_most_held(backend)
+
+    def interrupt(backend) -> None:
+        raise _Interrupted
+
+    # As in the test above: step 1's main shards run up to result 34, 35 is the first recomputed partial.
+    inject_fault(trainer.backend, after=30, action=kill_holder)
+    inject_fault(trainer.backend, after=35, action=interrupt)
+    with trainer, pytest.raises(_Interrupted):
+        for _ in range(STEPS):
+            trainer.step()
+    pool = trainer.backend.pool
+    placed = [t.key for s in pool.slots for t in s.held] + [t.key for t in pool.orphans]
+    assert len(placed) == len(set(placed)), "a partial is both held and orphaned, or held twice"
+    assert accepted and accepted <= set(placed), f"partials lost: {sorted(accepted - set(placed))}"
+    assert pool.orphans, "the recompute was interrupted with partials still to run"
+
+
 def _kill_all(backend) -> None:
     for slot in backend.pool.slots:
         ray.kill(slot.handle, no_restart=True)

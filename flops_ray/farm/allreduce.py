@@ -16,6 +16,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from flops_ray.farm.errors import FarmError
 from flops_ray.farm.replica_pool import ReplicaPool, Slot
 from flops_ray.farm.scheduler import Scheduler
+from flops_ray.messages import ShardTask
 
 
 class AllReduce:
@@ -45,7 +46,11 @@ class AllReduce:
             # A replica dying while partials are recomputed orphans its own: recompute until none is left.
             while self.pool.orphans:
                 lost, self.pool.orphans = self.pool.orphans, []
-                self.scheduler.run(lost, recompute=True)
+                try:
+                    self.scheduler.run(lost, recompute=True)
+                except BaseException:
+                    self._restore(lost)
+                    raise
             members = [s for s in self.pool.slots if s.ready]
             if not members:
                 raise FarmError("no replica is up to sum the step's partials")
@@ -67,6 +72,12 @@ class AllReduce:
             counters.bytes_returned += sum(len(pickle.dumps(r)) for r in replies)
             self.members = members
             return list(replies[0].norms)
+
+    def _restore(self, lost: list[ShardTask]) -> None:
+        """Orphan again the tasks of ``lost`` whose partials a failed recompute left nowhere, so a later sum of
+        this step recomputes them instead of summing a fraction of it; each task stays held or orphaned once."""
+        placed = {t.key for s in self.pool.slots for t in s.held} | {t.key for t in self.pool.orphans}
+        self.pool.orphans += [t for t in lost if t.key not in placed]
 
     def _recover(self, members: list[Slot], refs: list[ray.ObjectRef], cause: Exception) -> None:
         """Survivors of a broken collective time out on their own; wait for them and replace the dead.
