@@ -68,27 +68,44 @@ def test_faster_replica_takes_more_shards(data):
     assert fast.forwards > 2 * slow.forwards > 0
 
 
+def _task(group: int, index: int, queries: int) -> ShardTask:
+    return ShardTask(TaskKind.MAIN, 0, group, index, (ShardItem(index, index, 0, queries),), weights=(0.1,))
+
+
+def _two_replicas_up(cfg: TrainConfig, data) -> RayBackend:
+    """A backend whose two replicas have both answered their sync and run tasks (a run reads the answers)."""
+    backend = RayBackend(cfg, _model(cfg))
+    backend.sync(0, data[0].x[:8], data[0].y[:8])
+    warm = [_task(g, i, 2) for g in (0, 1) for i in range(4)]
+    for _ in range(1000):
+        if backend.pool.up == 2:
+            break
+        backend.run(warm)
+    backend.run(warm)
+    assert backend.pool.up == 2
+    return backend
+
+
+def test_a_replaced_replica_leaves_the_task_costs(data):
+    """A dead replica's learned slowness goes with it: a long run with many deaths keeps none."""
+    backend = _two_replicas_up(_cfg(workers=2), data)
+    try:
+        assert backend.scheduler.costs.replicas == 2
+        backend.pool.replace(backend.pool.slots[0], "a replica died", "killed by the test", charge=False)
+        assert backend.scheduler.costs.replicas == 1
+    finally:
+        backend.close()
+
+
 def test_longest_expected_tasks_go_one_per_replica(data):
     """Tasks are ordered by learned seconds, not counted forwards, and the first calls go one per replica in
     that order. Forwards 64 (cheap group) and 32, 24, 16 (a group whose forwards cost 10x): by seconds the
     replicas get 32 + 16 and 24 + 64; by forwards 64 + 24 and 32 + 16; filling one replica first gives
     32 + 24 and 16 + 64 by seconds, 64 + 32 and 24 + 16 by forwards (the old scheduler)."""
     cfg = _cfg(workers=2)
-    x, y = data[0].x[:8], data[0].y[:8]
-    backend = RayBackend(cfg, _model(cfg))
+    backend = _two_replicas_up(cfg, data)
     try:
-        backend.sync(0, x, y)
-
-        def task(group: int, index: int, queries: int) -> ShardTask:
-            return ShardTask(TaskKind.MAIN, 0, group, index, (ShardItem(index, index, 0, queries),), weights=(0.1,))
-
-        warm = [task(g, i, 2) for g in (0, 1) for i in range(4)]
-        for _ in range(1000):  # until both replicas have answered their sync (a run reads the answers)
-            if backend.pool.up == 2:
-                break
-            backend.run(warm)
-        assert backend.pool.up == 2
-        cheap, costly = [task(1, 0, 64)], [task(0, i, q) for i, q in enumerate((32, 24, 16))]
+        cheap, costly = [_task(1, 0, 64)], [_task(0, i, q) for i, q in enumerate((32, 24, 16))]
         backend.scheduler.costs = TaskCosts(smoothing=1.0)
         backend.scheduler.costs.learn(cheap[0], seconds=0.064)
         backend.scheduler.costs.learn(costly[0], seconds=0.32)

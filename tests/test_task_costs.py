@@ -61,3 +61,17 @@ def test_noisy_timings_of_a_rarely_run_kind_keep_their_ratio(slowness):
     assert statistics.median(ratios) == pytest.approx(2.0, rel=0.1)
     assert sum(r < 1 for r in ratios) <= 0.05 * len(ratios)
     assert all(math.isfinite(costs.estimate(_task(g))) for g in (0, 1))
+
+
+def test_a_forgotten_replica_leaves_the_average_to_the_live_ones():
+    """A dead replica is dropped: the estimate (a task's seconds on a replica of average speed) becomes the
+    live replicas' average, here the fast one's timing, and no entry is kept for the dead one."""
+    costs = TaskCosts()
+    for _ in range(6):
+        for replica in SLOWNESS:
+            costs.learn(_task(0), 8 * SLOWNESS[replica], replica)
+    assert costs.estimate(_task(0)) == pytest.approx(8 * math.sqrt(3.0), rel=0.02)
+    costs.forget("slow")
+    costs.forget("never seen")
+    assert costs.replicas == 1
+    assert costs.estimate(_task(0)) == pytest.approx(8.0, rel=0.02)

@@ -130,7 +130,8 @@ class ReplicaPool:
         self.orphans: list[ShardTask] = []
         """All-reduce: accepted tasks of this step whose gradient partial died with its replica."""
         self.on_replace: list[Callable[[int], None]] = []
-        """Called with a slot's index when its actor is replaced (owners of per-replica state listen)."""
+        """Called with a slot's index as its actor is replaced, while the slot still holds the dying actor's handle
+        (owners of per-replica state listen)."""
 
     def sync(self, batch_ref: ray.ObjectRef, nbytes: int) -> None:
         """Point every replica at the step's batch (already in the object store).
@@ -291,7 +292,8 @@ class ReplicaPool:
             FarmError: the death exhausted the fault budget (the slot is cleared first, so the pool stays
                 usable).
         """
-        index = self.slots.index(slot)
+        for listener in self.on_replace:
+            listener(self.slots.index(slot))
         self.orphans += slot.held
         if slot.handle is not None:
             self._save_snapshot_from(slot)
@@ -302,8 +304,6 @@ class ReplicaPool:
         slot.calls.clear()
         slot.held.clear()
         self.counters.restarts += 1
-        for listener in self.on_replace:
-            listener(index)
         if charge:
             self.budget.failure(what, cause)
         self.start_due()

@@ -55,6 +55,11 @@ class Scheduler:
         self.stall_timeout = stall_timeout
         self.listeners: list[ResultListener] = []
         self.costs = TaskCosts()
+        pool.on_replace.append(self._forget)
+
+    def _forget(self, index: int) -> None:
+        if self.pool.slots[index].handle is not None:
+            self.costs.forget(self.pool.slots[index].handle)
 
     def run(self, tasks: list[ShardTask], *, recompute: bool = False) -> list[ShardResult]:
         """Evaluate ``tasks`` on the replicas; results in task order.

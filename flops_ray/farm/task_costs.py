@@ -41,7 +41,7 @@ class TaskCosts:
         self._log_slow: dict[Hashable, float] = {}
         """Each replica's log slowness (its timings over what its tasks' rates predict), plus their mean: holding
         the offset in the mean keeps an update O(1) however many replicas and kinds there are. A replacement is
-        a new key, starting from the average; a dead replica's entry stays (one float per death)."""
+        a new key, starting from the average of the live ones (a dead replica is forgotten)."""
         self._log_slow_sum = 0.0
 
     def _mean(self) -> float:
@@ -62,6 +62,17 @@ class TaskCosts:
             self._log_slow[replica] = slow + mean
         seen -= slow
         self._log_rate[key] = (seen if old is None else old + self.smoothing * (seen - old)) - mean
+
+    @property
+    def replicas(self) -> int:
+        """Replicas whose slowness is known."""
+        return len(self._log_slow)
+
+    def forget(self, replica: Hashable) -> None:
+        """Drop ``replica`` (it died): the others' predicted timings stay as they were, and :meth:`estimate`
+        becomes the average over the replicas left."""
+        if replica in self._log_slow:
+            self._log_slow_sum -= self._log_slow.pop(replica)
 
     def estimate(self, task: ShardTask) -> float:
         """Seconds ``task`` should take on a replica of average speed; a kind and group not measured yet count
