@@ -18,6 +18,10 @@
   rate of the same ViT, timed between the farm's repetitions (the host's speed drifts within minutes;
   ``details.limit_rows_per_s[W]``), each batch size over as many rows as one farm repetition evaluates
   (a rate over 20 ms bursts would be the luckiest burst, not a rate).
+- ``details.paired_efficiency[W]`` and ``details.paired_blackbox_vs_limit[W]``: the same two ratios taken
+  within each repetition (farm against the reference timed next to it) and their median, beside the
+  best-of-repetitions figures above: on a shared host the spread of these says how far to trust the third
+  digit of the others.
 - ``costs``: per-call costs behind the step-time model in docs/FARM.md.
 
     python jobs/bench_farm.py --quick --out runs/bench_farm
@@ -217,9 +221,10 @@ def efficiency(bench: BenchConfig, setup: Setup = vit_setup, queries: int = 0, l
     local = QueryEngine(model, cfg.groups, cfg.estimator, cfg.seed)
     local.set_batch(0, x, y)
     _single_threaded(lambda: local.run(tasks[0]))  # warm-up
-    out: dict = {"in_process_queries_per_s": {}, "efficiency": {}, "farm_queries_per_s": {}}
+    out: dict = {"in_process_queries_per_s": {}, "efficiency": {}, "farm_queries_per_s": {}, "paired": {}}
     if limit:
         out["limit_rows_per_s"] = {}
+        out["paired_vs_limit"] = {}
         vit = create_model("digits_vit", 10, 8, bench.seed).eval()
     for w in bench.workers:
         cfg, model = setup(bench, w)
@@ -239,8 +244,11 @@ def efficiency(bench: BenchConfig, setup: Setup = vit_setup, queries: int = 0, l
         out["in_process_queries_per_s"][str(w)] = base
         out["farm_queries_per_s"][str(w)] = rate
         out["efficiency"][str(w)] = rate / (w * base)
+        out["paired"][str(w)] = float(np.median(np.array(local_s) / np.array(farm_s))) / w
         if limit:
             out["limit_rows_per_s"][str(w)] = max(limits)
+            per_rep = forwards * bench.rounds / np.array(farm_s) / np.array(limits)
+            out["paired_vs_limit"][str(w)] = float(np.median(per_rep)) / w
         print(f"{setup.__name__} W={w}: {rate:.0f} forwards/s, efficiency {out['efficiency'][str(w)]:.3f}", flush=True)
     return out
 
@@ -349,6 +357,8 @@ def main(bench: BenchConfig, out: Path) -> dict:
             "farm_queries_per_s": eff["farm_queries_per_s"],
             "blackbox_in_process_forwards_per_s": blackbox["in_process_queries_per_s"],
             "blackbox_farm_forwards_per_s": blackbox["farm_queries_per_s"],
+            "paired_efficiency": eff["paired"],
+            "paired_blackbox_vs_limit": head["paired_vs_limit"],
             "counts_spread": span["counts_spread"],
             "step_seconds": train["step_seconds"],
             "allocator_fit_share": train["allocator_fit_share"],

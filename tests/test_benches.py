@@ -60,6 +60,10 @@ def test_bench_farm_tiny(tmp_path, run_script):
     assert set(result["efficiency"]) == set(result["blackbox_efficiency"]) == set(result["blackbox_vs_limit"]) == {"1"}
     figures = (*result["efficiency"].values(), *result["blackbox_efficiency"].values())
     assert all(v > 0 for v in (*figures, *result["blackbox_vs_limit"].values()))
+    # One repetition: the paired medians are the best-of figures.
+    details = result["details"]
+    assert details["paired_efficiency"]["1"] == pytest.approx(result["efficiency"]["1"])
+    assert details["paired_blackbox_vs_limit"]["1"] == pytest.approx(result["blackbox_vs_limit"]["1"])
     assert result["makespan_ratio"]["dynamic"] > 0 and result["makespan_ratio"]["static"] > 0
     assert 0 <= result["allocator_overhead"] < 1
     # Batch, task messages, losses and traces, no parameters: well under 1 MB. Shipping the step's LR noise
