@@ -155,6 +155,8 @@ def test_a_failed_recompute_loses_no_partial(data, inject_fault):
         _kill_most_held(backend)
 
     def interrupt(backend) -> None:
+        # Inside the recompute: step 1's main run has returned (17 + 17 accepted), after the one death.
+        assert backend.counters.accepted == 34 and backend.counters.restarts == 1
         raise _Interrupted
 
     # As in the test above: step 1's main shards run up to result 34, 35 is the first recomputed partial.

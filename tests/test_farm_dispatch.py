@@ -90,9 +90,12 @@ def test_a_replaced_replica_leaves_the_task_costs(data):
     """A dead replica's learned slowness goes with it: a long run with many deaths keeps none."""
     backend = _two_replicas_up(_cfg(workers=2), data)
     try:
-        assert backend.scheduler.costs.replicas == 2
+        costs = backend.scheduler.costs
+        assert costs.replicas == 2
         backend.pool.replace(backend.pool.slots[0], "a replica died", "killed by the test", charge=False)
-        assert backend.scheduler.costs.replicas == 1
+        assert costs.replicas == 1
+        costs.forget(backend.pool.slots[1].handle)
+        assert costs.replicas == 0, "the live replica's entry should have been the one left"
     finally:
         backend.close()
 

@@ -75,3 +75,6 @@ def test_a_forgotten_replica_leaves_the_average_to_the_live_ones():
     costs.forget("never seen")
     assert costs.replicas == 1
     assert costs.estimate(_task(0)) == pytest.approx(8.0, rel=0.02)
+    costs.forget("fast")  # the last one (every replacement of a 1-replica farm): the estimate stays
+    assert costs.replicas == 0
+    assert costs.estimate(_task(0)) == pytest.approx(8.0, rel=0.02)

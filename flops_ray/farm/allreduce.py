@@ -36,7 +36,7 @@ class AllReduce:
         """The replicas of the last successful collective: they hold the sum."""
         self.pool.on_replace.append(self._invalidate)
 
-    def _invalidate(self, index: int) -> None:
+    def _invalidate(self, index: int, dead: ActorHandle | None) -> None:
         self._group = ()
 
     def __call__(self) -> list[float]:
@@ -74,8 +74,10 @@ class AllReduce:
             return list(replies[0].norms)
 
     def _restore(self, lost: list[ShardTask]) -> None:
-        """Orphan again the tasks of ``lost`` whose partials a failed recompute left nowhere, so a later sum of
-        this step recomputes them instead of summing a fraction of it; each task stays held or orphaned once."""
+        """Orphan again the tasks of ``lost`` whose partials a failed recompute left nowhere: every partial the
+        step accepted stays held by a live replica or orphaned, once. (A sum of the step after the failure
+        would still stop at the key check if a cancelled call finished on its replica; the next sync clears
+        both sides.)"""
         placed = {t.key for s in self.pool.slots for t in s.held} | {t.key for t in self.pool.orphans}
         self.pool.orphans += [t for t in lost if t.key not in placed]
 

@@ -129,9 +129,9 @@ class ReplicaPool:
         self._gen = 0
         self.orphans: list[ShardTask] = []
         """All-reduce: accepted tasks of this step whose gradient partial died with its replica."""
-        self.on_replace: list[Callable[[int], None]] = []
-        """Called with a slot's index as its actor is replaced, while the slot still holds the dying actor's handle
-        (owners of per-replica state listen)."""
+        self.on_replace: list[Callable[[int, ActorHandle | None], None]] = []
+        """Called with a slot's index and its dead actor's handle (None: none had started) once the slot is
+        cleared for a replacement (owners of per-replica state listen)."""
 
     def sync(self, batch_ref: ray.ObjectRef, nbytes: int) -> None:
         """Point every replica at the step's batch (already in the object store).
@@ -292,18 +292,19 @@ class ReplicaPool:
             FarmError: the death exhausted the fault budget (the slot is cleared first, so the pool stays
                 usable).
         """
-        for listener in self.on_replace:
-            listener(self.slots.index(slot))
+        dying = slot.handle
         self.orphans += slot.held
-        if slot.handle is not None:
+        if dying is not None:
             self._save_snapshot_from(slot)
-            ray.kill(slot.handle, no_restart=True)
+            ray.kill(dying, no_restart=True)
         slot.handle, slot.ready, slot.sync_ref, slot.version, slot.adoption = None, False, None, 0, None
         slot.losses += 1
         slot.start_at = time.monotonic() + self.budget.backoff(slot.losses)
         slot.calls.clear()
         slot.held.clear()
         self.counters.restarts += 1
+        for listener in self.on_replace:
+            listener(self.slots.index(slot), dying)
         if charge:
             self.budget.failure(what, cause)
         self.start_due()

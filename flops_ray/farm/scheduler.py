@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterable
 
 import ray
+from ray.actor import ActorHandle
 from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 
 from flops_ray.farm.counters import DispatchCounters
@@ -57,9 +58,8 @@ class Scheduler:
         self.costs = TaskCosts()
         pool.on_replace.append(self._forget)
 
-    def _forget(self, index: int) -> None:
-        if self.pool.slots[index].handle is not None:
-            self.costs.forget(self.pool.slots[index].handle)
+    def _forget(self, index: int, dead: ActorHandle | None) -> None:
+        self.costs.forget(dead)
 
     def run(self, tasks: list[ShardTask], *, recompute: bool = False) -> list[ShardResult]:
         """Evaluate ``tasks`` on the replicas; results in task order.

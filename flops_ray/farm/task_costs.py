@@ -71,8 +71,13 @@ class TaskCosts:
     def forget(self, replica: Hashable) -> None:
         """Drop ``replica`` (it died): the others' predicted timings stay as they were, and :meth:`estimate`
         becomes the average over the replicas left."""
-        if replica in self._log_slow:
-            self._log_slow_sum -= self._log_slow.pop(replica)
+        if replica not in self._log_slow:
+            return
+        mean = self._mean()
+        self._log_slow_sum -= self._log_slow.pop(replica)
+        if not self._log_slow:  # the mean falls back to 0: carry the last one into the rates
+            self._log_rate = {key: rate + mean for key, rate in self._log_rate.items()}
+            self._log_slow_sum = 0.0
 
     def estimate(self, task: ShardTask) -> float:
         """Seconds ``task`` should take on a replica of average speed; a kind and group not measured yet count
