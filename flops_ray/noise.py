@@ -182,32 +182,73 @@ class NoiseLayout:
         """Normals a draw takes from its stream."""
         return sum(m + n for m, n in self.blocks)
 
+    @property
+    def dense_only(self) -> bool:
+        """One dense block: a draw is its stream."""
+        return len(self.blocks) == 1 and self.blocks[0][1] == 0
+
+    @property
+    def sources(self) -> tuple[int, ...]:
+        """Where each block's normals start in a draw's stream (a rank-1 block: ``u`` then ``v``)."""
+        starts = [0]
+        for m, n in self.blocks[:-1]:
+            starts.append(starts[-1] + m + n)
+        return tuple(starts)
+
     def make(self, keys: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``(D, size)`` the draws ``keys`` on ``keys``' device (row ``d`` depends only on ``keys[d]``)."""
-        if len(self.blocks) == 1 and self.blocks[0][1] == 0:
+        if self.dense_only:
             return gaussian(keys, self.size, dtype)
-        stream = gaussian(keys, self.normals)  # (D, normals)
-        out = torch.empty(len(keys), self.size, dtype=torch.float32, device=keys.device)
-        src = dst = 0
-        for m, n in self.blocks:
+        out = self.expand(gaussian(keys, self.normals))
+        return out if dtype == torch.float32 else out.to(dtype)
+
+    def expand(self, stream: torch.Tensor) -> torch.Tensor:
+        """``(D, size)`` float32 draws from their ``(D, normals)`` streams (the stream itself if all dense)."""
+        if self.dense_only:
+            return stream
+        out = torch.empty(len(stream), self.size, dtype=torch.float32, device=stream.device)
+        dst = 0
+        for (m, n), src in zip(self.blocks, self.sources):
             if n:
                 u, v = stream[:, src : src + m], stream[:, src + m : src + m + n]
                 torch.mul(u[:, :, None], v[:, None, :], out=out[:, dst : dst + m * n].view(-1, m, n))
             else:
                 out[:, dst : dst + m] = stream[:, src : src + m]
-            src, dst = src + m + n, dst + m * max(n, 1)
-        return out if dtype == torch.float32 else out.to(dtype)
+            dst += m * max(n, 1)
+        return out
 
     def weigh(self, keys: torch.Tensor, coefs: torch.Tensor) -> torch.Tensor:
         """``(size,)`` float32 ``sum_d coefs[d] z_d`` of the draws ``keys``, a rank-1 block as one ``(m, D) @ (D, n)``
         matmul without forming its draws."""
-        stream = gaussian(keys, self.normals)  # (D, normals)
-        parts, src = [], 0
-        for m, n in self.blocks:
+        return self.weigh_streams(gaussian(keys, self.normals), coefs)
+
+    def weigh_streams(self, stream: torch.Tensor, coefs: torch.Tensor) -> torch.Tensor:
+        """:meth:`weigh` of draws given by their ``(D, normals)`` streams."""
+        if self.dense_only:
+            return coefs @ stream
+        parts = []
+        for (m, n), src in zip(self.blocks, self.sources):
             if n:
                 u, v = stream[:, src : src + m], stream[:, src + m : src + m + n]
                 parts.append(((u * coefs[:, None]).T @ v).flatten())
             else:
                 parts.append(coefs @ stream[:, src : src + m])
-            src += m + n
         return torch.cat(parts)
+
+    def coordinates(self, stream: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """``(D, K)`` the draws at flat coordinates ``idx (K,)``, from their ``(D, normals)`` streams without
+        forming the draws (a rank-1 coordinate ``(i, j)`` is ``u_i v_j``)."""
+        if self.dense_only:
+            return stream[:, idx]
+        first, second, dst = torch.empty_like(idx), torch.empty_like(idx), 0
+        ones = stream.shape[1]  # the index of a column of ones appended to the streams
+        for (m, n), src in zip(self.blocks, self.sources):
+            inside = (idx >= dst) & (idx < dst + m * max(n, 1))
+            local = idx[inside] - dst
+            if n:
+                first[inside], second[inside] = src + local // n, src + m + local % n
+            else:
+                first[inside], second[inside] = src + local, ones
+            dst += m * max(n, 1)
+        padded = torch.cat([stream, torch.ones_like(stream[:, :1])], dim=1)
+        return padded[:, first] * padded[:, second]

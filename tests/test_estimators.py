@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -27,12 +29,30 @@ class TokenMLP(nn.Module):
         return self.fc2(torch.tanh(self.fc1(x)).mean(1))
 
 
+class NormedTokenMLP(TokenMLP):
+    """:class:`TokenMLP` with a layer norm between the linears: a group owned by linears and a norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.norm(self.fc1(x))).mean(1))
+
+
 def _engine(
-    kind: str, sigma: float = 1e-3, antithetic: bool = True, trace_coords: int = 512, noise: str = "gaussian"
+    kind: str,
+    sigma: float = 1e-3,
+    antithetic: bool = True,
+    trace_coords: int = 512,
+    noise: str = "gaussian",
+    model_class: type[nn.Module] = TokenMLP,
 ) -> tuple[QueryEngine, torch.Tensor, float]:
     torch.manual_seed(0)
-    model = TokenMLP().double()
-    groups = (GroupConfig("all", ("fc1", "fc2"), sigma, 2),)
+    model = model_class().double()
+    groups = (
+        GroupConfig("all", ("fc1", "norm", "fc2") if model_class is NormedTokenMLP else ("fc1", "fc2"), sigma, 2),
+    )
     est = EstimatorConfig(kind=kind, antithetic=antithetic, trace_coords=trace_coords, noise=noise)
     engine = QueryEngine(model, groups, est, root_seed=7)
     x = torch.randn(2, 5, 6, dtype=torch.float64)
@@ -114,6 +134,25 @@ def test_rank1_noise_replays_to_the_shards_gradient(kind):
     direct = engine.run(task).grad
     (replayed,) = engine.replay([task], [engine.run(task, coefficients=True).coefs])
     np.testing.assert_allclose(replayed.numpy(), direct, rtol=1e-5, atol=1e-6 * np.abs(direct).max())
+
+
+@pytest.mark.parametrize("model_class", [TokenMLP, NormedTokenMLP])
+@pytest.mark.parametrize("kind", ["spsa", "es"])
+def test_rank1_linears_run_factored_with_the_per_row_results(kind, model_class):
+    """Under rank-1 noise the group's linears run ``x W^T + b + a (x v) u^T + a z`` per row instead of forming
+    per-row weights, and its other modules (a layer norm) get per-row parameters of their own only: the same
+    losses, gradient and trace coordinates as the per-row path over the formed draws."""
+    engine, _, clean = _engine(kind, sigma=0.1, noise="rank1", model_class=model_class)
+    assert engine.estimators[0]._blocks is not None, "rank-1 noise should be read from its streams"
+    task = _main(0, 0, (ShardItem(0, 9, 0, 8, clean), ShardItem(1, 5, 2, 12, clean)), (0.5, 0.25))
+    task = dataclasses.replace(task, traces=True)
+    factored = engine.run(task)
+    engine.estimators[0]._blocks = None  # the per-row path, from the formed draws
+    per_row = engine.run(task)
+    # The per-row path forms u v^T in float32 (one rounding, 2^-24 relative) before the float64 model reads it.
+    np.testing.assert_allclose(factored.losses, per_row.losses, rtol=1e-6)
+    np.testing.assert_allclose(factored.grad, per_row.grad, rtol=1e-5, atol=1e-6 * np.abs(per_row.grad).max())
+    np.testing.assert_allclose(factored.traces, per_row.traces, rtol=1e-5)
 
 
 def test_query_noise_is_a_pure_function_of_its_counters():

@@ -88,6 +88,10 @@ def test_rank1_draws_have_identity_covariance_and_their_weighted_sum_needs_no_dr
     assert abs((z[:, 12:] ** 4).mean().item() - 3) < 5 * math.sqrt(96) * se
     coefs = torch.randn(64, generator=torch.Generator().manual_seed(0))
     np.testing.assert_allclose(layout.weigh(keys[:64], coefs), coefs @ layout.make(keys[:64]), rtol=1e-5, atol=1e-5)
+    # Trace coordinates from the streams, without the draws: both block kinds, repeats, any order.
+    idx = torch.tensor([16, 0, 11, 12, 5, 5, 3])
+    streams = gaussian(keys[:8], layout.normals)
+    torch.testing.assert_close(layout.coordinates(streams, idx), layout.make(keys[:8])[:, idx])
     assert NoiseLayout.of([torch.Size([4, 3]), torch.Size([5])], rank1=True) == layout
     assert NoiseLayout.of([torch.Size([4, 3]), torch.Size([5])], rank1=False) == NoiseLayout.dense(17)
 

@@ -8,6 +8,7 @@ estimate over ``[q0, q1)`` can be computed in pieces and summed.
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from flops_ray.estimators.prefix import SharedPrefix
 from flops_ray.groups import ResolvedGroup
 from flops_ray.losses import LossFn
 from flops_ray.messages import ShardTask
-from flops_ray.noise import NoiseLayout, draw_keys
+from flops_ray.noise import NoiseLayout, draw_keys, gaussian
 from flops_ray.trace_proxy import clean_pass
 
 
@@ -94,15 +95,17 @@ class RowPlan:
         # Rows that take the draws in order, each once or each twice (a whole pair), need no gather.
         runs = len(chunk) // (hi - lo)
         in_order = runs in (1, self.unit) and chunk == tuple(d for d in range(lo, hi) for _ in range(runs))
-        return Draws(layout.make(self.keys[lo:hi]), self.draw[rows] - lo, self.sign[rows], dtype, in_order)
+        streams = gaussian(self.keys[lo:hi], layout.normals)
+        return Draws(streams, layout, self.draw[rows] - lo, self.sign[rows], dtype, in_order)
 
 
 @dataclass(frozen=True)
 class Draws:
     """A chunk's noise as its distinct draws: row ``r``'s noise is ``sign[r] * z[draw[r]]``."""
 
-    z: torch.Tensor
-    """``(d, size)`` the draws (float32)."""
+    streams: torch.Tensor
+    """``(d, normals)`` each draw's normals (float32), which ``layout`` lays out into the draw."""
+    layout: NoiseLayout
     draw: torch.Tensor
     """``(r,)`` each row's draw."""
     sign: torch.Tensor
@@ -111,6 +114,12 @@ class Draws:
     """The model's dtype, that of the rows handed to it."""
     in_order: bool = False
     """The rows take the draws in order, each draw once or twice in a row (a whole antithetic pair)."""
+
+    @functools.cached_property
+    def z(self) -> torch.Tensor:
+        """``(d, size)`` the draws (float32), formed when first read: rank-1 draws weigh, give trace coordinates
+        and run their linears without it."""
+        return self.layout.expand(self.streams)
 
     def rows(self, scale: float = 1.0, offset: torch.Tensor | None = None) -> torch.Tensor:
         """``(r, size)`` ``offset + scale * sign_r z_draw_r`` in the model's dtype (a float64 model's ``offset``
@@ -128,13 +137,13 @@ class Draws:
 
     def weigh(self, w: torch.Tensor) -> torch.Tensor:
         """``(size,)`` float32 ``sum_r w_r sign_r z_draw_r`` (``w (r,)``: the rows' weights), read per draw."""
-        per_draw = torch.zeros(len(self.z), dtype=torch.float32, device=self.z.device)
+        per_draw = torch.zeros(len(self.streams), dtype=torch.float32, device=self.streams.device)
         per_draw.index_add_(0, self.draw, w.float() * self.sign)
-        return per_draw @ self.z
+        return self.layout.weigh_streams(self.streams, per_draw)
 
     def at(self, idx: torch.Tensor) -> torch.Tensor:
         """``(r, K)`` the rows' noise at coordinates ``idx``."""
-        return self.z[:, idx][self.draw] * self.sign[:, None]
+        return self.layout.coordinates(self.streams, idx)[self.draw] * self.sign[:, None]
 
 
 @dataclass(frozen=True)

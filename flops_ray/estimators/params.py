@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +67,38 @@ class _PerRow(nn.Module):
         return vmap(one, in_dims=(0, *dims))(self.params, *args)
 
 
+class _LowRank(nn.Module):
+    """Stands in for an ``nn.Linear`` of the group under rank-1 noise while a chunk runs: row ``r``'s weight is
+    ``W + a_r u_r v_r^T`` and its bias ``b + a_r z_r`` (``a_r = sigma sign_r``), so the row's output is the plain
+    ``x W^T + b`` plus ``a_r ((x v_r) u_r^T + z_r)``: no per-row weights are formed (``O(m + n)`` per token
+    instead of ``O(mn)``)."""
+
+    def __init__(self, inner: nn.Linear, u: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.inner = inner
+        self.u, self.v, self.bias = u, v, bias
+        """``(r, m)`` ``a_r u_r``, ``(r, n)`` ``v_r`` and ``(r, m)`` ``a_r z_r`` (None: the bias is not perturbed)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.u.shape[0]
+        if x.dim() < 2 or x.shape[0] != rows:
+            raise _NotBatchFirst
+        out = nn.functional.linear(x, self.inner.weight, self.inner.bias)  # (r, ..., m)
+        tokens = x.reshape(rows, -1, x.shape[-1])  # (r, T, n)
+        delta = torch.bmm(tokens, self.v[:, :, None]) * self.u[:, None, :]  # (r, T, m)
+        if self.bias is not None:
+            delta += self.bias[:, None, :]
+        return out + delta.view(out.shape)
+
+
+def _stream_blocks(group: ResolvedGroup, layout: NoiseLayout) -> dict[str, tuple[int, int, int]] | None:
+    """Parameter name -> ``(start, m, n)`` of its block in a draw's stream, when the layout has a block per
+    parameter and some are rank-1 (None: dense noise, which the per-row path reads from the formed draws)."""
+    if len(layout.blocks) != len(group.params) or not any(n for _, n in layout.blocks):
+        return None
+    return {name: (src, m, n) for (name, _), src, (m, n) in zip(group.params, layout.sources, layout.blocks)}
+
+
 def _owners(group: ResolvedGroup) -> dict[str, list[tuple[str, int, torch.Size]]]:
     """Outermost modules owning the group's parameters -> ``(local name, flat offset, shape)`` of each."""
     flat, offset = [], 0
@@ -85,7 +117,8 @@ def _owners(group: ResolvedGroup) -> dict[str, list[tuple[str, int, torch.Size]]
 class ParamEstimator(Estimator):
     """Perturbs the group's parameters: each module owning them runs under ``vmap`` with per-row parameters,
     the rest of the model as a plain batched forward (the whole model under ``vmap`` when a module's input
-    is not batch-first)."""
+    is not batch-first). Under rank-1 noise a group of whole linears forms no per-row parameters: each
+    linear adds its rows' factored perturbation to its plain output (:class:`_LowRank`)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -94,6 +127,8 @@ class ParamEstimator(Estimator):
         # A parameter shared by several modules must be perturbed in all of them: only the whole model does.
         tied = any(names[id(p)] > 1 for _, p in self.group.params)
         self._whole_model = "" in self._owners or tied
+        self._blocks = None if self._whole_model else _stream_blocks(self.group, self.noise_layout(None))
+        """Rank-1 noise: where each parameter's normals sit in a draw's stream, read without forming the draws."""
 
     def noise_size(self, x: torch.Tensor) -> int:
         return self.group.size
@@ -103,19 +138,57 @@ class ParamEstimator(Estimator):
         return NoiseLayout.of([p.shape for _, p in self.group.params], self.cfg.noise == "rank1")
 
     @contextlib.contextmanager
-    def _per_row(self, theta: torch.Tensor) -> Iterator[None]:
-        """Swap each owning module for a :class:`_PerRow` of it with ``theta (r, P_g)``'s slices."""
+    def _swapped(self, stand_in: Callable[[str, nn.Module], nn.Module]) -> Iterator[None]:
+        """Replace each owning module ``o`` by ``stand_in(o, module)`` while the context runs."""
         originals = {o: self.model.get_submodule(o) for o in self._owners}
         try:
-            for o, params in self._owners.items():
+            for o, module in originals.items():
                 parent, _, child = o.rpartition(".")
-                rows = {n: theta[:, off : off + shape.numel()].view(-1, *shape) for n, off, shape in params}
-                setattr(self.model.get_submodule(parent), child, _PerRow(originals[o], rows))
+                setattr(self.model.get_submodule(parent), child, stand_in(o, module))
             yield
         finally:
             for o, module in originals.items():
                 parent, _, child = o.rpartition(".")
                 setattr(self.model.get_submodule(parent), child, module)
+
+    def _per_row(self, theta: torch.Tensor) -> contextlib.AbstractContextManager[None]:
+        """Swap each owning module for a :class:`_PerRow` of it with ``theta (r, P_g)``'s slices."""
+
+        def stand_in(o: str, module: nn.Module) -> nn.Module:
+            params = self._owners[o]
+            return _PerRow(module, {n: theta[:, off : off + s.numel()].view(-1, *s) for n, off, s in params})
+
+        return self._swapped(stand_in)
+
+    def _factored(self, noise: Draws) -> contextlib.AbstractContextManager[None]:
+        """Swap each owning ``nn.Linear`` whose weight has rank-1 noise for a :class:`_LowRank` of it, and any
+        other owner for a :class:`_PerRow` with only its own parameters' rows, all read from the draws' streams."""
+        scale = (self.group.sigma * noise.sign).to(noise.dtype)[:, None]  # (r, 1)
+        streams = noise.streams.to(noise.dtype)[noise.draw]  # (r, normals)
+
+        def factors(name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+            src, m, n = self._blocks[name]
+            return streams[:, src : src + m], streams[:, src + m : src + m + n] if n else None
+
+        def rows(name: str, shape: torch.Size) -> torch.Tensor:  # (r, *shape) sigma sign_r z_r
+            u, v = factors(name)
+            z = u if v is None else u[:, :, None] * v[:, None, :]
+            return scale.view(-1, *([1] * (z.dim() - 1))) * z.view(-1, *shape)
+
+        def stand_in(o: str, module: nn.Module) -> nn.Module:
+            names = {local for local, _, _ in self._owners[o]}
+            if isinstance(module, nn.Linear) and "weight" in names and names <= {"weight", "bias"}:
+                u, v = factors(f"{o}.weight")
+                if v is not None:
+                    bias = rows(f"{o}.bias", module.bias.shape) if "bias" in names else None
+                    return _LowRank(module, scale * u, v, bias)
+            params = {
+                local: module.get_parameter(local).detach() + rows(f"{o}.{local}", shape)
+                for local, _, shape in self._owners[o]
+            }
+            return _PerRow(module, params)
+
+        return self._swapped(stand_in)
 
     def _whole(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The whole model under ``vmap``, one row per parameter vector (any model, slower)."""
@@ -150,6 +223,17 @@ class ParamEstimator(Estimator):
             warnings.filterwarnings("ignore", message=".*batching rule.*")
             for sl in shard.rows.chunks(self.cfg.max_rows):
                 noise = shard.noise(sl)
-                theta = noise.rows(self.group.sigma, base)
-                out = self._rows(theta, shard, sl)
+                out = self._factored_rows(noise, shard, sl) if self._blocks else None
+                if out is None:
+                    out = self._rows(noise.rows(self.group.sigma, base), shard, sl)
                 yield sl, NoiseEvaluation(self.loss_fn(out, shard.y[pos[sl]]), noise)
+
+    def _factored_rows(self, noise: Draws, shard: Shard, rows: slice) -> torch.Tensor | None:
+        """The model on ``rows`` with rank-1 noise read from the streams; None (for good) when an owner's input is
+        not batch-first."""
+        try:
+            with self._factored(noise):
+                return shard.outputs(rows, self.model, self.prefix)
+        except _NotBatchFirst:
+            self._blocks = None
+            return None
