@@ -141,7 +141,8 @@ def test_rank1_noise_replays_to_the_shards_gradient(kind):
 def test_rank1_linears_run_factored_with_the_per_row_results(kind, model_class):
     """Under rank-1 noise the group's linears run ``x W^T + b + a (x v) u^T + a z`` per row instead of forming
     per-row weights, and its other modules (a layer norm) get per-row parameters of their own only: the same
-    losses, gradient and trace coordinates as the per-row path over the formed draws."""
+    losses as the per-row path over the formed draws (the gradient and trace coordinates read the streams on
+    both paths; tests/test_noise.py checks those against the formed draws)."""
     engine, _, clean = _engine(kind, sigma=0.1, noise="rank1", model_class=model_class)
     assert engine.estimators[0]._blocks is not None, "rank-1 noise should be read from its streams"
     task = _main(0, 0, (ShardItem(0, 9, 0, 8, clean), ShardItem(1, 5, 2, 12, clean)), (0.5, 0.25))
@@ -153,6 +154,46 @@ def test_rank1_linears_run_factored_with_the_per_row_results(kind, model_class):
     np.testing.assert_allclose(factored.losses, per_row.losses, rtol=1e-6)
     np.testing.assert_allclose(factored.grad, per_row.grad, rtol=1e-5, atol=1e-6 * np.abs(per_row.grad).max())
     np.testing.assert_allclose(factored.traces, per_row.traces, rtol=1e-5)
+
+
+class _Gain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gain = nn.Parameter(torch.tensor(1.5, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.gain * x
+
+
+class ConvGainLinear(nn.Module):
+    """A 1x1 convolution (a 4-D weight, rank-1 as ``out x in*kh*kw``) and a scalar gain before a linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 3, 1)
+        self.gain = _Gain()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.fc(self.gain(self.conv(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("kind", ["spsa", "es"])
+def test_rank1_convolutions_and_scalars_get_their_own_rows_in_shape(kind):
+    """Per-row parameters built from the streams take each parameter's shape, whatever its dimensions: a 4-D
+    convolution weight whose input channels equal the chunk's rows (4), where a misplaced row dimension
+    broadcasts silently, and a 0-D gain."""
+    torch.manual_seed(0)
+    model = ConvGainLinear().double()
+    est = EstimatorConfig(kind=kind, noise="rank1", max_rows=4)
+    engine = QueryEngine(model, (GroupConfig("all", ("conv", "gain", "fc"), 0.1, 2),), est, root_seed=7)
+    x = torch.randn(2, 4, 2, 2, dtype=torch.float64)
+    engine.set_batch(0, x, torch.tensor([1, 2]))
+    task = _main(0, 0, (ShardItem(0, 9, 0, 8, 1.0), ShardItem(1, 5, 2, 12, 1.0)), (0.5, 0.25))
+    assert engine.estimators[0]._blocks is not None
+    factored = engine.run(task)
+    engine.estimators[0]._blocks = None
+    np.testing.assert_allclose(factored.losses, engine.run(task).losses, rtol=1e-6)
 
 
 def test_query_noise_is_a_pure_function_of_its_counters():

@@ -173,11 +173,12 @@ class ParamEstimator(Estimator):
         def rows(name: str, shape: torch.Size) -> torch.Tensor:  # (r, *shape) sigma sign_r z_r
             u, v = factors(name)
             z = u if v is None else u[:, :, None] * v[:, None, :]
-            return scale.view(-1, *([1] * (z.dim() - 1))) * z.view(-1, *shape)
+            return scale.view(-1, *([1] * len(shape))) * z.reshape(-1, *shape)
 
         def stand_in(o: str, module: nn.Module) -> nn.Module:
             names = {local for local, _, _ in self._owners[o]}
-            if isinstance(module, nn.Linear) and "weight" in names and names <= {"weight", "bias"}:
+            # A subclass with its own forward may do more than ``x W^T + b``: it gets per-row weights.
+            if type(module).forward is nn.Linear.forward and "weight" in names and names <= {"weight", "bias"}:
                 u, v = factors(f"{o}.weight")
                 if v is not None:
                     bias = rows(f"{o}.bias", module.bias.shape) if "bias" in names else None
