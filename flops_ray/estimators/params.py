@@ -218,7 +218,7 @@ class ParamEstimator(Estimator):
 
     def forward(self, shard: Shard) -> Iterator[tuple[slice, NoiseEvaluation]]:
         pos = shard.rows.pos
-        base = flatten([p.detach() for _, p in self.group.params])  # (P_g,) once per shard
+        base = None  # (P_g,) once per shard, and only for the per-row path: a copy of the group's parameters
         with warnings.catch_warnings():
             # vmap falls back to a loop for fused attention kernels; correct, only slower.
             warnings.filterwarnings("ignore", message=".*batching rule.*")
@@ -226,6 +226,8 @@ class ParamEstimator(Estimator):
                 noise = shard.noise(sl)
                 out = self._factored_rows(noise, shard, sl) if self._blocks else None
                 if out is None:
+                    if base is None:
+                        base = flatten([p.detach() for _, p in self.group.params])
                     out = self._rows(noise.rows(self.group.sigma, base), shard, sl)
                 yield sl, NoiseEvaluation(self.loss_fn(out, shard.y[pos[sl]]), noise)
 
