@@ -96,7 +96,7 @@ class ShardResult:
     """``(P_g,)`` weighted gradient sum (``main``)."""
     coefs: np.ndarray | None = None
     """Scalar protocol (SPSA/ES): ``(D,)`` float32 weighted coefficient of each of the task's noise draws, in
-    first-use order, instead of ``grad``: ``grad = sum_d coefs[d] z_d`` (:mod:`flops_ray.replay`)."""
+    first-use order, instead of ``grad``: ``grad = sum_d coefs[d] z_d`` (:mod:`flops_ray.replica.replay`)."""
     traces: np.ndarray | None = None
     """``(n_items,)`` trace estimates ``T_j`` from this task's queries (``pilot``, ``main``; NaN for an item
     with fewer than two draws here)."""

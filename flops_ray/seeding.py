@@ -1,7 +1,7 @@
 """Counter-based seeds: every random draw is a pure function of the root seed and a counter tuple.
 
 A query's noise depends only on ``(root_seed, step, sample_id, draw_index, group)`` and the coordinate
-(:mod:`flops_ray.noise` makes it on the replica's device), so any replica regenerates it bit for bit and
+(:mod:`flops_ray.estimators.noise` makes it on the replica's device), so any replica regenerates it bit for bit and
 nothing noise-sized ever crosses the wire.
 
 >>> derive_seed(0, 1, 2) == derive_seed(0, 1, 2)

@@ -30,19 +30,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flops_ray.allocators import create_allocator
-from flops_ray.budget import to_counts
-from flops_ray.config import AllocatorConfig, FarmConfig, TrainConfig, least_queries
-from flops_ray.data import batch_at, digits
-from flops_ray.engine import QueryEngine
-from flops_ray.groups import resolve_groups
-from flops_ray.local_backend import LocalBackend
-from flops_ray.losses import cross_entropy
+from flops_ray.allocation.allocators import create_allocator
+from flops_ray.allocation.budget import to_counts
+from flops_ray.config.train import AllocatorConfig, FarmConfig, TrainConfig, least_queries
+from flops_ray.data.arrays import batch_at, digits
+from flops_ray.replica.engine import QueryEngine
+from flops_ray.models.groups import resolve_groups
+from flops_ray.step.local_backend import LocalBackend
+from flops_ray.models.losses import cross_entropy
 from flops_ray.messages import ShardItem, ShardTask, TaskKind
-from flops_ray.models import create_model
-from flops_ray.step import ForwardStep
-from flops_ray.trace_memory import TraceMemory
-from flops_ray.trainer import Trainer
+from flops_ray.models.factory import create_model
+from flops_ray.step.forward import ForwardStep
+from flops_ray.allocation.trace_memory import TraceMemory
+from flops_ray.training.trainer import Trainer
 
 REP_STEP = 1_000_000
 """Repetition ``r`` at checkpoint ``s`` runs as step ``REP_STEP * (r + 1) + s``: noise no training step drew."""

@@ -5,7 +5,7 @@ A query that runs the whole model can never be cheaper than one forward pass; LR
 (``estimator.share_prefix``, :mod:`flops_ray.estimators.prefix`), so a query of a high group costs less
 than a forward and its efficiency can pass 1; each kind is also timed with every query through the whole
 model, the bound the first sentence states.
-On one main shard of ``Q`` queries, planned as the trainer plans it (``flops_ray.plan``, equal counts,
+On one main shard of ``Q`` queries, planned as the trainer plans it (``flops_ray.step.plan``, equal counts,
 the config's pilot and pair settings), on the same rows and device:
 
 - ``efficiency[workload][kind]``: engine queries/s (``QueryEngine.run_on_device`` on the shard: the
@@ -61,16 +61,16 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from flops_ray.config import TrainConfig, reuses_pilot
-from flops_ray.data import batch_at, digits
-from flops_ray.engine import QueryEngine
+from flops_ray.config.train import TrainConfig, reuses_pilot
+from flops_ray.data.arrays import batch_at, digits
+from flops_ray.replica.engine import QueryEngine
 from flops_ray.estimators import RowPlan
-from flops_ray.groups import resolve_groups
-from flops_ray.job_config import jobs_dir, load_config
+from flops_ray.models.groups import resolve_groups
+from flops_ray.app.job_config import jobs_dir, load_config
 from flops_ray.messages import ShardTask
-from flops_ray.models import create_model
-from flops_ray.plan import plan_clean, plan_main
-from flops_ray.run import model_in_chans
+from flops_ray.models.factory import create_model
+from flops_ray.step.plan import plan_clean, plan_main
+from flops_ray.app.run import model_in_chans
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import json
 import time
 from pathlib import Path
 
-from flops_ray.estimator_study import QUICK, EstimatorStudy, cosine_sweep, plot_cosines, variance_ratio
+from flops_ray.studies.estimator_study import QUICK, EstimatorStudy, cosine_sweep, plot_cosines, variance_ratio
 
 
 def main(bench: EstimatorStudy, out: Path) -> dict:

@@ -11,7 +11,7 @@
 - ``bytes_per_step_per_worker``: parameters, batch, task messages and results crossing to and from the
   replicas per step, divided by the number of replicas.
 - ``blackbox_efficiency[W]``: the same ratio on a black-box objective (prompt tokens of a frozen ViT, ES in a
-  random subspace: :mod:`flops_ray.prompts`), in sample-forwards per second.
+  random subspace: :mod:`flops_ray.models.prompts`), in sample-forwards per second.
 - ``blackbox_vs_limit[W]``: a black box against the machine's limit: tuning the 650-parameter head of the
   frozen digits ViT through per-sample losses (ES, ``limit_queries`` per sample in shards of
   ``limit_shard_cost``), farm sample-forwards/s divided by ``W`` x the best single-thread batched inference
@@ -43,20 +43,20 @@ import ray
 import torch
 from torch import nn
 
-from flops_ray.blackbox import BlackBox
-from flops_ray.config import EstimatorConfig, FarmConfig, TrainConfig
-from flops_ray.data import batch_at, digits
-from flops_ray.engine import QueryEngine
+from flops_ray.models.blackbox import BlackBox
+from flops_ray.config.train import EstimatorConfig, FarmConfig, TrainConfig
+from flops_ray.data.arrays import batch_at, digits
+from flops_ray.replica.engine import QueryEngine
 from flops_ray.farm.backend import RayBackend
 from flops_ray.farm.costs import call_costs
 from flops_ray.farm.ray_init import init_ray
 from flops_ray.farm.worker import WorkerOptions
-from flops_ray.losses import cross_entropy
+from flops_ray.models.losses import cross_entropy
 from flops_ray.messages import ShardItem, ShardTask, TaskKind
-from flops_ray.models import create_model
-from flops_ray.prompts import PromptedViT
-from flops_ray.shards import plan_chunks
-from flops_ray.trainer import Trainer
+from flops_ray.models.factory import create_model
+from flops_ray.models.prompts import PromptedViT
+from flops_ray.step.shards import plan_chunks
+from flops_ray.training.trainer import Trainer
 
 
 @dataclass(frozen=True)

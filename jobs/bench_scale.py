@@ -7,7 +7,7 @@
 - ``replica_bytes_per_step[kind]``: what each replica sends and receives: its share of the driver's messages
   plus, for LR, its part of the float32 ring all-reduce ``2 (n-1)/n x 4P`` (computed: the collective's
   traffic does not pass through Ray).
-- ``validation``: the step-time model (:mod:`flops_ray.step_time`) fed with costs measured here (call
+- ``validation``: the step-time model (:mod:`flops_ray.studies.step_time`) fed with costs measured here (call
   latency, engine seconds per query, driver seconds per step, optimizer and replay seconds, each measured
   right before its farm runs) predicts the step time of real local farms of 1-3 replicas of the digits ViT;
   ``error`` is ``|predicted - measured| / measured``.
@@ -36,21 +36,21 @@ import ray
 import torch
 from torch import nn
 
-from flops_ray.allocators import AllocationFeatures, create_allocator
-from flops_ray.config import AllocatorConfig, EstimatorConfig, FarmConfig, GroupConfig, TrainConfig, least_queries
-from flops_ray.data import digits
+from flops_ray.allocation.allocators import AllocationFeatures, create_allocator
+from flops_ray.config.train import AllocatorConfig, EstimatorConfig, FarmConfig, GroupConfig, TrainConfig, least_queries
+from flops_ray.data.arrays import digits
 from flops_ray.estimators import RowPlan
 from flops_ray.farm.costs import call_costs
 from flops_ray.farm.ray_init import init_ray
-from flops_ray.gaussian_allocator import GaussianAllocator
-from flops_ray.job_config import load_config
-from flops_ray.local_backend import LocalBackend
+from flops_ray.allocation.gaussian import GaussianAllocator
+from flops_ray.app.job_config import load_config
+from flops_ray.step.local_backend import LocalBackend
 from flops_ray.messages import ShardItem, ShardTask, TaskKind
-from flops_ray.models import create_model
-from flops_ray.noise import NoiseLayout
-from flops_ray.replay import replay_gradients
-from flops_ray.step_time import Costs, Workload, step_time
-from flops_ray.trainer import Trainer, default_backend
+from flops_ray.models.factory import create_model
+from flops_ray.estimators.noise import NoiseLayout
+from flops_ray.replica.replay import replay_gradients
+from flops_ray.studies.step_time import Costs, Workload, step_time
+from flops_ray.training.trainer import Trainer, default_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -366,7 +366,7 @@ def _workload(cfg: TrainConfig, p: int, sizes: list[int], kind: str) -> Workload
 
 
 def replay_seconds_per_number(bench: ScaleConfig, size: int) -> float:
-    """Seconds per noise number regenerated and weighed by :func:`~flops_ray.replay.replay_gradients` (one thread)."""
+    """Seconds per noise number regenerated and weighed by :func:`~flops_ray.replica.replay.replay_gradients` (one thread)."""
     items = tuple(ShardItem(j, j, 0, bench.queries_per_sample) for j in range(bench.batch_size))
     task = ShardTask(TaskKind.MAIN, 0, 0, 0, items, weights=(1.0,) * len(items))
     draws = len(RowPlan.of(task, 1, bench.seed, torch.device("cpu")).keys)

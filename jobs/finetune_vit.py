@@ -1,7 +1,7 @@
 """Forward-only fine-tuning of a (timm) ViT with optimal query allocation: the main job.
 
 Writes OUT/finetune_vit.json (final test accuracy, steps, queries, wall time, config), OUT/metrics.parquet,
-OUT/checkpoint.safetensors and PNG plots. The logic lives in ``flops_ray.run.train`` (also behind
+OUT/checkpoint.safetensors and PNG plots. The logic lives in ``flops_ray.app.run.train`` (also behind
 ``flops-ray train``); this script only parses options.
 
     python jobs/finetune_vit.py --quick --out runs/quick
@@ -15,9 +15,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from flops_ray import run
-from flops_ray.config import TrainConfig
-from flops_ray.job_config import JobConfig, add_train_arguments, train_run
+from flops_ray.app import run
+from flops_ray.config.train import TrainConfig
+from flops_ray.app.job_config import JobConfig, add_train_arguments, train_run
 
 
 def main(

@@ -102,8 +102,8 @@ class RecordingBackend:
 
 @pytest.fixture
 def recorded():
-    """A ``backend_factory`` for :class:`~flops_ray.trainer.Trainer` whose backends are :class:`RecordingBackend` s."""
-    from flops_ray.trainer import default_backend
+    """A ``backend_factory`` for :class:`~flops_ray.training.trainer.Trainer` whose backends are :class:`RecordingBackend` s."""
+    from flops_ray.training.trainer import default_backend
 
     return lambda cfg, model, loss_fn: RecordingBackend(default_backend(cfg, model, loss_fn))
 
@@ -117,9 +117,9 @@ def _check_outputs(out, steps: int) -> dict:
     import json
     from pathlib import Path
 
-    from flops_ray.checkpoint import read_checkpoint
-    from flops_ray.metrics_log import read_metrics
-    from flops_ray.run import evaluate
+    from flops_ray.training.checkpoint import read_checkpoint
+    from flops_ray.training.metrics_log import read_metrics
+    from flops_ray.app.run import evaluate
 
     out = Path(out)
     summary = json.loads((out / "finetune_vit.json").read_text())
@@ -158,6 +158,6 @@ def run_script():
 @pytest.fixture(scope="session")
 def digits_splits():
     """The built-in digits data: ``(train, test)``."""
-    from flops_ray.data import digits
+    from flops_ray.data.arrays import digits
 
     return digits("train"), digits("test")

@@ -19,12 +19,12 @@ import pytest
 import torch
 
 from flops_ray import BlackBox
-from flops_ray.allocators import ALLOCATORS, create_allocator
-from flops_ray.config import AllocatorConfig, EstimatorConfig
-from flops_ray.engine import QueryEngine
-from flops_ray.local_backend import LocalBackend
-from flops_ray.step import ForwardStep
-from flops_ray.trace_memory import TraceMemory
+from flops_ray.allocation.allocators import ALLOCATORS, create_allocator
+from flops_ray.config.train import AllocatorConfig, EstimatorConfig
+from flops_ray.replica.engine import QueryEngine
+from flops_ray.step.local_backend import LocalBackend
+from flops_ray.step.forward import ForwardStep
+from flops_ray.allocation.trace_memory import TraceMemory
 
 D, B, SEEDS = 6, 8, 1500
 _gen = torch.Generator().manual_seed(0)

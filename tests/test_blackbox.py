@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from flops_ray.blackbox import BlackBox, BlackBoxError, BlackBoxShapeError, ModuleLoss
-from flops_ray.config import AllocatorConfig, ConfigError, EstimatorConfig, GroupConfig, TrainConfig
-from flops_ray.data import ArrayDataset
-from flops_ray.engine import NonFiniteLossError
-from flops_ray.losses import cross_entropy
-from flops_ray.trainer import Trainer
+from flops_ray.models.blackbox import BlackBox, BlackBoxError, BlackBoxShapeError, ModuleLoss
+from flops_ray.config.train import AllocatorConfig, ConfigError, EstimatorConfig, GroupConfig, TrainConfig
+from flops_ray.data.arrays import ArrayDataset
+from flops_ray.replica.engine import NonFiniteLossError
+from flops_ray.models.losses import cross_entropy
+from flops_ray.training.trainer import Trainer
 
 GEN = torch.Generator().manual_seed(0)
 X = torch.randn(64, 5, generator=GEN)
@@ -108,7 +108,7 @@ def _poisoned(bad_sample: int, how: str):
 
 
 def _batch_sample(tr: Trainer) -> int:
-    from flops_ray.data import batch_at
+    from flops_ray.data.arrays import batch_at
 
     return int(batch_at(len(DATA), tr.cfg.batch_size, tr.cfg.seed, tr.step_count)[3])
 
@@ -180,7 +180,7 @@ def test_theta0_is_copied_and_integer_inputs_keep_their_dtype():
 
 def test_failed_step_leaves_the_checkpoint_intact(tmp_path):
     """A bad loss at step 1 raises; the checkpoint of step 1 is untouched and resumes the run."""
-    from flops_ray.data import batch_at
+    from flops_ray.data.arrays import batch_at
 
     cfg = _cfg((BlackBox.group(0.01, 8),))
     bad = int(batch_at(len(DATA), cfg.batch_size, cfg.seed, 1)[3])

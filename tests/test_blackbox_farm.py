@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from flops_ray.blackbox import BlackBox, BlackBoxError, ModuleLoss
-from flops_ray.config import AllocatorConfig, EstimatorConfig, FarmConfig, TrainConfig
-from flops_ray.data import ArrayDataset
-from flops_ray.losses import cross_entropy
-from flops_ray.trainer import Trainer
+from flops_ray.models.blackbox import BlackBox, BlackBoxError, ModuleLoss
+from flops_ray.config.train import AllocatorConfig, EstimatorConfig, FarmConfig, TrainConfig
+from flops_ray.data.arrays import ArrayDataset
+from flops_ray.models.losses import cross_entropy
+from flops_ray.training.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 

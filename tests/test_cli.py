@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from flops_ray.cli import build_parsers, main
-from flops_ray.job_config import quick_config, train_run
+from flops_ray.app.cli import build_parsers, main
+from flops_ray.app.job_config import quick_config, train_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ def test_help_explains_every_option(command, capsys):
 
 def _cli() -> list[str]:
     script = shutil.which("flops-ray", path=str(Path(sys.executable).parent))
-    return [script] if script else [sys.executable, "-m", "flops_ray.cli"]
+    return [script] if script else [sys.executable, "-m", "flops_ray.app.cli"]
 
 
 def test_train_has_the_default_config_of_the_job(monkeypatch):
@@ -137,7 +137,7 @@ def test_bench_runs_the_script_with_its_arguments(tmp_path, capsys):
 
 def test_help_imports_nothing_heavy():
     """``--help`` must be instant: the command line loads torch, timm and ray only when a command runs."""
-    code = "import sys, flops_ray.cli; sys.exit(sorted({'torch', 'timm', 'ray'} & set(sys.modules)) != [])"
+    code = "import sys, flops_ray.app.cli; sys.exit(sorted({'torch', 'timm', 'ray'} & set(sys.modules)) != [])"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
-from flops_ray.config import (
+from flops_ray.config.train import (
     AllocatorConfig,
     ConfigError,
     EstimatorConfig,
@@ -13,9 +13,9 @@ from flops_ray.config import (
     GroupConfig,
     TrainConfig,
 )
-from flops_ray.config_dict import config_from_dict, config_to_dict
-from flops_ray.engine import QueryEngine
-from flops_ray.models import create_model
+from flops_ray.config.plain import config_from_dict, config_to_dict
+from flops_ray.replica.engine import QueryEngine
+from flops_ray.models.factory import create_model
 
 
 def _group(**kw) -> GroupConfig:

@@ -16,8 +16,8 @@ _PEAK = r"""
 import json, resource, sys
 import torch
 from torch import nn
-from flops_ray.config import EstimatorConfig, GroupConfig
-from flops_ray.engine import QueryEngine
+from flops_ray.config.train import EstimatorConfig, GroupConfig
+from flops_ray.replica.engine import QueryEngine
 from flops_ray.messages import ShardItem, ShardTask, TaskKind
 
 kind, items, task_kind = sys.argv[1], int(sys.argv[2]), sys.argv[3]
@@ -70,7 +70,7 @@ def test_peak_memory_does_not_grow_with_the_shard(kind, task_kind):
 _HEAP = r"""
 import ctypes, ctypes.util, json, resource
 import torch
-from flops_ray.heap import keep_freed_memory
+from flops_ray.replica.heap import keep_freed_memory
 
 
 class MallInfo2(ctypes.Structure):
@@ -99,7 +99,7 @@ print(json.dumps([kept, mapped, resource.getrusage(resource.RUSAGE_SELF).ru_minf
 
 @pytest.mark.skipif(sys.platform != "linux", reason="counts the page faults Linux keeps per process")
 def test_freed_blocks_are_reused_without_page_faults():
-    """After :func:`~flops_ray.heap.keep_freed_memory`, a 4 MiB block lives on the heap, not in a mapping of its
+    """After :func:`~flops_ray.replica.heap.keep_freed_memory`, a 4 MiB block lives on the heap, not in a mapping of its
     own, and freed and allocated again it reuses its pages: mapping it afresh each time would fault its 1,024
     pages in again (20,480 faults over the loop)."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}

@@ -13,11 +13,11 @@ import pytest
 import ray
 import torch
 
-from flops_ray.config import AllocatorConfig, EstimatorConfig, FarmConfig, TrainConfig
-from flops_ray.data import digits
+from flops_ray.config.train import AllocatorConfig, EstimatorConfig, FarmConfig, TrainConfig
+from flops_ray.data.arrays import digits
 from flops_ray.farm.errors import FarmError
-from flops_ray.models import create_model
-from flops_ray.trainer import Trainer
+from flops_ray.models.factory import create_model
+from flops_ray.training.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 

@@ -8,10 +8,10 @@ import ray
 import torch
 from ray.cluster_utils import Cluster
 
-from flops_ray.config import AllocatorConfig, FarmConfig, TrainConfig
-from flops_ray.data import digits
-from flops_ray.models import create_model
-from flops_ray.trainer import Trainer
+from flops_ray.config.train import AllocatorConfig, FarmConfig, TrainConfig
+from flops_ray.data.arrays import digits
+from flops_ray.models.factory import create_model
+from flops_ray.training.trainer import Trainer
 
 LOOPBACK = {"node_ip_address": "127.0.0.1"}
 

@@ -17,14 +17,14 @@ import pytest
 import ray
 import torch
 
-from flops_ray.config import FarmConfig, TrainConfig
+from flops_ray.config.train import FarmConfig, TrainConfig
 from flops_ray.farm.backend import RayBackend
 from flops_ray.farm.errors import FarmError
 from flops_ray.farm.fault_budget import FaultBudget
 from flops_ray.farm.placement import check_placement
 from flops_ray.farm.ray_init import wait_reachable
-from flops_ray.models import create_model
-from flops_ray.trainer import StopTraining, Trainer
+from flops_ray.models.factory import create_model
+from flops_ray.training.trainer import StopTraining, Trainer
 
 RAY = FarmConfig(backend="ray", workers=2, shard_cost=16)
 """The farm's defaults (retry budget, timeouts) but for the replica count of a 4-CPU test Ray."""

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flops_ray.parquet_data import digits_to_parquet
+from flops_ray.data.parquet import digits_to_parquet
 
 # The main config runs on a local Ray the job starts: private HOME and RAY_TMPDIR, no auth (conftest.ray_env).
 # Subprocesses, each starting its own Ray: `make test-fast` skips them (test_run.py is the fast path).
@@ -71,7 +71,7 @@ def test_ctrl_c_then_resume_is_bit_identical(tmp_path, run_script):
     import json
     import signal
 
-    from flops_ray.checkpoint import read_checkpoint
+    from flops_ray.training.checkpoint import read_checkpoint
 
     args = [str(JOB), "--set", "model=digits_vit", "--set", "steps=150", "--set", "batch_size=8"]
     args += ["--set", "data.limit=256", "--set", "farm.backend=local", "--set", "job.log_every=1"]

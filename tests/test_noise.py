@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from flops_ray.noise import NoiseLayout, draw_keys, gaussian
+from flops_ray.estimators.noise import NoiseLayout, draw_keys, gaussian
 from flops_ray.seeding import STREAM_QUERY, derive_seed
 
 N = 1 << 20

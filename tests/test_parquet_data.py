@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from flops_ray.data import digits
-from flops_ray.parquet_data import (
+from flops_ray.data.arrays import digits
+from flops_ray.data.parquet import (
     DatasetSchemaError,
     ImageDecodeError,
     digits_to_parquet,

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from flops_ray.config import EstimatorConfig, TrainConfig
-from flops_ray.models import create_model
-from flops_ray.trainer import Trainer
+from flops_ray.config.train import EstimatorConfig, TrainConfig
+from flops_ray.models.factory import create_model
+from flops_ray.training.trainer import Trainer
 
 
 def _update(train, kind: str, precision: str) -> np.ndarray:

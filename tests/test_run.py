@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from flops_ray.checkpoint import read_checkpoint
-from flops_ray.job_config import load_config
-from flops_ray.run import train
+from flops_ray.training.checkpoint import read_checkpoint
+from flops_ray.app.job_config import load_config
+from flops_ray.app.run import train
 
 
 def test_quick_run_in_process_then_resume(tmp_path, check_outputs, capsys):
@@ -53,7 +53,7 @@ def test_an_output_directory_belongs_to_one_run(tmp_path):
 
     import pytest
 
-    from flops_ray.run_lock import LOCK, RunLockedError
+    from flops_ray.app.lock import LOCK, RunLockedError
 
     cfg, job = load_config(None, ["farm.backend=local", "steps=1"])
     lock = tmp_path / LOCK
@@ -80,9 +80,9 @@ def test_resume_says_when_metrics_rows_are_missing(tmp_path, capsys):
 
 def test_checkpoints_every_n_steps(tmp_path):
     """``job.checkpoint_every``: after every N-th step the checkpoint on disk is that step's, rows flushed first."""
-    from flops_ray.metrics_log import MetricsLog, read_metrics
-    from flops_ray.run import build
-    from flops_ray.run_hooks import Checkpointer
+    from flops_ray.training.metrics_log import MetricsLog, read_metrics
+    from flops_ray.app.run import build
+    from flops_ray.app.hooks import Checkpointer
 
     cfg, _ = load_config(None, ["farm.backend=local", "model=digits_vit", "steps=3", "batch_size=8"])
     path, seen = tmp_path / "ck.safetensors", []

@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 
-from flops_ray.step_time import Costs, Workload, efficiency, round_time, step_time
+from flops_ray.studies.step_time import Costs, Workload, efficiency, round_time, step_time
 
 WORK = Workload(rounds=((64, 16), (1024, 64)), params=10_000, reduction="allreduce")
 COSTS = Costs(query_s=1e-3, call_s=1e-4, driver_s=0.01, link_bytes_per_s=1e9)

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from flops_ray.allocators import EqualAllocator
-from flops_ray.config import AllocatorConfig, EstimatorConfig, FarmConfig, GroupConfig, TrainConfig
-from flops_ray.local_backend import LocalBackend
+from flops_ray.allocation.allocators import EqualAllocator
+from flops_ray.config.train import AllocatorConfig, EstimatorConfig, FarmConfig, GroupConfig, TrainConfig
+from flops_ray.step.local_backend import LocalBackend
 from flops_ray.messages import TaskKind
-from flops_ray.models import create_model
-from flops_ray.trainer import Trainer, default_backend
+from flops_ray.models.factory import create_model
+from flops_ray.training.trainer import Trainer, default_backend
 
 HEAD = (GroupConfig("head", ("head",), sigma=0.1, queries_per_sample=8),)
 

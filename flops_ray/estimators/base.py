@@ -17,13 +17,13 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from flops_ray.config import EstimatorConfig
+from flops_ray.config.train import EstimatorConfig
 from flops_ray.estimators.prefix import SharedPrefix
-from flops_ray.groups import ResolvedGroup
-from flops_ray.losses import LossFn
+from flops_ray.models.groups import ResolvedGroup
+from flops_ray.models.losses import LossFn
 from flops_ray.messages import ShardTask
-from flops_ray.noise import NoiseLayout, draw_keys, gaussian
-from flops_ray.trace_proxy import clean_pass
+from flops_ray.estimators.noise import NoiseLayout, draw_keys, gaussian
+from flops_ray.allocation.trace_proxy import clean_pass
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class RowPlan:
     draw: torch.Tensor
     """Index of the query's noise draw in ``keys``."""
     keys: torch.Tensor
-    """``(D,)`` int64 keys of the distinct draws (:func:`flops_ray.noise.draw_keys`), in first-use order."""
+    """``(D,)`` int64 keys of the distinct draws (:func:`flops_ray.estimators.noise.draw_keys`), in first-use order."""
     host_draw: tuple[int, ...]
     """On the host: ``draw`` of every row, so a chunk's draws are known without asking the device."""
     host_item: tuple[int, ...]

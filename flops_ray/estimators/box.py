@@ -10,11 +10,11 @@ from collections.abc import Iterator
 
 import torch
 
-from flops_ray.blackbox import BlackBoxError, BlackBoxShapeError
+from flops_ray.models.blackbox import BlackBoxError, BlackBoxShapeError
 from flops_ray.estimators.base import Estimator, Shard
 from flops_ray.estimators.params import NoiseEvaluation
 from flops_ray.estimators.registry import register_estimator
-from flops_ray.groups import ResolvedGroup
+from flops_ray.models.groups import ResolvedGroup
 from flops_ray.messages import ShardTask
 
 

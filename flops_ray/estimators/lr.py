@@ -15,7 +15,7 @@ import torch
 
 from flops_ray.estimators.base import Estimator, Shard
 from flops_ray.estimators.registry import register_estimator
-from flops_ray.groups import ResolvedGroup
+from flops_ray.models.groups import ResolvedGroup
 
 
 @dataclass(frozen=True)

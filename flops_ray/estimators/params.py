@@ -18,8 +18,8 @@ from torch.func import functional_call, vmap
 
 from flops_ray.estimators.base import Draws, Estimator, Shard
 from flops_ray.estimators.registry import register_estimator
-from flops_ray.groups import ResolvedGroup, flatten
-from flops_ray.noise import NoiseLayout
+from flops_ray.models.groups import ResolvedGroup, flatten
+from flops_ray.estimators.noise import NoiseLayout
 
 
 @dataclass(frozen=True)

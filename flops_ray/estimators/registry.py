@@ -1,7 +1,7 @@
 """The estimator registry: families register under the ``estimator.kind`` names they serve (timm's pattern).
 
 A family is a class; :func:`create_estimator` binds one to a model's layer group. A black box
-(:class:`~flops_ray.blackbox.BlackBox`) answers losses only, so its family is chosen by the model.
+(:class:`~flops_ray.models.blackbox.BlackBox`) answers losses only, so its family is chosen by the model.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from flops_ray.blackbox import BlackBox
-from flops_ray.config import ConfigError, EstimatorConfig
-from flops_ray.groups import ResolvedGroup
-from flops_ray.losses import LossFn
+from flops_ray.models.blackbox import BlackBox
+from flops_ray.config.train import ConfigError, EstimatorConfig
+from flops_ray.models.groups import ResolvedGroup
+from flops_ray.models.losses import LossFn
 
 if TYPE_CHECKING:
     from flops_ray.estimators.base import Estimator
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 ESTIMATORS: dict[str, type[Estimator]] = {}
 """``estimator.kind`` -> the family serving it for ordinary models."""
 BLACKBOX_ESTIMATORS: dict[str, type[Estimator]] = {}
-"""``estimator.kind`` -> the family serving it for a :class:`~flops_ray.blackbox.BlackBox`."""
+"""``estimator.kind`` -> the family serving it for a :class:`~flops_ray.models.blackbox.BlackBox`."""
 
 
 def register_estimator(*kinds: str, blackbox: bool = False) -> Callable[[type[Estimator]], type[Estimator]]:

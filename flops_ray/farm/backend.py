@@ -1,4 +1,4 @@
-"""The Ray backend: the :class:`~flops_ray.step.Backend` protocol over a farm of replica actors.
+"""The Ray backend: the :class:`~flops_ray.step.forward.Backend` protocol over a farm of replica actors.
 
 The replicas own the parameters and the optimizer; the driver plans, dispatches and sends each step's
 :class:`~flops_ray.messages.StepUpdate`, whose size does not grow with ``P`` for SPSA/ES (the scalar
@@ -18,7 +18,7 @@ from ray.actor import ActorHandle
 from ray.exceptions import RayActorError, RayError
 from torch import nn
 
-from flops_ray.config import TrainConfig
+from flops_ray.config.train import TrainConfig
 from flops_ray.estimators import estimator_family
 from flops_ray.farm.allreduce import AllReduce
 from flops_ray.farm.counters import DispatchCounters
@@ -29,9 +29,9 @@ from flops_ray.farm.ray_init import cluster_address, init_ray
 from flops_ray.farm.replica_pool import ReplicaPool, Slot, export, failure
 from flops_ray.farm.scheduler import Scheduler
 from flops_ray.farm.worker import StepBatch, Worker, WorkerInfo, WorkerOptions
-from flops_ray.losses import LossFn, cross_entropy
+from flops_ray.models.losses import LossFn, cross_entropy
 from flops_ray.messages import ReplicaState, ShardResult, ShardTask, StepUpdate, UpdateSource
-from flops_ray.step import Reduced, reduce_in_order
+from flops_ray.step.forward import Reduced, reduce_in_order
 
 
 class RayBackend:

@@ -1,7 +1,7 @@
 """Run any object inside a Ray actor next to the farm, so a thin client can drive it and disconnect.
 
 The object's public methods become the actor's (``handle.fit.remote(10)``). The training layer uses it
-to host the trainer (:func:`flops_ray.driver.start_driver`); nothing here knows what it hosts.
+to host the trainer (:func:`flops_ray.training.driver.start_driver`); nothing here knows what it hosts.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 import ray
 from ray.actor import ActorHandle
 
-from flops_ray.config import FarmConfig
+from flops_ray.config.train import FarmConfig
 from flops_ray.farm.ray_init import init_ray
 
 Hosted = ActorHandle

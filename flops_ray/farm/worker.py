@@ -1,4 +1,4 @@
-"""The replica actor: a :class:`~flops_ray.engine.QueryEngine` and its own optimizer inside a Ray actor.
+"""The replica actor: a :class:`~flops_ray.replica.engine.QueryEngine` and its own optimizer inside a Ray actor.
 
 The model arrives once, at construction. From then on the parameters never travel: each step the driver
 broadcasts the batch (one ``ray.put``), the replicas evaluate shards, and every replica applies the same
@@ -20,10 +20,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from flops_ray.config import EstimatorConfig, GroupConfig, UpdateRule
-from flops_ray.engine import QueryEngine
-from flops_ray.groups import to_numpy
-from flops_ray.losses import LossFn
+from flops_ray.config.train import EstimatorConfig, GroupConfig, UpdateRule
+from flops_ray.replica.engine import QueryEngine
+from flops_ray.models.groups import to_numpy
+from flops_ray.models.losses import LossFn
 from flops_ray.messages import (
     ReplicaState,
     ShardResult,
@@ -33,7 +33,7 @@ from flops_ray.messages import (
     TaskKind,
     UpdateSource,
 )
-from flops_ray.update import ParamUpdate
+from flops_ray.replica.update import ParamUpdate
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ class ReplicaStateError(RuntimeError):
 
 @ray.remote(max_restarts=0)
 class Worker:
-    """A model replica evaluating shard tasks (see :class:`~flops_ray.engine.QueryEngine`).
+    """A model replica evaluating shard tasks (see :class:`~flops_ray.replica.engine.QueryEngine`).
 
     Args:
         model: the model (resolved from one object-store copy shared by every replica).

@@ -1,0 +1,180 @@
+"""The ``flops-ray`` command: ``train``, ``eval``, ``plot``, ``convert`` and ``bench``, mirroring the Python API.
+
+    flops-ray train --config jobs/configs/digits_ops_lr.yaml --out runs/lr --set steps=100
+    flops-ray eval runs/lr/checkpoint.safetensors
+    flops-ray plot runs/lr
+    flops-ray convert cifar100/train data/cifar100_train.parquet
+    flops-ray bench estimator -- --quick --out runs/bench
+
+``train`` is :func:`flops_ray.app.run.train` (the logic and the default config of ``jobs/finetune_vit.py``);
+``eval`` is :func:`flops_ray.app.run.evaluate`; ``plot`` is :func:`flops_ray.app.plot.plot_metrics`; ``convert``
+is :func:`flops_ray.data.parquet.image_folder_to_parquet`; ``bench`` runs ``jobs/bench_<name>.py`` in a
+subprocess with this Python.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+from flops_ray.app.job_config import DEFAULT_CONFIG, add_train_arguments, jobs_dir, train_run
+
+
+def _benches(jobs: Path) -> list[str]:
+    return sorted(p.stem.removeprefix("bench_") for p in jobs.glob("bench_*.py"))
+
+
+def build_parsers() -> dict[str, argparse.ArgumentParser]:
+    """The ``flops-ray`` parser (key ``""``) and each command's own (``train``, ``eval``, ``plot``, ...)."""
+    parser = argparse.ArgumentParser(
+        prog="flops-ray",
+        description="Forward-only training with optimal query allocation (FLOPS, ICLR 2025) on a Ray query farm.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n")[1],
+    )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    sub = parser.add_subparsers(
+        dest="command",
+        required=True,
+        metavar="{train,eval,plot,convert,bench}",
+        help="what to do (each has its own --help)",
+    )
+
+    p_train = sub.add_parser(
+        "train",
+        help="train from a config YAML (the logic and default config of jobs/finetune_vit.py)",
+        description="Train and write OUT/finetune_vit.json, metrics.parquet, checkpoint.safetensors and plots. "
+        f"Without --config this is the run of jobs/finetune_vit.py: {DEFAULT_CONFIG.name}, on a Ray farm.",
+    )
+    add_train_arguments(p_train)
+
+    p_eval = sub.add_parser(
+        "eval",
+        help="test accuracy of a checkpoint",
+        description="Rebuild a checkpoint's model from its stored config and print its test accuracy as JSON.",
+    )
+    p_eval.add_argument("checkpoint", help="a checkpoint.safetensors written by train (or a run directory holding one)")
+    p_eval.add_argument(
+        "--test-dataset", default=None, help="Parquet test split (default: the config's dataset's test split)"
+    )
+    p_eval.add_argument("--image-column", default=None, help="Parquet column of encoded images (default: the config's)")
+    p_eval.add_argument("--label-column", default=None, help="Parquet column of integer labels (default: the config's)")
+    p_eval.add_argument("--limit", type=int, default=None, help="evaluate only the first N test samples (default: all)")
+
+    p_plot = sub.add_parser(
+        "plot",
+        help="PNG plots of a run's metrics",
+        description="Write curves.png, allocation.png and trace_vs_loss.png from a metrics.parquet.",
+    )
+    p_plot.add_argument("metrics", help="a metrics.parquet, or a run directory holding one")
+    p_plot.add_argument("--out", default=None, help="directory for the PNGs (default: beside the metrics file)")
+
+    p_convert = sub.add_parser(
+        "convert",
+        help="convert an image folder (one subfolder per class) to a Parquet dataset",
+        description="Write ROOT/<class>/<image> as a Parquet file with columns image (PNG/JPEG bytes) and label "
+        "(the index of the class folder in sorted order; the names are stored in the file's metadata). Every image "
+        "is decoded on the way: an unreadable file, or one with NaN/inf pixels, stops the conversion naming it, and "
+        "OUT is written only complete. Symlinks leading out of ROOT are skipped with a warning.",
+    )
+    p_convert.add_argument(
+        "root", metavar="ROOT", help="folder of class folders, e.g. cifar100/train holding apple/, bicycle/, ..."
+    )
+    p_convert.add_argument("out", metavar="OUT", help="the Parquet file to write, e.g. data/cifar100_train.parquet")
+    p_convert.add_argument(
+        "--rows-per-group", type=int, default=1024, help="images per Parquet row group (default: 1024)"
+    )
+
+    p_bench = sub.add_parser(
+        "bench",
+        help="run a benchmark script jobs/bench_<name>.py",
+        description="Run jobs/bench_<name>.py with this Python; arguments after the name (or after --) go to it.",
+    )
+    p_bench.add_argument("name", nargs="?", help="benchmark name, e.g. estimator for jobs/bench_estimator.py")
+    p_bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark script")
+    p_bench.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    p_bench.add_argument("--jobs-dir", default=None, help="directory of the bench_*.py scripts (default: jobs/)")
+    return {"": parser, "train": p_train, "eval": p_eval, "plot": p_plot, "convert": p_convert, "bench": p_bench}
+
+
+def _in_dir(path: str, name: str) -> Path:
+    """``path/name`` when ``path`` is a run directory holding ``name``, else ``path``."""
+    p = Path(path)
+    return p / name if (p / name).exists() else p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``flops-ray`` console script; returns the exit status.
+
+    An error prints one line, ``error: ...``, and returns 2; ``--debug`` shows the traceback instead.
+    """
+    args = build_parsers()[""].parse_args(argv)
+    try:
+        return _run(args)
+    except Exception as exc:  # every failure of a command is reported the same way
+        if args.debug:
+            raise
+        print(f"error: {exc} ({type(exc).__name__}; --debug shows the traceback)", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "convert":
+        _convert(args.root, args.out, args.rows_per_group)
+        return 0
+    # The heavy imports (torch, timm, ray) wait until a command needs them: --help stays fast.
+    from flops_ray.app import run
+
+    if args.command == "train":
+        cfg, job, out = train_run(args)
+        run.train(cfg, out, job, quick=args.quick, resume=args.resume)
+    elif args.command == "eval":
+        given = {
+            "test_dataset": args.test_dataset,
+            "image_column": args.image_column,
+            "label_column": args.label_column,
+            "limit": args.limit,
+        }
+        data = {k: v for k, v in given.items() if v is not None}
+        print(json.dumps(run.evaluate(_in_dir(args.checkpoint, run.CHECKPOINT), **data), indent=2))
+    elif args.command == "plot":
+        from flops_ray.app.plot import plot_metrics
+
+        metrics = _in_dir(args.metrics, run.METRICS)
+        for path in plot_metrics(metrics, args.out or metrics.parent):
+            print(path)
+    else:
+        jobs = Path(args.jobs_dir) if args.jobs_dir else jobs_dir()
+        known = _benches(jobs)
+        if args.list or not args.name:
+            print("\n".join(known) if known else f"no bench_*.py in {jobs}")
+            return 0
+        script = jobs / f"bench_{args.name}.py"
+        if not script.is_file():
+            print(f"flops-ray bench: no benchmark {args.name!r} ({script}); known: {known}", file=sys.stderr)
+            return 2
+        rest = args.args[1:] if args.args[:1] == ["--"] else args.args
+        return subprocess.call([sys.executable, str(script), *rest])
+    return 0
+
+
+def _convert(root: str, out: str, rows_per_group: int) -> None:
+    import pyarrow.parquet as pq
+
+    from flops_ray.data.parquet import image_folder_to_parquet
+
+    with warnings.catch_warnings():
+        # A skipped symlink is one line on stderr, like an error, not a source location and a code line.
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *_: print(f"warning: {message}", file=sys.stderr)
+        classes = image_folder_to_parquet(root, out, rows_per_group)
+    shown = ", ".join(classes[:10]) + (", ..." if len(classes) > 10 else "")
+    print(f"{out}: {pq.read_metadata(out).num_rows} images in {len(classes)} classes ({shown})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""Training runs as the jobs and the CLI launch them: data, checkpoints, metrics, progress and plots.
+
+``jobs/finetune_vit.py`` and ``flops-ray train`` are thin wrappers over :func:`train`; configs come from
+:mod:`flops_ray.app.job_config`. This module never imports ray itself: the trainer loads the Ray backend
+when ``farm.backend`` is ``ray``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from flops_ray.training.checkpoint import checkpoint_config, load_model_state
+from flops_ray.config.train import ConfigError, DataConfig, TrainConfig
+from flops_ray.config.plain import config_to_dict
+from flops_ray.data.arrays import ArrayDataset, digits
+from flops_ray.app.job_config import JobConfig, quick_config
+from flops_ray.training.metrics_log import MetricsLog
+from flops_ray.models.factory import create_model
+from flops_ray.data.parquet import read_parquet
+from flops_ray.app.plot import plot_metrics
+from flops_ray.app.hooks import Checkpointer, GracefulStop, Progress
+from flops_ray.app.lock import owned
+from flops_ray.training.trainer import Trainer, accuracy
+from flops_ray.training.weights import load_pretrained
+
+CHECKPOINT = "checkpoint.safetensors"
+METRICS = "metrics.parquet"
+SUMMARY = "finetune_vit.json"
+
+
+# ---- data -----------------------------------------------------------------------------------------------
+def model_in_chans(model: nn.Module) -> int:
+    """Input channels of a model: those of its first convolution (timm patch embeddings and stems)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return m.in_channels
+    raise ValueError(f"cannot tell the input channels of {type(model).__name__}; set data.in_chans")
+
+
+def _limit(data: ArrayDataset, n: int) -> ArrayDataset:
+    return data if not n or n >= len(data) else ArrayDataset(data.x[:n], data.y[:n])
+
+
+def sibling_test_path(train_path: str) -> Path | None:
+    """The conventional test file of a Parquet training file (``train`` -> ``test`` in the name), if it exists."""
+    path = Path(train_path).expanduser()
+    if "train" not in path.name:
+        return None
+    candidate = path.with_name(path.name.replace("train", "test"))
+    return candidate if candidate.is_file() else None
+
+
+def load_datasets(data: DataConfig, model: nn.Module) -> tuple[ArrayDataset, ArrayDataset | None]:
+    """The training and test splits ``data.dataset`` names, checked against ``data.num_classes``."""
+    if data.dataset == "digits":
+        train, test = digits("train", data.img_size), digits("test", data.img_size)
+    else:
+        chans = data.in_chans or model_in_chans(model)
+
+        def read(path: str | Path, split: str) -> ArrayDataset:
+            cache = Path(data.cache_dir).expanduser() / split if data.cache_dir else None
+            return read_parquet(
+                path, data.img_size, chans, data.image_column, data.label_column, cache, limit=data.limit or None
+            )
+
+        test_path = Path(data.test_dataset).expanduser() if data.test_dataset else sibling_test_path(data.dataset)
+        train = read(Path(data.dataset).expanduser(), "train")
+        test = read(test_path, "test") if test_path else None
+    train, test = _limit(train, data.limit), test and _limit(test, data.limit)
+    for name, split in (("dataset", train), ("test dataset", test)):
+        if split is not None and len(split) and (split.y.min() < 0 or split.y.max() >= data.num_classes):
+            raise ConfigError(
+                f"data.num_classes: {name} labels range over [{split.y.min()}, {split.y.max()}] "
+                f"but num_classes is {data.num_classes}"
+            )
+    return train, test
+
+
+# ---- training -------------------------------------------------------------------------------------------
+def build(cfg: TrainConfig, resume_from: Path | None = None) -> Trainer:
+    """The model, data and trainer of ``cfg``; resumed from a checkpoint when ``resume_from`` is given."""
+    model = create_model(cfg.model, cfg.data.num_classes, cfg.data.img_size, cfg.seed)
+    if resume_from is not None:
+        load_model_state(model, resume_from)
+    elif cfg.pretrained:
+        kept = load_pretrained(model, Path(cfg.pretrained).expanduser())
+        print(f"loaded {cfg.pretrained}" + (f" (fresh {', '.join(kept)})" if kept else ""), flush=True)
+    train_set, test_set = load_datasets(cfg.data, model)
+    print(f"model {cfg.model}: {sum(p.numel() for p in model.parameters()):,} parameters", flush=True)
+    tested = f"{len(test_set)} test samples" if test_set is not None else "no test split"
+    print(f"data {cfg.data.dataset}: {len(train_set)} training samples, {tested}", flush=True)
+    if not cfg.backprop and cfg.farm.backend == "ray":
+        print(f"starting {cfg.farm.workers} replicas on Ray ...", flush=True)
+    trainer = Trainer(cfg, model, train_set, test_set)
+    print(trainer.backend.where() if trainer.backend is not None else "backprop in this process", flush=True)
+    if resume_from is not None:
+        trainer.resume(resume_from)
+        print(f"resumed from {resume_from}: continuing at step {trainer.step_count}", flush=True)
+    return trainer
+
+
+def train(
+    cfg: TrainConfig, out: str | Path, job: JobConfig | None = None, quick: bool = False, resume: bool = False
+) -> dict[str, Any]:
+    """Train ``cfg`` and write ``out/{finetune_vit.json, metrics.parquet, checkpoint.safetensors, *.png}``.
+
+    Args:
+        cfg: the training config.
+        out: output directory.
+        job: run settings (checkpoint cadence, logging, ...).
+        quick: shrink the run with :func:`~flops_ray.app.job_config.quick_config` (tests, smoke checks).
+        resume: continue from ``out/checkpoint.safetensors`` when it exists (else start fresh). The
+            config must match the checkpoint's up to run length, logging and farm settings.
+
+    Returns:
+        The summary written to ``finetune_vit.json``.
+    """
+    t0 = time.perf_counter()
+    job = (job or JobConfig()).validate()
+    if quick:
+        cfg, job = quick_config(cfg, job)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    # Two runs writing one directory would mix checkpoints, metrics and summaries.
+    with owned(out):
+        return _train(cfg, out, job, quick, resume, t0)
+
+
+def _train(cfg: TrainConfig, out: Path, job: JobConfig, quick: bool, resume: bool, t0: float) -> dict[str, Any]:
+    ckpt = out / CHECKPOINT
+    resuming = resume and ckpt.is_file()
+    if resume and not resuming:
+        print(f"no checkpoint at {ckpt}: starting a new run", flush=True)
+    trainer = build(cfg, ckpt if resuming else None)
+    start = trainer.step_count
+    metrics = MetricsLog(out / METRICS, [g.name for g in cfg.groups], job.flush_every, start if resuming else None)
+    if resuming and metrics.kept < start:
+        print(f"warning: {out / METRICS} holds {metrics.kept} of the {start} rows before step {start}", flush=True)
+    progress = Progress(cfg.steps, start, job.log_every)
+    saver = Checkpointer(metrics, ckpt, job.checkpoint_every, job.checkpoint_minutes)
+    stop = GracefulStop()
+    try:
+        with stop:
+            reports = trainer.fit(hooks=[lambda _, report: metrics.append(report), progress, saver, stop.hook])
+        saver.save(trainer)
+        accs = [r.accuracy for r in reports if r.accuracy is not None]
+        last_acc = accs[-1] if accs else (trainer.evaluate() if trainer.test_set is not None else None)
+    except BaseException:
+        # A step that fails is not applied, so the trainer holds its last whole step: keep it, unless a step
+        # was cut off while being applied (then the checkpoint on disk stays the last good one).
+        if trainer.consistent and trainer.step_count > start:
+            saver.save(trainer)
+            print(f"saved {ckpt}: --resume continues at step {trainer.step_count}", flush=True)
+        raise
+    finally:
+        metrics.close()
+        trainer.close()
+    if stop.requested:
+        print(f"stopped by {stop.requested}: --resume continues at step {trainer.step_count}", flush=True)
+    plots = plot_metrics(out / METRICS, out)
+    queries = sum(r.queries for r in reports)
+    # The Ray farm's retries, restarts and bytes (in-process runs have none).
+    counters = getattr(trainer.backend, "counters", None)
+    summary = {
+        "final_test_accuracy": last_acc,
+        "steps": trainer.step_count,
+        "steps_run": trainer.step_count - start,
+        "resumed_from_step": start if resuming else None,
+        "queries": queries,
+        "queries_per_s": queries / progress.seconds if progress.seconds > 0 else None,
+        "wall_seconds": time.perf_counter() - t0,
+        "train_size": len(trainer.train_set),
+        "test_size": len(trainer.test_set) if trainer.test_set is not None else 0,
+        "config": config_to_dict(cfg),
+        "job": dataclasses.asdict(job),
+        "quick": quick,
+        "stopped_by": stop.requested,
+        "farm": dataclasses.asdict(counters) if counters is not None else None,
+        "files": {"checkpoint": CHECKPOINT, "metrics": METRICS, "plots": [p.name for p in plots]},
+    }
+    (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    acc_text = f"{last_acc:.4f}" if last_acc is not None else "n/a (no test set)"
+    print(f"done: {trainer.step_count} steps, test accuracy {acc_text}, {summary['wall_seconds']:.1f} s -> {out}")
+    return summary
+
+
+def evaluate(checkpoint: str | Path, **data: Any) -> dict[str, Any]:
+    """Test accuracy of a checkpoint's model on the test split of its config's dataset.
+
+    Args:
+        checkpoint: the checkpoint file.
+        data: :class:`~flops_ray.config.train.DataConfig` fields to change (``test_dataset``, ``limit``, ...).
+    """
+    cfg = checkpoint_config(checkpoint)
+    data_cfg = dataclasses.replace(cfg.data, **data)
+    model = create_model(cfg.model, data_cfg.num_classes, data_cfg.img_size, cfg.seed)
+    step = load_model_state(model, checkpoint)
+    _, test = load_datasets(data_cfg, model)
+    if test is None:
+        raise ConfigError(f"data.test_dataset: {data_cfg.dataset} has no test split; set data.test_dataset")
+    return {"checkpoint": str(checkpoint), "step": step, "test_accuracy": accuracy(model, test), "test_size": len(test)}

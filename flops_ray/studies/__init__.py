@@ -1,0 +1,1 @@
+"""What only the benchmarks use: the estimator study and the farm's step-time model."""
