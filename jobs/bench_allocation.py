@@ -32,16 +32,18 @@ import torch
 
 from flops_ray.allocation.allocators import create_allocator
 from flops_ray.allocation.budget import to_counts
-from flops_ray.config.train import AllocatorConfig, FarmConfig, TrainConfig, least_queries
+from flops_ray.allocation.trace_memory import TraceMemory
+from flops_ray.config import AllocatorConfig, FarmConfig, TrainConfig
 from flops_ray.data.arrays import batch_at, digits
-from flops_ray.replica.engine import QueryEngine
-from flops_ray.models.groups import resolve_groups
-from flops_ray.step.local_backend import LocalBackend
-from flops_ray.models.losses import cross_entropy
+from flops_ray.estimators import queries_per_draw
 from flops_ray.messages import ShardItem, ShardTask, TaskKind
 from flops_ray.models.factory import create_model
+from flops_ray.models.groups import resolve_groups
+from flops_ray.models.losses import cross_entropy
+from flops_ray.replica.engine import QueryEngine
+from flops_ray.step.checks import least_queries
 from flops_ray.step.forward import ForwardStep
-from flops_ray.allocation.trace_memory import TraceMemory
+from flops_ray.step.local_backend import LocalBackend
 from flops_ray.training.trainer import Trainer
 
 REP_STEP = 1_000_000
@@ -122,7 +124,9 @@ def _oracle_counts(cfg: TrainConfig, engine: QueryEngine, step: int, ids, losses
         traces = engine.run(ShardTask(kind=TaskKind.PILOT, step=step, group=g, index=0, items=items)).traces
         total = group.queries_per_sample * len(ids)
         least = least_queries(cfg.estimator, cfg.allocator)
-        counts.append(to_counts(torch.from_numpy(traces).clamp_min(0).sqrt(), total, least, cfg.estimator.unit))
+        counts.append(
+            to_counts(torch.from_numpy(traces).clamp_min(0).sqrt(), total, least, queries_per_draw(cfg.estimator))
+        )
     return counts
 
 

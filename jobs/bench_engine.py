@@ -61,16 +61,17 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from flops_ray.config.train import TrainConfig, reuses_pilot
-from flops_ray.data.arrays import batch_at, digits
-from flops_ray.replica.engine import QueryEngine
-from flops_ray.estimators import RowPlan
-from flops_ray.models.groups import resolve_groups
 from flops_ray.app.job_config import jobs_dir, load_config
+from flops_ray.app.run import model_in_chans
+from flops_ray.config import TrainConfig
+from flops_ray.data.arrays import batch_at, digits
+from flops_ray.estimators import RowPlan, queries_per_draw
 from flops_ray.messages import ShardTask
 from flops_ray.models.factory import create_model
+from flops_ray.models.groups import resolve_groups
+from flops_ray.replica.engine import QueryEngine
+from flops_ray.step.checks import reuses_pilot
 from flops_ray.step.plan import plan_clean, plan_main
-from flops_ray.app.run import model_in_chans
 
 
 @dataclass(frozen=True)
@@ -187,7 +188,7 @@ def replica(
     engine.set_batch(0, x, y)
     losses = np.concatenate([engine.run(t).losses for t in plan_clean(0, ids, cfg.farm.shard_cost)])
     counts = np.full(samples, per_sample)
-    return engine, plan_main(0, group, counts, ids, losses, pilot, shard, est.unit, reuse)[0]
+    return engine, plan_main(0, group, counts, ids, losses, pilot, shard, queries_per_draw(est), reuse)[0]
 
 
 def _seconds(fn: Callable[[], object], where: torch.device) -> float:
@@ -258,7 +259,7 @@ def _measure(name: str, work: Workload, where: torch.device, cfg: TrainConfig, g
     shard = cfg.farm.shard_cost if where.type == "cuda" else work.shard or cfg.farm.shard_cost
     replicas = {v: replica(cfg, group, model, shard, where, v) for v in variants(work.kinds)}
     engine, task = next(iter(replicas.values()))
-    rows = RowPlan.of(task, engine.est.unit, engine.root_seed, engine.device)
+    rows = RowPlan.of(task, queries_per_draw(engine.est), engine.root_seed, engine.device)
     inputs = engine.batch()[0][rows.pos]
     max_rows = engine.est.max_rows
     _infer(engine, model, inputs, rows, max_rows)  # warm-up
@@ -306,7 +307,7 @@ def _measure(name: str, work: Workload, where: torch.device, cfg: TrainConfig, g
 
 def noise_seconds(engine: QueryEngine, task: ShardTask, reps: int, where: torch.device) -> tuple[int, float]:
     """Gaussian numbers the engine's noise path makes for ``task``'s rows, and its seconds (median of ``reps``)."""
-    rows = RowPlan.of(task, engine.est.unit, engine.root_seed, engine.device)
+    rows = RowPlan.of(task, queries_per_draw(engine.est), engine.root_seed, engine.device)
     layout = engine.estimators[task.group].noise_layout(engine.batch()[0])
     chunks = rows.chunks(engine.est.max_rows)
     seconds = [

@@ -43,18 +43,19 @@ import ray
 import torch
 from torch import nn
 
-from flops_ray.models.blackbox import BlackBox
-from flops_ray.config.train import EstimatorConfig, FarmConfig, TrainConfig
+from flops_ray.config import EstimatorConfig, FarmConfig, TrainConfig
 from flops_ray.data.arrays import batch_at, digits
-from flops_ray.replica.engine import QueryEngine
+from flops_ray.estimators import queries_per_draw
 from flops_ray.farm.backend import RayBackend
 from flops_ray.farm.costs import call_costs
 from flops_ray.farm.ray_init import init_ray
 from flops_ray.farm.worker import WorkerOptions
-from flops_ray.models.losses import cross_entropy
 from flops_ray.messages import ShardItem, ShardTask, TaskKind
+from flops_ray.models.blackbox import BlackBox
 from flops_ray.models.factory import create_model
+from flops_ray.models.losses import cross_entropy
 from flops_ray.models.prompts import PromptedViT
+from flops_ray.replica.engine import QueryEngine
 from flops_ray.step.shards import plan_chunks
 from flops_ray.training.trainer import Trainer
 
@@ -115,7 +116,7 @@ def _batch(bench: BenchConfig):
 
 def _tasks(cfg: TrainConfig, ids: np.ndarray, counts: np.ndarray, per_sample: bool) -> list[ShardTask]:
     """Main shards of every group for per-sample ``counts``; ``per_sample`` cuts each sample separately."""
-    unit = cfg.estimator.unit
+    unit = queries_per_draw(cfg.estimator)
     items = [ShardItem(j, int(ids[j]), 0, int(counts[j]), 2.3) for j in range(len(ids))]
     chunks = (
         [c for it in items for c in plan_chunks([it], cfg.farm.shard_cost, unit)]
@@ -266,7 +267,7 @@ def makespan(bench: BenchConfig) -> dict:
     """Dynamic vs static assignment of per-sample shards on two replicas, one slowed down."""
     x, y, ids = _batch(bench)
     cfg = _cfg(bench, 2)
-    counts = spread_counts(bench, cfg.estimator.unit)
+    counts = spread_counts(bench, queries_per_draw(cfg.estimator))
     tasks = _tasks(cfg, ids, counts, per_sample=True)
     model = create_model(cfg.model, 10, 8, cfg.seed)
     options = [WorkerOptions(), WorkerOptions(slowdown=bench.slowdown)]

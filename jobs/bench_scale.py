@@ -37,18 +37,19 @@ import torch
 from torch import nn
 
 from flops_ray.allocation.allocators import AllocationFeatures, create_allocator
-from flops_ray.config.train import AllocatorConfig, EstimatorConfig, FarmConfig, GroupConfig, TrainConfig, least_queries
-from flops_ray.data.arrays import digits
-from flops_ray.estimators import RowPlan
-from flops_ray.farm.costs import call_costs
-from flops_ray.farm.ray_init import init_ray
 from flops_ray.allocation.gaussian import GaussianAllocator
 from flops_ray.app.job_config import load_config
-from flops_ray.step.local_backend import LocalBackend
+from flops_ray.config import AllocatorConfig, EstimatorConfig, FarmConfig, GroupConfig, TrainConfig
+from flops_ray.data.arrays import digits
+from flops_ray.estimators import RowPlan, queries_per_draw
+from flops_ray.estimators.noise import NoiseLayout
+from flops_ray.farm.costs import call_costs
+from flops_ray.farm.ray_init import init_ray
 from flops_ray.messages import ShardItem, ShardTask, TaskKind
 from flops_ray.models.factory import create_model
-from flops_ray.estimators.noise import NoiseLayout
 from flops_ray.replica.replay import replay_gradients
+from flops_ray.step.checks import least_queries
+from flops_ray.step.local_backend import LocalBackend
 from flops_ray.studies.step_time import Costs, Workload, step_time
 from flops_ray.training.trainer import Trainer, default_backend
 
@@ -355,7 +356,7 @@ def _vit_groups() -> tuple[GroupConfig, ...]:
 def _workload(cfg: TrainConfig, p: int, sizes: list[int], kind: str) -> Workload:
     b, s = cfg.batch_size, cfg.farm.shard_cost
     q = sum(g.queries_per_sample for g in cfg.groups) * b
-    draws = [g.queries_per_sample * b // cfg.estimator.unit for g in cfg.groups]
+    draws = [g.queries_per_sample * b // queries_per_draw(cfg.estimator) for g in cfg.groups]
     return Workload(
         rounds=((b, cfg.farm.clean_shard_size), (q, s)),
         params=p,

@@ -35,9 +35,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from flops_ray.models.blackbox import BlackBox
-from flops_ray.config.train import AllocatorConfig, EstimatorConfig, FarmConfig, TrainConfig, require
+from flops_ray.config import AllocatorConfig, EstimatorConfig, FarmConfig, TrainConfig, require
 from flops_ray.data.arrays import ArrayDataset, digits
+from flops_ray.models.blackbox import BlackBox
 from flops_ray.models.factory import digits_vit
 from flops_ray.models.prompts import PromptedViT
 from flops_ray.seeding import STREAM_INIT, derive_seed

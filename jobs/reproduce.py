@@ -34,11 +34,11 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 
-from flops_ray.config.train import AllocatorConfig, DataConfig, EstimatorConfig, FarmConfig, TrainConfig
-from flops_ray.studies.estimator_study import EstimatorStudy, cosine_sweep, plot_cosines, variance_ratio
-from flops_ray.models.factory import create_model
-from flops_ray.data.parquet import image_folder_to_parquet
 from flops_ray.app.run import load_datasets
+from flops_ray.config import AllocatorConfig, DataConfig, EstimatorConfig, FarmConfig, TrainConfig
+from flops_ray.data.parquet import image_folder_to_parquet
+from flops_ray.models.factory import create_model
+from flops_ray.studies.estimator_study import EstimatorStudy, cosine_sweep, plot_cosines, variance_ratio
 from flops_ray.training.trainer import Trainer
 
 SHAPES = ("bar", "circle", "cross", "ring", "triangle")

@@ -5,17 +5,19 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
-from flops_ray.config.train import (
+from flops_ray.config import (
     AllocatorConfig,
     ConfigError,
     EstimatorConfig,
     FarmConfig,
     GroupConfig,
     TrainConfig,
+    UnknownNameError,
 )
 from flops_ray.config.plain import config_from_dict, config_to_dict
-from flops_ray.replica.engine import QueryEngine
 from flops_ray.models.factory import create_model
+from flops_ray.replica.engine import QueryEngine
+from flops_ray.step.checks import check_config
 
 
 def _group(**kw) -> GroupConfig:
@@ -70,7 +72,7 @@ def _group(**kw) -> GroupConfig:
 )
 def test_bad_values_name_the_field(cfg, field):
     with pytest.raises(ConfigError, match=field):
-        cfg.validate()
+        check_config(cfg)
 
 
 def test_unknown_keys_are_named():
@@ -125,5 +127,7 @@ def test_overlapping_groups_are_rejected():
 
 
 def test_unknown_model_is_named():
-    with pytest.raises(ValueError, match="unknown model 'not_a_model'"):
+    with pytest.raises(
+        UnknownNameError, match=r"^model: must be one of \['digits_vit', .* or a timm model name, got 'not_a_model'"
+    ):
         create_model("not_a_model", 10, 8, 0)

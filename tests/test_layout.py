@@ -15,7 +15,19 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "flops_ray"
 GROUND = {"messages", "seeding", "files", "registry"}
 """Top-level modules every layer may use: typed messages, seeds, atomic file writes, the registry shape."""
-LAYERS = ("config", "data", "models", "allocation", "estimators", "replica", "step", "farm", "training", "app", "studies")
+LAYERS = (
+    "config",
+    "data",
+    "models",
+    "allocation",
+    "estimators",
+    "replica",
+    "step",
+    "farm",
+    "training",
+    "app",
+    "studies",
+)
 """Folders, lowest first."""
 MATHS = {"config", "models", "allocation", "estimators", "replica", "step"}
 """Layers of pure torch: no files, no ray."""
@@ -118,7 +130,9 @@ def test_the_cycle_check_sees_a_cycle():
 
 def test_only_farm_modules_import_ray():
     offenders = [
-        name for name, p in NAMES.items() if _layer(name) != "farm" and any(n.split(".")[0] == "ray" for n in _imports(p))
+        name
+        for name, p in NAMES.items()
+        if _layer(name) != "farm" and any(n.split(".")[0] == "ray" for n in _imports(p))
     ]
     assert not offenders, f"modules outside flops_ray/farm import ray: {offenders}"
 

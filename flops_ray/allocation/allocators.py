@@ -5,7 +5,8 @@ integer counts that are multiples of the pair size, at least the floor, and sum 
 Create one by name with :func:`create_allocator`, the way timm creates models.
 
 >>> import torch
->>> from flops_ray.config.train import AllocatorConfig
+>>> from flops_ray.config.allocator import AllocatorConfig
+from flops_ray.config.registry import Registry
 >>> alloc = create_allocator(AllocatorConfig(kind="neyman"))
 >>> feats = AllocationFeatures(traces=torch.tensor([1.0, 1.0, 16.0, 16.0]),
 ...                            losses=torch.zeros(4), embeddings=torch.eye(4))
@@ -22,8 +23,9 @@ from typing import Protocol
 import torch
 
 from flops_ray.allocation.budget import to_counts
-from flops_ray.config.train import AllocatorConfig
 from flops_ray.allocation.gaussian import GaussianAllocator
+from flops_ray.config.allocator import AllocatorConfig
+from flops_ray.config.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -150,18 +152,13 @@ class BernoulliAllocator(_Stateless):
         return to_counts(bernoulli_weights(feats.losses, self.p, gen), total, minimum, unit)
 
 
-ALLOCATORS: dict[str, type[Allocator]] = {}
+ALLOCATORS: Registry[type[Allocator]] = Registry("allocator.kind")
 """``allocator.kind`` -> allocator class (the :class:`Allocator` protocol)."""
 
 
 def register_allocator(name: str) -> Callable[[type[Allocator]], type[Allocator]]:
     """Class decorator adding an allocator under ``name`` (timm's registry pattern)."""
-
-    def add(cls: type[Allocator]) -> type[Allocator]:
-        ALLOCATORS[name] = cls
-        return cls
-
-    return add
+    return ALLOCATORS.register(name)
 
 
 register_allocator("equal")(EqualAllocator)
@@ -172,6 +169,4 @@ register_allocator("gaussian")(GaussianAllocator)
 
 def create_allocator(cfg: AllocatorConfig) -> Allocator:
     """Build the allocator ``cfg.kind`` names (``equal``, ``bernoulli``, ``gaussian``, ``neyman``)."""
-    if cfg.kind not in ALLOCATORS:
-        raise ValueError(f"allocator.kind: unknown allocator {cfg.kind!r}; known: {sorted(ALLOCATORS)}")
     return ALLOCATORS[cfg.kind].from_config(cfg)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from flops_ray.allocation.budget import allocation_objective, to_counts
-from flops_ray.config.train import AllocatorConfig
+from flops_ray.config import AllocatorConfig
 
 _JITTER = 1e-4  # relative to A^2: keeps the Cholesky factor defined when g -> 0
 _LAST_DISTANCES: list[tuple[torch.Tensor, torch.Tensor]] = []

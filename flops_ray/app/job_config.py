@@ -16,8 +16,9 @@ from typing import Any
 
 import yaml
 
-from flops_ray.config.train import ConfigError, TrainConfig, least_queries, require
+from flops_ray.config import ConfigError, TrainConfig, require
 from flops_ray.config.plain import config_from_dict, config_to_dict, dataclass_from_dict, plain
+from flops_ray.step.checks import check_config, least_queries
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> tuple[Tra
     for assignment in overrides:
         apply_override(full, assignment)
     job = full.pop("job")
-    return config_from_dict(full), dataclass_from_dict(JobConfig, job, "job").validate()
+    return check_config(config_from_dict(full)), dataclass_from_dict(JobConfig, job, "job").validate()
 
 
 def quick_config(cfg: TrainConfig, job: JobConfig) -> tuple[TrainConfig, JobConfig]:
@@ -132,7 +133,7 @@ def quick_config(cfg: TrainConfig, job: JobConfig) -> tuple[TrainConfig, JobConf
         allocator=alloc,
         farm=dataclasses.replace(cfg.farm, workers=min(cfg.farm.max_workers, 2)),
     )
-    return cfg.validate(), dataclasses.replace(job, log_every=1)
+    return check_config(cfg), dataclasses.replace(job, log_every=1)
 
 
 def output_dir(out: str | None, config: str | None, job: JobConfig) -> Path:

@@ -1,6 +1,6 @@
 """Configs from and to plain data (a parsed YAML, a checkpoint header), every field's type checked.
 
->>> from flops_ray.config.train import TrainConfig
+>>> from flops_ray.config import TrainConfig
 >>> config_from_dict({"steps": 10, "farm": {"workers": 3}}).farm.workers
 3
 >>> config_from_dict({"steps": "ten"})
@@ -15,7 +15,8 @@ import dataclasses
 import typing
 from typing import Any, TypeVar
 
-from flops_ray.config.train import TrainConfig, require
+from flops_ray.config.train import TrainConfig
+from flops_ray.config.validation import require
 
 T = TypeVar("T")
 

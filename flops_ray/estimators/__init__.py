@@ -11,7 +11,9 @@ from flops_ray.estimators.registry import (
     ESTIMATORS,
     create_estimator,
     estimator_family,
+    queries_per_draw,
     register_estimator,
+    terms_need_activations,
 )
 
 __all__ = [
@@ -23,5 +25,7 @@ __all__ = [
     "Shard",
     "create_estimator",
     "estimator_family",
+    "queries_per_draw",
     "register_estimator",
+    "terms_need_activations",
 ]

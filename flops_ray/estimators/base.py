@@ -17,13 +17,13 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from flops_ray.config.train import EstimatorConfig
+from flops_ray.allocation.trace_proxy import clean_pass
+from flops_ray.config import EstimatorConfig
+from flops_ray.estimators.noise import NoiseLayout, draw_keys, gaussian
 from flops_ray.estimators.prefix import SharedPrefix
+from flops_ray.messages import ShardTask
 from flops_ray.models.groups import ResolvedGroup
 from flops_ray.models.losses import LossFn
-from flops_ray.messages import ShardTask
-from flops_ray.estimators.noise import NoiseLayout, draw_keys, gaussian
-from flops_ray.allocation.trace_proxy import clean_pass
 
 
 @dataclass(frozen=True)
@@ -204,6 +204,16 @@ class Estimator(ABC):
     linear_outputs = False
     """Whether the family perturbs the outputs of the group's ``nn.Linear`` modules (and trains only
     their weights and biases) rather than every parameter of the group's modules."""
+    terms_need_activations = False
+    """Whether a query's gradient term depends on the replica's activations, not only on its draw: such terms
+    cannot be rebuilt from seeds and per-draw coefficients (``farm.reduction: scalar``)."""
+    paired_kinds: tuple[str, ...] = ()
+    """The kinds this family serves with antithetic pairs (two queries share a draw)."""
+
+    @classmethod
+    def queries_per_draw(cls, cfg: EstimatorConfig) -> int:
+        """Queries sharing one noise draw: 2 for an antithetic pair, else 1."""
+        return 2 if cfg.kind in cls.paired_kinds else 1
 
     def __init__(self, model: nn.Module, group: ResolvedGroup, cfg: EstimatorConfig, loss_fn: LossFn):
         self.model = model

@@ -10,12 +10,12 @@ from collections.abc import Iterator
 
 import torch
 
-from flops_ray.models.blackbox import BlackBoxError, BlackBoxShapeError
 from flops_ray.estimators.base import Estimator, Shard
 from flops_ray.estimators.params import NoiseEvaluation
 from flops_ray.estimators.registry import register_estimator
-from flops_ray.models.groups import ResolvedGroup
 from flops_ray.messages import ShardTask
+from flops_ray.models.blackbox import BlackBoxError, BlackBoxShapeError
+from flops_ray.models.groups import ResolvedGroup
 
 
 def sample_of(task: ShardTask, row: int) -> int:
@@ -26,6 +26,8 @@ def sample_of(task: ShardTask, row: int) -> int:
 @register_estimator("spsa", "es", blackbox=True)
 class BlackBoxEstimator(Estimator):
     """Perturbs the box's searched vector ``u``; SPSA pairs or ES with the clean-loss baseline."""
+
+    paired_kinds = ("spsa",)
 
     def noise_size(self, x: torch.Tensor) -> int:
         return self.group.size

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from flops_ray.config.estimator import EstimatorConfig
 from flops_ray.estimators.base import Estimator, Shard
 from flops_ray.estimators.registry import register_estimator
 from flops_ray.models.groups import ResolvedGroup
@@ -74,6 +75,11 @@ class LinearOutputEstimator(Estimator):
     """Perturbs the outputs of the group's linears through forward hooks; one plain forward per chunk."""
 
     linear_outputs = True
+    terms_need_activations = True
+
+    @classmethod
+    def queries_per_draw(cls, cfg: EstimatorConfig) -> int:
+        return 2 if cfg.antithetic else 1
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

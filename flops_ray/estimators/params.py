@@ -17,9 +17,9 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from flops_ray.estimators.base import Draws, Estimator, Shard
+from flops_ray.estimators.noise import NoiseLayout
 from flops_ray.estimators.registry import register_estimator
 from flops_ray.models.groups import ResolvedGroup, flatten
-from flops_ray.estimators.noise import NoiseLayout
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,8 @@ class ParamEstimator(Estimator):
     the rest of the model as a plain batched forward (the whole model under ``vmap`` when a module's input
     is not batch-first). Under rank-1 noise a group of whole linears forms no per-row parameters: each
     linear adds its rows' factored perturbation to its plain output (:class:`_LowRank`)."""
+
+    paired_kinds = ("spsa",)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -16,7 +16,7 @@ then does a tensor from before the cut fail to meet the fanned-out rows): until 
 chunks of one query per sample, rows run the whole model.
 
 >>> from flops_ray.models.groups import resolve_groups
->>> from flops_ray.config.train import GroupConfig
+>>> from flops_ray.config import GroupConfig
 >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
 >>> group = resolve_groups(model, (GroupConfig("top", ("2",), sigma=0.1, queries_per_sample=2),), linear_outputs=True)[0]
 >>> find_cut(model, group)
@@ -31,7 +31,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from flops_ray.config.train import EstimatorConfig
+from flops_ray.config import EstimatorConfig
 from flops_ray.models.groups import ResolvedGroup
 
 _STACKS = (nn.Sequential, nn.ModuleList)

@@ -2,6 +2,8 @@
 
 A family is a class; :func:`create_estimator` binds one to a model's layer group. A black box
 (:class:`~flops_ray.models.blackbox.BlackBox`) answers losses only, so its family is chosen by the model.
+The traits the rest of the system asks of a kind (how many queries share a draw, whether its terms depend
+on activations) are asked here, of the family that serves it.
 """
 
 from __future__ import annotations
@@ -11,30 +13,35 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from flops_ray.config.estimator import EstimatorConfig
+from flops_ray.config.registry import Registry
+from flops_ray.config.validation import ConfigError
 from flops_ray.models.blackbox import BlackBox
-from flops_ray.config.train import ConfigError, EstimatorConfig
 from flops_ray.models.groups import ResolvedGroup
 from flops_ray.models.losses import LossFn
 
 if TYPE_CHECKING:
     from flops_ray.estimators.base import Estimator
 
-ESTIMATORS: dict[str, type[Estimator]] = {}
+ESTIMATORS: Registry[type[Estimator]] = Registry("estimator.kind")
 """``estimator.kind`` -> the family serving it for ordinary models."""
-BLACKBOX_ESTIMATORS: dict[str, type[Estimator]] = {}
+BLACKBOX_ESTIMATORS: Registry[type[Estimator]] = Registry("estimator.kind")
 """``estimator.kind`` -> the family serving it for a :class:`~flops_ray.models.blackbox.BlackBox`."""
 
 
 def register_estimator(*kinds: str, blackbox: bool = False) -> Callable[[type[Estimator]], type[Estimator]]:
     """Class decorator registering a family under ``kinds`` (for black boxes when ``blackbox``)."""
-    table = BLACKBOX_ESTIMATORS if blackbox else ESTIMATORS
+    return (BLACKBOX_ESTIMATORS if blackbox else ESTIMATORS).register(*kinds)
 
-    def add(cls: type[Estimator]) -> type[Estimator]:
-        for kind in kinds:
-            table[kind] = cls
-        return cls
 
-    return add
+def queries_per_draw(cfg: EstimatorConfig) -> int:
+    """Queries sharing one noise draw under ``cfg`` (2 for antithetic pairs, else 1)."""
+    return ESTIMATORS[cfg.kind].queries_per_draw(cfg)
+
+
+def terms_need_activations(cfg: EstimatorConfig) -> bool:
+    """Whether ``cfg.kind``'s gradient terms depend on activations, not only on their seeds."""
+    return ESTIMATORS[cfg.kind].terms_need_activations
 
 
 def estimator_family(cfg: EstimatorConfig, model: nn.Module) -> type[Estimator]:
@@ -43,12 +50,14 @@ def estimator_family(cfg: EstimatorConfig, model: nn.Module) -> type[Estimator]:
     Raises:
         ConfigError: no family serves this kind for this model (e.g. LR on a black box).
     """
-    is_box = isinstance(model, BlackBox)
-    table = BLACKBOX_ESTIMATORS if is_box else ESTIMATORS
-    if cfg.kind not in table:
-        what = "a BlackBox is queried through its losses only; use" if is_box else "must be one of"
-        raise ConfigError(f"estimator.kind: {what} {' or '.join(table)}, got {cfg.kind!r}")
-    return table[cfg.kind]
+    if not isinstance(model, BlackBox):
+        return ESTIMATORS[cfg.kind]
+    if cfg.kind not in BLACKBOX_ESTIMATORS:
+        known = " or ".join(BLACKBOX_ESTIMATORS)
+        raise ConfigError(
+            f"estimator.kind: a BlackBox is queried through its losses only; use {known}, got {cfg.kind!r}"
+        )
+    return BLACKBOX_ESTIMATORS[cfg.kind]
 
 
 def create_estimator(cfg: EstimatorConfig, model: nn.Module, group: ResolvedGroup, loss_fn: LossFn) -> Estimator:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from flops_ray.config.train import GroupConfig
+from flops_ray.config import GroupConfig
 
 BatchedLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """``(thetas (R, D), x (R, ...), y (R,)) -> losses (R,)``."""

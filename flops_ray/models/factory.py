@@ -13,15 +13,16 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from flops_ray.config.registry import Registry
 from flops_ray.seeding import STREAM_INIT, derive_seed
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model", also="or a timm model name")
+"""Model name -> factory; a name not here goes to timm."""
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     """Decorator adding a model factory under its function name (timm's registry pattern)."""
-    _REGISTRY[fn.__name__] = fn
-    return fn
+    return MODELS.register()(fn)
 
 
 @register_model
@@ -77,11 +78,6 @@ def digits_vit_pretrained(num_classes: int = 10, img_size: int = 8, pretrain_ste
     return model
 
 
-def list_models() -> list[str]:
-    """Names of flops_ray's own models (timm's are listed by ``timm.list_models``)."""
-    return sorted(_REGISTRY)
-
-
 def create_model(name: str, num_classes: int, img_size: int, seed: int, **kwargs) -> nn.Module:
     """Create a model with weights initialised from the root seed.
 
@@ -93,12 +89,10 @@ def create_model(name: str, num_classes: int, img_size: int, seed: int, **kwargs
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, STREAM_INIT))
-        if name in _REGISTRY:
-            return _REGISTRY[name](num_classes=num_classes, img_size=img_size, **kwargs)
+        if name in MODELS:
+            return MODELS[name](num_classes=num_classes, img_size=img_size, **kwargs)
         import timm
 
         if not timm.is_model(name):
-            raise ValueError(
-                f"model: unknown model {name!r}; flops_ray has {list_models()}, timm has none by that name"
-            )
+            raise MODELS.unknown(name)
         return timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=img_size, **kwargs)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from flops_ray.config.train import ConfigError, GroupConfig
+from flops_ray.config import ConfigError, GroupConfig
 
 
 @dataclass

@@ -17,12 +17,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from flops_ray.config.train import EstimatorConfig, GroupConfig
-from flops_ray.estimators import RowPlan, Shard, estimator_family
-from flops_ray.models.groups import flatten, resolve_groups, to_numpy, unflatten_into
-from flops_ray.replica.heap import keep_freed_memory
-from flops_ray.models.losses import LossFn, cross_entropy
+from flops_ray.config import EstimatorConfig, GroupConfig
+from flops_ray.estimators import RowPlan, Shard, estimator_family, queries_per_draw
 from flops_ray.messages import ShardResult, ShardTask, TaskKind
+from flops_ray.models.groups import flatten, resolve_groups, to_numpy, unflatten_into
+from flops_ray.models.losses import LossFn, cross_entropy
+from flops_ray.replica.heap import keep_freed_memory
 from flops_ray.replica.replay import replay_gradients
 from flops_ray.seeding import STREAM_TRACE, generator
 
@@ -131,7 +131,7 @@ class QueryEngine:
     def replay(self, tasks: Sequence[ShardTask], coefs: Sequence[np.ndarray]) -> list[torch.Tensor]:
         """Per group ``(P_g,)`` float64 gradient sums rebuilt from the weighted tasks' per-draw coefficients."""
         layouts = [est.noise_layout(self._x) for est in self.estimators]
-        return replay_gradients(tasks, coefs, layouts, self.est.unit, self.root_seed, self.device)
+        return replay_gradients(tasks, coefs, layouts, queries_per_draw(self.est), self.root_seed, self.device)
 
     def forward_precision(self) -> contextlib.AbstractContextManager:
         """The precision of forward passes: ``estimator.precision`` under autocast, else the model's dtype."""
@@ -169,7 +169,7 @@ class QueryEngine:
         of a later one.
         """
         est = self.estimators[task.group]
-        rows = RowPlan.of(task, self.est.unit, self.root_seed, self.device)
+        rows = RowPlan.of(task, queries_per_draw(self.est), self.root_seed, self.device)
         skip = self.est.on_nonfinite == "skip"
         shard = Shard(task, rows, self._x, self._y, est.noise_layout(self._x), self.dtype, skip_errors=skip)
         base = torch.tensor([it.baseline for it in task.items], dtype=torch.float64, device=self.device)
@@ -240,7 +240,7 @@ class QueryEngine:
         draw in the task has no variance to measure: NaN with 0 degrees of freedom. One pass over the items
         with index sums (two-pass variance, float32) and one copy to the host.
         """
-        unit, n_items = self.est.unit, len(task.items)
+        unit, n_items = queries_per_draw(self.est), len(task.items)
         g = sub.view(-1, unit, sub.shape[-1]).mean(1)  # (U, K): units never straddle items
         item = rows.item[::unit]
         n = torch.zeros(n_items, device=g.device).index_add_(0, item, torch.ones(len(item), device=g.device))

@@ -16,20 +16,15 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from flops_ray.allocation.fit import AllocatorFit
 from flops_ray.allocation.allocators import AllocationFeatures, Allocator
-from flops_ray.config.train import (
-    AllocatorConfig,
-    EstimatorConfig,
-    GroupConfig,
-    least_queries,
-    reads_pilot,
-    reuses_pilot,
-)
-from flops_ray.messages import ReplicaState, ShardResult, ShardTask
-from flops_ray.step.plan import plan_clean, plan_main, plan_pilot, plan_pilot_chunks
-from flops_ray.seeding import STREAM_ALLOC, STREAM_ALLOC_FIT, generator
+from flops_ray.allocation.fit import AllocatorFit
 from flops_ray.allocation.trace_memory import TraceMemory
+from flops_ray.config import AllocatorConfig, EstimatorConfig, GroupConfig
+from flops_ray.estimators import queries_per_draw
+from flops_ray.messages import ReplicaState, ShardResult, ShardTask
+from flops_ray.seeding import STREAM_ALLOC, STREAM_ALLOC_FIT, generator
+from flops_ray.step.checks import least_queries, reads_pilot, reuses_pilot
+from flops_ray.step.plan import plan_clean, plan_main, plan_pilot, plan_pilot_chunks
 
 
 @dataclass(frozen=True)
@@ -189,7 +184,7 @@ class ForwardStep:
         """
         t0 = time.perf_counter()
         b = len(sample_ids)
-        unit, pilot = self.estimator.unit, self.estimator.pilot_queries
+        unit, pilot = queries_per_draw(self.estimator), self.estimator.pilot_queries
         ids = torch.as_tensor(sample_ids, dtype=torch.long)
         self.backend.sync(step, x, y)
         clean = self.backend.run(plan_clean(step, sample_ids, self.clean_shard))

@@ -7,12 +7,12 @@ import copy
 import numpy as np
 import torch
 
-from flops_ray.config.train import UpdateRule
-from flops_ray.replica.engine import QueryEngine
-from flops_ray.models.groups import to_numpy
+from flops_ray.config import UpdateRule
 from flops_ray.messages import ReplicaState, ShardResult, ShardTask
-from flops_ray.step.forward import Reduced, reduce_in_order
+from flops_ray.models.groups import to_numpy
+from flops_ray.replica.engine import QueryEngine
 from flops_ray.replica.update import ParamUpdate
+from flops_ray.step.forward import Reduced, reduce_in_order
 
 
 class LocalBackend:

@@ -18,20 +18,21 @@ import torch
 from torch import nn
 
 from flops_ray.allocation.allocators import create_allocator
-from flops_ray.training.checkpoint import read_checkpoint, save_checkpoint
-from flops_ray.config.train import TrainConfig
+from flops_ray.allocation.trace_memory import TraceMemory
+from flops_ray.config import TrainConfig
 from flops_ray.config.plain import config_to_dict
 from flops_ray.data.arrays import ArrayDataset, batch_at
-from flops_ray.replica.engine import QueryEngine
 from flops_ray.estimators import estimator_family
-from flops_ray.models.groups import flatten, resolve_groups, to_numpy, unflatten_into
-from flops_ray.step.local_backend import LocalBackend
-from flops_ray.models.losses import LossFn, cross_entropy
 from flops_ray.messages import ReplicaState
-from flops_ray.step.forward import Backend, ForwardStep, StepReport
-from flops_ray.allocation.trace_memory import TraceMemory
-from flops_ray.training.state import CheckpointError, TrainState, check_resumable
+from flops_ray.models.groups import flatten, resolve_groups, to_numpy, unflatten_into
+from flops_ray.models.losses import LossFn, cross_entropy
+from flops_ray.replica.engine import QueryEngine
 from flops_ray.replica.update import make_optimizer
+from flops_ray.step.checks import check_config
+from flops_ray.step.forward import Backend, ForwardStep, StepReport
+from flops_ray.step.local_backend import LocalBackend
+from flops_ray.training.checkpoint import read_checkpoint, save_checkpoint
+from flops_ray.training.state import CheckpointError, TrainState, check_resumable
 
 
 class StopTraining(Exception):
@@ -92,7 +93,7 @@ class Trainer:
         loss_fn: LossFn = cross_entropy,
         backend_factory: BackendFactory | None = None,
     ):
-        self.cfg = cfg.validate()
+        self.cfg = check_config(cfg)
         self._model = model.eval()
         self.train_set, self.test_set = train, test
         self.loss_fn = loss_fn
