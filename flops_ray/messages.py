@@ -1,7 +1,7 @@
 """Typed messages that cross process boundaries between the driver and replicas.
 
 Only seeds, indices and small arrays travel: a replica regenerates every query's noise itself.
-Arrays are numpy (Ray ships numpy zero-copy; torch tensors are pickled, several times slower).
+Arrays are numpy: Ray ships numpy zero-copy, while torch tensors are pickled.
 """
 
 from __future__ import annotations

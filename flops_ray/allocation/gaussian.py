@@ -9,10 +9,9 @@ rescaled so the allocation sums to ``A0`` with every entry at least the floor.
 
 The fit is amortised: ``allocate`` samples from the current ``lambda`` and ``update`` takes the warm-started
 LR steps on the same batch's features, for the next step. The step runs ``update`` on a copy in a thread,
-from its main round until the next step's allocation, so the fit (4 groups at ``B = 128``: about 0.17 s on
-one core) costs step time only where it outlasts a whole step. The paper's fit-then-sample order differs
-by one step of lag. The fit's gradient is in closed form
-(:func:`surrogate_gradient`), 1.6x faster than autograd through the Cholesky factor.
+from its main round until the next step's allocation, so the fit costs step time only where it outlasts a
+whole step. The paper's fit-then-sample order differs by one step of lag. The fit's gradient is in closed
+form (:func:`surrogate_gradient`) rather than autograd through the Cholesky factor (timings: docs/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -123,7 +122,7 @@ class GaussianAllocator:
         """``(B, B)`` cosine distances ``d_ij = 1 - cos(e_i, e_j)``, fixed for a batch.
 
         A step hands every group's allocator (and their fits) the same embeddings tensor, never changed in
-        place, so the last one's matrix is reused (about 1 ms per group at ViT-B's width and ``B = 128``).
+        place, so the last one's matrix is reused.
         """
         last = _LAST_DISTANCES[0] if _LAST_DISTANCES else None
         if last is not None and last[0] is embeddings:

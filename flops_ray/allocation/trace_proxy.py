@@ -11,9 +11,8 @@ group's linears,
 with the errors ``e`` exact: the clean pass records the graph from the first perturbed linear on and
 differentiates the loss back to each linear's output (a backward through the layers above the group only,
 for ``B`` clean samples, once per step; nothing below the group, no parameter gradients). Only relative
-values matter to an allocator. Measured in ``jobs/bench_allocation.py``: within about 0.01 of the oracle's
-variance ratio for the digits ViT's groups, where a proxy from ``dL/dlogits`` alone missed the
-back-propagated LayerNorm scaling of the top block. The proxy uses the clean pass only, never a query's
+values matter to an allocator; a proxy from ``dL/dlogits`` alone would miss the back-propagated LayerNorm
+scaling of the blocks above the group (``jobs/bench_allocation.py`` compares it with the oracle). The proxy uses the clean pass only, never a query's
 noise, so allocating from it keeps the estimate unbiased.
 """
 

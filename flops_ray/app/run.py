@@ -15,17 +15,17 @@ from typing import Any
 
 from torch import nn
 
-from flops_ray.training.checkpoint import checkpoint_config, load_model_state
-from flops_ray.config.train import ConfigError, DataConfig, TrainConfig
+from flops_ray.app.hooks import Checkpointer, GracefulStop, Progress
+from flops_ray.app.job_config import JobConfig, quick_config
+from flops_ray.app.lock import owned
+from flops_ray.app.plot import plot_metrics
+from flops_ray.config import ConfigError, DataConfig, TrainConfig
 from flops_ray.config.plain import config_to_dict
 from flops_ray.data.arrays import ArrayDataset, digits
-from flops_ray.app.job_config import JobConfig, quick_config
-from flops_ray.training.metrics_log import MetricsLog
-from flops_ray.models.factory import create_model
 from flops_ray.data.parquet import read_parquet
-from flops_ray.app.plot import plot_metrics
-from flops_ray.app.hooks import Checkpointer, GracefulStop, Progress
-from flops_ray.app.lock import owned
+from flops_ray.models.factory import create_model
+from flops_ray.training.checkpoint import checkpoint_config, load_model_state
+from flops_ray.training.metrics_log import MetricsLog
 from flops_ray.training.trainer import Trainer, accuracy
 from flops_ray.training.weights import load_pretrained
 

@@ -31,7 +31,7 @@ class FarmConfig:
     connect_timeout_s: float = 30.0
     """Ray: seconds to wait for ``address`` to answer before failing (Ray itself would retry forever)."""
     shard_cost: int = 64
-    """Target forward passes per shard (one remote call); ~50 ms of work amortises call overhead."""
+    """Target forward passes per shard (one remote call): large enough that its work amortises the call's cost."""
     clean_shard: int = 0
     """Samples per clean-pass task (one plain forward each); 0: ``shard_cost``. The clean pass is a barrier
     before the allocation: on a farm with more replicas than ``batch_size / shard_cost`` clean tasks, smaller

@@ -44,9 +44,8 @@ _MIX1, _MIX2 = _signed(0xBF58476D1CE4E5B9, 64), _signed(0x94D049BB133111EB, 64)
 _LOW1, _LOW2 = _signed(0x21F0AAAD, 32), _signed(0xD35A2D97, 32)
 _MAX_SIZE = 1 << 31
 _CPU_BLOCK = 1 << 17
-"""Numbers per elementwise pass on a CPU: a block's two int32 buffers (1 MiB) stay in a 512 KiB-per-core L2
-plus L3's share; larger blocks ran ~30% slower here, smaller ones pay per-pass dispatch. A GPU does a draw
-in one pass."""
+"""Numbers per elementwise pass on a CPU: a block's two int32 buffers (1 MiB) stay in a core's L2 plus its
+share of L3, while smaller blocks would pay per-pass dispatch (docs/RESULTS.md). A GPU does a draw in one pass."""
 
 
 def _shr(x: torch.Tensor, shift: int, bits: int) -> torch.Tensor:

@@ -66,8 +66,8 @@ def digits_vit_pretrained(num_classes: int = 10, img_size: int = 8, pretrain_ste
     """``digits_vit`` pretrained by backprop on digits 0-4 only, with a fresh head for ``num_classes``.
 
     A local stand-in for the paper's setting (fine-tuning a pretrained ViT on a downstream task) that
-    needs no hub: about 15 s of backprop on 2 CPU cores, cached per process. Its features reach about
-    70% on all ten digits with a linear probe, so forward-only fine-tuning has something to improve.
+    needs no hub, made by seconds of backprop and cached per process. Its features leave a linear probe on all
+    ten digits well short of perfect, so forward-only fine-tuning has something to improve (docs/RESULTS.md).
     """
     seed = torch.initial_seed()
     model = digits_vit(num_classes=5, img_size=img_size, **kwargs)

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from flops_ray.estimators.base import RowPlan
-from flops_ray.messages import ShardTask
 from flops_ray.estimators.noise import NoiseLayout
+from flops_ray.messages import ShardTask
 
 BLOCK_BYTES = {"cpu": 4 * 2**20, "cuda": 64 * 2**20}
 """Noise made at a time while replaying, by device: a block of draws of at most this many bytes of normals
