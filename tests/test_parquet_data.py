@@ -14,13 +14,9 @@ import pytest
 from PIL import Image
 
 from flops_ray.data.arrays import digits
-from flops_ray.data.parquet import (
-    DatasetSchemaError,
-    ImageDecodeError,
-    digits_to_parquet,
-    image_folder_to_parquet,
-    read_parquet,
-)
+from flops_ray.data.convert import digits_to_parquet, image_folder_to_parquet
+from flops_ray.data.images import ImageDecodeError
+from flops_ray.data.parquet import DatasetSchemaError, read_parquet
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@
 
 ``train`` is :func:`flops_ray.app.run.train` (the logic and the default config of ``jobs/finetune_vit.py``);
 ``eval`` is :func:`flops_ray.app.run.evaluate`; ``plot`` is :func:`flops_ray.app.plot.plot_metrics`; ``convert``
-is :func:`flops_ray.data.parquet.image_folder_to_parquet`; ``bench`` runs ``jobs/bench_<name>.py`` in a
+is :func:`flops_ray.data.convert.image_folder_to_parquet`; ``bench`` runs ``jobs/bench_<name>.py`` in a
 subprocess with this Python.
 """
 
@@ -28,6 +28,84 @@ def _benches(jobs: Path) -> list[str]:
     return sorted(p.stem.removeprefix("bench_") for p in jobs.glob("bench_*.py"))
 
 
+def _train_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "train",
+        help="train from a config YAML (the logic and default config of jobs/finetune_vit.py)",
+        description="Train and write OUT/finetune_vit.json, metrics.parquet, checkpoint.safetensors and plots. "
+        f"Without --config this is the run of jobs/finetune_vit.py: {DEFAULT_CONFIG.name}, on a Ray farm.",
+    )
+    add_train_arguments(p)
+    return p
+
+
+def _eval_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "eval",
+        help="test accuracy of a checkpoint",
+        description="Rebuild a checkpoint's model from its stored config and print its test accuracy as JSON.",
+    )
+    p.add_argument("checkpoint", help="a checkpoint.safetensors written by train (or a run directory holding one)")
+    p.add_argument(
+        "--test-dataset", default=None, help="Parquet test split (default: the config's dataset's test split)"
+    )
+    p.add_argument("--image-column", default=None, help="Parquet column of encoded images (default: the config's)")
+    p.add_argument("--label-column", default=None, help="Parquet column of integer labels (default: the config's)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N test samples (default: all)")
+    return p
+
+
+def _plot_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "plot",
+        help="PNG plots of a run's metrics",
+        description="Write curves.png, allocation.png and trace_vs_loss.png from a metrics.parquet.",
+    )
+    p.add_argument("metrics", help="a metrics.parquet, or a run directory holding one")
+    p.add_argument("--out", default=None, help="directory for the PNGs (default: beside the metrics file)")
+    return p
+
+
+def _convert_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "convert",
+        help="convert an image folder (one subfolder per class) to a Parquet dataset",
+        description="Write ROOT/<class>/<image> as a Parquet file with columns image (PNG/JPEG bytes) and label "
+        "(the index of the class folder in sorted order; the names are stored in the file's metadata). Every image "
+        "is decoded on the way: an unreadable file, or one with NaN/inf pixels, stops the conversion naming it, and "
+        "OUT is written only complete. Symlinks leading out of ROOT are skipped with a warning.",
+    )
+    p.add_argument(
+        "root", metavar="ROOT", help="folder of class folders, e.g. cifar100/train holding apple/, bicycle/, ..."
+    )
+    p.add_argument("out", metavar="OUT", help="the Parquet file to write, e.g. data/cifar100_train.parquet")
+    p.add_argument("--rows-per-group", type=int, default=1024, help="images per Parquet row group (default: 1024)")
+    return p
+
+
+def _bench_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "bench",
+        help="run a benchmark script jobs/bench_<name>.py",
+        description="Run jobs/bench_<name>.py with this Python; arguments after the name (or after --) go to it.",
+    )
+    p.add_argument("name", nargs="?", help="benchmark name, e.g. estimator for jobs/bench_estimator.py")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark script")
+    p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    p.add_argument("--jobs-dir", default=None, help="directory of the bench_*.py scripts (default: jobs/)")
+    return p
+
+
+_COMMANDS = {
+    "train": _train_parser,
+    "eval": _eval_parser,
+    "plot": _plot_parser,
+    "convert": _convert_parser,
+    "bench": _bench_parser,
+}
+"""Each command's parser builder, in the order of ``flops-ray --help``."""
+
+
 def build_parsers() -> dict[str, argparse.ArgumentParser]:
     """The ``flops-ray`` parser (key ``""``) and each command's own (``train``, ``eval``, ``plot``, ...)."""
     parser = argparse.ArgumentParser(
@@ -40,65 +118,10 @@ def build_parsers() -> dict[str, argparse.ArgumentParser]:
     sub = parser.add_subparsers(
         dest="command",
         required=True,
-        metavar="{train,eval,plot,convert,bench}",
+        metavar="{" + ",".join(_COMMANDS) + "}",
         help="what to do (each has its own --help)",
     )
-
-    p_train = sub.add_parser(
-        "train",
-        help="train from a config YAML (the logic and default config of jobs/finetune_vit.py)",
-        description="Train and write OUT/finetune_vit.json, metrics.parquet, checkpoint.safetensors and plots. "
-        f"Without --config this is the run of jobs/finetune_vit.py: {DEFAULT_CONFIG.name}, on a Ray farm.",
-    )
-    add_train_arguments(p_train)
-
-    p_eval = sub.add_parser(
-        "eval",
-        help="test accuracy of a checkpoint",
-        description="Rebuild a checkpoint's model from its stored config and print its test accuracy as JSON.",
-    )
-    p_eval.add_argument("checkpoint", help="a checkpoint.safetensors written by train (or a run directory holding one)")
-    p_eval.add_argument(
-        "--test-dataset", default=None, help="Parquet test split (default: the config's dataset's test split)"
-    )
-    p_eval.add_argument("--image-column", default=None, help="Parquet column of encoded images (default: the config's)")
-    p_eval.add_argument("--label-column", default=None, help="Parquet column of integer labels (default: the config's)")
-    p_eval.add_argument("--limit", type=int, default=None, help="evaluate only the first N test samples (default: all)")
-
-    p_plot = sub.add_parser(
-        "plot",
-        help="PNG plots of a run's metrics",
-        description="Write curves.png, allocation.png and trace_vs_loss.png from a metrics.parquet.",
-    )
-    p_plot.add_argument("metrics", help="a metrics.parquet, or a run directory holding one")
-    p_plot.add_argument("--out", default=None, help="directory for the PNGs (default: beside the metrics file)")
-
-    p_convert = sub.add_parser(
-        "convert",
-        help="convert an image folder (one subfolder per class) to a Parquet dataset",
-        description="Write ROOT/<class>/<image> as a Parquet file with columns image (PNG/JPEG bytes) and label "
-        "(the index of the class folder in sorted order; the names are stored in the file's metadata). Every image "
-        "is decoded on the way: an unreadable file, or one with NaN/inf pixels, stops the conversion naming it, and "
-        "OUT is written only complete. Symlinks leading out of ROOT are skipped with a warning.",
-    )
-    p_convert.add_argument(
-        "root", metavar="ROOT", help="folder of class folders, e.g. cifar100/train holding apple/, bicycle/, ..."
-    )
-    p_convert.add_argument("out", metavar="OUT", help="the Parquet file to write, e.g. data/cifar100_train.parquet")
-    p_convert.add_argument(
-        "--rows-per-group", type=int, default=1024, help="images per Parquet row group (default: 1024)"
-    )
-
-    p_bench = sub.add_parser(
-        "bench",
-        help="run a benchmark script jobs/bench_<name>.py",
-        description="Run jobs/bench_<name>.py with this Python; arguments after the name (or after --) go to it.",
-    )
-    p_bench.add_argument("name", nargs="?", help="benchmark name, e.g. estimator for jobs/bench_estimator.py")
-    p_bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark script")
-    p_bench.add_argument("--list", action="store_true", help="list the benchmarks and exit")
-    p_bench.add_argument("--jobs-dir", default=None, help="directory of the bench_*.py scripts (default: jobs/)")
-    return {"": parser, "train": p_train, "eval": p_eval, "plot": p_plot, "convert": p_convert, "bench": p_bench}
+    return {"": parser, **{name: add(sub) for name, add in _COMMANDS.items()}}
 
 
 def _in_dir(path: str, name: str) -> Path:
@@ -165,7 +188,7 @@ def _run(args: argparse.Namespace) -> int:
 def _convert(root: str, out: str, rows_per_group: int) -> None:
     import pyarrow.parquet as pq
 
-    from flops_ray.data.parquet import image_folder_to_parquet
+    from flops_ray.data.convert import image_folder_to_parquet
 
     with warnings.catch_warnings():
         # A skipped symlink is one line on stderr, like an error, not a source location and a code line.

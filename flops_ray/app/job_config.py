@@ -18,7 +18,6 @@ import yaml
 
 from flops_ray.config import ConfigError, TrainConfig, require
 from flops_ray.config.plain import config_from_dict, config_to_dict, dataclass_from_dict, plain
-from flops_ray.step.checks import check_config, least_queries
 
 
 @dataclass(frozen=True)
@@ -80,7 +79,7 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
 
 def jobs_dir() -> Path:
     """The ``jobs/`` scripts and configs: beside the package in a source checkout, else the working directory's."""
-    beside = Path(__file__).resolve().parents[1] / "jobs"
+    beside = Path(__file__).resolve().parents[2] / "jobs"
     return beside if beside.is_dir() else Path("jobs")
 
 
@@ -108,6 +107,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> tuple[Tra
     for assignment in overrides:
         apply_override(full, assignment)
     job = full.pop("job")
+    from flops_ray.step.checks import check_config  # torch: imported on use, so `flops-ray --help` stays light
+
     return check_config(config_from_dict(full)), dataclass_from_dict(JobConfig, job, "job").validate()
 
 
@@ -116,6 +117,8 @@ def quick_config(cfg: TrainConfig, job: JobConfig) -> tuple[TrainConfig, JobConf
 
     The digits ViT is used without its backprop pretraining (which costs tens of seconds on 2 cores).
     """
+    from flops_ray.step.checks import check_config, least_queries
+
     least = least_queries(cfg.estimator, cfg.allocator)
     groups = tuple(dataclasses.replace(g, queries_per_sample=min(g.queries_per_sample, least)) for g in cfg.groups)
     alloc = dataclasses.replace(

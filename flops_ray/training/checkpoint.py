@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +18,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from flops_ray.config.train import TrainConfig
+from flops_ray.config import TrainConfig
 from flops_ray.config.plain import config_from_dict
+from flops_ray.files import atomic_path
 from flops_ray.training.state import CheckpointError, TrainState, check_model_state
 
 FORMAT = "flops_ray.training.checkpoint"
@@ -41,22 +41,9 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def write_atomically(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
-    """Write a safetensors file under a temporary name, fsync it, and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    """Write a safetensors file that replaces ``path`` only once complete (:func:`flops_ray.files.atomic_path`)."""
+    with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-        # fsync before the rename: otherwise a power loss can leave the new name pointing at no data.
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def own(t: torch.Tensor) -> torch.Tensor:

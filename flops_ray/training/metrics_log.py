@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from flops_ray.files import atomic_path
 from flops_ray.step.forward import StepReport
 
 
@@ -82,11 +83,10 @@ def _parts(path: Path) -> list[Path]:
     return sorted(path.glob("part-*.parquet"))
 
 
-def _write_atomically(table: pa.Table, path: Path) -> None:
-    # pyarrow skips names starting with "." when it reads the directory, so a half-written part is invisible.
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+def _write_part(table: pa.Table, path: Path) -> None:
+    # A hidden temporary name until complete: pyarrow skips it when it reads the folder.
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 class MetricsLog:
@@ -129,7 +129,7 @@ class MetricsLog:
             if kept.num_rows == 0:
                 part.unlink()
             elif kept.num_rows < table.num_rows:
-                _write_atomically(kept, part)
+                _write_part(kept, part)
 
     def append(self, log: StepReport) -> None:
         """Add one step's row."""
@@ -164,7 +164,7 @@ class MetricsLog:
         """Write the accumulated rows as one part, named after its first step."""
         if self.rows:
             table = pa.Table.from_pylist(self.rows, schema=self.schema)
-            _write_atomically(table, self.path / f"part-{self.rows[0]['step']:09d}.parquet")
+            _write_part(table, self.path / f"part-{self.rows[0]['step']:09d}.parquet")
             self.rows = []
 
     def close(self) -> None:
