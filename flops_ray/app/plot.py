@@ -17,6 +17,7 @@ import pyarrow as pa
 # so importing this module never changes the plotting state of a user's session.
 from matplotlib.figure import Figure
 
+from flops_ray.files import atomic_path
 from flops_ray.training.metrics_log import read_metrics
 
 
@@ -42,7 +43,7 @@ def plot_curves(table: pa.Table, out: Path) -> Path:
         ax_acc.plot(*zip(*evaluated), marker="o")
     ax_acc.set(xlabel="step", ylabel="test accuracy", title="accuracy", ylim=(0, 1))
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    _save(fig, out)
     return out
 
 
@@ -58,7 +59,7 @@ def plot_allocation(table: pa.Table, out: Path) -> Path:
     if ax.has_data():
         ax.legend()
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    _save(fig, out)
     return out
 
 
@@ -77,7 +78,7 @@ def plot_trace_vs_loss(table: pa.Table, out: Path) -> Path:
             ax.set_yscale("log")
         ax.set(xlabel="clean loss", ylabel="trace estimate T_j", title=f"group {g}")
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    _save(fig, out)
     return out
 
 
@@ -95,3 +96,9 @@ def plot_metrics(metrics: str | Path, out_dir: str | Path) -> list[Path]:
         plot_allocation(table, out_dir / "allocation.png"),
         plot_trace_vs_loss(table, out_dir / "trace_vs_loss.png"),
     ]
+
+
+def _save(fig: Figure, out: Path) -> None:
+    """Write ``fig`` as a PNG at ``out`` atomically (a reader never sees half an image)."""
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
