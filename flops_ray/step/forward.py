@@ -3,39 +3,32 @@
 clean pass -> pilot shards (only where the step reads their ``T_j``) -> allocation per group -> shard
 plan -> main shards -> reduction. A :class:`Backend` executes task lists and reduces them where its replicas are, so
 the in-process backend and the Ray farm give the same result for the same seed; the task lists come
-from the pure planners in :mod:`flops_ray.step.plan`. The replicas own the parameters: the step never sees
-them, and the trainer asks the backend to apply the reduced gradient on every replica.
+from the pure planners in :mod:`flops_ray.step.plan`. The replicas own the parameters: the step's estimate never
+reads them, :meth:`ForwardStep.apply` has the backend apply the reduced gradient on every replica, and
+:meth:`ForwardStep.copy_to` copies them out for an evaluation or a checkpoint.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 import torch
+from torch import nn
 
 from flops_ray.allocation.allocators import AllocationFeatures, Allocator
-from flops_ray.allocation.fit import AllocatorFit
+from flops_ray.allocation.fit import AllocatorFit, FitWork
 from flops_ray.allocation.trace_memory import TraceMemory
 from flops_ray.config import AllocatorConfig, EstimatorConfig, GroupConfig
 from flops_ray.estimators import queries_per_draw
 from flops_ray.messages import ReplicaState, ShardResult, ShardTask
+from flops_ray.models.groups import unflatten_into
 from flops_ray.seeding import STREAM_ALLOC, STREAM_ALLOC_FIT, generator
 from flops_ray.step.checks import least_queries, reads_pilot, reuses_pilot
+from flops_ray.step.interface import Reduced, StepReport
 from flops_ray.step.plan import plan_clean, plan_main, plan_pilot, plan_pilot_chunks
-
-
-@dataclass(frozen=True)
-class Reduced:
-    """A step's reduced gradient, as far as the driver sees it."""
-
-    finite: tuple[bool, ...]
-    """Per group: whether the gradient estimate is finite (an update with a non-finite one is not applied)."""
-    grads: tuple[np.ndarray, ...] | None = None
-    """Per group ``(P_g,)`` float64 sums, where the reduction ran in this process (the in-process backend);
-    None where they stay on the replicas."""
+from flops_ray.step.rounds import CleanPass, Round
 
 
 class Backend(Protocol):
@@ -73,37 +66,6 @@ def reduce_in_order(tasks: list[ShardTask], results: list[ShardResult], sizes: l
         if res.grad is not None:
             grads[task.group] += res.grad
     return grads
-
-
-@dataclass
-class StepReport:
-    """What one step measured: the trainer returns it, the metrics log writes it, never needed for the maths."""
-
-    step: int
-    loss: float
-    """Mean clean loss of the step's batch."""
-    losses: np.ndarray | None = None
-    """``(B,)`` per-sample clean losses."""
-    counts: list[np.ndarray] = field(default_factory=list)
-    """Per group ``(B,)`` query counts."""
-    traces: list[np.ndarray] = field(default_factory=list)
-    """Per group ``(B,)`` trace estimates the allocator read (from ``allocator.signal``)."""
-    variance_ratio: list[float] = field(default_factory=list)
-    """Per group ``J(A) / J(equal)`` on those traces: below 1 when the allocation is predicted to pay."""
-    queries: int = 0
-    """Perturbed forward passes run."""
-    seconds: float = 0.0
-    """Wall time of the whole step (the optimizer update included, once the trainer has applied it)."""
-    allocator_seconds: float = 0.0
-    """Sampling allocations: on the step's critical path."""
-    fit_seconds: float = 0.0
-    """The allocator fit this step adopted before its allocation: the previous step's, which ran in a thread
-    from that step's main round on (it costs step time only where it outlasts that)."""
-    bytes_returned: int = 0
-    skipped: int = 0
-    """Queries dropped for non-finite losses (``estimator.on_nonfinite = "skip"``)."""
-    accuracy: float | None = None
-    """Test accuracy after the step, when the step was an evaluation point."""
 
 
 class ForwardStep:
@@ -150,13 +112,55 @@ class ForwardStep:
         self.shard_cost = shard_cost
         self.clean_shard = clean_shard or shard_cost
         self.root_seed = root_seed
+        self.unit = queries_per_draw(estimator)
         self.reuse_pilot = reuses_pilot(estimator, allocator)
         self.pilot_round = reads_pilot(estimator, allocator)
         self.committing = False
-        """True from the moment a step's results start changing state until the trainer has applied it."""
+        """True from the moment a step's results start changing state until :meth:`apply` has applied it."""
         self.minimum = least_queries(estimator, allocator)
         self.fit = AllocatorFit(allocators)
         """The last step's allocator fit: ``fit.settle()`` before reading allocator state."""
+
+    def __call__(self, step: int, x: np.ndarray, y: np.ndarray, sample_ids: np.ndarray) -> tuple[Reduced, StepReport]:
+        """Run step ``step`` on the batch ``x (B, ...)``, ``y (B,)``, ``sample_ids (B,)`` and reduce its gradient
+        estimates where the backend's replicas are (:meth:`apply` then applies them).
+
+        Returns:
+            The reduced gradient and the step's report.
+
+        Raises:
+            FloatingPointError: a group's gradient estimate is not finite (nothing changed: the step's
+                allocator fit is dropped).
+        """
+        t0 = time.perf_counter()
+        ids = torch.as_tensor(sample_ids, dtype=torch.long)
+        self.backend.sync(step, x, y)
+        clean = CleanPass.of(self.backend.run(plan_clean(step, sample_ids, self.clean_shard)))
+        report = StepReport(step, float(clean.losses.mean()), clean.losses)
+        pilot = self._pilot_round(step, sample_ids, clean.losses)
+        self.fit.settle()
+        report.fit_seconds = self.fit.take_seconds()
+        feats, tasks = self._allocate(step, ids, sample_ids, clean, pilot, report)
+        self.fit.start(step, self._fit_work(step, feats, len(sample_ids)))
+        main, reduced = self._main_round(step, tasks)
+        # From here the step changes state for good: apply clears this once the step is applied.
+        self.committing = True
+        self._observe(ids, pilot + main)
+        returned = clean.results + pilot.results + main.results
+        report.queries = sum(r.forwards for r in pilot.results + main.results)
+        report.bytes_returned = sum(r.nbytes for r in returned)
+        report.skipped = sum(r.skipped for r in returned)
+        report.seconds = time.perf_counter() - t0
+        return reduced, report
+
+    def _pilot_round(self, step: int, sample_ids: np.ndarray, losses: np.ndarray) -> Round:
+        """The pilot as a round of its own (a barrier), only where the step reads its traces; otherwise its
+        queries run with the main ones."""
+        if not self.pilot_round:
+            return Round()
+        chunks = plan_pilot_chunks(sample_ids, losses, self.estimator.pilot_queries, self.shard_cost, self.unit)
+        tasks = plan_pilot(step, len(self.groups), chunks)
+        return Round(tasks, self.backend.run(tasks) if tasks else [])
 
     def _uses_memory(self, g: int, proxies: np.ndarray) -> bool:
         """Whether group ``g`` allocates from the trace memory: asked for, or the clean pass has no proxy."""
@@ -171,108 +175,92 @@ class ForwardStep:
             return self.memory.estimate(g, ids).numpy()
         return proxies[:, g]
 
-    def __call__(self, step: int, x: np.ndarray, y: np.ndarray, sample_ids: np.ndarray) -> tuple[Reduced, StepReport]:
-        """Run step ``step`` on the batch ``x (B, ...)``, ``y (B,)``, ``sample_ids (B,)`` and reduce its gradient
-        estimates where the backend's replicas are (the backend's :meth:`~Backend.apply` then applies them).
+    def _allocate(
+        self, step: int, ids: torch.Tensor, sample_ids: np.ndarray, clean: CleanPass, pilot: Round, report: StepReport
+    ) -> tuple[list[AllocationFeatures], list[ShardTask]]:
+        """Every group's counts from its trace signal, and its main tasks; the counts, the traces read and the
+        predicted variance ratio go in ``report``.
 
         Returns:
-            The reduced gradient and the step's report.
-
-        Raises:
-            FloatingPointError: a group's gradient estimate is not finite (nothing changed: the step's
-                allocator fit is dropped).
+            Per group, the features the allocation read (the fit reads them too), and the main tasks of all groups.
         """
-        t0 = time.perf_counter()
-        b = len(sample_ids)
-        unit, pilot = queries_per_draw(self.estimator), self.estimator.pilot_queries
-        ids = torch.as_tensor(sample_ids, dtype=torch.long)
-        self.backend.sync(step, x, y)
-        clean = self.backend.run(plan_clean(step, sample_ids, self.clean_shard))
-        losses = np.concatenate([r.losses for r in clean])
-        emb = torch.from_numpy(np.concatenate([r.embeddings for r in clean]))
-        proxies = np.concatenate([r.proxies for r in clean])
-        report = StepReport(step, float(losses.mean()), losses)
-
-        # A pilot round (a barrier) only where the step reads its traces; otherwise it runs with the main queries.
-        pilot_tasks = []
-        if self.pilot_round:
-            chunks = plan_pilot_chunks(sample_ids, losses, pilot, self.shard_cost, unit)
-            pilot_tasks = plan_pilot(step, len(self.groups), chunks)
-        pilot_results = self.backend.run(pilot_tasks) if pilot_tasks else []
-
-        tasks: list[ShardTask] = []
-        feats = []
-        self.fit.settle()
-        report.fit_seconds = self.fit.take_seconds()
+        b, pilot_queries = len(sample_ids), self.estimator.pilot_queries
+        feats, tasks = [], []
         for g, cfg in enumerate(self.groups):
-            pilot_traces = _per_sample(pilot_tasks, pilot_results, g, b)[0]
-            traces = self._signal(g, ids, proxies, pilot_traces)
-            feats.append(AllocationFeatures(torch.from_numpy(traces), torch.from_numpy(losses), emb))
+            traces = self._signal(g, ids, clean.proxies, pilot.traces(g, b)[0])
+            feats.append(AllocationFeatures(torch.from_numpy(traces), torch.from_numpy(clean.losses), clean.embeddings))
             ta = time.perf_counter()
             gen = generator(self.root_seed, STREAM_ALLOC, step, g)
             total = cfg.queries_per_sample * b
-            counts = self.allocators[g].allocate(feats[g], total, self.minimum, unit, gen).numpy()
+            counts = self.allocators[g].allocate(feats[g], total, self.minimum, self.unit, gen).numpy()
             report.allocator_seconds += time.perf_counter() - ta
             report.counts.append(counts)
             report.traces.append(traces)
-            used = counts if self.reuse_pilot else counts - pilot
+            used = counts if self.reuse_pilot else counts - pilot_queries
             report.variance_ratio.append(variance_ratio(traces, used, total / b))
             # Per-sample traces of the main queries cost up to a fifth of an LR shard: only a memory read needs them.
-            feed = self._uses_memory(g, proxies)
+            feed = self._uses_memory(g, clean.proxies)
             tasks += plan_main(
-                step, g, counts, sample_ids, losses, pilot, self.shard_cost, unit, self.reuse_pilot, feed
+                step,
+                g,
+                counts,
+                sample_ids,
+                clean.losses,
+                pilot_queries,
+                self.shard_cost,
+                self.unit,
+                self.reuse_pilot,
+                feed,
             )
+        return feats, tasks
 
-        self.fit.start(
-            step,
-            [
-                (
-                    feats[g],
-                    cfg.queries_per_sample * b,
-                    self.minimum,
-                    generator(self.root_seed, STREAM_ALLOC_FIT, step, g),
-                )
-                for g, cfg in enumerate(self.groups)
-            ],
-        )
+    def _fit_work(self, step: int, feats: list[AllocationFeatures], b: int) -> list[FitWork]:
+        """The allocator fit's work for the next step: each group's features, budget, floor and fit stream."""
+        return [
+            (feats[g], cfg.queries_per_sample * b, self.minimum, generator(self.root_seed, STREAM_ALLOC_FIT, step, g))
+            for g, cfg in enumerate(self.groups)
+        ]
+
+    def _main_round(self, step: int, tasks: list[ShardTask]) -> tuple[Round, Reduced]:
+        """Run the main tasks and reduce them; a failure or a non-finite estimate drops the step's allocator fit."""
         try:
-            results = self.backend.run(tasks)
-            reduced = self.backend.reduce(tasks, results, self.sizes)
+            main = Round(tasks, self.backend.run(tasks))
+            reduced = self.backend.reduce(main.tasks, main.results, self.sizes)
             bad = [cfg.name for cfg, ok in zip(self.groups, reduced.finite) if not ok]
             if bad:
                 raise FloatingPointError(f"step {step}: the gradient estimate of groups {bad} is not finite")
         except BaseException:
             self.fit.discard()
             raise
-        # From here the step changes state for good: the trainer clears this once the step is applied.
-        self.committing = True
-        # Every query of the visit informs the memory, for later steps only.
+        return main, reduced
+
+    def _observe(self, ids: torch.Tensor, visit: Round) -> None:
+        """Every query of the visit informs the trace memory, for later steps only."""
         for g in range(len(self.groups)):
-            visit, dof = _per_sample(pilot_tasks + tasks, pilot_results + results, g, b)
-            self.memory.observe(g, ids, torch.from_numpy(visit), torch.from_numpy(dof))
-        report.queries = sum(r.forwards for r in pilot_results + results)
-        report.bytes_returned = sum(r.nbytes for r in clean + pilot_results + results)
-        report.skipped = sum(r.skipped for r in clean + pilot_results + results)
-        report.seconds = time.perf_counter() - t0
-        return reduced, report
+            traces, dof = visit.traces(g, len(ids))
+            self.memory.observe(g, ids, torch.from_numpy(traces), torch.from_numpy(dof))
 
+    def apply(self) -> None:
+        self.backend.apply()
+        self.committing = False
 
-def _per_sample(
-    tasks: list[ShardTask], results: list[ShardResult], group: int, b: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(B,)`` trace estimates of ``group`` pooled over tasks (weighted by degrees of freedom) and their dof.
+    def settle(self) -> None:
+        self.fit.settle()
 
-    NaN where no task measured a sample's trace.
-    """
-    total, dof = np.zeros(b), np.zeros(b)
-    for task, res in zip(tasks, results):
-        if task.group == group and res.traces is not None:
-            pos = np.array([it.pos for it in task.items])
-            ok = res.trace_dof > 0
-            np.add.at(total, pos[ok], res.trace_dof[ok] * res.traces[ok])
-            np.add.at(dof, pos[ok], res.trace_dof[ok])
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(dof > 0, total / dof, np.nan), dof
+    def discard(self) -> None:
+        self.fit.discard()
+
+    def copy_to(self, params: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
+        state = self.backend.state()
+        with torch.no_grad():
+            unflatten_into(torch.tensor(state.params, dtype=params[0].dtype), params)
+        optimizer.load_state_dict(state.optimizer)
+
+    def load_state(self, state: ReplicaState) -> None:
+        self.backend.load_state(state)
+
+    def close(self) -> None:
+        self.backend.close()
 
 
 def variance_ratio(traces: np.ndarray, used: np.ndarray, equal: float) -> float:

@@ -1,9 +1,11 @@
-"""The trainer: forward-only steps (any estimator x allocator) or backprop, then a torch optimizer.
+"""The trainer: the step loop around one step object, forward-only (any estimator x allocator) or backprop.
 
-The backend is a config choice (``farm.backend``); the trainer's code is the same for both. In
-forward-only training the backend's replicas own the parameters and the optimizer: the trainer's model
-is refreshed from them only when it is read (an evaluation, a checkpoint, :meth:`Trainer.get_params`).
-The trainer owns its resumable state (:meth:`Trainer.state_dict`); the checkpointer only writes files.
+:func:`make_step` builds the step object the config asks for, and the trainer drives either through the same
+interface (:class:`~flops_ray.step.interface.TrainStep`). The backend is a config choice (``farm.backend``);
+the trainer's code is the same for both. Where the step's parameters live elsewhere (the replicas of
+forward-only training), the trainer's model is refreshed from them only when it is read (an evaluation,
+a checkpoint, :meth:`Trainer.get_params`). The trainer owns its resumable state (:meth:`Trainer.state_dict`);
+the checkpointer only writes files.
 """
 
 from __future__ import annotations
@@ -22,17 +24,19 @@ from flops_ray.allocation.trace_memory import TraceMemory
 from flops_ray.config import TrainConfig
 from flops_ray.config.plain import config_to_dict
 from flops_ray.data.arrays import ArrayDataset, batch_at
-from flops_ray.estimators import estimator_family
 from flops_ray.messages import ReplicaState
-from flops_ray.models.groups import flatten, resolve_groups, to_numpy, unflatten_into
+from flops_ray.models.groups import flatten, to_numpy
 from flops_ray.models.losses import LossFn, cross_entropy
-from flops_ray.replica.engine import QueryEngine
+from flops_ray.replica.replica import Replica, ReplicaSpec
 from flops_ray.replica.update import make_optimizer
+from flops_ray.step.backprop import model_input
 from flops_ray.step.checks import check_config
-from flops_ray.step.forward import Backend, ForwardStep, StepReport
+from flops_ray.step.forward import Backend, ForwardStep
+from flops_ray.step.interface import StepReport
 from flops_ray.step.local_backend import LocalBackend
 from flops_ray.training.checkpoint import read_checkpoint, save_checkpoint
 from flops_ray.training.state import CheckpointError, TrainState, check_resumable
+from flops_ray.training.steps import BackendFactory, make_step, trained_groups
 
 
 class StopTraining(Exception):
@@ -41,15 +45,6 @@ class StopTraining(Exception):
 
 StepHook = Callable[["Trainer", StepReport], None]
 """Called by :meth:`Trainer.fit` after every step (and its evaluation, if any) with the step's report."""
-BackendFactory = Callable[[TrainConfig, nn.Module, LossFn], Backend]
-"""Builds a backend whose replicas evaluate copies of the model."""
-
-
-@torch.no_grad()
-def model_input(model: nn.Module, x: np.ndarray) -> torch.Tensor:
-    """``x`` as a tensor; floating inputs in the model's dtype (a bfloat16 model takes bfloat16 images)."""
-    t = torch.from_numpy(np.ascontiguousarray(x))
-    return t.to(next(model.parameters()).dtype) if t.is_floating_point() else t
 
 
 def accuracy(model: nn.Module, data: ArrayDataset, batch: int = 512) -> float:
@@ -68,12 +63,11 @@ def default_backend(cfg: TrainConfig, model: nn.Module, loss_fn: LossFn) -> Back
         from flops_ray.farm.backend import RayBackend
 
         return RayBackend(cfg, model, loss_fn)
-    engine = QueryEngine(copy.deepcopy(model), cfg.groups, cfg.estimator, cfg.seed, loss_fn)
-    return LocalBackend(engine, cfg.update_rule)
+    return LocalBackend(Replica(copy.deepcopy(model), ReplicaSpec.of(cfg, loss_fn)))
 
 
 class Trainer:
-    """Forward-only training of ``model`` on ``train`` with the estimator and allocator of ``cfg``.
+    """Training of ``model`` on ``train``: forward-only with the estimator and allocator of ``cfg``, or backprop.
 
     Args:
         cfg: the run's configuration (validated here).
@@ -97,8 +91,7 @@ class Trainer:
         self._model = model.eval()
         self.train_set, self.test_set = train, test
         self.loss_fn = loss_fn
-        linear = not cfg.backprop and estimator_family(cfg.estimator, model).linear_outputs
-        self.groups = resolve_groups(model, cfg.groups, linear)
+        self.groups = trained_groups(cfg, model)
         self.params = [p for g in self.groups for _, p in g.params]
         for p in self._model.parameters():
             p.requires_grad_(False)
@@ -110,24 +103,28 @@ class Trainer:
         self.memory = TraceMemory(len(cfg.groups), len(train), cfg.allocator.memory_decay, cfg.allocator.memory_prior)
         self.step_count = 0
         self._pulled = 0
-        """The step at which the model (and optimizer) here last matched the replicas'."""
-        self._committing = False
-        self.backend: Backend | None = None
-        self.forward_step: ForwardStep | None = None
-        if not cfg.backprop:
-            self.backend = (backend_factory or default_backend)(cfg, model, loss_fn)
-            self.forward_step = ForwardStep(
-                self.backend,
-                groups=cfg.groups,
-                sizes=[g.size for g in self.groups],
-                estimator=cfg.estimator,
-                allocator=cfg.allocator,
-                allocators=self.allocators,
-                memory=self.memory,
-                shard_cost=cfg.farm.shard_cost,
-                clean_shard=cfg.farm.clean_shard_size,
-                root_seed=cfg.seed,
-            )
+        """The step at which the model (and optimizer) here last matched the ones that step."""
+        self.train_step = make_step(
+            cfg,
+            model,
+            self.groups,
+            self.optimizer,
+            self.allocators,
+            self.memory,
+            loss_fn,
+            backend_factory or default_backend,
+        )
+
+    @property
+    def forward_step(self) -> ForwardStep | None:
+        """The forward-only step, None in backprop training (benches and tests read its allocator fit)."""
+        return self.train_step if isinstance(self.train_step, ForwardStep) else None
+
+    @property
+    def backend(self) -> Backend | None:
+        """Where the queries run, None in backprop training (which runs none)."""
+        forward = self.forward_step
+        return None if forward is None else forward.backend
 
     @property
     def model(self) -> nn.Module:
@@ -146,14 +143,10 @@ class Trainer:
         return to_numpy(flatten([p.detach() for p in self.params]))
 
     def _pull(self) -> None:
-        """Bring the model and optimizer here up to the replicas' (forward-only training, once per step read)."""
-        if self.backend is None or self._pulled == self.step_count:
-            return
-        state = self.backend.state()
-        with torch.no_grad():
-            unflatten_into(torch.tensor(state.params, dtype=self.params[0].dtype), self.params)
-        self.optimizer.load_state_dict(state.optimizer)
-        self._pulled = self.step_count
+        """Bring the model and optimizer here up to the ones that step (once per step read)."""
+        if self._pulled != self.step_count:
+            self.train_step.copy_to(self.params, self.optimizer)
+            self._pulled = self.step_count
 
     # ---- one step -----------------------------------------------------------------------------------
     def step(self) -> StepReport:
@@ -161,17 +154,9 @@ class Trainer:
         ids = batch_at(len(self.train_set), self.cfg.batch_size, self.cfg.seed, self.step_count)
         x, y = self.train_set.x[ids], self.train_set.y[ids]
         t0 = time.perf_counter()
-        if self.forward_step is None:
-            report = self._backprop(x, y)
-            self._committing = True
-            self.optimizer.step()
-        else:
-            _, report = self.forward_step(self.step_count, x, y, ids)
-            self.backend.apply()
+        _, report = self.train_step(self.step_count, x, y, ids)
+        self.train_step.apply()
         self.step_count += 1
-        self._committing = False
-        if self.forward_step is not None:
-            self.forward_step.committing = False
         report.seconds = time.perf_counter() - t0
         return report
 
@@ -179,17 +164,7 @@ class Trainer:
     def consistent(self) -> bool:
         """Whether the state is that of a whole number of steps (False if a step was cut off while being
         applied): only then may it be saved. A step that fails before it is applied changes nothing."""
-        return not (self._committing or (self.forward_step is not None and self.forward_step.committing))
-
-    def _backprop(self, x: np.ndarray, y: np.ndarray) -> StepReport:
-        self.optimizer.zero_grad()
-        with torch.enable_grad():
-            losses = self.loss_fn(self._model(model_input(self._model, x)), torch.from_numpy(y))
-            losses.mean().backward()
-        if self.cfg.grad_clip > 0:
-            for g in self.groups:
-                torch.nn.utils.clip_grad_norm_([p for _, p in g.params], self.cfg.grad_clip)
-        return StepReport(self.step_count, losses.mean().item(), to_numpy(losses))
+        return not self.train_step.committing
 
     # ---- loops and evaluation -----------------------------------------------------------------------
     def evaluate(self, data: ArrayDataset | None = None) -> float:
@@ -234,8 +209,7 @@ class Trainer:
     def state_dict(self) -> TrainState:
         """Everything needed to continue this run exactly."""
         self._pull()
-        if self.forward_step is not None:
-            self.forward_step.fit.settle()
+        self.train_step.settle()
         return TrainState(
             step=self.step_count,
             config=config_to_dict(self.cfg),
@@ -252,8 +226,7 @@ class Trainer:
             CheckpointError: another config, model, optimizer state or allocator count.
         """
         check_resumable(state, self.cfg, self._model, self.params, where)
-        if self.forward_step is not None:
-            self.forward_step.fit.discard()  # first: a load that fails part-way must not let it land later
+        self.train_step.discard()  # first: a load that fails part-way must not let background state land later
         if len(state.allocators) != len(self.allocators):
             raise CheckpointError(
                 f"{where} holds {len(state.allocators)} allocator states, the trainer has {len(self.allocators)}"
@@ -274,8 +247,7 @@ class Trainer:
         with torch.no_grad():
             self._model.load_state_dict(state.model)
         self.step_count = self._pulled = state.step
-        if self.backend is not None:
-            self.backend.load_state(ReplicaState(state.step, self._master_params(), self.optimizer.state_dict()))
+        self.train_step.load_state(ReplicaState(state.step, self._master_params(), self.optimizer.state_dict()))
         return self.step_count
 
     def save(self, path: str | Path) -> Path:
@@ -287,8 +259,7 @@ class Trainer:
         return self.load_state_dict(read_checkpoint(path), where=f"checkpoint {path}")
 
     def close(self) -> None:
-        if self.backend is not None:
-            self.backend.close()
+        self.train_step.close()
 
     def __enter__(self) -> Trainer:
         return self
