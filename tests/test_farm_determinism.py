@@ -13,7 +13,7 @@ import pytest
 import ray
 import torch
 
-from flops_ray.config.train import AllocatorConfig, EstimatorConfig, FarmConfig, TrainConfig
+from flops_ray.config import AllocatorConfig, EstimatorConfig, FarmConfig, TrainConfig
 from flops_ray.data.arrays import digits
 from flops_ray.farm.errors import FarmError
 from flops_ray.models.factory import create_model
@@ -97,8 +97,9 @@ def test_allreduce_matches_driver_reduction(data, reference):
 
 
 def _kill_most_held(backend) -> None:
-    slot = max(backend.pool.slots, key=lambda s: len(s.held))
-    assert slot.held, "the fault should land after some partials were accepted"
+    work = backend.pool.work
+    slot = max(backend.pool.slots, key=lambda s: len(work.held(s)))
+    assert work.held(slot), "the fault should land after some partials were accepted"
     ray.kill(slot.handle, no_restart=True)
 
 
@@ -122,10 +123,11 @@ def test_allreduce_recomputes_partials_lost_while_recomputing(data, reference, i
     def kill_holder(busy: bool):
         def action(backend) -> None:
             # The second victim must be running recomputed tasks and hold partials of its own.
-            slots = [s for s in backend.pool.slots if s.calls or not busy]
-            slot = max(slots, key=lambda s: len(s.held))
-            assert slot.held, "the fault should land on a replica holding partials"
-            held.append(len(slot.held))
+            work = backend.pool.work
+            slots = [s for s in backend.pool.slots if work.in_flight(s) or not busy]
+            slot = max(slots, key=lambda s: len(work.held(s)))
+            assert work.held(slot), "the fault should land on a replica holding partials"
+            held.append(len(work.held(slot)))
             ray.kill(slot.handle, no_restart=True)
 
         return action
@@ -151,7 +153,7 @@ def test_a_failed_recompute_loses_no_partial(data, inject_fault):
     accepted: set = set()
 
     def kill_holder(backend) -> None:
-        accepted.update(t.key for s in backend.pool.slots for t in s.held)
+        accepted.update(t.key for s in backend.pool.slots for t in backend.pool.work.held(s))
         _kill_most_held(backend)
 
     def interrupt(backend) -> None:
@@ -166,10 +168,10 @@ def test_a_failed_recompute_loses_no_partial(data, inject_fault):
         for _ in range(STEPS):
             trainer.step()
     pool = trainer.backend.pool
-    placed = [t.key for s in pool.slots for t in s.held] + [t.key for t in pool.orphans]
+    placed = [t.key for s in pool.slots for t in pool.work.held(s)] + [t.key for t in pool.work.orphans]
     assert len(placed) == len(set(placed)), "a partial is both held and orphaned, or held twice"
     assert accepted and accepted <= set(placed), f"partials lost: {sorted(accepted - set(placed))}"
-    assert pool.orphans, "the recompute was interrupted with partials still to run"
+    assert pool.work.orphans, "the recompute was interrupted with partials still to run"
 
 
 def _kill_all(backend) -> None:

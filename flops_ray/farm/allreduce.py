@@ -1,8 +1,10 @@
 """The all-reduce: gradient partials kept on the replicas meet in one collective (gloo on CPU, NCCL on GPU).
 
 Partials lost with a dead replica are recomputed first; a collective broken by a death is retried on a
-rebuilt process group, for as long as the pool's fault budget lasts. Every member keeps the sum for the
-step's update; the driver receives only each group's norm.
+rebuilt process group, for as long as the fault policy allows. Every member keeps the sum for the step's
+update, and applies it; the driver receives only each group's norm. The all-reduce recovers from its own
+faults, the update's included: if every holder of the sum dies before applying it, the farm is still at
+this version, so the lost partials are recomputed and summed again.
 """
 
 from __future__ import annotations
@@ -14,25 +16,33 @@ from ray.actor import ActorHandle
 from ray.exceptions import RayActorError, RayTaskError
 
 from flops_ray.farm.errors import FarmError
-from flops_ray.farm.replica_pool import ReplicaPool, Slot
+from flops_ray.farm.fault_policy import FaultPolicy
+from flops_ray.farm.replica_pool import Answers, ReplicaPool, answered
+from flops_ray.farm.replica_work import ReplicaWork
 from flops_ray.farm.scheduler import Scheduler
-from flops_ray.messages import ShardTask
+from flops_ray.farm.slot import Slot
+from flops_ray.farm.update_sender import UpdateSender
+from flops_ray.messages import StepUpdate
 
 
 class AllReduce:
-    """Sums the partials held on ``scheduler.pool``'s replicas.
+    """Sums the partials held on ``scheduler.pool``'s replicas, and has the members apply the sum.
 
     Args:
         scheduler: re-runs tasks whose partials were lost.
+        sender: sends the summed update to the members.
         collective_timeout: seconds a replica waits in a collective for a peer that may have died.
     """
 
-    def __init__(self, scheduler: Scheduler, collective_timeout: float):
+    def __init__(self, scheduler: Scheduler, sender: UpdateSender, collective_timeout: float):
         self.scheduler = scheduler
+        self.sender = sender
         self.pool: ReplicaPool = scheduler.pool
+        self.work: ReplicaWork = scheduler.pool.work
+        self.faults: FaultPolicy = scheduler.pool.faults
         self.collective_timeout = collective_timeout
         self._group: tuple[ActorHandle, ...] = ()
-        self.members: list[Slot] = []
+        self._members: list[Slot] = []
         """The replicas of the last successful collective: they hold the sum."""
         self.pool.on_replace.append(self._invalidate)
 
@@ -41,16 +51,8 @@ class AllReduce:
 
     def __call__(self) -> list[float]:
         """Sum every replica's kept partials into each member; returns the per-group norms of the sums."""
-        counters = self.pool.counters
         while True:
-            # A replica dying while partials are recomputed orphans its own: recompute until none is left.
-            while self.pool.orphans:
-                lost, self.pool.orphans = self.pool.orphans, []
-                try:
-                    self.scheduler.run(lost, recompute=True)
-                except BaseException:
-                    self._restore(lost)
-                    raise
+            self._recompute_orphans()
             members = [s for s in self.pool.slots if s.ready]
             if not members:
                 raise FarmError("no replica is up to sum the step's partials")
@@ -63,30 +65,57 @@ class AllReduce:
                 refs = [s.handle.allreduce.remote() for s in members]
                 for s, ref in zip(members, refs):
                     replies.append(ray.get(ref))
-                    if sorted(replies[-1].keys) != sorted(t.key for t in s.held):
+                    if sorted(replies[-1].keys) != sorted(t.key for t in self.work.held(s)):
                         raise AssertionError("a replica summed different tasks than the driver accepted from it")
             except (RayActorError, RayTaskError) as exc:
                 self._recover(members, refs, exc)
                 continue
-            self.pool.budget.progress()
-            counters.bytes_returned += sum(len(pickle.dumps(r)) for r in replies)
-            self.members = members
+            self.faults.progress()
+            self.pool.counters.bytes_returned += sum(len(pickle.dumps(r)) for r in replies)
+            self._members = members
             return list(replies[0].norms)
 
-    def _restore(self, lost: list[ShardTask]) -> None:
-        """Orphan again the tasks of ``lost`` whose partials a failed recompute left nowhere: every partial the
-        step accepted stays held by a live replica or orphaned, once. (A sum of the step after the failure
-        would still stop at the key check if a cancelled call finished on its replica; the next sync clears
-        both sides.)"""
-        placed = {t.key for s in self.pool.slots for t in s.held} | {t.key for t in self.pool.orphans}
-        self.pool.orphans += [t for t in lost if t.key not in placed]
+    def apply(self, update: StepUpdate) -> Answers:
+        """Have the members of the last collective apply their sum (``update``), summing again after a fault.
+
+        If every member dies before applying it, or the lone member that applied it dies saving the snapshot
+        of the result, the farm is still at this version: the replacements adopt the snapshot, and the lost
+        partials are recomputed and summed again.
+
+        Returns:
+            The members' answers to the update that went through.
+
+        Raises:
+            FarmError: every member failed applying it and none died (a replica that raises).
+        """
+        while True:
+            answers, failed = self.sender.send(self._members, update)
+            done = answered(answers)
+            if done and not failed:
+                return answers
+            if done:
+                # The lone replica died exporting the state it had just applied, the only copy: back one version.
+                self.pool.unapply()
+                self.pool.replace_failed(answers + failed, "the only replica holding the step's update died saving it")
+            else:
+                # Every holder of the sum died before applying it (else the policy gives up): still at this version.
+                self.faults.unapplied(update.version, answers, summed=True)
+                self.pool.replace_failed(answers, "a replica died holding the step's summed gradient")
+            # The replacements adopt the snapshot; the lost partials are recomputed and summed again.
+            self()
+
+    def _recompute_orphans(self) -> None:
+        """Recompute the partials of dead replicas; a replica dying meanwhile orphans its own, so until none is
+        left. A recompute that raises gives back the orphans it had not placed again."""
+        while lost := self.work.take_orphans():
+            try:
+                self.scheduler.run(lost, recompute=True)
+            except BaseException:
+                self.work.return_orphans(lost)
+                raise
 
     def _recover(self, members: list[Slot], refs: list[ray.ObjectRef], cause: Exception) -> None:
-        """Survivors of a broken collective time out on their own; wait for them and replace the dead.
-
-        A collective that broke with no replica dead is charged to the fault budget itself, so one that
-        keeps breaking fails the farm instead of looping.
-        """
+        """Survivors of a broken collective time out on their own; wait for them and replace the dead."""
         if len(refs) < len(members):
             # The group never opened: ask every member something, to learn which of them are gone.
             refs = [s.handle.describe.remote() for s in members]
@@ -99,8 +128,7 @@ class AllReduce:
                 self.pool.replace(s, "a replica died in the all-reduce", exc)
             except RayTaskError:
                 pass
-        if not died:
-            self.pool.budget.failure("the all-reduce broke", cause)
+        self.faults.collective_broke(cause, died)
         self._group = ()
 
     def _open_group(self, members: list[Slot]) -> None:

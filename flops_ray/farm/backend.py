@@ -10,27 +10,31 @@ from __future__ import annotations
 
 import pickle
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import ray
 from ray.actor import ActorHandle
-from ray.exceptions import RayActorError, RayError
+from ray.exceptions import RayError
 from torch import nn
 
-from flops_ray.config.train import TrainConfig
+from flops_ray.config import TrainConfig
 from flops_ray.estimators import estimator_family
 from flops_ray.farm.allreduce import AllReduce
 from flops_ray.farm.counters import DispatchCounters
 from flops_ray.farm.errors import FarmError
 from flops_ray.farm.fault_budget import FaultBudget
+from flops_ray.farm.fault_policy import FaultPolicy
 from flops_ray.farm.placement import await_replicas, check_placement
 from flops_ray.farm.ray_init import cluster_address, init_ray
-from flops_ray.farm.replica_pool import ReplicaPool, Slot, export, failure
+from flops_ray.farm.replica_pool import ReplicaPool, ask
 from flops_ray.farm.scheduler import Scheduler
-from flops_ray.farm.worker import StepBatch, Worker, WorkerInfo, WorkerOptions
-from flops_ray.models.losses import LossFn, cross_entropy
+from flops_ray.farm.state_transfer import export
+from flops_ray.farm.update_sender import UpdateSender
+from flops_ray.farm.worker import ReplicaActor, StepBatch, WorkerInfo, WorkerOptions
 from flops_ray.messages import ReplicaState, ShardResult, ShardTask, StepUpdate, UpdateSource
+from flops_ray.models.losses import LossFn, cross_entropy
+from flops_ray.replica.replica import ReplicaSpec
 from flops_ray.step.forward import Reduced, reduce_in_order
 
 
@@ -72,22 +76,24 @@ class RayBackend:
         # The closure below keeps this reference alive, so replacement replicas load the same copy.
         model_ref = ray.put(model)
         resources = {farm.replica_resource: 1} if farm.replica_resource else None
+        spec = ReplicaSpec.of(cfg, loss_fn)
 
         def make_worker(slot: int) -> ActorHandle:
-            return Worker.options(
+            return ReplicaActor.options(
                 num_cpus=farm.num_cpus_per_worker, num_gpus=farm.num_gpus_per_worker, resources=resources
-            ).remote(model_ref, cfg.groups, cfg.estimator, cfg.seed, loss_fn, cfg.update_rule, options[slot])
+            ).remote(model_ref, spec, options[slot])
 
         self.counters = DispatchCounters()
-        self.pool = ReplicaPool(make_worker, farm.max_workers, FaultBudget(farm.max_retries), self.counters)
+        self.faults = FaultPolicy(FaultBudget(farm.max_retries), farm.stall_timeout_s)
+        self.pool = ReplicaPool(make_worker, farm.max_workers, self.faults, self.counters)
         self.replicas = await_replicas(self.pool, farm, need)
         self.startup_seconds = time.perf_counter() - t0
         self.reduction = resolve_reduction(cfg, model)
         keep, scalar = self.reduction == "allreduce", self.reduction == "scalar"
-        self.scheduler = Scheduler(self.pool, farm.in_flight, keep, farm.stall_timeout_s, coefficients=scalar)
-        self.allreduce = AllReduce(self.scheduler, farm.collective_timeout_s) if keep else None
+        self.scheduler = Scheduler(self.pool, farm.in_flight, keep, coefficients=scalar)
+        self.sender = UpdateSender(self.pool, farm.snapshot_every)
+        self.allreduce = AllReduce(self.scheduler, self.sender, farm.collective_timeout_s) if keep else None
         self._update: StepUpdate | None = None
-        self.snapshot_every = farm.snapshot_every
 
     def sync(self, step: int, x: np.ndarray, y: np.ndarray) -> None:
         """One ``ray.put`` of the batch, shared by every replica."""
@@ -118,13 +124,12 @@ class RayBackend:
         return Reduced(tuple(bool(np.isfinite(g).all()) for g in grads))
 
     def apply(self) -> None:
-        """Send the step's update to every replica holding the current parameters (one ``ray.put``).
+        """Send the step's update to every replica holding the current parameters: the all-reduce's members
+        apply the sum they hold (:meth:`AllReduce.apply`, which recovers from its own faults), the others get
+        the update from the driver (:meth:`UpdateSender.apply`).
 
-        Replicas that die applying it (or fail, or hang past ``farm.stall_timeout_s``) are replaced; their
-        successors adopt a survivor's state. Those that missed it (placed during the step) adopt the new state
-        before their next step. If every holder of an all-reduced sum dies before applying it, the farm is still
-        at this version: the replacements adopt the snapshot, recompute the lost partials and sum again; so it
-        is if a lone replica applies it and dies saving the snapshot of the result.
+        Replicas that fail applying it (they die, raise, or hang past ``farm.stall_timeout_s``) are replaced;
+        their successors, and replicas placed during the step, adopt the new state before their next step.
 
         Raises:
             FarmError: every replica failed to apply it (and, all-reduce, none died: a replica that raises).
@@ -132,71 +137,12 @@ class RayBackend:
         update, self._update = self._update, None
         if update is None:
             raise RuntimeError("no reduced gradient to apply: call reduce first")
-        held = update.source == UpdateSource.HELD
-        payload = update if held else ray.put(update)
         self.counters.bytes_sent += len(pickle.dumps(update))
-        every = self.snapshot_every
-        while True:
-            targets = self.allreduce.members if held else self.pool.current()
-            answers = self._ask(targets, lambda h: h.apply.remote(payload))
-            done = [slot for slot, answer in answers if not isinstance(answer, RayError)]
-            if done:
-                self.pool.applied(done)
-                failed = self._snapshot(done) if every and self.pool.version % every == 0 else []
-                if not (held and failed):
-                    break
-                # The lone replica died exporting the state it had just applied, the only copy: the farm is back
-                # at this version, and its replacement adopts the snapshot, recomputes the partials, sums again.
-                self.pool.unapply()
-                self._replace_failed(answers + failed, "the only replica holding the step's update died saving it")
-                self.allreduce()
-                continue
-            if not (held and any(isinstance(answer, RayActorError) for _, answer in answers)):
-                causes = "; ".join(sorted({str(answer).strip().splitlines()[-1] for _, answer in answers}))
-                raise FarmError(
-                    f"every replica failed applying update {update.version} ({causes}); resume from the last checkpoint"
-                )
-            # Every holder of the summed gradient died before applying it: the farm is still at this version
-            # (its replacements adopt the snapshot), so their partials are recomputed and summed again.
-            self._replace_failed(answers, "a replica died holding the step's summed gradient")
-            self.allreduce()
+        held = update.source == UpdateSource.HELD
+        answers = self.allreduce.apply(update) if held else self.sender.apply(update)
         # The update is applied: the step made progress, so replacing the failed ones below cannot fail it.
-        self.pool.budget.progress()
-        self._replace_failed(answers + failed, "a replica failed applying the step's update or exporting its state")
-
-    def _snapshot(self, slots: list[Slot]) -> list[tuple[Slot, RayError]]:
-        """Have one of ``slots`` (in turn) export the current state into the object store; returns the keeper
-        if it failed.
-
-        With peers holding the state too the export runs on its own (it delays only the keeper; if the keeper
-        dies before exporting, the pool has a peer export instead). A lone replica is the only copy of the
-        state, so the driver waits until it is out (it costs nothing: that replica is the whole farm)."""
-        keeper = slots[self.pool.version // self.snapshot_every % len(slots)]
-        snapshot = export(keeper.handle, self.pool.version)
-        error = None if len(slots) > 1 else failure(snapshot.done, self.scheduler.stall_timeout)
-        if error is not None:
-            return [(keeper, error)]
-        self.pool.keep_snapshot(snapshot)
-        return []
-
-    def _ask(self, slots: list[Slot], call: Callable[[ActorHandle], ray.ObjectRef]) -> list[tuple[Slot, object]]:
-        """``call`` on every slot's actor: ``(slot, answer)`` pairs, the answer a ``RayError`` for a replica
-        that died, raised or did not answer within ``farm.stall_timeout_s``."""
-        refs = [call(slot.handle) for slot in slots]
-        if refs:  # ``ray.wait`` refuses to wait for nothing
-            ray.wait(refs, num_returns=len(refs), timeout=self.scheduler.stall_timeout)
-        answers = []
-        for slot, ref in zip(slots, refs):
-            try:
-                answers.append((slot, ray.get(ref, timeout=0)))
-            except RayError as exc:
-                answers.append((slot, exc))
-        return answers
-
-    def _replace_failed(self, answers: list[tuple[Slot, object]], what: str) -> None:
-        for slot, answer in answers:
-            if isinstance(answer, RayError):
-                self.pool.replace(slot, what, answer)
+        self.faults.progress()
+        self.pool.replace_failed(answers, "a replica failed applying the step's update or exporting its state")
 
     def state(self) -> ReplicaState:
         """The parameters and optimizer state, from one replica, after checking every replica's digest.
@@ -214,7 +160,7 @@ class RayBackend:
         for slot in self.pool.current():
             snapshot = export(slot.handle, self.pool.version)
             try:
-                state = ray.get(snapshot.state, timeout=self.scheduler.stall_timeout)
+                state = ray.get(snapshot.state, timeout=self.faults.stall_timeout)
             except RayError as exc:
                 self.pool.replace(slot, "a replica failed exporting its state", exc)
                 continue
@@ -223,15 +169,15 @@ class RayBackend:
         ref = self.pool.current_snapshot()
         if ref is None:
             raise FarmError(f"no live replica holds the parameters after update {self.pool.version}")
-        return ray.get(ref, timeout=self.scheduler.stall_timeout)
+        return ray.get(ref, timeout=self.faults.stall_timeout)
 
     def load_state(self, state: ReplicaState) -> None:
         self.pool.load_state(state)
 
     def digests(self) -> list[tuple[int, str]]:
         """``(version, digest)`` of every live replica holding the current parameters (the dead are replaced)."""
-        answers = self._ask(self.pool.current(), lambda h: h.digest.remote())
-        self._replace_failed(answers, "a replica failed reporting its digest")
+        answers = ask(self.pool.current(), lambda h: h.digest.remote(), self.faults.stall_timeout)
+        self.pool.replace_failed(answers, "a replica failed reporting its digest")
         return [answer for _, answer in answers if not isinstance(answer, RayError)]
 
     def describe(self) -> list[WorkerInfo]:

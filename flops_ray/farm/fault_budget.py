@@ -3,9 +3,8 @@
 A farm of preemptible nodes sees storms of deaths; what matters is whether work still gets done, not how
 many replicas died. The budget counts failures since the last progress (a shard's result accepted, a
 collective finished; a replica coming up is not progress, or a shard that kills every replica it lands on
-would loop forever) and fails the farm when more than ``limit`` of them come in a row. A replica lost while
-still starting, for a cause outside it (a preempted node), is not charged: it says nothing about the work,
-and only a stall (no result for ``farm.stall_timeout_s``) ends such a storm. Replacements of one slot in a
+would loop forever) and fails the farm when more than ``limit`` of them come in a row. Which failures are
+charged is the :class:`~flops_ray.farm.fault_policy.FaultPolicy`'s decision. Replacements of one slot in a
 row wait with exponential backoff (:meth:`FaultBudget.backoff`), so a crash loop does not spin.
 
 >>> budget = FaultBudget(limit=1)

@@ -6,7 +6,7 @@
   whichever replica finishes first (``ray.wait``), so a faster replica takes more shards.
 - A replica that dies (any :class:`ray.exceptions.RayActorError`, or a result lost with its node) is
   replaced, after a backoff when deaths come in a row; its in-flight tasks go back in the queue. Deaths
-  never fail the step while shards keep finishing (the pool's fault budget; a replica lost while still
+  never fail the step while shards keep finishing (the fault policy's budget; a replica lost while still
   starting is not charged); a stall does: no call finishing for ``stall_timeout`` seconds.
 
 Results are accepted exactly once: a call's result is only read while the call is still registered,
@@ -25,7 +25,10 @@ from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 
 from flops_ray.farm.counters import DispatchCounters
 from flops_ray.farm.errors import FarmError
-from flops_ray.farm.replica_pool import ReplicaPool, Slot
+from flops_ray.farm.fault_policy import FaultPolicy
+from flops_ray.farm.replica_pool import ReplicaPool
+from flops_ray.farm.replica_work import ReplicaWork
+from flops_ray.farm.slot import Slot
 from flops_ray.farm.task_costs import TaskCosts
 from flops_ray.messages import ShardResult, ShardTask
 
@@ -41,19 +44,17 @@ class Scheduler:
         pool: the replicas.
         in_flight: most calls outstanding per replica.
         keep_partials: replicas keep gradient partials for the all-reduce instead of returning them.
-        stall_timeout: seconds without any call finishing before the farm gives up.
         coefficients: replicas return per-draw coefficients instead of gradient partials (the scalar protocol).
     """
 
-    def __init__(
-        self, pool: ReplicaPool, in_flight: int, keep_partials: bool, stall_timeout: float, coefficients: bool = False
-    ):
+    def __init__(self, pool: ReplicaPool, in_flight: int, keep_partials: bool, coefficients: bool = False):
         self.pool = pool
+        self.faults: FaultPolicy = pool.faults
         self.counters: DispatchCounters = pool.counters
+        self.work: ReplicaWork = pool.work
         self.in_flight = in_flight
         self.keep_partials = keep_partials
         self.coefficients = coefficients
-        self.stall_timeout = stall_timeout
         self.listeners: list[ResultListener] = []
         self.costs = TaskCosts()
         pool.on_replace.append(self._forget)
@@ -72,7 +73,7 @@ class Scheduler:
         try:
             results = self._dispatch(tasks, progress=not recompute)
         except BaseException:
-            self.pool.forget_calls()
+            self.work.forget_calls()
             raise
         if recompute:
             self.counters.recomputed += len(results)
@@ -106,7 +107,7 @@ class Scheduler:
                     raise
                 lost, dead_peer = self.pool.source_lost(slot)
                 if not lost:
-                    general = self._requeue(slot, tasks, general, exc, charge=True)
+                    general = self._requeue(slot, tasks, general, exc, by_itself=True)
                     continue
                 # The state it was adopting died with its exporter: replace that peer, adopt from another.
                 if dead_peer is not None:
@@ -119,8 +120,8 @@ class Scheduler:
             last_finish = time.monotonic()
             done += 1
             if progress:
-                self.pool.budget.progress()
-            self._accept(slot, slot.calls.pop(ref), tasks, results, value)
+                self.faults.progress()
+            self._accept(slot, self.work.finish(slot, ref), tasks, results, value)
             for listener in self.listeners:
                 listener(self.counters.accepted + done)
         return results
@@ -134,16 +135,11 @@ class Scheduler:
         # Syncs first: a failed sync also fails the runs queued behind it, and ``ray.wait`` lists what is ready
         # in this order, so the sync's failure (the replica is re-synced or replaced) is read before theirs.
         waiting = {slot.sync_ref: slot for slot in self.pool.slots if slot.sync_ref is not None}
-        waiting.update({ref: slot for slot in self.pool.slots for ref in slot.calls})
+        waiting.update(self.work.calls())
         starts_in = self.pool.next_start()
         if not waiting and starts_in is None:
             raise FarmError("no replica can take work")
-        left = self.stall_timeout - (time.monotonic() - last_finish)
-        if left <= 0:
-            raise FarmError(
-                f"no shard finished in {self.stall_timeout:.0f} s (farm.stall_timeout_s; "
-                f"{self.pool.up} of {len(self.pool.slots)} replicas up)"
-            )
+        left = self.faults.time_left(last_finish, self.pool.up, len(self.pool.slots))
         timeout = left if starts_in is None else min(left, starts_in)
         if not waiting:
             time.sleep(timeout)
@@ -160,7 +156,7 @@ class Scheduler:
         task = tasks[pos]
         self.costs.learn(task, value.seconds, slot.handle)
         if self.keep_partials and value.grad is None and task.weights is not None:
-            slot.held.append(task)
+            self.work.hold(slot, task)
 
     def _fill(self, tasks: list[ShardTask], general: list[int]) -> None:
         """Top every ready replica up to ``in_flight`` calls, longest task first, one call per replica in turn: a
@@ -169,27 +165,25 @@ class Scheduler:
             for slot in self.pool.slots:
                 if not general:
                     return
-                if slot.ready and len(slot.calls) <= depth:
+                if slot.ready and len(self.work.in_flight(slot)) <= depth:
                     pos = general.pop(0)
                     ref = slot.handle.run.remote(tasks[pos], self.keep_partials, self.coefficients)
-                    slot.calls[ref] = pos
+                    self.work.track(slot, ref, pos)
                     self.counters.dispatched += 1
                     self.counters.bytes_sent += len(pickle.dumps(tasks[pos]))
 
     def _requeue(
-        self, slot: Slot, tasks: list[ShardTask], general: list[int], cause: Exception, charge: bool = False
+        self, slot: Slot, tasks: list[ShardTask], general: list[int], cause: Exception, by_itself: bool = False
     ) -> list[int]:
         """Requeue a dead replica's work and have the pool replace it; returns the new general queue.
 
-        ``charge``: count the death in the fault budget even while the replica was still starting (it failed
-        by itself, not with its node)."""
-        requeue = list(slot.calls.values())
-        running = [tasks[pos].key for pos in slot.calls.values()]
+        ``by_itself``: the replica failed by itself, not with its node (the fault policy charges such a death
+        even while the replica was still starting)."""
+        requeue = self.work.in_flight(slot)
+        running = [tasks[pos].key for pos in requeue]
         what = f"a replica died running tasks {running}" if running else "a replica failed before finishing a sync"
-        # Lost while starting, not by its own constructor: a preempted node, not a sign the work cannot be done.
-        starting = not slot.ready and not getattr(cause, "actor_init_failed", False)
-        self.counters.retried += len(slot.calls)
-        self.pool.replace(slot, what, cause, charge=charge or not starting)
+        self.counters.retried += len(requeue)
+        self.pool.replace(slot, what, cause, charge=self.faults.charges(slot, cause, by_itself))
         return self._longest_first(tasks, general + requeue)
 
     def _longest_first(self, tasks: list[ShardTask], positions: Iterable[int]) -> list[int]:
