@@ -20,11 +20,11 @@ import torch
 
 from flops_ray import BlackBox
 from flops_ray.allocation.allocators import ALLOCATORS, create_allocator
-from flops_ray.config.train import AllocatorConfig, EstimatorConfig
-from flops_ray.replica.engine import QueryEngine
-from flops_ray.step.local_backend import LocalBackend
-from flops_ray.step.forward import ForwardStep
 from flops_ray.allocation.trace_memory import TraceMemory
+from flops_ray.config import AllocatorConfig, EstimatorConfig
+from flops_ray.replica.replica import Replica, ReplicaSpec
+from flops_ray.step.forward import ForwardStep
+from flops_ray.step.local_backend import LocalBackend
 
 D, B, SEEDS = 6, 8, 1500
 _gen = torch.Generator().manual_seed(0)
@@ -52,7 +52,7 @@ def _estimates(allocator: AllocatorConfig, pilot: int, step: int) -> np.ndarray:
     out = []
     for seed in range(SEEDS):
         forward = ForwardStep(
-            LocalBackend(QueryEngine(BOX, GROUPS, est, root_seed=seed)),
+            LocalBackend(Replica(BOX, ReplicaSpec(GROUPS, est, root_seed=seed))),
             groups=GROUPS,
             sizes=[D],
             estimator=est,

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from flops_ray.allocation.allocators import EqualAllocator
-from flops_ray.config.train import AllocatorConfig, EstimatorConfig, FarmConfig, GroupConfig, TrainConfig
-from flops_ray.step.local_backend import LocalBackend
+from flops_ray.config import AllocatorConfig, EstimatorConfig, FarmConfig, GroupConfig, TrainConfig
 from flops_ray.messages import TaskKind
 from flops_ray.models.factory import create_model
+from flops_ray.step.local_backend import LocalBackend
 from flops_ray.training.trainer import Trainer, default_backend
 
 HEAD = (GroupConfig("head", ("head",), sigma=0.1, queries_per_sample=8),)
@@ -111,7 +111,7 @@ def test_a_failed_step_keeps_the_allocator_state(data):
     backends = []
 
     def factory(cfg, model, loss_fn):
-        backends.append(_FailingQueries(default_backend(cfg, model, loss_fn).engine, cfg.update_rule))
+        backends.append(_FailingQueries(default_backend(cfg, model, loss_fn).replica))
         return backends[0]
 
     gaussian = {"allocator": AllocatorConfig(kind="gaussian", gaussian_iters=3)}
@@ -170,7 +170,7 @@ def test_the_allocator_fit_runs_beside_the_queries_and_the_next_step_adopts_it(d
     backends = []
 
     def factory(cfg, model, loss_fn):
-        backends.append(_MainRoundFlag(default_backend(cfg, model, loss_fn).engine, cfg.update_rule))
+        backends.append(_MainRoundFlag(default_backend(cfg, model, loss_fn).replica))
         return backends[0]
 
     tr = _trainer(data, factory)

@@ -1,4 +1,4 @@
-"""The replica actor: a :class:`~flops_ray.replica.engine.QueryEngine` and its own optimizer inside a Ray actor.
+"""The replica actor: a :class:`~flops_ray.replica.replica.Replica` inside a Ray actor, plus the collective sum.
 
 The model arrives once, at construction. From then on the parameters never travel: each step the driver
 broadcasts the batch (one ``ray.put``), the replicas evaluate shards, and every replica applies the same
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import socket
 import time
-import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -20,20 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from flops_ray.config.train import EstimatorConfig, GroupConfig, UpdateRule
-from flops_ray.replica.engine import QueryEngine
-from flops_ray.models.groups import to_numpy
-from flops_ray.models.losses import LossFn
-from flops_ray.messages import (
-    ReplicaState,
-    ShardResult,
-    ShardTask,
-    StepUpdate,
-    TaskKey,
-    TaskKind,
-    UpdateSource,
-)
-from flops_ray.replica.update import ParamUpdate
+from flops_ray.messages import ReplicaState, ShardResult, ShardTask, StepUpdate, TaskKey
+from flops_ray.replica.replica import Replica, ReplicaSpec
 
 
 @dataclass(frozen=True)
@@ -89,49 +76,27 @@ class ReduceReply:
     """Per group, the L2 norm of the all-reduced gradient (not finite when the gradient is not)."""
 
 
-class ReplicaStateError(RuntimeError):
-    """A replica was asked for work at another version of the parameters than the one it holds."""
-
-
 @ray.remote(max_restarts=0)
-class Worker:
-    """A model replica evaluating shard tasks (see :class:`~flops_ray.replica.engine.QueryEngine`).
+class ReplicaActor:
+    """A :class:`~flops_ray.replica.replica.Replica` as a Ray actor: it picks its device and threads, times its
+    work, and joins the collective sums of the all-reduce.
 
     Args:
         model: the model (resolved from one object-store copy shared by every replica).
-        groups: layer groups.
-        estimator: estimator settings.
-        root_seed: the run's root seed.
-        loss_fn: per-sample loss.
-        rule: the optimizer and clipping every replica applies to its own copy.
+        spec: what the replica is built from (:meth:`ReplicaSpec.of` the run's configuration).
         options: per-replica knobs.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        groups: tuple[GroupConfig, ...],
-        estimator: EstimatorConfig,
-        root_seed: int,
-        loss_fn: LossFn,
-        rule: UpdateRule,
-        options: WorkerOptions,
-    ):
+    def __init__(self, model: nn.Module, spec: ReplicaSpec, options: WorkerOptions):
         # Ray reserves logical CPUs only; one intra-op thread per reserved CPU avoids oversubscribing a node.
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
         torch.set_num_threads(max(1, round(cpus)))
         gpu_ids = tuple(str(g) for g in ray.get_gpu_ids())
         # Ray narrows CUDA_VISIBLE_DEVICES to the assigned GPU, so it is always cuda:0 in here.
         device = "cuda:0" if gpu_ids and torch.cuda.is_available() else "cpu"
-        self.engine = QueryEngine(model, groups, estimator, root_seed, loss_fn, device)
-        self.sizes = [g.size for g in self.engine.groups]
-        self.update = ParamUpdate([[p for _, p in g.params] for g in self.engine.groups], rule)
-        self.version = 0
-        self._reduced: list[torch.Tensor] | None = None
+        self.replica = Replica(model, spec, device)
         self.options = options
         self.info = WorkerInfo(ray.get_runtime_context().get_node_id(), gpu_ids, device, torch.get_num_threads())
-        self._held: list[torch.Tensor] = []
-        self._held_keys: list[TaskKey] = []
         self._tasks = self._forwards = 0
         self._busy = self._updating = 0.0
 
@@ -142,36 +107,21 @@ class Worker:
         return WorkerStats(self._tasks, self._forwards, self._busy, self._updating)
 
     def sync(self, batch: StepBatch, version: int) -> int:
-        """Load the step's batch; forget the previous step's partial sums. The replica must hold the
-        parameters after ``version`` updates (a replica that missed one adopts a peer's state first)."""
-        if self.version != version:
-            raise ReplicaStateError(f"replica holds update {self.version} of the parameters, step needs {version}")
-        with warnings.catch_warnings():
-            # Object-store arrays are read-only views; the engine copies them and never writes to them.
-            warnings.filterwarnings("ignore", message=".*not writable.*")
-            self.engine.set_batch(batch.step, batch.x, batch.y)
-        self._held = []  # made at the first kept partial: a scalar-protocol step never keeps one
-        self._held_keys = []
-        self._reduced = None
+        """Load the step's batch (see :meth:`Replica.sync`); the replica must hold the parameters after
+        ``version`` updates."""
+        self.replica.sync(batch.step, batch.x, batch.y, version)
         return batch.step
 
     def run(self, task: ShardTask, keep: bool, coefficients: bool = False) -> ShardResult:
-        """Evaluate ``task``; with ``keep`` the gradient partial stays here for the all-reduce, with
-        ``coefficients`` it travels as per-draw coefficients (the scalar protocol)."""
+        """Evaluate ``task`` (see :meth:`Replica.run`), timed for the scheduler and the stats."""
         t0 = time.perf_counter()
-        kept = keep and task.kind == TaskKind.MAIN
-        result, grad = self.engine.run_on_device(task) if kept else (self.engine.run(task, coefficients), None)
+        result = self.replica.run(task, keep, coefficients)
         if self.options.slowdown > 1.0:
             time.sleep((self.options.slowdown - 1.0) * (time.perf_counter() - t0))
         result.seconds = time.perf_counter() - t0
         self._tasks += 1
         self._forwards += result.forwards
         self._busy += result.seconds
-        if kept:
-            if not self._held:
-                self._held = [torch.zeros(n, dtype=torch.float64, device=self.engine.device) for n in self.sizes]
-            self._held[task.group] += grad  # float32 partial into the float64 sum, on the device
-            self._held_keys.append(task.key)
         return result
 
     # ---- collective reduction -----------------------------------------------------------------------
@@ -187,7 +137,7 @@ class Worker:
         waits ``timeout_s`` for a peer that may have died."""
         self.close_group()
         dist.init_process_group(
-            "nccl" if self.engine.device.type == "cuda" else "gloo",
+            "nccl" if self.replica.device.type == "cuda" else "gloo",
             init_method=f"tcp://{address[0]}:{address[1]}",
             rank=rank,
             world_size=world,
@@ -200,65 +150,29 @@ class Worker:
 
     def allreduce(self) -> ReduceReply:
         """Sum the kept partials of every replica (float32 on the wire); every replica keeps the sum."""
-        # (P,) a copy, so a failed collective leaves the partials intact; zeros from a replica that kept none
-        if self._held:
-            flat = torch.cat(self._held).float()
-        else:
-            flat = torch.zeros(sum(self.sizes), dtype=torch.float32, device=self.engine.device)
+        keys, flat = self.replica.partials()
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        self._reduced = list(torch.split(flat.double(), self.sizes))
-        norms = tuple(float(g.norm()) for g in self._reduced)
-        return ReduceReply(tuple(self._held_keys), norms)
+        return ReduceReply(keys, self.replica.hold_reduced(flat))
 
     # ---- the replica's own copy of the training state -----------------------------------------------
     def apply(self, update: StepUpdate) -> tuple[float, ...]:
-        """Apply ``update`` to this replica's parameters (once: a repeat is ignored); returns the group norms."""
-        if self.version == update.version + 1:
-            return ()
-        if self.version != update.version:
-            raise ReplicaStateError(f"replica holds update {self.version}, the update applies to {update.version}")
+        """Apply ``update`` to this replica's parameters (see :meth:`Replica.apply`); returns the group norms."""
         t0 = time.perf_counter()
-        if update.source == UpdateSource.HELD:
-            if self._reduced is None:
-                raise ReplicaStateError("no all-reduced gradient to apply: this replica was not in the collective")
-            grads = self._reduced
-        elif update.source == UpdateSource.GRADS:
-            grads = [torch.from_numpy(np.asarray(g)).to(self.engine.device) for g in update.grads]
-        else:
-            grads = self.engine.replay(update.tasks, update.coefs)
-        norms = self.update.apply(grads)
+        norms = self.replica.apply(update)
         self._updating += time.perf_counter() - t0
-        self.version += 1
-        self._reduced = None
-        return tuple(norms)
+        return norms
 
     @ray.method(num_returns=2)
     def export_state(self) -> tuple[ReplicaState, int]:
         """This replica's parameters and optimizer state (for a joining peer, or a checkpoint), and its version
         as a second, tiny result the driver reads to learn the export happened."""
-        opt = _to_cpu(self.update.state_dict())
-        return ReplicaState(self.version, to_numpy(self.engine.get_params()), opt), self.version
+        state = self.replica.export_state()
+        return state, state.version
 
     def adopt(self, state: ReplicaState) -> int:
         """Take over ``state`` (a peer's, or a checkpoint's); returns its version."""
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*not writable.*")
-            self.engine.set_params(state.params)
-        self.update.load_state_dict(state.optimizer)
-        self.version = state.version
-        return self.version
+        return self.replica.adopt(state)
 
     def digest(self) -> tuple[int, str]:
         """The version and a hash of this replica's parameters (copies that drifted hash differently)."""
-        return self.version, self.update.digest()
-
-
-def _to_cpu(obj):
-    """``obj`` with every tensor in it moved to the CPU (a GPU replica's optimizer state, for a CPU reader)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_to_cpu(v) for v in obj]
-    return obj
+        return self.replica.digest()

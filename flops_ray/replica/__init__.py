@@ -1,1 +1,1 @@
-"""One model replica: the query engine, its optimizer update and the replay of a step's gradient."""
+"""The replica layer: a copy of the model that runs queries, applies each step's update and carries its state."""

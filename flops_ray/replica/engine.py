@@ -1,10 +1,10 @@
-"""The query engine: one model replica that evaluates shards of perturbed forward passes.
+"""The query engine: evaluates shards of perturbed forward passes on one copy of the model.
 
-A thin shell around the estimator families (:mod:`flops_ray.estimators`): it holds the replica's
+A thin shell around the estimator families (:mod:`flops_ray.estimators`): it holds the copy's
 parameters and the step's batch, turns losses into coefficients
 ``c_q = (L_q - b_j)/sigma`` (``b_j`` the sample's clean loss, for every estimator) and reduces them into
-weighted gradient sums and trace estimates. It imports no ray and touches no files: the same object runs
-in-process and inside actors.
+weighted gradient sums and trace estimates (:mod:`flops_ray.replica.traces`). A
+:class:`~flops_ray.replica.replica.Replica` adds the optimizer and the version of the parameters.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from flops_ray.models.groups import flatten, resolve_groups, to_numpy, unflatten
 from flops_ray.models.losses import LossFn, cross_entropy
 from flops_ray.replica.heap import keep_freed_memory
 from flops_ray.replica.replay import replay_gradients
-from flops_ray.seeding import STREAM_TRACE, generator
+from flops_ray.replica.traces import TraceSampler
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -32,7 +32,7 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class QueryEngine:
-    """A model replica evaluating :class:`~flops_ray.messages.ShardTask` s.
+    """Evaluates :class:`~flops_ray.messages.ShardTask` s on one copy of the model.
 
     Args:
         model: the model; its group parameters are the trainable ones.
@@ -40,7 +40,7 @@ class QueryEngine:
         estimator: estimator settings.
         root_seed: the run's root seed.
         loss_fn: per-sample loss ``(outputs (R, ...), targets (R,)) -> (R,)``.
-        device: where the replica runs; noise is made there, chunk by chunk (:mod:`flops_ray.estimators.noise`).
+        device: where the model runs; noise is made there, chunk by chunk (:mod:`flops_ray.estimators.noise`).
     """
 
     def __init__(
@@ -70,7 +70,10 @@ class QueryEngine:
         self._step = -1
         self._x: torch.Tensor | None = None
         self._y: torch.Tensor | None = None
-        self._coords: dict[tuple[int, int], torch.Tensor] = {}
+        sizes = [g.size for g in self.groups]
+        self.trace_sampler = TraceSampler(
+            sizes, estimator.trace_coords, queries_per_draw(estimator), root_seed, self.device
+        )
         self._skipped = 0
 
     # ---- parameters and batch -------------------------------------------------------------------
@@ -174,7 +177,7 @@ class QueryEngine:
         shard = Shard(task, rows, self._x, self._y, est.noise_layout(self._x), self.dtype, skip_errors=skip)
         base = torch.tensor([it.baseline for it in task.items], dtype=torch.float64, device=self.device)
         weights = None if task.weights is None else torch.tensor(task.weights, dtype=torch.float32, device=self.device)
-        idx = self._trace_coords(task.step, task.group) if task.traces or task.kind == TaskKind.PILOT else None
+        idx = self.trace_sampler.coords(task.step, task.group) if task.traces or task.kind == TaskKind.PILOT else None
         # Per draw, its unweighted sum of sign * coefficient: weighted by its item's weight at the end.
         raw = torch.zeros(len(rows.keys), device=self.device) if coefficients and weights is not None else None
         grad = None
@@ -197,7 +200,7 @@ class QueryEngine:
                 losses.append(ev.losses)
         host = to_numpy(torch.cat(losses))
         self._check_finite(task, host, np.repeat(np.arange(len(task.items)), [it.cost for it in task.items]), skip)
-        traces = self._item_traces(task, rows, torch.cat(subs)) if idx is not None else (None, None)
+        traces = self.trace_sampler.item_traces(task, rows, torch.cat(subs)) if idx is not None else (None, None)
         draw_item = None if raw is None else torch.zeros_like(rows.keys).scatter_(0, rows.draw, rows.item)
         coefs = None if raw is None else to_numpy(raw * weights[draw_item])
         return host, grad, coefs, *traces
@@ -216,36 +219,3 @@ class QueryEngine:
             f"(sample {it.sample_id}; {len(bad)} non-finite of {len(losses)} queries); "
             "set estimator.on_nonfinite=skip to drop such queries instead"
         )
-
-    def _trace_coords(self, step: int, group: int) -> torch.Tensor:
-        """``(K,)`` sorted coordinates of the group sub-sampled for trace estimates (same on every replica): all of
-        a group no larger than ``trace_coords``, else ``trace_coords`` uniform draws (with replacement, so the
-        ``P/K`` scaling stays unbiased and no permutation of ``P_g`` is made)."""
-        key = (step, group)
-        if key not in self._coords:
-            size, k = self.groups[group].size, self.est.trace_coords
-            if size <= k:
-                coords = torch.arange(size)
-            else:
-                coords = torch.randint(size, (k,), generator=generator(self.root_seed, STREAM_TRACE, step, group))
-            self._coords = {key: coords.sort().values.to(self.device)}
-        return self._coords[key]
-
-    def _item_traces(self, task: ShardTask, rows: RowPlan, sub: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Per item ``T_j ~ unit * (P/K) * sum_k Var_units[G_unit,k]`` from the task's sub-sampled terms
-        ``sub (R, K)``, and its degrees of freedom (units - 1).
-
-        A unit is one independent draw (a pair's mean for antithetic estimators); per-query variance is
-        ``unit`` times the unit variance, which is what ``J(A) = sum T_j / A_j`` counts. An item with one
-        draw in the task has no variance to measure: NaN with 0 degrees of freedom. One pass over the items
-        with index sums (two-pass variance, float32) and one copy to the host.
-        """
-        unit, n_items = queries_per_draw(self.est), len(task.items)
-        g = sub.view(-1, unit, sub.shape[-1]).mean(1)  # (U, K): units never straddle items
-        item = rows.item[::unit]
-        n = torch.zeros(n_items, device=g.device).index_add_(0, item, torch.ones(len(item), device=g.device))
-        mean = torch.zeros(n_items, g.shape[1], device=g.device).index_add_(0, item, g) / n.clamp(min=1)[:, None]
-        sq = torch.zeros_like(mean).index_add_(0, item, (g - mean[item]) ** 2).sum(1)
-        scale = unit * self.groups[task.group].size / sub.shape[1]
-        traces = torch.where(n > 1, scale * sq / (n - 1).clamp(min=1), float("nan"))
-        return traces.double().cpu().numpy(), (n - 1).clamp(min=0).double().cpu().numpy()

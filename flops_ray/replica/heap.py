@@ -2,16 +2,11 @@
 
 glibc hands the top of its heap back to the operating system once more than its trim threshold is free, and
 serves blocks above its mmap threshold with fresh mappings, unmapped again when freed; the next chunk then
-touches every page again (a fault and a zeroed 4 KiB page each). A shard's noise, per-row parameters and
-activations are megabytes per chunk, so on the digits ViT that cost a quarter of an SPSA shard's time. Raising
-both thresholds keeps freed pages for the next chunk. Both must be set: setting either one stops glibc from
-raising the mmap threshold by itself, which left a replica at the default 128 KiB and 14x the page faults of
-an in-process engine whose threshold had already grown (its ES shards ran 10-17% slower). The mmap threshold
-stays moderate, since what the heap keeps counts in the peak: blocks of 8 MiB and more (ViT-B's activations)
-still get mappings of their own (a ViT-B replica's peak on a 256-query shard: 11.4e9 bytes; 12.4e9 with blocks
-up to 32 MiB on the heap). Up to 1 GiB free at the heap's top stays mapped: with 64 MiB (11.1e9 bytes) one
-full test run of four crashed at interpreter exit, a native thread reading the page just above the heap's top
-(the reader is not found; keeping the pages may hide it rather than mend it). Nothing changes off glibc.
+touches every page again (a fault and a zeroed page each). A shard's noise, per-row parameters and activations
+are megabytes per chunk, so raising both thresholds keeps freed pages for the next chunk. Both must be set:
+setting either one alone stops glibc from raising the mmap threshold by itself, leaving it at its small
+default. The mmap threshold stays moderate, since what the heap keeps counts in the peak: the largest blocks
+(a big model's activations) still get mappings of their own. Nothing changes off glibc.
 """
 
 from __future__ import annotations
@@ -23,9 +18,11 @@ import functools
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 TRIM_THRESHOLD = 1 << 30
-"""Free bytes at the top of the heap glibc keeps before returning them (its default is 128 KiB, adapting)."""
+"""Free bytes at the top of the heap glibc keeps before returning them (its default is 128 KiB, adapting).
+Kept large on purpose: with smaller values a native thread has crashed at interpreter exit reading just above
+the heap's top (the reader is not found; keeping the pages may hide it rather than mend it)."""
 MMAP_THRESHOLD = 8 << 20
-"""Blocks at least this large get a mapping of their own (its default is 128 KiB, adapting): a digits shard's
+"""Blocks at least this large get a mapping of their own (its default is 128 KiB, adapting): a small model's
 noise and per-row parameters stay on the heap."""
 
 

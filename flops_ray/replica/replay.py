@@ -19,8 +19,7 @@ from flops_ray.messages import ShardTask
 
 BLOCK_BYTES = {"cpu": 4 * 2**20, "cuda": 64 * 2**20}
 """Noise made at a time while replaying, by device: a block of draws of at most this many bytes of normals
-(float32). A CPU block stays in cache until its weighted sum reads it back (64 MiB blocks went to memory:
-9-10 ns per number against 6 at 4 MiB, one thread); a GPU wants few, large kernels."""
+(float32). A CPU block stays in cache until its weighted sum reads it back; a GPU wants few, large kernels."""
 
 
 def replay_gradients(

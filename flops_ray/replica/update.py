@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from flops_ray.config.train import UpdateRule
+from flops_ray.config import UpdateRule
 
 
 def make_optimizer(rule: UpdateRule, params: list[nn.Parameter]) -> torch.optim.Optimizer:
