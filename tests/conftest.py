@@ -117,12 +117,12 @@ def _check_outputs(out, steps: int) -> dict:
     import json
     from pathlib import Path
 
+    from flops_ray.app.run import evaluate
     from flops_ray.training.checkpoint import read_checkpoint
     from flops_ray.training.metrics_log import read_metrics
-    from flops_ray.app.run import evaluate
 
     out = Path(out)
-    summary = json.loads((out / "finetune_vit.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == steps and summary["config"]["steps"] == steps
     assert summary["queries"] > 0 and summary["wall_seconds"] > 0
     assert summary["final_test_accuracy"] == evaluate(out / "checkpoint.safetensors")["test_accuracy"]

@@ -7,8 +7,8 @@ import torch
 
 from flops_ray.allocation.allocators import AllocationFeatures, bernoulli_weights, create_allocator
 from flops_ray.allocation.budget import allocation_objective, equal_neyman_gap, fill_to_total, to_counts
-from flops_ray.config.train import AllocatorConfig
 from flops_ray.allocation.gaussian import GaussianAllocator, factors, surrogate_gradient
+from flops_ray.config import AllocatorConfig
 
 
 def _synthetic(b: int = 32, seed: int = 0) -> AllocationFeatures:

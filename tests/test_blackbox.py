@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from flops_ray.models.blackbox import BlackBox, BlackBoxError, BlackBoxShapeError, ModuleLoss
-from flops_ray.config.train import AllocatorConfig, ConfigError, EstimatorConfig, GroupConfig, TrainConfig
+from flops_ray.config import AllocatorConfig, ConfigError, EstimatorConfig, GroupConfig, TrainConfig
 from flops_ray.data.arrays import ArrayDataset
-from flops_ray.replica.engine import NonFiniteLossError
+from flops_ray.models.blackbox import BlackBox, BlackBoxError, BlackBoxShapeError, ModuleLoss
 from flops_ray.models.losses import cross_entropy
+from flops_ray.replica.engine import NonFiniteLossError
 from flops_ray.training.trainer import Trainer
 
 GEN = torch.Generator().manual_seed(0)

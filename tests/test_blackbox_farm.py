@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from flops_ray.models.blackbox import BlackBox, BlackBoxError, ModuleLoss
-from flops_ray.config.train import AllocatorConfig, EstimatorConfig, FarmConfig, TrainConfig
+from flops_ray.config import AllocatorConfig, EstimatorConfig, FarmConfig, TrainConfig
 from flops_ray.data.arrays import ArrayDataset
+from flops_ray.models.blackbox import BlackBox, BlackBoxError, ModuleLoss
 from flops_ray.models.losses import cross_entropy
 from flops_ray.training.trainer import Trainer
 

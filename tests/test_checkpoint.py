@@ -7,14 +7,14 @@ import os
 import pytest
 import torch
 
+from flops_ray.config import AllocatorConfig, EstimatorConfig, GroupConfig, TrainConfig
+from flops_ray.config.plain import config_to_dict
+from flops_ray.models.factory import create_model
 from flops_ray.training.checkpoint import (
     CheckpointError,
     load_model_state,
     read_checkpoint,
 )
-from flops_ray.config.train import AllocatorConfig, EstimatorConfig, GroupConfig, TrainConfig
-from flops_ray.config.plain import config_to_dict
-from flops_ray.models.factory import create_model
 from flops_ray.training.state import config_mismatch
 from flops_ray.training.trainer import Trainer
 from flops_ray.training.weights import load_pretrained, save_state_dict

@@ -104,7 +104,7 @@ def test_train_eval_plot(tmp_path, capsys):
         check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    summary = json.loads((out / "finetune_vit.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["config"]["allocator"]["kind"] == "neyman"
     assert summary["config"]["farm"]["backend"] == "ray"
 

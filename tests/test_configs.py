@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from flops_ray.config.train import ConfigError
-from flops_ray.estimators import estimator_family
-from flops_ray.models.groups import resolve_groups
 from flops_ray.app.job_config import add_train_arguments, load_config
+from flops_ray.config import ConfigError
+from flops_ray.estimators import estimator_family
 from flops_ray.models.factory import create_model
+from flops_ray.models.groups import resolve_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "jobs" / "configs").glob("*.yaml"))

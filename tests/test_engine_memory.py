@@ -16,7 +16,7 @@ _PEAK = r"""
 import json, resource, sys
 import torch
 from torch import nn
-from flops_ray.config.train import EstimatorConfig, GroupConfig
+from flops_ray.config import EstimatorConfig, GroupConfig
 from flops_ray.replica.engine import QueryEngine
 from flops_ray.messages import ShardItem, ShardTask, TaskKind
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from flops_ray.config.train import EstimatorConfig, GroupConfig
-from flops_ray.replica.engine import NonFiniteLossError, QueryEngine
+from flops_ray.config import EstimatorConfig, GroupConfig
 from flops_ray.estimators import RowPlan
-from flops_ray.models.losses import cross_entropy
-from flops_ray.messages import ShardItem, ShardTask, TaskKind
 from flops_ray.estimators.noise import NoiseLayout
+from flops_ray.messages import ShardItem, ShardTask, TaskKind
+from flops_ray.models.losses import cross_entropy
+from flops_ray.replica.engine import NonFiniteLossError, QueryEngine
 
 
 class TokenMLP(nn.Module):
@@ -238,8 +238,8 @@ def test_nonfinite_loss_names_shard_and_row():
 
 def test_clean_pass_proxy_survives_in_place_ops_after_a_group_linear():
     """A ReLU(inplace=True) right after a perturbed linear must neither fail nor change the recorded output."""
-    from flops_ray.models.groups import resolve_groups
     from flops_ray.allocation.trace_proxy import clean_pass
+    from flops_ray.models.groups import resolve_groups
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(inplace=True), nn.Linear(8, 3))

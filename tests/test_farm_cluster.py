@@ -7,7 +7,7 @@ import ray
 import torch
 from ray.cluster_utils import Cluster
 
-from flops_ray.config.train import AllocatorConfig, FarmConfig, TrainConfig
+from flops_ray.config import AllocatorConfig, FarmConfig, TrainConfig
 from flops_ray.data.arrays import digits
 from flops_ray.models.factory import create_model
 from flops_ray.training.trainer import Trainer

@@ -10,14 +10,14 @@ import pytest
 import ray
 import torch
 
-from flops_ray.config.train import AllocatorConfig, EstimatorConfig, FarmConfig, TrainConfig
-from flops_ray.training.driver import start_driver
+from flops_ray.config import AllocatorConfig, EstimatorConfig, FarmConfig, TrainConfig
 from flops_ray.farm.backend import RayBackend
 from flops_ray.farm.errors import FarmError
 from flops_ray.farm.task_costs import TaskCosts
 from flops_ray.farm.worker import WorkerOptions
 from flops_ray.messages import ShardItem, ShardTask, TaskKind
 from flops_ray.models.factory import create_model
+from flops_ray.training.driver import start_driver
 from flops_ray.training.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("ray_local")

@@ -17,7 +17,7 @@ import pytest
 import ray
 import torch
 
-from flops_ray.config.train import FarmConfig, TrainConfig
+from flops_ray.config import FarmConfig, TrainConfig
 from flops_ray.farm.backend import RayBackend
 from flops_ray.farm.errors import FarmError
 from flops_ray.farm.fault_budget import FaultBudget

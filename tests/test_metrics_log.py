@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flops_ray.training.metrics_log import MetricsLog, read_metrics
 from flops_ray.step.forward import StepReport
+from flops_ray.training.metrics_log import MetricsLog, read_metrics
 
 
 def _log(step: int) -> StepReport:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from flops_ray.config.train import EstimatorConfig, TrainConfig
+from flops_ray.config import EstimatorConfig, TrainConfig
 from flops_ray.models.factory import create_model
 from flops_ray.training.trainer import Trainer
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from flops_ray.training.checkpoint import read_checkpoint
 from flops_ray.app.job_config import load_config
 from flops_ray.app.run import train
+from flops_ray.training.checkpoint import read_checkpoint
 
 
 def test_quick_run_in_process_then_resume(tmp_path, check_outputs, capsys):
@@ -60,7 +60,7 @@ def test_an_output_directory_belongs_to_one_run(tmp_path):
     lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
     with pytest.raises(RunLockedError, match=rf"in use by the run of process {os.getpid()} on "):
         train(cfg, tmp_path, job, quick=True)
-    assert not (tmp_path / "finetune_vit.json").exists(), "nothing was written"
+    assert not (tmp_path / "summary.json").exists(), "nothing was written"
 
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     lock.write_text(json.dumps({"host": socket.gethostname(), "pid": int(gone.stdout)}))
@@ -80,9 +80,9 @@ def test_resume_says_when_metrics_rows_are_missing(tmp_path, capsys):
 
 def test_checkpoints_every_n_steps(tmp_path):
     """``job.checkpoint_every``: after every N-th step the checkpoint on disk is that step's, rows flushed first."""
-    from flops_ray.training.metrics_log import MetricsLog, read_metrics
-    from flops_ray.app.run import build
     from flops_ray.app.hooks import Checkpointer
+    from flops_ray.app.run import build
+    from flops_ray.training.metrics_log import MetricsLog, read_metrics
 
     cfg, _ = load_config(None, ["farm.backend=local", "model=digits_vit", "steps=3", "batch_size=8"])
     path, seen = tmp_path / "ck.safetensors", []

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from flops_ray.config.train import EstimatorConfig, GroupConfig
-from flops_ray.replica.engine import QueryEngine
+from flops_ray.config import EstimatorConfig, GroupConfig
 from flops_ray.messages import ShardItem, ShardTask, TaskKind
+from flops_ray.replica.engine import QueryEngine
 
 
 class _Block(nn.Module):
@@ -175,7 +175,7 @@ def test_a_prefix_failing_after_its_check_falls_back_to_the_whole_model():
 
 
 def test_share_prefix_is_a_config_field_resumes_may_change():
-    from flops_ray.config.train import TrainConfig
+    from flops_ray.config import TrainConfig
     from flops_ray.config.plain import config_to_dict
     from flops_ray.training.state import config_mismatch
 

@@ -11,7 +11,7 @@ from typing import Any
 import ray
 from ray.actor import ActorHandle
 
-from flops_ray.config.train import FarmConfig
+from flops_ray.config import FarmConfig
 from flops_ray.farm.ray_init import init_ray
 
 Hosted = ActorHandle

@@ -21,7 +21,7 @@ import warnings
 import ray
 from ray.exceptions import RayActorError
 
-from flops_ray.config.train import FarmConfig
+from flops_ray.config import FarmConfig
 from flops_ray.farm.errors import FarmError
 from flops_ray.farm.replica_pool import ReplicaPool
 

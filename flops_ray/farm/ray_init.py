@@ -13,7 +13,7 @@ import time
 
 import ray
 
-from flops_ray.config.train import FarmConfig
+from flops_ray.config import FarmConfig
 from flops_ray.farm.errors import FarmError
 
 

@@ -3,7 +3,7 @@
 A thin client (a laptop, a ``ray job submit`` entrypoint) starts it with :func:`start_driver` and calls
 the trainer's methods on the handle; the client can disconnect between calls without stopping training.
 
-    >>> from flops_ray.config.train import FarmConfig, TrainConfig
+    >>> from flops_ray.config import FarmConfig, TrainConfig
     >>> cfg = TrainConfig(farm=FarmConfig(backend="ray", workers=2))
     >>> driver = start_driver(cfg, model, train, test)  # doctest: +SKIP
     >>> reports = ray.get(driver.fit.remote(10))  # doctest: +SKIP
@@ -15,7 +15,7 @@ import dataclasses
 
 from torch import nn
 
-from flops_ray.config.train import TrainConfig
+from flops_ray.config import TrainConfig
 from flops_ray.data.arrays import ArrayDataset
 from flops_ray.farm.hosted import Hosted, start_hosted
 from flops_ray.models.losses import LossFn, cross_entropy

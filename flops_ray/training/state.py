@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from flops_ray.config.train import TrainConfig
+from flops_ray.config import TrainConfig
 from flops_ray.config.plain import config_to_dict
 
 RESUME_FREE = (
