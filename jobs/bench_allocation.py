@@ -19,35 +19,15 @@ from the run's per-sample trace memory; ``/pilot``: from this step's pilot, not 
 
 from __future__ import annotations
 
-import argparse
-import copy
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from flops_ray.allocation.allocators import create_allocator
-from flops_ray.allocation.budget import to_counts
-from flops_ray.allocation.trace_memory import TraceMemory
-from flops_ray.config import AllocatorConfig, FarmConfig, TrainConfig
-from flops_ray.data.arrays import batch_at, digits
-from flops_ray.estimators import queries_per_draw
-from flops_ray.messages import ShardItem, ShardTask, TaskKind
-from flops_ray.models.factory import create_model
-from flops_ray.models.groups import resolve_groups
-from flops_ray.models.losses import cross_entropy
-from flops_ray.replica.engine import QueryEngine
-from flops_ray.step.checks import least_queries
-from flops_ray.step.forward import ForwardStep
-from flops_ray.step.local_backend import LocalBackend
-from flops_ray.training.trainer import Trainer
-
-REP_STEP = 1_000_000
-"""Repetition ``r`` at checkpoint ``s`` runs as step ``REP_STEP * (r + 1) + s``: noise no training step drew."""
+from flops_ray import FarmConfig, TrainConfig, Trainer, create_model, digits
+from flops_ray.studies.allocation_study import compare_allocators
+from flops_ray.studies.job_cli import job_parser
+from flops_ray.studies.results import write_result
 
 
 @dataclass(frozen=True)
@@ -81,117 +61,6 @@ class BenchConfig:
 QUICK = BenchConfig(settings=(Setting(),), steps=150, checkpoints=(0, 75, 150), reps=200)
 
 
-class FixedCounts:
-    """An allocator that always returns the same counts (the oracle's, computed outside the budget)."""
-
-    needs_traces = allocates_from_traces = False
-
-    def __init__(self, counts: torch.Tensor):
-        self.counts = counts
-
-    def allocate(self, feats, total, minimum, unit, gen):
-        return self.counts
-
-    def update(self, feats, total, minimum, gen) -> None:
-        pass
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {}
-
-    def load_state_dict(self, state) -> None:
-        pass
-
-
-def _allocator_config(name: str) -> AllocatorConfig:
-    kind, _, signal = name.partition("/")
-    return AllocatorConfig(kind=kind, signal=signal or "clean")
-
-
-def _exact_gradient(cfg: TrainConfig, model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """The batch's backprop gradient of every group's trainable parameters, concatenated ``(P,)``."""
-    model = copy.deepcopy(model)
-    params = [p for g in resolve_groups(model, cfg.groups, linear_outputs=True) for _, p in g.params]
-    loss = cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y)).mean()
-    return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]).double().numpy()
-
-
-def _oracle_counts(cfg: TrainConfig, engine: QueryEngine, step: int, ids, losses, pilot: int) -> list[torch.Tensor]:
-    """Per group, Neyman counts from traces measured with ``pilot`` extra queries per sample."""
-    engine.set_batch(step, *engine.batch())
-    counts = []
-    for g, group in enumerate(cfg.groups):
-        items = tuple(ShardItem(j, int(ids[j]), 0, pilot, float(losses[j])) for j in range(len(ids)))
-        traces = engine.run(ShardTask(kind=TaskKind.PILOT, step=step, group=g, index=0, items=items)).traces
-        total = group.queries_per_sample * len(ids)
-        least = least_queries(cfg.estimator, cfg.allocator)
-        counts.append(
-            to_counts(torch.from_numpy(traces).clamp_min(0).sqrt(), total, least, queries_per_draw(cfg.estimator))
-        )
-    return counts
-
-
-def measure(bench: BenchConfig, trainer: Trainer) -> dict:
-    """Paired MSE ratios and cosines of every allocator on the batch of ``trainer``'s next step."""
-    cfg, s = trainer.cfg, trainer.step_count
-    ids = batch_at(len(trainer.train_set), cfg.batch_size, cfg.seed, s)
-    x, y = trainer.train_set.x[ids], trainer.train_set.y[ids]
-    exact = _exact_gradient(cfg, trainer.model, x, y)
-    est = cfg.estimator
-    engine = QueryEngine(copy.deepcopy(trainer.model), cfg.groups, est, cfg.seed)
-    backend = LocalBackend(engine)
-    memory = trainer.memory.state_dict()
-
-    def forward_step(name: str, allocators) -> ForwardStep:
-        alloc_cfg = dataclasses.replace(cfg.allocator, **dataclasses.asdict(_allocator_config(name)))
-        mem = TraceMemory(len(cfg.groups), len(trainer.train_set), alloc_cfg.memory_decay, alloc_cfg.memory_prior)
-        mem.load_state_dict(memory)
-        needs_pilot = alloc_cfg.signal == "pilot"
-        step_est = dataclasses.replace(est, pilot_queries=4 if needs_pilot else est.pilot_queries)
-        return ForwardStep(
-            backend,
-            groups=cfg.groups,
-            sizes=[g.size for g in trainer.groups],
-            estimator=step_est,
-            allocator=alloc_cfg,
-            allocators=allocators,
-            memory=mem,
-            shard_cost=max(cfg.farm.shard_cost, 256),
-            root_seed=cfg.seed,
-        )
-
-    clean = forward_step("equal", [create_allocator(AllocatorConfig("equal")) for _ in cfg.groups])
-    _, report = clean(REP_STEP - 1, x, y, ids)
-    oracle = _oracle_counts(cfg, engine, REP_STEP - 2, ids, report.losses, bench.oracle_pilot)
-    steps = {"equal": clean, "oracle": forward_step("equal", [FixedCounts(c) for c in oracle])}
-    for name in bench.allocators:
-        alloc_cfg = _allocator_config(name)
-        allocators = [create_allocator(dataclasses.replace(cfg.allocator, kind=alloc_cfg.kind)) for _ in cfg.groups]
-        steps[name] = forward_step(name, allocators)
-        if alloc_cfg.kind == "gaussian":
-            # Fit lambda first, as a run would have over earlier steps, on this batch's signal (never its draws).
-            for _ in range(8):
-                steps[name](REP_STEP - 3, x, y, ids)
-    errors = {name: [] for name in steps}
-    cosines = {name: [] for name in steps}
-    for r in range(bench.reps):
-        for name, forward in steps.items():
-            # Every repetition allocates from the run's memory, not from the repetitions before it.
-            forward.memory.load_state_dict(memory)
-            reduced, _ = forward(REP_STEP * (r + 1) + s, x, y, ids)
-            g = np.concatenate(reduced.grads)
-            errors[name].append(float(((g - exact) ** 2).sum()))
-            cosines[name].append(float(g @ exact / (np.linalg.norm(g) * np.linalg.norm(exact))))
-    equal = np.mean(errors["equal"])
-    row = {
-        "step": s,
-        "mse_ratio": {name: float(np.mean(e) / equal) for name, e in errors.items() if name != "equal"},
-        "cosine": {name: float(np.mean(c)) for name, c in cosines.items()},
-        "train_loss": float(np.mean(report.losses)),
-    }
-    print(f"step {s:4d}: " + "  ".join(f"{k} {v:.3f}" for k, v in row["mse_ratio"].items()), flush=True)
-    return row
-
-
 def run_setting(bench: BenchConfig, setting: Setting) -> list[dict]:
     """Train the default config at ``setting`` and measure at every checkpoint."""
     base = TrainConfig()
@@ -208,7 +77,11 @@ def run_setting(bench: BenchConfig, setting: Setting) -> list[dict]:
     with Trainer(cfg, model, digits("train"), digits("test")) as trainer:
         for s in bench.checkpoints:
             trainer.fit(s - trainer.step_count)
-            rows.append(measure(bench, trainer))
+            row = compare_allocators(trainer, bench.allocators, bench.reps, bench.oracle_pilot)
+            print(
+                f"step {row['step']:4d}: " + "  ".join(f"{k} {v:.3f}" for k, v in row["mse_ratio"].items()), flush=True
+            )
+            rows.append(row)
     return rows
 
 
@@ -238,15 +111,12 @@ def main(bench: BenchConfig, out: Path) -> dict:
         "config": dataclasses.asdict(bench),
         "seconds": time.perf_counter() - t0,
     }
-    (out / "bench_allocation.json").write_text(json.dumps(result, indent=2) + "\n")
+    path = write_result(out, "bench_allocation", result)
     print(table(result["checkpoints"]))
-    print(f"wrote {out / 'bench_allocation.json'} in {result['seconds']:.0f} s")
+    print(f"wrote {path} in {result['seconds']:.0f} s")
     return result
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one model, 3 checkpoints over 150 steps (~10 min)")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench_allocation"), help="output directory")
-    args = parser.parse_args()
+    args = job_parser(__doc__, "bench_allocation", "one model, 3 checkpoints over 150 steps (~10 min)").parse_args()
     main(QUICK if args.quick else BenchConfig(), args.out)

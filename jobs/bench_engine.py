@@ -23,8 +23,8 @@ the config's pilot and pair settings), on the same rows and device:
   kind could reach on this device if its queries cost a plain forward plus making their noise and
   nothing else (SPSA/ES need ``P_g`` numbers per draw, LR one per output of the group's linears).
 - ``noise_numbers_per_s``: independent Gaussian numbers per second (a pair shares one draw) of the
-  engine's noise path (``RowPlan.draws``, then each row's signed copy, chunk by chunk) on the ViT-B/16 LR shard; ``details`` has every
-  workload and kind.
+  engine's noise path (``RowPlan.draws``, then each row's signed copy, chunk by chunk) on the ViT-B/16 LR
+  shard; ``details`` has every workload and kind.
 - ``peak_replica_bytes["vit_b16"]``: peak memory of one replica (model, batch, clean pass and one main
   shard of ``peak_rows`` queries of the shipped config's estimator) in a fresh process, above what the
   process held before building it: ``max_memory_allocated`` on CUDA, peak RSS on CPU. The full run uses
@@ -33,8 +33,8 @@ the config's pilot and pair settings), on the same rows and device:
 Workloads: ``digits_vit`` is the default config's first group (one linear) with LR, SPSA and ES;
 ``vit_b16`` is the ViT-B/16 config's ``top`` group at 224 px, randomly initialised (no weights are
 downloaded; speed does not depend on them), with LR and SPSA. The device is CUDA when available (then every
-workload's shard is its config's ``farm.shard_cost``), else CPU; both sides of a ratio run on the torch threads a replica of the config would use (``farm.num_cpus_per_worker``,
-at most this machine's).
+workload's shard is its config's ``farm.shard_cost``), else CPU; both sides of a ratio run on the torch
+threads a replica of the config would use (``farm.num_cpus_per_worker``, at most this machine's).
 
     python jobs/bench_engine.py --quick --out docs/results
     python jobs/bench_engine.py --out runs/bench_engine
@@ -43,35 +43,24 @@ at most this machine's).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
-import resource
 import statistics
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
-from flops_ray.app.job_config import jobs_dir, load_config
-from flops_ray.app.run import model_in_chans
-from flops_ray.config import TrainConfig
-from flops_ray.data.arrays import batch_at, digits
-from flops_ray.estimators import RowPlan, queries_per_draw
-from flops_ray.messages import ShardTask
-from flops_ray.models.factory import create_model
-from flops_ray.models.groups import resolve_groups
-from flops_ray.replica.engine import QueryEngine
-from flops_ray.step.checks import reuses_pilot
-from flops_ray.step.plan import plan_clean, plan_main
+from flops_ray import TrainConfig, create_model, load_config
+from flops_ray.app.job_config import jobs_dir
+from flops_ray.studies.engine_shard import Variant, engine_and_shard, infer, noise_seconds, shard_rows, variants
+from flops_ray.studies.flop_bound import lr_bound
+from flops_ray.studies.job_cli import job_parser
+from flops_ray.studies.peak_memory import held_bytes, in_fresh_process
+from flops_ray.studies.results import write_result
+from flops_ray.studies.timing import seconds, torch_threads
 
 
 @dataclass(frozen=True)
@@ -136,120 +125,10 @@ def load_workload(work: Workload) -> tuple[TrainConfig, int, nn.Module]:
     return cfg, group, create_model(cfg.model, cfg.data.num_classes, cfg.data.img_size, cfg.seed)
 
 
-def _batch(cfg: TrainConfig, model: nn.Module, samples: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``samples`` rows ``x``, ``y`` and their ids: the built-in digits, else random pixels of the config's size
-    (other datasets are not in the repository; a forward costs the same whatever the pixels)."""
-    if cfg.data.dataset == "digits":
-        train = digits("train", cfg.data.img_size)
-        ids = batch_at(len(train), samples, cfg.seed, 0)
-        return train.x[ids], train.y[ids], ids
-    gen = torch.Generator().manual_seed(cfg.seed)
-    size = cfg.data.img_size
-    x = torch.randn(samples, model_in_chans(model), size, size, generator=gen)
-    y = torch.randint(cfg.data.num_classes, (samples,), generator=gen)
-    return x.numpy(), y.numpy(), np.arange(samples)
-
-
-@dataclass(frozen=True)
-class Variant:
-    """An estimator kind and the engine settings it is timed with."""
-
-    kind: str
-    share_prefix: bool = True
-    """``estimator.share_prefix``."""
-    noise: str = "gaussian"
-    """``estimator.noise``."""
-
-    def __str__(self) -> str:
-        return " ".join(
-            [self.kind, *([] if self.share_prefix else ["whole"]), *([self.noise] * (self.noise != "gaussian"))]
-        )
-
-
-def variants(kinds: tuple[str, ...]) -> list[Variant]:
-    """Each kind as configured (the blocks before the group shared per sample), with every query through the
-    whole model (``share_prefix`` off), and SPSA/ES also with rank-1 noise."""
-    out = [Variant(k, share) for k in kinds for share in (True, False)]
-    return out + [Variant(k, noise="rank1") for k in kinds if k != "lr"]
-
-
-def replica(
-    cfg: TrainConfig, group: int, model: nn.Module, shard: int, where: torch.device, variant: Variant
-) -> tuple[QueryEngine, ShardTask]:
-    """An engine for ``variant`` holding a batch just large enough for one main shard of ``shard`` queries of
-    ``group``, and that shard: clean pass, equal counts and the main plan as in a training step."""
-    v = variant
-    est = dataclasses.replace(cfg.estimator, kind=v.kind, share_prefix=v.share_prefix, noise=v.noise)
-    pilot, per_sample = est.pilot_queries, cfg.groups[group].queries_per_sample
-    reuse = reuses_pilot(est, cfg.allocator)
-    samples = -(-shard // (per_sample - (0 if reuse else pilot)))
-    x, y, ids = _batch(cfg, model, samples)
-    engine = QueryEngine(model, cfg.groups, est, cfg.seed, device=where)
-    engine.set_batch(0, x, y)
-    losses = np.concatenate([engine.run(t).losses for t in plan_clean(0, ids, cfg.farm.shard_cost)])
-    counts = np.full(samples, per_sample)
-    return engine, plan_main(0, group, counts, ids, losses, pilot, shard, queries_per_draw(est), reuse)[0]
-
-
-def _seconds(fn: Callable[[], object], where: torch.device) -> float:
-    """Wall seconds of ``fn``, the device's queued work included."""
-    sync = torch.cuda.synchronize if where.type == "cuda" else lambda: None
-    sync()
-    t0 = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - t0
-
-
-def _infer(engine: QueryEngine, model: nn.Module, inputs: torch.Tensor, rows: RowPlan, max_rows: int) -> None:
-    """Plain batched inference of the shard's rows, in the engine's chunks and forward precision."""
-    with torch.inference_mode(), engine.forward_precision():
-        for sl in rows.chunks(max_rows):
-            model(inputs[sl])
-
-
-def lr_bound(model: nn.Module, cfg: TrainConfig, group: int, x: torch.Tensor) -> dict:
-    """``F`` forward flops per row, ``A`` LR assembly flops per query of the group's linears, and ``F / (F + A)``."""
-    linears = resolve_groups(model, (cfg.groups[group],), linear_outputs=True)[0].linears
-    tokens: dict[str, int] = {}
-
-    def count(name: str):
-        def hook(module, inputs, out):
-            tokens[name] = out[0].numel() // out.shape[-1]
-
-        return hook
-
-    handles = [lin.register_forward_hook(count(name)) for name, lin in linears]
-    # The math kernel runs attention as matmuls the counter sees; fused kernels have no formula on CPU.
-    try:
-        with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-            model(x[:1])
-    finally:
-        for handle in handles:
-            handle.remove()
-    forward = counter.get_total_flops()
-    assembly = sum(
-        tokens[name] * (2 * lin.in_features * lin.out_features + (lin.out_features if lin.bias is not None else 0))
-        for name, lin in linears
-    )
-    return {"forward_flops": forward, "assembly_flops": assembly, "bound": forward / (forward + assembly)}
-
-
-@contextlib.contextmanager
-def replica_threads(cfg: TrainConfig) -> Iterator[int]:
-    """Torch threads as a replica of ``cfg`` sets them (``farm.num_cpus_per_worker``), at most this machine's."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(round(cfg.farm.num_cpus_per_worker), threads)))
-    try:
-        yield torch.get_num_threads()
-    finally:
-        torch.set_num_threads(threads)
-
-
 def measure(name: str, work: Workload, where: torch.device) -> dict:
     """Efficiency of every kind of ``work``, its LR flop bound and its noise rates, on a replica's threads."""
     cfg, group, model = load_workload(work)
-    with replica_threads(cfg) as threads:
+    with torch_threads(round(cfg.farm.num_cpus_per_worker)) as threads:
         print(f"{name}: {cfg.model}, group {work.group}, {threads} torch threads on {where}", flush=True)
         return {**_measure(name, work, where, cfg, group, model), "torch_threads": threads}
 
@@ -257,33 +136,25 @@ def measure(name: str, work: Workload, where: torch.device) -> dict:
 def _measure(name: str, work: Workload, where: torch.device, cfg: TrainConfig, group: int, model: nn.Module) -> dict:
     # A GPU runs the config's own shard: a few rows would time kernel launches, not queries.
     shard = cfg.farm.shard_cost if where.type == "cuda" else work.shard or cfg.farm.shard_cost
-    replicas = {v: replica(cfg, group, model, shard, where, v) for v in variants(work.kinds)}
-    engine, task = next(iter(replicas.values()))
-    rows = RowPlan.of(task, queries_per_draw(engine.est), engine.root_seed, engine.device)
-    inputs = engine.batch()[0][rows.pos]
-    max_rows = engine.est.max_rows
-    _infer(engine, model, inputs, rows, max_rows)  # warm-up
+    replicas = {v: engine_and_shard(cfg, group, model, shard, where, v) for v in variants(work.kinds)}
+    first = next(iter(replicas.values()))[0]
+    rows = shard_rows(*next(iter(replicas.values())))
+    inputs = first.batch()[0][rows.pos]
+    infer(first, inputs, rows)  # warm-up
     for engine, task in replicas.values():
         engine.run(task)  # warm-up (LR probes its output sizes once)
-    seconds: dict[Variant, list[tuple[float, float]]] = {v: [] for v in replicas}
-    for rep in range(work.reps):
-        for v, (engine, task) in replicas.items():
-            # Back to back, so both sides of a ratio see the same load of a shared machine.
-            plain = _seconds(lambda e=engine: _infer(e, model, inputs, rows, max_rows), where)
-            seconds[v].append((plain, _seconds(lambda e=engine, t=task: e.run_on_device(t), where)))
-        last = {str(v): s[-1][0] / s[-1][1] for v, s in seconds.items()}
-        print(f"{name} rep {rep + 1}/{work.reps}: {len(rows)} queries, efficiency {_fmt(last)}", flush=True)
-    ratio = {v: statistics.median(plain / perturbed for plain, perturbed in s) for v, s in seconds.items()}
+    times = _interleaved(name, work, replicas, inputs, rows)
+    ratio = {v: statistics.median(plain / perturbed for plain, perturbed in s) for v, s in times.items()}
     efficiency = {k: ratio[Variant(k)] for k in work.kinds}
     whole = {k: ratio[Variant(k, share_prefix=False)] for k in work.kinds}
-    rank1 = {k: r for v, r in ratio.items() if v.noise == "rank1" for k in [v.kind]}
-    made = {k: noise_seconds(*replicas[Variant(k)], work.reps, where) for k in work.kinds}
+    rank1 = {v.kind: r for v, r in ratio.items() if v.noise == "rank1"}
+    made = {k: noise_seconds(*replicas[Variant(k)], work.reps) for k in work.kinds}
     noise = {kind: numbers / sec for kind, (numbers, sec) in made.items()}
-    plain = statistics.median(plain for s in seconds.values() for plain, _ in s)
-    bound = lr_bound(model, cfg, group, inputs)
+    plain = statistics.median(plain for s in times.values() for plain, _ in s)
+    bound = lr_bound(model, cfg.groups[group], inputs)
     print(
-        f"{name}: efficiency {_fmt(efficiency)} (whole model per query: {_fmt(whole)}; rank-1 noise: {_fmt(rank1)}), LR bound "
-        f"{bound['bound']:.3f}, noise/s {_fmt(noise)}",
+        f"{name}: efficiency {_fmt(efficiency)} (whole model per query: {_fmt(whole)}; rank-1 noise: "
+        f"{_fmt(rank1)}), LR bound {bound['bound']:.3f}, noise/s {_fmt(noise)}",
         flush=True,
     )
     return {
@@ -295,62 +166,49 @@ def _measure(name: str, work: Workload, where: torch.device, cfg: TrainConfig, g
         "forward_flops_per_row": bound["forward_flops"],
         "assembly_flops_per_query": bound["assembly_flops"],
         "shard_queries": len(rows),
-        "max_rows": max_rows,
+        "max_rows": first.est.max_rows,
         "rows_per_s": len(rows) / plain,
         "queries_per_s": {
-            k: len(rows) / statistics.median(perturbed for _, perturbed in seconds[Variant(k)]) for k in work.kinds
+            k: len(rows) / statistics.median(perturbed for _, perturbed in times[Variant(k)]) for k in work.kinds
         },
         "noise_numbers_per_s": noise,
         "noise_bound": {kind: plain / (plain + sec) for kind, (_, sec) in made.items()},
     }
 
 
-def noise_seconds(engine: QueryEngine, task: ShardTask, reps: int, where: torch.device) -> tuple[int, float]:
-    """Gaussian numbers the engine's noise path makes for ``task``'s rows, and its seconds (median of ``reps``)."""
-    rows = RowPlan.of(task, queries_per_draw(engine.est), engine.root_seed, engine.device)
-    layout = engine.estimators[task.group].noise_layout(engine.batch()[0])
-    chunks = rows.chunks(engine.est.max_rows)
-    seconds = [
-        _seconds(lambda: [rows.draws(sl, layout, engine.dtype).rows() for sl in chunks], where) for _ in range(reps)
-    ]
-    return len(rows.keys) * layout.size, statistics.median(seconds)
+def _interleaved(name: str, work: Workload, replicas: dict, inputs: torch.Tensor, rows) -> dict:
+    """Per variant, ``(plain inference, engine)`` seconds of every repetition, the two timed back to back so both
+    sides of a ratio see the same load of a shared machine."""
+    times: dict[Variant, list[tuple[float, float]]] = {v: [] for v in replicas}
+    for rep in range(work.reps):
+        for v, (engine, task) in replicas.items():
+            plain = seconds(lambda e=engine: infer(e, inputs, rows), engine.device)
+            times[v].append((plain, seconds(lambda e=engine, t=task: e.run_on_device(t), engine.device)))
+        last = {str(v): s[-1][0] / s[-1][1] for v, s in times.items()}
+        print(f"{name} rep {rep + 1}/{work.reps}: {len(rows)} queries, efficiency {_fmt(last)}", flush=True)
+    return times
 
 
 def _fmt(values: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.3g}" for k, v in values.items())
 
 
-def _held(where: torch.device) -> int:
-    """Most bytes this process has held so far: allocated on the GPU, else resident (peak RSS)."""
-    if where.type == "cuda":
-        return torch.cuda.max_memory_allocated()
-    # Linux reports the peak RSS in KiB, macOS in bytes.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-
-
 def peak_replica(work: Workload, rows: int) -> dict:
     """Peak memory of one replica in this process: model, batch, clean pass and one main shard of ``rows``
     queries of the config's own estimator, above what the process held before (imports and runtime)."""
     where = device()
-    before = _held(where)
+    before = held_bytes(where)
     cfg, group, model = load_workload(work)
     est = cfg.estimator
-    engine, task = replica(cfg, group, model, rows, where, Variant(est.kind, est.share_prefix, est.noise))
+    engine, task = engine_and_shard(cfg, group, model, rows, where, Variant(est.kind, est.share_prefix, est.noise))
     engine.run(task)
-    return {"bytes": _held(where) - before, "rows": task.cost, "kind": cfg.estimator.kind}
+    return {"bytes": held_bytes(where) - before, "rows": task.cost, "kind": cfg.estimator.kind}
 
 
 def peak_replica_bytes(work: Workload, rows: int) -> dict:
     """:func:`peak_replica` in a fresh interpreter, so nothing this process allocated counts."""
     spec = json.dumps({"work": dataclasses.asdict(work), "rows": rows})
-    # A process inherits its parent's peak RSS as its own (Linux keeps it across exec), which would hide the
-    # replica's behind this process's: a small relay process starts the measuring one with a fresh count.
-    relay = "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"
-    command = [sys.executable, "-c", relay, sys.executable, str(Path(__file__).resolve()), "--peak", spec]
-    proc = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
-    if proc.returncode:
-        raise RuntimeError(f"the peak memory run exited with {proc.returncode}: {proc.stdout}")
-    return json.loads(proc.stdout.splitlines()[-1])
+    return in_fresh_process([str(Path(__file__).resolve()), "--peak", spec])
 
 
 def main(bench: BenchConfig, out: Path) -> dict:
@@ -377,17 +235,15 @@ def main(bench: BenchConfig, out: Path) -> dict:
         "config": dataclasses.asdict(bench),
         "seconds": time.perf_counter() - t0,
     }
-    (out / "bench_engine.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out / 'bench_engine.json'} in {result['seconds']:.0f} s", flush=True)
+    path = write_result(out, "bench_engine", result)
+    print(f"wrote {path} in {result['seconds']:.0f} s", flush=True)
     return result
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="few repetitions and ViT-B rows (minutes on 2 cores)")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench_engine"), help="output directory")
+    parser = job_parser(__doc__, "bench_engine", "few repetitions and ViT-B rows (minutes on 2 cores)")
     parser.add_argument("--precision", default="", help="estimator.precision of every workload (default: the config's)")
-    parser.add_argument("--peak", help=argparse.SUPPRESS)  # internal: the fresh process of peak_replica_bytes
+    parser.add_argument("--peak", help=argparse.SUPPRESS)  # the fresh process of peak_replica_bytes
     args = parser.parse_args()
     if args.peak:
         spec = json.loads(args.peak)

@@ -12,12 +12,12 @@
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from pathlib import Path
 
 from flops_ray.studies.estimator_study import QUICK, EstimatorStudy, cosine_sweep, plot_cosines, variance_ratio
+from flops_ray.studies.job_cli import job_parser
+from flops_ray.studies.results import write_result
 
 
 def main(bench: EstimatorStudy, out: Path) -> dict:
@@ -26,16 +26,13 @@ def main(bench: EstimatorStudy, out: Path) -> dict:
     rows = cosine_sweep(bench)
     ratio = variance_ratio(bench)
     result = {"cosine": rows, "variance_ratio": ratio, "seconds": time.perf_counter() - t0}
-    (out / "bench_estimator.json").write_text(json.dumps(result, indent=2))
+    path = write_result(out, "bench_estimator", result)
     plot_cosines(rows, out / "bench_estimator.png")
     print(f"variance ratio neyman/equal: predicted {ratio['predicted']:.3f}, measured {ratio['measured']:.3f}")
-    print(f"wrote {out / 'bench_estimator.json'} in {result['seconds']:.0f} s")
+    print(f"wrote {path} in {result['seconds']:.0f} s")
     return result
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small sweep, under 3 minutes on 2 cores")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench_estimator"), help="output directory")
-    args = parser.parse_args()
+    args = job_parser(__doc__, "bench_estimator", "small sweep, under 3 minutes on 2 cores").parse_args()
     main(QUICK if args.quick else EstimatorStudy(), args.out)

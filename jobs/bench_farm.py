@@ -17,7 +17,7 @@
   ``limit_shard_cost``), farm sample-forwards/s divided by ``W`` x the best single-thread batched inference
   rate of the same ViT, timed between the farm's repetitions (the host's speed drifts within minutes;
   ``details.limit_rows_per_s[W]``), each batch size over as many rows as one farm repetition evaluates
-  (a rate over 20 ms bursts would be the luckiest burst, not a rate).
+  (a rate over a burst of a few milliseconds would be the luckiest burst, not a rate).
 - ``details.paired_efficiency[W]`` and ``details.paired_blackbox_vs_limit[W]``: the same two ratios taken
   within each repetition (farm against the reference timed next to it) and their median, beside the
   best-of-repetitions figures above: on a shared host the spread of these says how far to trust the third
@@ -30,34 +30,25 @@
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import ray
 import torch
 from torch import nn
 
-from flops_ray.config import EstimatorConfig, FarmConfig, TrainConfig
-from flops_ray.data.arrays import batch_at, digits
-from flops_ray.estimators import queries_per_draw
-from flops_ray.farm.backend import RayBackend
-from flops_ray.farm.costs import call_costs
-from flops_ray.farm.ray_init import init_ray
-from flops_ray.farm.worker import WorkerOptions
-from flops_ray.messages import ShardItem, ShardTask, TaskKind
-from flops_ray.models.blackbox import BlackBox
-from flops_ray.models.factory import create_model
-from flops_ray.models.losses import cross_entropy
+from flops_ray import BlackBox, EstimatorConfig, FarmConfig, TrainConfig, Trainer, create_model, digits
 from flops_ray.models.prompts import PromptedViT
-from flops_ray.replica.engine import QueryEngine
-from flops_ray.step.shards import plan_chunks
-from flops_ray.training.trainer import Trainer
+from flops_ray.studies.batches import digits_batch
+from flops_ray.studies.farm_probe import call_costs, replica_stats, run_pinned, start_farm, start_ray, wire_bytes
+from flops_ray.studies.frozen_head import FrozenHead
+from flops_ray.studies.job_cli import job_parser
+from flops_ray.studies.local_replicas import query_engine
+from flops_ray.studies.results import write_result
+from flops_ray.studies.shard_tasks import main_tasks, spread_counts
+from flops_ray.studies.timing import seconds, single_threaded
 
 
 @dataclass(frozen=True)
@@ -71,12 +62,10 @@ class BenchConfig:
     queries_per_sample: int = 128
     """Mean queries per sample and group in the throughput workloads."""
     makespan_queries: int = 384
-    """Mean queries per sample and group in the makespan workload, whose shards hold one sample each: 3-50 ms
-    per shard on one core. At 128, once the blocks below a group ran once per sample, the smallest took about
-    1 ms and the ratio measured Ray's per-call work more than the balance (1.12-1.13 against 1.05 at 384)."""
+    """Mean queries per sample and group in the makespan workload, whose shards hold one sample each: enough
+    that even the smallest shard's work outweighs Ray's per call, so the ratio measures the balance."""
     shard_cost: int = 2048
-    """Forward passes per shard (~70 ms on one core for the digits ViT's LR queries, whose blocks below the
-    groups run once per sample, so a call's ~1 ms of Ray work on each side is amortised)."""
+    """Forward passes per shard: enough that a call's Ray work on each side is amortised."""
     spread: float = 16.0
     """Largest / smallest per-sample count in the makespan workload (>= 10)."""
     slowdown: float = 2.0
@@ -85,15 +74,15 @@ class BenchConfig:
     """Timed repetitions; the best is kept (the machine is shared)."""
     rounds: int = 4
     """Consecutive rounds (in-process: passes over the same tasks) timed in one repetition, so a rate is a
-    throughput over about a second: a single 0.2 s round right after the replicas idled runs 10-20% slower
-    on this host than the rounds that follow it (measured), and training runs its rounds back to back."""
+    throughput over about a second, as training runs its rounds back to back: a lone round right after the
+    replicas idled runs slower than the rounds that follow it."""
     train_steps: int = 4
     """Training steps for the allocator share and the wire bytes."""
     limit_queries: int = 40
     """Queries per sample of the head black box behind ``blackbox_vs_limit``."""
     limit_shard_cost: int = 640
-    """Forward passes per shard of the head black box (~90 ms on one core): its 2,560 forwards in 4 shards,
-    2 per replica at ``W = 2`` (5 shards of 512 would leave one replica idle for a fifth of the round)."""
+    """Forward passes per shard of the head black box: its 2,560 forwards in 4 shards, 2 per replica at
+    ``W = 2`` (5 shards of 512 would leave one replica idle for a fifth of the round)."""
     limit_batches: tuple[int, ...] = (64, 256, 1024)
     """Batch sizes tried for the plain inference rate; the best is the limit."""
     seed: int = 0
@@ -106,35 +95,6 @@ def _cfg(bench: BenchConfig, workers: int, shard_cost: int = 0) -> TrainConfig:
     shard_cost = shard_cost or bench.shard_cost
     farm = FarmConfig(backend="ray", workers=workers, num_cpus_per_worker=1, shard_cost=shard_cost)
     return TrainConfig(model="digits_vit", batch_size=bench.batch_size, seed=bench.seed, farm=farm)
-
-
-def _batch(bench: BenchConfig):
-    train = digits("train")
-    ids = batch_at(len(train), bench.batch_size, bench.seed, 0)
-    return train.x[ids], train.y[ids], ids
-
-
-def _tasks(cfg: TrainConfig, ids: np.ndarray, counts: np.ndarray, per_sample: bool) -> list[ShardTask]:
-    """Main shards of every group for per-sample ``counts``; ``per_sample`` cuts each sample separately."""
-    unit = queries_per_draw(cfg.estimator)
-    items = [ShardItem(j, int(ids[j]), 0, int(counts[j]), 2.3) for j in range(len(ids))]
-    chunks = (
-        [c for it in items for c in plan_chunks([it], cfg.farm.shard_cost, unit)]
-        if per_sample
-        else plan_chunks(items, cfg.farm.shard_cost, unit)
-    )
-    w = 1.0 / (len(ids) * float(np.mean(counts)))
-    return [
-        ShardTask(kind=TaskKind.MAIN, step=0, group=g, index=i, items=c, weights=tuple(w for _ in c))
-        for g in range(len(cfg.groups))
-        for i, c in enumerate(chunks)
-    ]
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 Setup = Callable[[BenchConfig, int], tuple[TrainConfig, nn.Module]]
@@ -155,32 +115,13 @@ def blackbox_setup(bench: BenchConfig, workers: int) -> tuple[TrainConfig, nn.Mo
     return cfg, box
 
 
-class FrozenHead(nn.Module):
-    """A black box: per-sample losses of the frozen digits ViT with row ``r``'s head set to ``thetas[r]``.
-
-    ``thetas (R, K*C + K)`` hold each row's head weight ``(K, C)`` and bias ``(K,)``; every row costs one
-    forward of the ViT's body, so rows/s is sample-forwards/s.
-    """
-
-    def __init__(self, vit: nn.Module):
-        super().__init__()
-        self.vit = vit.requires_grad_(False).eval()
-
-    def forward(self, thetas: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        feats = self.vit.forward_head(self.vit.forward_features(x), pre_logits=True)  # (R, C)
-        k, c = self.vit.head.weight.shape
-        logits = torch.einsum("rc,rkc->rk", feats, thetas[:, : k * c].view(-1, k, c)) + thetas[:, k * c :]
-        return cross_entropy(logits, y)
-
-
 def head_blackbox_setup(bench: BenchConfig, workers: int) -> tuple[TrainConfig, nn.Module]:
     """The frozen digits ViT's head (650 parameters) as a black box searched by ES."""
     cfg = _cfg(bench, workers, bench.limit_shard_cost).replace(
         groups=(BlackBox.group(0.05, bench.limit_queries),), estimator=EstimatorConfig(kind="es")
     )
-    vit = create_model("digits_vit", 10, 8, cfg.seed)
-    head = torch.cat([vit.head.weight.detach().flatten(), vit.head.bias.detach()])
-    return cfg, BlackBox(FrozenHead(vit), head, inference=True)
+    head = FrozenHead(create_model("digits_vit", 10, 8, cfg.seed))
+    return cfg, BlackBox(head, head.initial(), inference=True)
 
 
 def limit_rows_per_s(bench: BenchConfig, vit: nn.Module, x: np.ndarray, rows: int) -> float:
@@ -192,18 +133,8 @@ def limit_rows_per_s(bench: BenchConfig, vit: nn.Module, x: np.ndarray, rows: in
         chunk, calls = data[:batch], max(1, round(rows / batch))
         with torch.inference_mode():
             vit(chunk)  # warm-up
-            best = max(best, batch * calls / _single_threaded(lambda c=chunk, n=calls: [vit(c) for _ in range(n)]))
+            best = max(best, batch * calls / single_threaded(lambda c=chunk, n=calls: [vit(c) for _ in range(n)]))
     return best
-
-
-def _single_threaded(fn) -> float:
-    """Seconds ``fn`` takes on one torch thread: the in-process reference for one replica on one CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _timed(fn)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def efficiency(bench: BenchConfig, setup: Setup = vit_setup, queries: int = 0, limit: bool = False) -> dict:
@@ -215,79 +146,62 @@ def efficiency(bench: BenchConfig, setup: Setup = vit_setup, queries: int = 0, l
     Every sample gets ``queries`` (0: ``bench.queries_per_sample``) per group. With ``limit``,
     :func:`limit_rows_per_s` is interleaved with them too (``limit_rows_per_s[W]``).
     """
-    x, y, ids = _batch(bench)
+    x, y, ids = digits_batch(bench.batch_size, bench.seed)
     cfg, model = setup(bench, 1)
-    tasks = _tasks(cfg, ids, np.full(len(ids), queries or bench.queries_per_sample), per_sample=False)
-    forwards = sum(t.cost for t in tasks)
-    local = QueryEngine(model, cfg.groups, cfg.estimator, cfg.seed)
+    tasks = main_tasks(cfg, ids, np.full(len(ids), queries or bench.queries_per_sample), per_sample=False)
+    forwards = sum(t.cost for t in tasks) * bench.rounds
+    local = query_engine(model, cfg.groups, cfg.estimator, cfg.seed)
     local.set_batch(0, x, y)
-    _single_threaded(lambda: local.run(tasks[0]))  # warm-up
+    single_threaded(lambda: local.run(tasks[0]))  # warm-up
     out: dict = {"in_process_queries_per_s": {}, "efficiency": {}, "farm_queries_per_s": {}, "paired": {}}
     if limit:
-        out["limit_rows_per_s"] = {}
-        out["paired_vs_limit"] = {}
+        out["limit_rows_per_s"], out["paired_vs_limit"] = {}, {}
         vit = create_model("digits_vit", 10, 8, bench.seed).eval()
     for w in bench.workers:
-        cfg, model = setup(bench, w)
-        backend = RayBackend(cfg, model)
+        backend = start_farm(*setup(bench, w))
         try:
             backend.sync(0, x, y)
             backend.run(tasks)  # warm-up: replicas start and load the batch
             local_s, farm_s, limits = [], [], []
             for _ in range(bench.reps):
-                local_s.append(_single_threaded(lambda: [local.run(t) for _ in range(bench.rounds) for t in tasks]))
-                farm_s.append(_timed(lambda b=backend: [b.run(tasks) for _ in range(bench.rounds)]))
+                local_s.append(single_threaded(lambda: [local.run(t) for _ in range(bench.rounds) for t in tasks]))
+                farm_s.append(seconds(lambda b=backend: [b.run(tasks) for _ in range(bench.rounds)]))
                 if limit:
-                    limits.append(limit_rows_per_s(bench, vit, x, forwards * bench.rounds))
+                    limits.append(limit_rows_per_s(bench, vit, x, forwards))
         finally:
             backend.close()
-        base, rate = forwards * bench.rounds / min(local_s), forwards * bench.rounds / min(farm_s)
+        base, rate = forwards / min(local_s), forwards / min(farm_s)
         out["in_process_queries_per_s"][str(w)] = base
         out["farm_queries_per_s"][str(w)] = rate
         out["efficiency"][str(w)] = rate / (w * base)
         out["paired"][str(w)] = float(np.median(np.array(local_s) / np.array(farm_s))) / w
         if limit:
             out["limit_rows_per_s"][str(w)] = max(limits)
-            per_rep = forwards * bench.rounds / np.array(farm_s) / np.array(limits)
-            out["paired_vs_limit"][str(w)] = float(np.median(per_rep)) / w
+            out["paired_vs_limit"][str(w)] = float(np.median(forwards / np.array(farm_s) / np.array(limits))) / w
         print(f"{setup.__name__} W={w}: {rate:.0f} forwards/s, efficiency {out['efficiency'][str(w)]:.3f}", flush=True)
     return out
 
 
-def spread_counts(bench: BenchConfig, unit: int) -> np.ndarray:
-    """``(B,)`` counts from ``q/sqrt(spread)`` to ``q*sqrt(spread)`` (geometric, ``q = bench.makespan_queries``),
-    shuffled, even."""
-    q = bench.makespan_queries
-    counts = np.geomspace(q / np.sqrt(bench.spread), q * np.sqrt(bench.spread), bench.batch_size)
-    counts = np.maximum(unit, np.round(counts / unit) * unit).astype(int)
-    return np.random.default_rng(bench.seed).permutation(counts)
-
-
 def makespan(bench: BenchConfig) -> dict:
     """Dynamic vs static assignment of per-sample shards on two replicas, one slowed down."""
-    x, y, ids = _batch(bench)
+    x, y, ids = digits_batch(bench.batch_size, bench.seed)
     cfg = _cfg(bench, 2)
-    counts = spread_counts(bench, queries_per_draw(cfg.estimator))
-    tasks = _tasks(cfg, ids, counts, per_sample=True)
-    model = create_model(cfg.model, 10, 8, cfg.seed)
-    options = [WorkerOptions(), WorkerOptions(slowdown=bench.slowdown)]
-    backend = RayBackend(cfg, model, worker_options=options)
-    handles = [s.handle for s in backend.pool.slots]
+    counts = spread_counts(cfg, bench.makespan_queries, bench.spread)
+    tasks = main_tasks(cfg, ids, counts, per_sample=True)
+    backend = start_farm(cfg, create_model(cfg.model, 10, 8, cfg.seed), slowdowns=(1.0, bench.slowdown))
 
     def static() -> None:
-        ray.get([handles[t.items[0].pos % len(handles)].run.remote(t, False) for t in tasks])
+        run_pinned(backend, tasks, lambda t: t.items[0].pos % cfg.farm.max_workers)
 
     def measured(fn) -> float:
         """Best step time / ideal over the repetitions, speeds from the replicas' own busy time."""
         ratios = []
         for _ in range(bench.reps):
-            before = ray.get([h.stats.remote() for h in handles])
-            t0 = time.perf_counter()
-            fn()
-            seconds = time.perf_counter() - t0
-            after = ray.get([h.stats.remote() for h in handles])
+            before = replica_stats(backend)
+            step_s = seconds(fn)
+            after = replica_stats(backend)
             speed = sum((a.forwards - b.forwards) / (a.busy_seconds - b.busy_seconds) for a, b in zip(after, before))
-            ratios.append(seconds / (sum(t.cost for t in tasks) / speed))
+            ratios.append(step_s / (sum(t.cost for t in tasks) / speed))
         return min(ratios)
 
     try:
@@ -306,17 +220,15 @@ def makespan(bench: BenchConfig) -> dict:
 
 def training(bench: BenchConfig) -> dict:
     """Real steps (gaussian allocator) on two replicas: allocator share of the step and wire bytes."""
-    cfg = _cfg(bench, 2).replace(batch_size=bench.batch_size)
+    cfg = _cfg(bench, 2)
     with Trainer(cfg, create_model(cfg.model, 10, 8, cfg.seed), digits("train")) as trainer:
         trainer.step()  # warm-up: replicas start
-        counters = trainer.backend.counters
-        sent, returned = counters.bytes_sent, counters.bytes_returned
+        before = wire_bytes(trainer.backend)
         logs = trainer.fit(bench.train_steps)
-        wire = counters.bytes_sent - sent + counters.bytes_returned - returned
+        wire = wire_bytes(trainer.backend) - before
     step_s = sum(log.seconds for log in logs)
-    alloc_s = sum(log.allocator_seconds for log in logs)
     out = {
-        "allocator_overhead": alloc_s / step_s,
+        "allocator_overhead": sum(log.allocator_seconds for log in logs) / step_s,
         "allocator_fit_share": sum(log.fit_seconds for log in logs) / step_s,
         "step_seconds": step_s / len(logs),
         "bytes_per_step_per_worker": wire / len(logs) / cfg.farm.max_workers,
@@ -325,16 +237,9 @@ def training(bench: BenchConfig) -> dict:
     return out
 
 
-def costs(bench: BenchConfig) -> dict:
-    """Per-call costs: a pipelined actor call, ``ray.put`` and a driver-side float64 reduction per MiB."""
-    out = call_costs(bench.reps)
-    print(f"costs: {out}", flush=True)
-    return out
-
-
 def main(bench: BenchConfig, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    init_ray(FarmConfig(workers=max(bench.workers)), num_cpus=os.cpu_count())
+    start_ray(max(bench.workers), num_cpus=os.cpu_count())
     eff = efficiency(bench)
     blackbox = efficiency(bench, blackbox_setup)
     head = efficiency(bench, head_blackbox_setup, bench.limit_queries, limit=True)
@@ -343,6 +248,8 @@ def main(bench: BenchConfig, out: Path) -> dict:
     print(f"black box vs limit ({limit} rows/s per thread): {vs_limit}", flush=True)
     span = makespan(bench)
     train = training(bench)
+    costs = call_costs(bench.reps)
+    print(f"costs: {costs}", flush=True)
     result = {
         "efficiency": eff["efficiency"],
         "makespan_ratio": {"dynamic": span["dynamic"], "static": span["static"]},
@@ -364,16 +271,12 @@ def main(bench: BenchConfig, out: Path) -> dict:
             "step_seconds": train["step_seconds"],
             "allocator_fit_share": train["allocator_fit_share"],
         },
-        "costs": costs(bench),
+        "costs": costs,
     }
-    with open(out / "bench_farm.json", "w") as f:
-        json.dump(result, f, indent=2)
+    write_result(out, "bench_farm", result)
     return result
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions (under 5 minutes on 2 cores)")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench_farm"))
-    args = parser.parse_args()
+    args = job_parser(__doc__, "bench_farm", "fewer repetitions (under 5 minutes on 2 cores)").parse_args()
     main(QUICK if args.quick else BenchConfig(), args.out)

@@ -1,7 +1,7 @@
 """Forward-only fine-tuning of a (timm) ViT with optimal query allocation: the main job.
 
-Writes OUT/finetune_vit.json (final test accuracy, steps, queries, wall time, config), OUT/metrics.parquet,
-OUT/checkpoint.safetensors and PNG plots. The logic lives in ``flops_ray.app.run.train`` (also behind
+Writes OUT/summary.json (test accuracy and training loss before and after, steps, queries, wall time, config),
+OUT/metrics.parquet, OUT/checkpoint.safetensors and PNG plots. The logic lives in ``flops_ray.app.run.train`` (also behind
 ``flops-ray train``); this script only parses options.
 
     python jobs/finetune_vit.py --quick --out runs/quick

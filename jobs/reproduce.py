@@ -20,56 +20,32 @@ Writes ``reproduce.json``, ``table1.png``, ``figure4.png`` and ``figure5.png`` t
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import math
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from matplotlib.figure import Figure
-from PIL import Image, ImageDraw
 
+from flops_ray import AllocatorConfig, DataConfig, EstimatorConfig, FarmConfig, TrainConfig, Trainer, create_model
 from flops_ray.app.run import load_datasets
-from flops_ray.config import AllocatorConfig, DataConfig, EstimatorConfig, FarmConfig, TrainConfig
-from flops_ray.data.parquet import image_folder_to_parquet
-from flops_ray.models.factory import create_model
 from flops_ray.studies.estimator_study import EstimatorStudy, cosine_sweep, plot_cosines, variance_ratio
-from flops_ray.training.trainer import Trainer
-
-SHAPES = ("bar", "circle", "cross", "ring", "triangle")
-"""Classes of the generated set, in label order (the image-folder converter sorts class names)."""
-
-
-@dataclass(frozen=True)
-class Method:
-    """One row of Table 1."""
-
-    name: str
-    estimator: str
-    """``bp`` (the backprop baseline: ``TrainConfig.backprop``), or an ``EstimatorConfig`` kind (``spsa``, ``lr``)."""
-    allocator: str = "equal"
-    """How each group's budget is split over the batch."""
-    least_budget: bool = False
-    """Spend one pair per data point (MeZO: 2 queries) instead of the shared budget."""
-    baseline: str = ""
-    """The equal-allocation row this one is compared with seed by seed (allocator gains); empty: none."""
-
-
-METHODS = (
-    Method("BP", "bp"),
-    Method("MeZO", "spsa", least_budget=True),
-    Method("n-SPSA", "spsa"),
-    Method("LR", "lr"),
-    Method("OPS-SPSA", "spsa", "gaussian", baseline="n-SPSA"),
-    Method("OPS-LR", "lr", "gaussian", baseline="LR"),
-    Method("Neyman-SPSA", "spsa", "neyman", baseline="n-SPSA"),
-    Method("Neyman-LR", "lr", "neyman", baseline="LR"),
+from flops_ray.studies.job_cli import job_parser
+from flops_ray.studies.results import write_result
+from flops_ray.studies.shapes import SHAPES, write_shapes
+from flops_ray.studies.table1 import (
+    METHODS,
+    Method,
+    accuracy_summary,
+    allocator_gains,
+    budget_table,
+    by_cell,
+    spread,
+    tables,
+    timing_summary,
 )
+from flops_ray.studies.table1_plots import plot_figure5, plot_table1
 
 
 @dataclass(frozen=True)
@@ -81,6 +57,9 @@ class BudgetStudy:
     """Longer than Table 1's runs: the gain of allocation grows as easy samples become easy."""
     fraction: float = 0.75
     """The default's budget relative to equal's ``queries_per_sample``."""
+
+
+QUICK_BUDGET = BudgetStudy(seeds=(0, 1), steps=2)
 
 
 @dataclass(frozen=True)
@@ -116,7 +95,7 @@ class ReproduceConfig:
 
 
 QUICK = ReproduceConfig(
-    # The unpretrained digits ViT: the pretraining costs ~15 s per seed on 2 cores (Figure 4 still pays one).
+    # The unpretrained digits ViT: its backprop pretraining would dominate a quick run (Figure 4 still pays one).
     model="digits_vit",
     steps=2,
     batch_size=16,
@@ -135,65 +114,6 @@ QUICK = ReproduceConfig(
 )
 
 
-# ---- the generated dataset ------------------------------------------------------------------------------
-def draw_shape(kind: str, rng: np.random.Generator, side: int = 32) -> Image.Image:
-    """One greyscale ``side`` px image of ``kind`` with random size, position, rotation, brightness and noise.
-
-    Drawn at 32 px and shrunk (with antialiasing) to the model's 8 px by the Parquet reader, like the
-    paper's images resized to the ViT's input.
-    """
-    im = Image.new("L", (side, side), 0)
-    draw = ImageDraw.Draw(im)
-    r = rng.uniform(0.3, 0.45) * side
-    cx, cy = side / 2 + rng.uniform(-0.12, 0.12, 2) * side
-    angle = rng.uniform(0, 2 * math.pi)
-    fill = int(rng.uniform(150, 255))
-    width = max(2, int(rng.uniform(0.12, 0.2) * side))
-
-    def spoke(a: float) -> list[tuple[float, float]]:
-        return [(cx - r * math.cos(a), cy - r * math.sin(a)), (cx + r * math.cos(a), cy + r * math.sin(a))]
-
-    if kind == "bar":
-        draw.line(spoke(angle), fill=fill, width=width)
-    elif kind == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif kind == "cross":
-        draw.line(spoke(angle), fill=fill, width=width)
-        draw.line(spoke(angle + math.pi / 2), fill=fill, width=width)
-    elif kind == "ring":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fill, width=width)
-    elif kind == "triangle":
-        draw.polygon(
-            [
-                (cx + r * math.cos(angle + k * 2 * math.pi / 3), cy + r * math.sin(angle + k * 2 * math.pi / 3))
-                for k in range(3)
-            ],
-            fill=fill,
-        )
-    else:
-        raise ValueError(f"unknown shape {kind!r}; known: {SHAPES}")
-    noisy = np.asarray(im, np.float32) + rng.normal(0.0, 10.0, (side, side))
-    return Image.fromarray(noisy.clip(0, 255).astype(np.uint8))
-
-
-def write_shapes(root: Path, n_train: int, n_test: int, seed: int = 0) -> Path:
-    """Generate the shapes set as ``root/<split>/<class>/*.png`` and convert each split to Parquet.
-
-    Returns:
-        ``root/shapes_train.parquet``; its test split is the sibling ``shapes_test.parquet``.
-    """
-    rng = np.random.default_rng(seed)
-    for split, n in (("train", n_train), ("test", n_test)):
-        for i in range(n):
-            kind = SHAPES[i % len(SHAPES)]
-            folder = root / split / kind
-            folder.mkdir(parents=True, exist_ok=True)
-            draw_shape(kind, rng).save(folder / f"{i:05d}.png")
-        image_folder_to_parquet(root / split, root / f"shapes_{split}.parquet")
-    return root / "shapes_train.parquet"
-
-
-# ---- Table 1 --------------------------------------------------------------------------------------------
 def run_config(
     rc: ReproduceConfig, method: Method, dataset: str, num_classes: int, seed: int, budget: int | None = None
 ) -> TrainConfig:
@@ -217,21 +137,6 @@ def run_config(
         seed=seed,
         eval_every=rc.eval_every,
     ).validate()
-
-
-def spread(values: list[np.ndarray]) -> float | None:
-    """Mean over steps of the coefficient of variation (std / mean) of one group's per-sample values.
-
-    None when the values are unknown (an allocator that read no finite traces).
-    """
-    if not all(np.isfinite(v).all() for v in values):
-        return None
-    return float(np.mean([v.std() / max(v.mean(), 1e-30) for v in values]))
-
-
-def mean_per_group(rows: list[list[float | None]]) -> list[float | None]:
-    """Per group, the mean over runs of a :func:`spread` (None where any run's is unknown)."""
-    return [None if None in col else float(np.mean(col)) for col in zip(*rows)]
 
 
 def train_once(cfg: TrainConfig) -> dict:
@@ -260,59 +165,8 @@ def train_once(cfg: TrainConfig) -> dict:
     }
 
 
-def by_cell(runs: list[dict]) -> dict[str, dict[str, list[dict]]]:
-    """Runs grouped by dataset, then method, in the order they ran."""
-    cells: dict[str, dict[str, list[dict]]] = {}
-    for r in runs:
-        cells.setdefault(r["dataset"], {}).setdefault(r["method"], []).append(r)
-    return cells
-
-
-def accuracy_summary(runs: list[dict]) -> dict:
-    """One Table 1 cell: test accuracy mean and sample std over its seeds, and per group the allocation's spread."""
-    acc = np.array([r["accuracy"] for r in runs])
-    return {
-        "accuracy_mean": float(acc.mean()),
-        "accuracy_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
-        "seeds": len(runs),
-        "queries_per_step": runs[0]["queries_per_step"],
-        **{k: mean_per_group([r[k] for r in runs]) for k in ("count_cv", "sqrt_trace_cv")},
-    }
-
-
-def allocator_gains(runs: list[dict], methods: tuple[Method, ...]) -> dict:
-    """Accuracy of each allocator row minus its equal-allocation baseline, seed by seed.
-
-    A seed fixes the pretrained body, the head, the batches and the noise of every query index, so the
-    difference cancels the seed-to-seed spread that dominates Table 1's std.
-    """
-    acc = {(r["dataset"], r["method"], r["seed"]): r["accuracy"] for r in runs}
-    seeds = sorted({r["seed"] for r in runs})
-    gains: dict[str, dict] = {}
-    for d in dict.fromkeys(r["dataset"] for r in runs):
-        for m in methods:
-            if m.baseline:
-                diff = np.array([acc[d, m.name, s] - acc[d, m.baseline, s] for s in seeds])
-                gains.setdefault(d, {})[m.name] = {
-                    "baseline": m.baseline,
-                    "mean": float(diff.mean()),
-                    "std": float(diff.std(ddof=1)) if len(diff) > 1 else 0.0,
-                    "per_seed": diff.tolist(),
-                }
-    return gains
-
-
-def timing_summary(runs: list[dict]) -> dict:
-    """One Figure 5 bar: per-step seconds (each run's median, averaged over seeds).
-
-    The Gaussian allocator's fit runs in a thread beside the step's queries (in-process as on the farm), so
-    ``step_seconds`` holds only what the step waited for it; ``fit_seconds`` is the fit's own time.
-    """
-    return {k: float(np.mean([r[k] for r in runs])) for k in ("step_seconds", "allocator_seconds", "fit_seconds")}
-
-
 def table1(rc: ReproduceConfig, data_dir: Path) -> list[dict]:
-    """Train every (seed, dataset, method), printing a line per run; the runs' records."""
+    """Train every (seed, dataset, method), printing a line per run; the runs' records (:mod:`flops_ray.studies.table1`)."""
     unknown = sorted(set(rc.datasets) - {"digits", "shapes"})
     if unknown:
         raise ValueError(f"datasets: unknown {unknown}; known: digits, shapes")
@@ -336,9 +190,6 @@ def table1(rc: ReproduceConfig, data_dir: Path) -> list[dict]:
                     flush=True,
                 )
     return runs
-
-
-QUICK_BUDGET = BudgetStudy(seeds=(0, 1), steps=2)
 
 
 def budget_study(rc: ReproduceConfig, study: BudgetStudy) -> dict:
@@ -366,61 +217,6 @@ def budget_study(rc: ReproduceConfig, study: BudgetStudy) -> dict:
     }
 
 
-def markdown(cells: dict, cell: Callable[[dict], str]) -> str:
-    """A Markdown table of ``{dataset: {method: stats}}``: a row per method, ``cell(stats)`` per dataset."""
-    names = list(cells)
-    lines = ["| method | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for method in cells[names[0]]:
-        lines.append(f"| {method} | " + " | ".join(cell(cells[n][method]) for n in names) + " |")
-    return "\n".join(lines)
-
-
-# ---- plots ----------------------------------------------------------------------------------------------
-def plot_table1(runs: list[dict], path: Path) -> None:
-    """Test accuracy against the step, mean over seeds with a ±1 std band, one panel per dataset."""
-    datasets = list(dict.fromkeys(r["dataset"] for r in runs))
-    fig = Figure(figsize=(6 * len(datasets), 4.2))
-    axes = fig.subplots(1, len(datasets), squeeze=False)[0]
-    for ax, name in zip(axes, datasets):
-        for method in dict.fromkeys(r["method"] for r in runs):
-            curves = np.array([r["curve"] for r in runs if (r["dataset"], r["method"]) == (name, method)])
-            steps, acc = curves[0, :, 0], curves[:, :, 1]
-            line = ax.plot(steps, acc.mean(0), marker="o", markersize=3, label=method)[0]
-            ax.fill_between(
-                steps, acc.mean(0) - acc.std(0), acc.mean(0) + acc.std(0), color=line.get_color(), alpha=0.12
-            )
-        ax.set(title=name, xlabel="step", ylabel="test accuracy", ylim=(0, 1))
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
-def plot_figure5(figure5: dict, path: Path) -> None:
-    """Seconds per step, split into queries and allocator sampling, beside the Gaussian fit's, per dataset."""
-    datasets = list(figure5)
-    fig = Figure(figsize=(6 * len(datasets), 4.2))
-    axes = fig.subplots(1, len(datasets), squeeze=False)[0]
-    for ax, name in zip(axes, datasets):
-        methods = list(figure5[name])
-        cells = [figure5[name][m] for m in methods]
-        fit = np.array([c["fit_seconds"] for c in cells])
-        alloc = np.array([c["allocator_seconds"] for c in cells])
-        rest = np.array([c["step_seconds"] for c in cells]) - alloc
-        at = np.arange(len(methods))
-        ax.bar(at - 0.2, rest, width=0.4, label="clean pass, queries, update")
-        ax.bar(at - 0.2, alloc, width=0.4, bottom=rest, label="allocation sampling")
-        ax.bar(at + 0.2, fit, width=0.4, hatch="//", label="gaussian fit (in a thread beside the step)")
-        ax.set_xticks(at, methods)
-        ax.set(title=name, ylabel="seconds per step (median over steps)")
-        ax.tick_params(axis="x", rotation=45)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
-# ---- the job --------------------------------------------------------------------------------------------
 def main(rc: ReproduceConfig, out: Path) -> dict:
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -448,47 +244,10 @@ def main(rc: ReproduceConfig, out: Path) -> dict:
         "runs": runs,
         "seconds": {"figure4": figure4_seconds, "total": time.perf_counter() - t0},
     }
-    (out / "reproduce.json").write_text(json.dumps(result, indent=2) + "\n")
+    path = write_result(out, "reproduce", result)
     print("\n\n".join(tables(result)))
-    print(f"wrote {out / 'reproduce.json'} in {result['seconds']['total']:.0f} s", flush=True)
+    print(f"wrote {path} in {result['seconds']['total']:.0f} s", flush=True)
     return result
-
-
-def _num(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
-
-
-def tables(result: dict) -> list[str]:
-    """The Markdown tables docs/RESULTS.md shows, from a ``reproduce.json``: accuracy (Table 1), allocator
-    gains, allocation spread (counts' CV / sqrt-traces' CV per group) and seconds per step (Figure 5)."""
-    summary = result["table1"]
-    return [
-        markdown(summary, lambda c: f"{100 * c['accuracy_mean']:.1f} ± {100 * c['accuracy_std']:.1f}"),
-        markdown(
-            result["allocator_gains"], lambda c: f"{100 * c['mean']:+.1f} ± {100 * c['std']:.1f} vs {c['baseline']}"
-        ),
-        markdown(
-            summary, lambda c: ", ".join(f"{a:.2f} / {_num(t)}" for a, t in zip(c["count_cv"], c["sqrt_trace_cv"]))
-        ),
-        markdown(result["figure5"], lambda c: f"{c['step_seconds']:.3f} (fit {c['fit_seconds']:.3f})"),
-    ]
-
-
-def budget_table(budget: dict) -> str:
-    """The budget study as a Markdown table: each arm's queries and mean accuracy, and the paired difference."""
-    diff = budget["difference"]
-    rows = [
-        f"| {arm} | {budget['queries_per_sample'][arm]} | {100 * budget['accuracy_mean'][arm]:.1f} |"
-        for arm in ("equal", "default")
-    ]
-    return "\n".join(
-        [
-            "| arm | queries per sample and group | test accuracy (mean over seeds) |",
-            "|---|---|---|",
-            *rows,
-            f"| default - equal, paired by seed | | {100 * diff['mean']:+.1f} ± {100 * diff['std']:.1f} |",
-        ]
-    )
 
 
 def main_budget(rc: ReproduceConfig, study: BudgetStudy, out: Path) -> dict:
@@ -496,15 +255,13 @@ def main_budget(rc: ReproduceConfig, study: BudgetStudy, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     print(f"budget: {len(study.seeds)} seeds x 2 arms, {study.steps} steps", flush=True)
     result = budget_study(rc, study)
-    (out / "budget.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_result(out, "budget", result)
     print(budget_table(result))
     return result
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny budgets and steps, under a minute on 2 cores")
-    parser.add_argument("--out", type=Path, default=Path("runs/reproduce"), help="output directory")
+    parser = job_parser(__doc__, "reproduce", "tiny budgets and steps, under a minute on 2 cores")
     parser.add_argument(
         "--part",
         choices=("tables", "budget"),

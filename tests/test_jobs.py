@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flops_ray.data.parquet import digits_to_parquet
+from flops_ray.data.convert import digits_to_parquet
 
 # The main config runs on a local Ray the job starts: private HOME and RAY_TMPDIR, no auth (conftest.ray_env).
 # Subprocesses, each starting its own Ray: `make test-fast` skips them (test_run.py is the fast path).
@@ -83,7 +83,7 @@ def test_ctrl_c_then_resume_is_bit_identical(tmp_path, run_script):
             break
     rest = proc.communicate(timeout=1800)[0]  # a deadline against a hang, never a verdict
     assert proc.returncode == 0 and "stopped by SIGINT" in rest, rest
-    summary = json.loads((stopped / "finetune_vit.json").read_text())
+    summary = json.loads((stopped / "summary.json").read_text())
     assert 3 <= summary["steps"] < 150 and summary["stopped_by"] == "SIGINT"
     assert read_checkpoint(stopped / "checkpoint.safetensors").step == summary["steps"]
 

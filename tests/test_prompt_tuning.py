@@ -27,7 +27,7 @@ def job(monkeypatch):
 def test_quick_prompt_tuning_writes_its_results(tmp_path, run_script):
     """``--quick`` is a plumbing check: 4 steps cannot move a prompt, so no accuracy gain is asserted."""
     proc = run_script("jobs/prompt_tuning.py", "--quick", "--out", str(tmp_path / "out"))
-    result = json.loads((tmp_path / "out" / "prompt_tuning.json").read_text())
+    result = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert "--quick is a plumbing check" in proc.stdout and result["quick"] is True
     assert result["premise"]["threshold"] == 0.0 and result["premise"]["pretrain_steps"] == 60
     assert result["frozen_accuracy"] == result["premise"]["test"][0][1]
@@ -50,7 +50,7 @@ def test_the_full_job_stops_when_its_premise_is_not_met(tmp_path, run_script):
     assert "error: after 100 pretraining steps the frozen model follows its prompts" in proc.stderr
     assert "below the premise threshold 0.85" in proc.stderr
     assert "pretrain step   100" in proc.stdout
-    assert not (out / "prompt_tuning.json").exists()
+    assert not (out / "summary.json").exists()
 
 
 def test_frozen_model_follows_its_prompts_and_tuning_beats_it(job):

@@ -32,7 +32,7 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train",
         help="train from a config YAML (the logic and default config of jobs/finetune_vit.py)",
-        description="Train and write OUT/finetune_vit.json, metrics.parquet, checkpoint.safetensors and plots. "
+        description="Train and write OUT/summary.json, metrics.parquet, checkpoint.safetensors and plots. "
         f"Without --config this is the run of jobs/finetune_vit.py: {DEFAULT_CONFIG.name}, on a Ray farm.",
     )
     add_train_arguments(p)

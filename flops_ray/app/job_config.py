@@ -158,7 +158,7 @@ def add_train_arguments(parser: argparse.ArgumentParser, default_config: str | P
     parser.add_argument(
         "--out",
         default=None,
-        help="output directory for finetune_vit.json, metrics.parquet, checkpoint.safetensors and plots "
+        help="output directory for summary.json, metrics.parquet, checkpoint.safetensors and plots "
         "(default: job.out of the config, else runs/<config name>)",
     )
     parser.add_argument(

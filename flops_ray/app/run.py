@@ -24,6 +24,7 @@ from flops_ray.config.plain import config_to_dict
 from flops_ray.data.arrays import ArrayDataset, digits
 from flops_ray.data.parquet import read_parquet
 from flops_ray.models.factory import create_model
+from flops_ray.step.forward import StepReport
 from flops_ray.training.checkpoint import checkpoint_config, load_model_state
 from flops_ray.training.metrics_log import MetricsLog
 from flops_ray.training.trainer import Trainer, accuracy
@@ -31,7 +32,8 @@ from flops_ray.training.weights import load_pretrained
 
 CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.parquet"
-SUMMARY = "finetune_vit.json"
+SUMMARY = "summary.json"
+"""The summary file of every job, under one name (:func:`write_summary`)."""
 
 
 # ---- data -----------------------------------------------------------------------------------------------
@@ -108,7 +110,7 @@ def build(cfg: TrainConfig, resume_from: Path | None = None) -> Trainer:
 def train(
     cfg: TrainConfig, out: str | Path, job: JobConfig | None = None, quick: bool = False, resume: bool = False
 ) -> dict[str, Any]:
-    """Train ``cfg`` and write ``out/{finetune_vit.json, metrics.parquet, checkpoint.safetensors, *.png}``.
+    """Train ``cfg`` and write ``out/{summary.json, metrics.parquet, checkpoint.safetensors, *.png}``.
 
     Args:
         cfg: the training config.
@@ -119,7 +121,7 @@ def train(
             config must match the checkpoint's up to run length, logging and farm settings.
 
     Returns:
-        The summary written to ``finetune_vit.json``.
+        The summary written to ``summary.json``.
     """
     t0 = time.perf_counter()
     job = (job or JobConfig()).validate()
@@ -146,6 +148,7 @@ def _train(cfg: TrainConfig, out: Path, job: JobConfig, quick: bool, resume: boo
     saver = Checkpointer(metrics, ckpt, job.checkpoint_every, job.checkpoint_minutes)
     stop = GracefulStop()
     try:
+        initial_acc = trainer.evaluate() if trainer.test_set is not None else None
         with stop:
             reports = trainer.fit(hooks=[lambda _, report: metrics.append(report), progress, saver, stop.hook])
         saver.save(trainer)
@@ -167,27 +170,53 @@ def _train(cfg: TrainConfig, out: Path, job: JobConfig, quick: bool, resume: boo
     queries = sum(r.queries for r in reports)
     # The Ray farm's retries, restarts and bytes (in-process runs have none).
     counters = getattr(trainer.backend, "counters", None)
-    summary = {
-        "final_test_accuracy": last_acc,
-        "steps": trainer.step_count,
-        "steps_run": trainer.step_count - start,
-        "resumed_from_step": start if resuming else None,
-        "queries": queries,
-        "queries_per_s": queries / progress.seconds if progress.seconds > 0 else None,
-        "wall_seconds": time.perf_counter() - t0,
-        "train_size": len(trainer.train_set),
-        "test_size": len(trainer.test_set) if trainer.test_set is not None else 0,
-        "config": config_to_dict(cfg),
-        "job": dataclasses.asdict(job),
-        "quick": quick,
-        "stopped_by": stop.requested,
-        "farm": dataclasses.asdict(counters) if counters is not None else None,
-        "files": {"checkpoint": CHECKPOINT, "metrics": METRICS, "plots": [p.name for p in plots]},
-    }
-    (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    summary = write_summary(
+        out,
+        initial_acc,
+        last_acc,
+        *first_and_last_loss(reports),
+        final_test_accuracy=last_acc,
+        steps=trainer.step_count,
+        steps_run=trainer.step_count - start,
+        resumed_from_step=start if resuming else None,
+        queries=queries,
+        queries_per_s=queries / progress.seconds if progress.seconds > 0 else None,
+        wall_seconds=time.perf_counter() - t0,
+        train_size=len(trainer.train_set),
+        test_size=len(trainer.test_set) if trainer.test_set is not None else 0,
+        config=config_to_dict(cfg),
+        job=dataclasses.asdict(job),
+        quick=quick,
+        stopped_by=stop.requested,
+        farm=dataclasses.asdict(counters) if counters is not None else None,
+        files={"checkpoint": CHECKPOINT, "metrics": METRICS, "plots": [p.name for p in plots]},
+    )
     acc_text = f"{last_acc:.4f}" if last_acc is not None else "n/a (no test set)"
     print(f"done: {trainer.step_count} steps, test accuracy {acc_text}, {summary['wall_seconds']:.1f} s -> {out}")
     return summary
+
+
+# ---- the summary --------------------------------------------------------------------------------------
+def write_summary(
+    out: Path,
+    initial_accuracy: float | None,
+    accuracy: float | None,
+    initial_loss: float | None,
+    loss: float | None,
+    **figures: Any,
+) -> dict[str, Any]:
+    """Write a job's summary to ``out/summary.json`` and return it: first the keys every job's summary has (test
+    accuracy before and after training, training loss of the first and the last step; None where the job has
+    none), then the job's own ``figures``."""
+    summary = {"initial_accuracy": initial_accuracy, "accuracy": accuracy, "initial_loss": initial_loss, "loss": loss}
+    summary.update(figures)
+    (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def first_and_last_loss(reports: list[StepReport]) -> tuple[float | None, float | None]:
+    """The training loss of the first and of the last of ``reports`` (None, None: no steps)."""
+    return (reports[0].loss, reports[-1].loss) if reports else (None, None)
 
 
 def evaluate(checkpoint: str | Path, **data: Any) -> dict[str, Any]:

@@ -18,16 +18,16 @@ import torch
 
 from flops_ray.allocation.allocators import AllocationFeatures, create_allocator
 from flops_ray.allocation.budget import allocation_objective
-from flops_ray.config.train import AllocatorConfig, EstimatorConfig, GroupConfig
+from flops_ray.allocation.trace_memory import TraceMemory
+from flops_ray.config import AllocatorConfig, EstimatorConfig, GroupConfig
 from flops_ray.data.arrays import batch_at, digits
-from flops_ray.replica.engine import QueryEngine
-from flops_ray.step.local_backend import LocalBackend
-from flops_ray.models.losses import cross_entropy
 from flops_ray.messages import ShardItem, ShardTask, TaskKind
 from flops_ray.models.factory import create_model
-from flops_ray.step.plan import plan_clean
+from flops_ray.models.losses import cross_entropy
+from flops_ray.replica.engine import QueryEngine
 from flops_ray.step.forward import ForwardStep
-from flops_ray.allocation.trace_memory import TraceMemory
+from flops_ray.step.plan import plan_clean
+from flops_ray.studies.local_replicas import local_backend, query_engine
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def _setup(bench: EstimatorStudy, module: str, estimator: str):
     model = create_model("digits_vit_pretrained", 10, 8, bench.seed)
     group = GroupConfig("layer", (module,), bench.sigma, 4)
     est = EstimatorConfig(kind=estimator, trace_coords=2048)
-    engine = QueryEngine(model, (group,), est, bench.seed)
+    engine = query_engine(model, (group,), est, bench.seed)
     train = digits("train")
     ids = batch_at(len(train), bench.batch_size, bench.seed, 0)
     x, y = train.x[ids], train.y[ids]
@@ -80,7 +80,7 @@ def cosine_sweep(bench: EstimatorStudy) -> list[dict]:
     for estimator in bench.estimators:
         for label, module in bench.layers:
             engine, group, est, (x, y, ids), true = _setup(bench, module, estimator)
-            backend = LocalBackend(QueryEngine(copy.deepcopy(engine.model), (group,), est, bench.seed))
+            backend = local_backend(copy.deepcopy(engine.model), (group,), est, bench.seed)
             for alloc in bench.allocators:
                 alloc_cfg = AllocatorConfig(kind=alloc)
                 for q in bench.queries:

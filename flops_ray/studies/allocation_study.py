@@ -1,0 +1,158 @@
+"""Allocators compared on one training step's batch: paired repetitions against the exact backprop gradient.
+
+Every allocator estimates the batch gradient with the same noise (paired repetitions) at the same total
+budget; an oracle allocates from traces measured with a large pilot that is not charged to the budget.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import numpy as np
+import torch
+
+from flops_ray.allocation.allocators import create_allocator
+from flops_ray.allocation.budget import to_counts
+from flops_ray.allocation.trace_memory import TraceMemory
+from flops_ray.config import AllocatorConfig, TrainConfig
+from flops_ray.data.arrays import batch_at
+from flops_ray.estimators import queries_per_draw
+from flops_ray.messages import ShardItem, ShardTask, TaskKind
+from flops_ray.models.groups import resolve_groups
+from flops_ray.models.losses import cross_entropy
+from flops_ray.step.checks import least_queries
+from flops_ray.step.forward import Backend, ForwardStep
+from flops_ray.studies.local_replicas import local_backend
+from flops_ray.training.trainer import Trainer
+
+REP_STEP = 1_000_000
+"""Repetition ``r`` at checkpoint ``s`` runs as step ``REP_STEP * (r + 1) + s``: noise no training step drew."""
+
+
+class FixedCounts:
+    """An allocator that always returns the same counts (the oracle's, computed outside the budget)."""
+
+    needs_traces = allocates_from_traces = False
+
+    def __init__(self, counts: torch.Tensor):
+        self.counts = counts
+
+    def allocate(self, feats, total, minimum, unit, gen):
+        return self.counts
+
+    def update(self, feats, total, minimum, gen) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state) -> None:
+        pass
+
+
+def allocator_config(name: str) -> AllocatorConfig:
+    """The allocator a ``kind/signal`` name stands for (no signal: the clean-pass proxy)."""
+    kind, _, signal = name.partition("/")
+    return AllocatorConfig(kind=kind, signal=signal or "clean")
+
+
+def exact_gradient(cfg: TrainConfig, model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The batch's backprop gradient of every group's trainable parameters, concatenated ``(P,)``."""
+    model = copy.deepcopy(model)
+    params = [p for g in resolve_groups(model, cfg.groups, linear_outputs=True) for _, p in g.params]
+    loss = cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y)).mean()
+    return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]).double().numpy()
+
+
+def oracle_counts(
+    cfg: TrainConfig, backend: Backend, step: int, batch: tuple, losses: np.ndarray, pilot: int
+) -> list[torch.Tensor]:
+    """Per group, Neyman counts from traces measured with ``pilot`` extra queries per sample of ``batch``
+    (``x``, ``y``, sample ids), run as step ``step``."""
+    x, y, ids = batch
+    backend.sync(step, x, y)
+    counts = []
+    for g, group in enumerate(cfg.groups):
+        items = tuple(ShardItem(j, int(ids[j]), 0, pilot, float(losses[j])) for j in range(len(ids)))
+        traces = backend.run([ShardTask(kind=TaskKind.PILOT, step=step, group=g, index=0, items=items)])[0].traces
+        total = group.queries_per_sample * len(ids)
+        least = least_queries(cfg.estimator, cfg.allocator)
+        counts.append(
+            to_counts(torch.from_numpy(traces).clamp_min(0).sqrt(), total, least, queries_per_draw(cfg.estimator))
+        )
+    return counts
+
+
+def compare_allocators(trainer: Trainer, allocators: tuple[str, ...], reps: int, oracle_pilot: int) -> dict:
+    """Paired MSE ratios (to equal allocation's) and cosines to the exact gradient of every allocator, and the
+    oracle's, on the batch of ``trainer``'s next step, from the run's trace memory."""
+    cfg, s = trainer.cfg, trainer.step_count
+    ids = batch_at(len(trainer.train_set), cfg.batch_size, cfg.seed, s)
+    x, y = trainer.train_set.x[ids], trainer.train_set.y[ids]
+    backend = local_backend(copy.deepcopy(trainer.model), cfg.groups, cfg.estimator, cfg.seed)
+    memory = trainer.memory.state_dict()
+
+    def forward_step(name: str, kinds: list) -> ForwardStep:
+        return _forward_step(trainer, backend, memory, name, kinds)
+
+    clean = forward_step("equal", [create_allocator(AllocatorConfig("equal")) for _ in cfg.groups])
+    _, report = clean(REP_STEP - 1, x, y, ids)
+    oracle = oracle_counts(cfg, backend, REP_STEP - 2, (x, y, ids), report.losses, oracle_pilot)
+    steps = {"equal": clean, "oracle": forward_step("equal", [FixedCounts(c) for c in oracle])}
+    for name in allocators:
+        kind = allocator_config(name).kind
+        steps[name] = forward_step(
+            name, [create_allocator(dataclasses.replace(cfg.allocator, kind=kind)) for _ in cfg.groups]
+        )
+        if kind == "gaussian":
+            # Fit lambda first, as a run would have over earlier steps, on this batch's signal (never its draws).
+            for _ in range(8):
+                steps[name](REP_STEP - 3, x, y, ids)
+    errors, cosines = _paired_repetitions(steps, memory, s, (x, y, ids), exact_gradient(cfg, trainer.model, x, y), reps)
+    equal = np.mean(errors["equal"])
+    return {
+        "step": s,
+        "mse_ratio": {name: float(np.mean(e) / equal) for name, e in errors.items() if name != "equal"},
+        "cosine": {name: float(np.mean(c)) for name, c in cosines.items()},
+        "train_loss": float(np.mean(report.losses)),
+    }
+
+
+def _forward_step(trainer: Trainer, backend: Backend, memory: dict, name: str, allocators: list) -> ForwardStep:
+    """A forward step on ``backend`` allocating with ``allocators`` from the signal the allocator ``name`` reads,
+    its trace memory a copy of the run's ``memory``."""
+    cfg, est = trainer.cfg, trainer.cfg.estimator
+    alloc_cfg = dataclasses.replace(cfg.allocator, **dataclasses.asdict(allocator_config(name)))
+    mem = TraceMemory(len(cfg.groups), len(trainer.train_set), alloc_cfg.memory_decay, alloc_cfg.memory_prior)
+    mem.load_state_dict(memory)
+    needs_pilot = alloc_cfg.signal == "pilot"
+    return ForwardStep(
+        backend,
+        groups=cfg.groups,
+        sizes=[g.size for g in trainer.groups],
+        estimator=dataclasses.replace(est, pilot_queries=4 if needs_pilot else est.pilot_queries),
+        allocator=alloc_cfg,
+        allocators=allocators,
+        memory=mem,
+        shard_cost=max(cfg.farm.shard_cost, 256),
+        root_seed=cfg.seed,
+    )
+
+
+def _paired_repetitions(
+    steps: dict[str, ForwardStep], memory: dict, s: int, batch: tuple, exact: np.ndarray, reps: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Per step's name, the squared errors and cosines to ``exact`` of ``reps`` estimates, every name's
+    repetition ``r`` drawing the same noise."""
+    errors: dict[str, list[float]] = {name: [] for name in steps}
+    cosines: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(reps):
+        for name, forward in steps.items():
+            # Every repetition allocates from the run's memory, not from the repetitions before it.
+            forward.memory.load_state_dict(memory)
+            reduced, _ = forward(REP_STEP * (r + 1) + s, *batch)
+            g = np.concatenate(reduced.grads)
+            errors[name].append(float(((g - exact) ** 2).sum()))
+            cosines[name].append(float(g @ exact / (np.linalg.norm(g) * np.linalg.norm(exact))))
+    return errors, cosines

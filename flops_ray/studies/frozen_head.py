@@ -1,0 +1,30 @@
+"""A black box for the farm benchmark: per-sample losses of a frozen ViT whose head each query row sets."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from flops_ray.models.losses import cross_entropy
+
+
+class FrozenHead(nn.Module):
+    """Per-sample losses of the frozen ViT ``vit`` with row ``r``'s head set to ``thetas[r]``.
+
+    ``thetas (R, K*C + K)`` hold each row's head weight ``(K, C)`` and bias ``(K,)``; every row costs one
+    forward of the ViT's body, so rows/s is sample-forwards/s.
+    """
+
+    def __init__(self, vit: nn.Module):
+        super().__init__()
+        self.vit = vit.requires_grad_(False).eval()
+
+    def forward(self, thetas: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        feats = self.vit.forward_head(self.vit.forward_features(x), pre_logits=True)  # (R, C)
+        k, c = self.vit.head.weight.shape
+        logits = torch.einsum("rc,rkc->rk", feats, thetas[:, : k * c].view(-1, k, c)) + thetas[:, k * c :]
+        return cross_entropy(logits, y)
+
+    def initial(self) -> torch.Tensor:
+        """The ViT's own head as one ``(K*C + K,)`` vector: where a search starts."""
+        return torch.cat([self.vit.head.weight.detach().flatten(), self.vit.head.bias.detach()])

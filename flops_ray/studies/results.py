@@ -1,0 +1,13 @@
+"""A study's result file: its figures as indented JSON, named for the study, in the study's output folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def write_result(out: Path, name: str, result: dict) -> Path:
+    """Write ``result`` to ``out/<name>.json`` (the folder exists); returns the path."""
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path
