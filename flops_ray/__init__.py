@@ -3,7 +3,7 @@
 The public API, imported lazily so that ``import flops_ray`` (and the ``flops-ray`` command) stays fast:
 
 >>> from flops_ray import TrainConfig, FarmConfig
->>> TrainConfig(farm=FarmConfig(workers=4)).farm.workers
+>>> TrainConfig(farm=FarmConfig(replicas=4)).farm.replicas
 4
 """
 

@@ -34,7 +34,7 @@ Workloads: ``digits_vit`` is the default config's first group (one linear) with 
 ``vit_b16`` is the ViT-B/16 config's ``top`` group at 224 px, randomly initialised (no weights are
 downloaded; speed does not depend on them), with LR and SPSA. The device is CUDA when available (then every
 workload's shard is its config's ``farm.shard_cost``), else CPU; both sides of a ratio run on the torch
-threads a replica of the config would use (``farm.num_cpus_per_worker``, at most this machine's).
+threads a replica of the config would use (``farm.num_cpus_per_replica``, at most this machine's).
 
     python jobs/bench_engine.py --quick --out docs/results
     python jobs/bench_engine.py --out runs/bench_engine
@@ -128,7 +128,7 @@ def load_workload(work: Workload) -> tuple[TrainConfig, int, nn.Module]:
 def measure(name: str, work: Workload, where: torch.device) -> dict:
     """Efficiency of every kind of ``work``, its LR flop bound and its noise rates, on a replica's threads."""
     cfg, group, model = load_workload(work)
-    with torch_threads(round(cfg.farm.num_cpus_per_worker)) as threads:
+    with torch_threads(round(cfg.farm.num_cpus_per_replica)) as threads:
         print(f"{name}: {cfg.model}, group {work.group}, {threads} torch threads on {where}", flush=True)
         return {**_measure(name, work, where, cfg, group, model), "torch_threads": threads}
 

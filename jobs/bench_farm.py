@@ -55,7 +55,7 @@ from flops_ray.studies.timing import seconds, single_threaded
 class BenchConfig:
     """What the benchmark measures."""
 
-    workers: tuple[int, ...] = (1, 2)
+    replicas: tuple[int, ...] = (1, 2)
     """Replica counts for the efficiency figure (one CPU each)."""
     batch_size: int = 64
     """Samples per step (``B``)."""
@@ -93,7 +93,7 @@ QUICK = BenchConfig(reps=2, train_steps=3)
 
 def _cfg(bench: BenchConfig, workers: int, shard_cost: int = 0) -> TrainConfig:
     shard_cost = shard_cost or bench.shard_cost
-    farm = FarmConfig(backend="ray", workers=workers, num_cpus_per_worker=1, shard_cost=shard_cost)
+    farm = FarmConfig(backend="ray", replicas=workers, num_cpus_per_replica=1, shard_cost=shard_cost)
     return TrainConfig(model="digits_vit", batch_size=bench.batch_size, seed=bench.seed, farm=farm)
 
 
@@ -191,7 +191,7 @@ def makespan(bench: BenchConfig) -> dict:
     backend = start_farm(cfg, create_model(cfg.model, 10, 8, cfg.seed), slowdowns=(1.0, bench.slowdown))
 
     def static() -> None:
-        run_pinned(backend, tasks, lambda t: t.items[0].pos % cfg.farm.max_workers)
+        run_pinned(backend, tasks, lambda t: t.items[0].pos % cfg.farm.max_replicas)
 
     def measured(fn) -> float:
         """Best step time / ideal over the repetitions, speeds from the replicas' own busy time."""
@@ -231,7 +231,7 @@ def training(bench: BenchConfig) -> dict:
         "allocator_overhead": sum(log.allocator_seconds for log in logs) / step_s,
         "allocator_fit_share": sum(log.fit_seconds for log in logs) / step_s,
         "step_seconds": step_s / len(logs),
-        "bytes_per_step_per_worker": wire / len(logs) / cfg.farm.max_workers,
+        "bytes_per_step_per_worker": wire / len(logs) / cfg.farm.max_replicas,
     }
     print(f"training: {out}", flush=True)
     return out

@@ -107,7 +107,7 @@ def _config(bench: ScaleConfig, kind: str, workers: int, groups=MLP_GROUPS, mode
         groups=groups,
         estimator=EstimatorConfig(kind=kind),
         allocator=AllocatorConfig(kind="neyman", signal="memory"),
-        farm=FarmConfig(backend="ray", workers=workers, shard_cost=bench.shard_cost, num_cpus_per_worker=1),
+        farm=FarmConfig(backend="ray", replicas=workers, shard_cost=bench.shard_cost, num_cpus_per_replica=1),
         seed=bench.seed,
     )
 
@@ -170,7 +170,7 @@ def validate(bench: ScaleConfig, kind: str, call_s: float) -> dict:
     in-process steps (and, for the scalar protocol, replay timings) taken one by one between the farm's steps,
     so both see the same host (a shared host's speed drifts within minutes); the first farm also measures
     ``host_s``: the machine's busy CPU seconds per step beyond its replica's own (shards and updates)."""
-    out = {"workers": [], "predicted_s": [], "measured_s": [], "error": [], "host_s": 0.0, "costs": []}
+    out = {"replicas": [], "predicted_s": [], "measured_s": [], "error": [], "host_s": 0.0, "costs": []}
     local_cfg = _vit_config(bench, kind, 1)
     for n in bench.validate_workers:
         task_s = task_overhead(bench, kind)

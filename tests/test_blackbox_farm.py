@@ -50,7 +50,7 @@ def test_black_box_on_the_farm_matches_in_process():
     with _trainer(FarmConfig()) as local:
         local.fit(3)
         want = local.model.theta()
-    farm = FarmConfig(backend="ray", workers=2, shard_cost=16, num_cpus_per_worker=1)
+    farm = FarmConfig(backend="ray", replicas=2, shard_cost=16, num_cpus_per_replica=1)
     with _trainer(farm) as remote:
         remote.step()
         counters = remote.backend.counters
@@ -70,7 +70,7 @@ def test_a_failed_step_on_the_farm_leaves_it_ready_for_the_next():
     with _trainer(FarmConfig()) as local:
         local.fit(3)
         want = local.model.theta()
-    farm = FarmConfig(backend="ray", workers=2, shard_cost=4, num_cpus_per_worker=1)
+    farm = FarmConfig(backend="ray", replicas=2, shard_cost=4, num_cpus_per_replica=1)
     with _trainer(farm) as remote:
         remote.step()
         good = remote.train_set

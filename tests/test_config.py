@@ -61,9 +61,12 @@ def _group(**kw) -> GroupConfig:
             r"estimator\.pilot_queries: neyman allocation from the pilot \(allocator\.signal=pilot\) reads trace",
         ),
         (TrainConfig(estimator=EstimatorConfig(on_nonfinite="ignore")), r"estimator\.on_nonfinite"),
-        (TrainConfig(farm=FarmConfig(workers=0)), r"farm\.workers"),
-        (TrainConfig(farm=FarmConfig(workers="3..1")), r"farm\.workers: must be >= 1 \(and min <= max\), got '3\.\.1'"),
-        (TrainConfig(farm=FarmConfig(workers="two")), r"farm\.workers: must be a number or a range 'min\.\.max'"),
+        (TrainConfig(farm=FarmConfig(replicas=0)), r"farm\.replicas"),
+        (
+            TrainConfig(farm=FarmConfig(replicas="3..1")),
+            r"farm\.replicas: must be >= 1 \(and min <= max\), got '3\.\.1'",
+        ),
+        (TrainConfig(farm=FarmConfig(replicas="two")), r"farm\.replicas: must be a number or a range 'min\.\.max'"),
         (TrainConfig(farm=FarmConfig(snapshot_every=-1)), r"farm\.snapshot_every"),
         (TrainConfig(farm=FarmConfig(reduction="scalar")), r"farm\.reduction: scalar needs an SPSA or ES estimator"),
         (TrainConfig(farm=FarmConfig(stall_timeout_s=0)), r"farm\.stall_timeout_s"),
@@ -89,7 +92,7 @@ def test_unknown_keys_are_named():
         ({"steps": "ten"}, r"^steps: must be an integer, got 'ten'"),
         ({"steps": 2.5}, r"^steps: must be an integer, got 2.5"),
         ({"batch_size": 8.5}, r"^batch_size: must be an integer"),
-        ({"farm": {"workers": 1.5}}, r"^farm\.workers: must be a number or a range"),
+        ({"farm": {"replicas": 1.5}}, r"^farm\.replicas: must be a number or a range"),
         ({"groups": [{"name": "g", "modules": ["head"], "sigma": 0.1, "queries_per_sample": "lots"}]}, r"groups\[0\]"),
         ({"backprop": "yes"}, r"^backprop: must be true or false"),
     ],
@@ -131,3 +134,9 @@ def test_unknown_model_is_named():
         UnknownNameError, match=r"^model: must be one of \['digits_vit', .* or a timm model name, got 'not_a_model'"
     ):
         create_model("not_a_model", 10, 8, 0)
+
+
+def test_old_farm_keys_still_load_with_a_warning():
+    with pytest.warns(FutureWarning, match=r"farm\.workers is now farm\.replicas"):
+        cfg = config_from_dict({"farm": {"workers": "2..4", "num_cpus_per_worker": 0.5}})
+    assert (cfg.farm.replicas, cfg.farm.num_cpus_per_replica) == ("2..4", 0.5)

@@ -72,7 +72,7 @@ def test_vit_config_is_the_paper_setting():
     assert {g.queries_per_sample for g in cfg.groups} == {20}
     assert (cfg.batch_size, cfg.optimizer, cfg.lr) == (128, "adam", 1e-4)
     assert cfg.pretrained and cfg.data.dataset.endswith(".parquet") and cfg.data.test_dataset.endswith(".parquet")
-    assert cfg.farm.backend == "ray" and cfg.farm.num_gpus_per_worker >= 1
+    assert cfg.farm.backend == "ray" and cfg.farm.num_gpus_per_replica >= 1
 
 
 def test_overrides():
@@ -105,3 +105,9 @@ def test_bad_file_names_the_field(tmp_path):
     path.write_text("estimator:\n  kind: lr\n  sigma: 0.1\n")
     with pytest.raises(ConfigError, match=r"estimator: unknown keys \['sigma'\]"):
         load_config(path)
+
+
+def test_an_old_key_in_an_override_is_renamed():
+    with pytest.warns(FutureWarning, match=r"farm\.workers is now farm\.replicas"):
+        cfg, _ = load_config(None, ["farm.workers=3"])
+    assert cfg.farm.replicas == 3

@@ -37,7 +37,7 @@ def test_node_removed_mid_step(cluster, inject_fault):
         model="digits_vit",
         batch_size=8,
         allocator=AllocatorConfig(kind="neyman"),
-        farm=FarmConfig(backend="ray", workers=3, shard_cost=16, replica_resource="replica"),
+        farm=FarmConfig(backend="ray", replicas=3, shard_cost=16, replica_resource="replica"),
     )
     data = digits("train"), None
     with Trainer(cfg.replace(farm=FarmConfig()), create_model("digits_vit", 10, 8, 0), *data) as local:

@@ -29,7 +29,7 @@ BASE = TrainConfig(
     # A reused pilot: 17 tasks a step (1 clean, 16 main), which the fault tests' timings count on.
     estimator=EstimatorConfig(pilot_queries=4),
     allocator=AllocatorConfig(kind="gaussian", gaussian_iters=3),
-    farm=FarmConfig(backend="ray", workers=3, shard_cost=16, clean_shard=8, num_cpus_per_worker=1),
+    farm=FarmConfig(backend="ray", replicas=3, shard_cost=16, clean_shard=8, num_cpus_per_replica=1),
 )
 
 
@@ -207,7 +207,7 @@ def test_a_replica_dead_between_steps_is_replaced_when_the_parameters_are_read(d
 
 def test_fractional_fake_gpu(data, reference):
     """Two replicas share the one (fake) GPU at 0.5 each; without CUDA they fall back to the CPU."""
-    trainer = _trainer(data, workers=2, num_gpus_per_worker=0.5)
+    trainer = _trainer(data, replicas=2, num_gpus_per_replica=0.5)
     infos = trainer.backend.describe()
     assert [i.gpu_ids for i in infos] == [("0",), ("0",)]
     assert {i.device for i in infos} == {"cuda:0" if torch.cuda.is_available() else "cpu"}
@@ -233,7 +233,7 @@ def test_scalar_protocol_matches_in_process(data, spsa_reference, workers, recor
 
 def test_replicas_that_drift_apart_fail_loudly(data):
     """Reading the parameters (a checkpoint, an evaluation) compares every replica's digest first."""
-    with _trainer(data, workers=2) as trainer:
+    with _trainer(data, replicas=2) as trainer:
         trainer.step()
         state = trainer.backend.state()
         slot = trainer.backend.pool.current()[1]

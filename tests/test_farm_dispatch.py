@@ -13,8 +13,8 @@ import torch
 from flops_ray.config import AllocatorConfig, EstimatorConfig, FarmConfig, TrainConfig
 from flops_ray.farm.backend import RayBackend
 from flops_ray.farm.errors import FarmError
+from flops_ray.farm.replica_actor import ReplicaOptions
 from flops_ray.farm.task_costs import TaskCosts
-from flops_ray.farm.worker import WorkerOptions
 from flops_ray.messages import ShardItem, ShardTask, TaskKind
 from flops_ray.models.factory import create_model
 from flops_ray.training.driver import start_driver
@@ -28,7 +28,7 @@ BASE = TrainConfig(
     # A reused pilot (run with the main queries); 1 clean and 16 main tasks a step.
     estimator=EstimatorConfig(pilot_queries=4),
     allocator=AllocatorConfig(kind="neyman"),
-    farm=FarmConfig(backend="ray", workers=3, shard_cost=16, clean_shard=8, num_cpus_per_worker=1),
+    farm=FarmConfig(backend="ray", replicas=3, shard_cost=16, clean_shard=8, num_cpus_per_replica=1),
 )
 
 
@@ -60,8 +60,8 @@ def test_a_pilot_nothing_reads_runs_with_the_main_queries(data, recorded):
 def test_faster_replica_takes_more_shards(data):
     """Completion-order dispatch: a replica slowed 10x ends up with a fraction of the forwards."""
     # Shards of ~10 ms, so that work, not the ~1 ms call overhead, sets each replica's pace.
-    cfg = _cfg(workers=2, shard_cost=64).replace(batch_size=32)
-    backend = RayBackend(cfg, _model(cfg), worker_options=[WorkerOptions(), WorkerOptions(slowdown=10.0)])
+    cfg = _cfg(replicas=2, shard_cost=64).replace(batch_size=32)
+    backend = RayBackend(cfg, _model(cfg), replica_options=[ReplicaOptions(), ReplicaOptions(slowdown=10.0)])
     with Trainer(cfg, _model(cfg), *data, backend_factory=lambda *_: backend) as trainer:
         trainer.fit(2)
         fast, slow = ray.get([s.handle.stats.remote() for s in backend.pool.slots])
@@ -88,7 +88,7 @@ def _two_replicas_up(cfg: TrainConfig, data) -> RayBackend:
 
 def test_a_replaced_replica_leaves_the_task_costs(data):
     """A dead replica's learned slowness goes with it: a long run with many deaths keeps none."""
-    backend = _two_replicas_up(_cfg(workers=2), data)
+    backend = _two_replicas_up(_cfg(replicas=2), data)
     try:
         costs = backend.scheduler.costs
         assert costs.replicas == 2
@@ -105,7 +105,7 @@ def test_longest_expected_tasks_go_one_per_replica(data):
     that order. Forwards 64 (cheap group) and 32, 24, 16 (a group whose forwards cost 10x): by seconds the
     replicas get 32 + 16 and 24 + 64; by forwards 64 + 24 and 32 + 16; filling one replica first gives
     32 + 24 and 16 + 64 by seconds, 64 + 32 and 24 + 16 by forwards (the old scheduler)."""
-    cfg = _cfg(workers=2)
+    cfg = _cfg(replicas=2)
     backend = _two_replicas_up(cfg, data)
     try:
         cheap, costly = [_task(1, 0, 64)], [_task(0, i, q) for i, q in enumerate((32, 24, 16))]
@@ -134,7 +134,7 @@ def test_gives_up_after_max_retries(data, inject_fault):
 
 def test_driver_actor_matches_in_process(data):
     """The step loop inside a Ray actor, driven by a thin client, trains exactly like the local trainer."""
-    cfg = _cfg(workers=2)
+    cfg = _cfg(replicas=2)
     with Trainer(cfg.replace(farm=FarmConfig()), _model(cfg), *data) as local:
         local.fit(2)
         want = torch.from_numpy(local.get_params())

@@ -1,4 +1,4 @@
-"""An elastic farm (``farm.workers = "min..max"``): replicas join as nodes are added and leave with their nodes,
+"""An elastic farm (``farm.replicas = "min..max"``): replicas join as nodes are added and leave with their nodes,
 mid-run, and the run is the run a fixed-size farm makes (``ray.cluster_utils.Cluster``)."""
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def _config(workers: int | str) -> TrainConfig:
         model="digits_vit",
         batch_size=8,
         allocator=AllocatorConfig(kind="neyman"),
-        farm=FarmConfig(backend="ray", workers=workers, shard_cost=16, replica_resource="replica"),
+        farm=FarmConfig(backend="ray", replicas=workers, shard_cost=16, replica_resource="replica"),
     )
 
 

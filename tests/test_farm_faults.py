@@ -26,7 +26,7 @@ from flops_ray.farm.ray_init import wait_reachable
 from flops_ray.models.factory import create_model
 from flops_ray.training.trainer import StopTraining, Trainer
 
-RAY = FarmConfig(backend="ray", workers=2, shard_cost=16)
+RAY = FarmConfig(backend="ray", replicas=2, shard_cost=16)
 """The farm's defaults (retry budget, timeouts) but for the replica count of a 4-CPU test Ray."""
 BASE = TrainConfig(model="digits_vit", batch_size=8, farm=RAY)
 
@@ -65,9 +65,9 @@ def test_unreachable_address_fails_within_the_connect_timeout():
 def test_replicas_lost_while_starting_are_not_charged(digits_splits):
     """A preempted node takes replicas that never got to work: no evidence against the work, so even with
     ``max_retries=0`` the step finishes once a replica stays up (each loss backs off, none fails the farm)."""
-    cfg = BASE.replace(farm=dataclasses.replace(RAY, workers=1, max_retries=0))
+    cfg = BASE.replace(farm=dataclasses.replace(RAY, replicas=1, max_retries=0))
     backend = RayBackend(cfg, _model(cfg))
-    make, made = backend.pool.make_worker, []
+    make, made = backend.pool.make_replica, []
 
     def short_lived(slot: int):
         handle = make(slot)
@@ -76,7 +76,7 @@ def test_replicas_lost_while_starting_are_not_charged(digits_splits):
             ray.kill(handle, no_restart=True)
         return handle
 
-    backend.pool.make_worker = short_lived
+    backend.pool.make_replica = short_lived
     ray.kill(backend.pool.slots[0].handle, no_restart=True)  # up, but not yet given a step
     with Trainer(cfg, _model(cfg), *digits_splits, backend_factory=lambda *_: backend) as trainer:
         assert np.isfinite(trainer.step().loss)
@@ -91,7 +91,7 @@ def deadly_loss(out, y):
 @pytest.mark.usefixtures("ray_local")
 def test_a_shard_that_kills_every_replica_fails_the_farm(digits_splits):
     """Replicas that come up and die on the same work again and again are not progress: the budget ends it."""
-    cfg = BASE.replace(farm=dataclasses.replace(RAY, workers=1, max_retries=2, stall_timeout_s=300))
+    cfg = BASE.replace(farm=dataclasses.replace(RAY, replicas=1, max_retries=2, stall_timeout_s=300))
     with Trainer(cfg, _model(cfg), *digits_splits, loss_fn=deadly_loss) as trainer:
         with pytest.raises(FarmError, match=r"3 replica failures in a row .*running tasks \[\(0, "):
             trainer.step()
@@ -101,7 +101,7 @@ def test_a_shard_that_kills_every_replica_fails_the_farm(digits_splits):
 @pytest.mark.usefixtures("ray_local")
 def test_unplaceable_replicas_fail_at_once_naming_the_resource():
     """More GPUs per replica than any node has: the error names the GPU, before any step (not a stall)."""
-    cfg = BASE.replace(farm=dataclasses.replace(RAY, num_gpus_per_worker=2, stall_timeout_s=5))
+    cfg = BASE.replace(farm=dataclasses.replace(RAY, num_gpus_per_replica=2, stall_timeout_s=5))
     with pytest.raises(FarmError, match=r"no replica can be placed .*GPU 2 but no node has more than 1"):
         RayBackend(cfg, _model(cfg))
     assert ray.is_initialized()  # the test's Ray, which the backend did not start, is left alone
@@ -110,7 +110,7 @@ def test_unplaceable_replicas_fail_at_once_naming_the_resource():
 @pytest.mark.usefixtures("ray_local")
 def test_fewer_replicas_than_asked_warn_and_the_run_goes_on(digits_splits):
     """Five 1-CPU replicas on a 4-CPU Ray: a warning says 4 of 5 fit, and the run starts on those."""
-    cfg = BASE.replace(farm=dataclasses.replace(RAY, workers=5, num_cpus_per_worker=1))
+    cfg = BASE.replace(farm=dataclasses.replace(RAY, replicas=5, num_cpus_per_replica=1))
     with pytest.warns(RuntimeWarning) as caught, Trainer(cfg, _model(cfg), *digits_splits) as trainer:
         trainer.step()
         assert trainer.backend.where().startswith("4 of 5 replicas ready on cpu")
@@ -171,7 +171,7 @@ def test_more_replica_cpus_than_cores_say_so():
     """A local farm reserving more CPUs than the machine has cores runs, but not silently."""
     cores = os.cpu_count() or 1
     with pytest.warns(RuntimeWarning, match=rf"{cores + 1} replicas x 1 CPU on a machine with {cores} cores"):
-        check_placement(dataclasses.replace(RAY, workers=cores + 1, num_cpus_per_worker=1), local=True)
+        check_placement(dataclasses.replace(RAY, replicas=cores + 1, num_cpus_per_replica=1), local=True)
 
 
 @pytest.mark.usefixtures("ray_local")

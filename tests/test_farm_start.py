@@ -21,7 +21,7 @@ def test_a_model_that_cannot_ship_leaves_no_ray_behind():
     cfg = TrainConfig(
         estimator=EstimatorConfig(kind="es"),
         groups=(box.group(sigma=0.1, queries_per_sample=4),),
-        farm=FarmConfig(backend="ray", workers=1),
+        farm=FarmConfig(backend="ray", replicas=1),
     )
     data = ArrayDataset(np.ones((8, 3), np.float32), np.zeros(8, np.int64))
     assert not ray.is_initialized()

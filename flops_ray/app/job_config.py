@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from flops_ray.config import ConfigError, TrainConfig, require
-from flops_ray.config.plain import config_from_dict, config_to_dict, dataclass_from_dict, plain
+from flops_ray.config.plain import config_from_dict, config_to_dict, dataclass_from_dict, plain, renamed
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     key, sep, text = assignment.partition("=")
     if not sep or not key:
         raise ConfigError(f"--set {assignment!r}: expected key=value, e.g. allocator.kind=equal")
-    parts = key.split(".")
+    parts = renamed(key).split(".")
     node: Any = data
     for i, part in enumerate(parts[:-1]):
         where = ".".join(parts[: i + 1])
@@ -134,7 +134,7 @@ def quick_config(cfg: TrainConfig, job: JobConfig) -> tuple[TrainConfig, JobConf
         eval_every=2,
         groups=groups,
         allocator=alloc,
-        farm=dataclasses.replace(cfg.farm, workers=min(cfg.farm.max_workers, 2)),
+        farm=dataclasses.replace(cfg.farm, replicas=min(cfg.farm.max_replicas, 2)),
     )
     return check_config(cfg), dataclasses.replace(job, log_every=1)
 

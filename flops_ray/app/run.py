@@ -98,7 +98,7 @@ def build(cfg: TrainConfig, resume_from: Path | None = None) -> Trainer:
     tested = f"{len(test_set)} test samples" if test_set is not None else "no test split"
     print(f"data {cfg.data.dataset}: {len(train_set)} training samples, {tested}", flush=True)
     if not cfg.backprop and cfg.farm.backend == "ray":
-        print(f"starting {cfg.farm.workers} replicas on Ray ...", flush=True)
+        print(f"starting {cfg.farm.replicas} replicas on Ray ...", flush=True)
     trainer = Trainer(cfg, model, train_set, test_set)
     print(trainer.backend.where() if trainer.backend is not None else "backprop in this process", flush=True)
     if resume_from is not None:

@@ -7,6 +7,12 @@ from dataclasses import dataclass
 from flops_ray.config.validation import require
 
 REDUCTIONS = ("auto", "scalar", "allreduce", "driver")
+RENAMED = {
+    "farm.workers": "farm.replicas",
+    "farm.num_cpus_per_worker": "farm.num_cpus_per_replica",
+    "farm.num_gpus_per_worker": "farm.num_gpus_per_replica",
+}
+"""Old config keys -> their names now: still read, with a warning (the thing that runs queries is a replica)."""
 
 
 @dataclass(frozen=True)
@@ -14,14 +20,14 @@ class FarmConfig:
     """Where queries run: in this process, or on a Ray farm of replica actors."""
 
     backend: str = "local"
-    """``local`` (one in-process replica) or ``ray`` (driver + worker actors)."""
-    workers: int | str = 2
+    """``local`` (one in-process replica) or ``ray`` (driver + replica actors)."""
+    replicas: int | str = 2
     """Ray: number of replica actors, or an elastic range ``"min..max"``: the run starts once ``min`` are up
     (more if the cluster holds them), replicas join as the autoscaler adds nodes (adopting a live peer's
     parameters) up to ``max``, and leave with their nodes without failing the run."""
-    num_cpus_per_worker: float = 1.0
+    num_cpus_per_replica: float = 1.0
     """Ray: CPUs reserved per replica actor."""
-    num_gpus_per_worker: float = 0.0
+    num_gpus_per_replica: float = 0.0
     """Ray: GPUs per replica actor (fractions pack several replicas on one GPU)."""
     replica_resource: str = ""
     """Ray: name of a custom node resource each replica takes one unit of, capping replicas per node."""
@@ -63,18 +69,18 @@ class FarmConfig:
 
     @property
     def elastic(self) -> bool:
-        """Whether ``workers`` is a range ``"min..max"``."""
-        return isinstance(self.workers, str)
+        """Whether ``replicas`` is a range ``"min..max"``."""
+        return isinstance(self.replicas, str)
 
     @property
-    def min_workers(self) -> int:
+    def min_replicas(self) -> int:
         """Replicas the farm waits for before step 0."""
-        return worker_range(self.workers)[0]
+        return replica_range(self.replicas)[0]
 
     @property
-    def max_workers(self) -> int:
+    def max_replicas(self) -> int:
         """Replica slots the farm keeps (those not placed wait for resources)."""
-        return worker_range(self.workers)[1]
+        return replica_range(self.replicas)[1]
 
     @property
     def clean_shard_size(self) -> int:
@@ -83,9 +89,9 @@ class FarmConfig:
 
     def validate(self) -> None:
         require(self.backend in ("local", "ray"), "farm.backend", f"must be 'local' or 'ray', got {self.backend!r}")
-        worker_range(self.workers)
-        require(self.num_cpus_per_worker >= 0, "farm.num_cpus_per_worker", "must be >= 0")
-        require(self.num_gpus_per_worker >= 0, "farm.num_gpus_per_worker", "must be >= 0")
+        replica_range(self.replicas)
+        require(self.num_cpus_per_replica >= 0, "farm.num_cpus_per_replica", "must be >= 0")
+        require(self.num_gpus_per_replica >= 0, "farm.num_gpus_per_replica", "must be >= 0")
         require(self.shard_cost >= 2, "farm.shard_cost", f"must be >= 2, got {self.shard_cost}")
         require(self.clean_shard >= 0, "farm.clean_shard", f"must be >= 0 (0: shard_cost), got {self.clean_shard}")
         require(self.in_flight >= 1, "farm.in_flight", f"must be >= 1, got {self.in_flight}")
@@ -101,21 +107,21 @@ class FarmConfig:
         )
 
 
-def worker_range(workers: int | str) -> tuple[int, int]:
-    """``(min, max)`` replicas of ``farm.workers``: a number ``n`` is ``(n, n)``, a string ``"a..b"`` is ``(a, b)``.
+def replica_range(replicas: int | str) -> tuple[int, int]:
+    """``(min, max)`` replicas of ``farm.replicas``: a number ``n`` is ``(n, n)``, a string ``"a..b"`` is ``(a, b)``.
 
-    >>> worker_range(3), worker_range("2..8")
+    >>> replica_range(3), replica_range("2..8")
     ((3, 3), (2, 8))
 
     Raises:
         ConfigError: not a positive number or a range ``1 <= min <= max``.
     """
-    if isinstance(workers, int) and not isinstance(workers, bool):
-        low = high = workers
+    if isinstance(replicas, int) and not isinstance(replicas, bool):
+        low = high = replicas
     else:
-        parts = str(workers).split("..")
+        parts = str(replicas).split("..")
         ok = len(parts) == 2 and all(p.strip().isdigit() for p in parts)
-        require(ok, "farm.workers", f"must be a number or a range 'min..max', got {workers!r}")
+        require(ok, "farm.replicas", f"must be a number or a range 'min..max', got {replicas!r}")
         low, high = (int(p) for p in parts)
-    require(1 <= low <= high, "farm.workers", f"must be >= 1 (and min <= max), got {workers!r}")
+    require(1 <= low <= high, "farm.replicas", f"must be >= 1 (and min <= max), got {replicas!r}")
     return low, high

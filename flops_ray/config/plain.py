@@ -1,7 +1,7 @@
 """Configs from and to plain data (a parsed YAML, a checkpoint header), every field's type checked.
 
 >>> from flops_ray.config import TrainConfig
->>> config_from_dict({"steps": 10, "farm": {"workers": 3}}).farm.workers
+>>> config_from_dict({"steps": 10, "farm": {"replicas": 3}}).farm.replicas
 3
 >>> config_from_dict({"steps": "ten"})
 Traceback (most recent call last):
@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+import warnings
 from typing import Any, TypeVar
 
+from flops_ray.config.farm import RENAMED
 from flops_ray.config.train import TrainConfig
 from flops_ray.config.validation import require
 
@@ -34,11 +36,22 @@ def dataclass_from_dict(cls: type[T], data: Any, where: str = "") -> T:
     """
     data = {} if data is None else data
     require(isinstance(data, dict), where or "config", f"must be a mapping of fields, got {type(data).__name__}")
+    data = {renamed(f"{where}.{k}" if where else k).rpartition(".")[2]: v for k, v in data.items()}
     hints = typing.get_type_hints(cls)
     known = sorted(f.name for f in dataclasses.fields(cls))
     unknown = sorted(set(data) - set(known))
     require(not unknown, where or "config", f"unknown keys {unknown}; known keys are {known}")
     return cls(**{k: _convert(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()})
+
+
+def renamed(key: str) -> str:
+    """The current name of the dotted config key ``key``, warning when it is an old one (:data:`RENAMED`)."""
+    if key not in RENAMED:
+        return key
+    warnings.warn(
+        f"config key {key} is now {RENAMED[key]}; the old name will stop working", FutureWarning, stacklevel=3
+    )
+    return RENAMED[key]
 
 
 def _convert(tp: Any, value: Any, name: str) -> Any:

@@ -27,11 +27,11 @@ from flops_ray.farm.fault_budget import FaultBudget
 from flops_ray.farm.fault_policy import FaultPolicy
 from flops_ray.farm.placement import await_replicas, check_placement
 from flops_ray.farm.ray_init import cluster_address, init_ray
+from flops_ray.farm.replica_actor import ReplicaActor, ReplicaInfo, ReplicaOptions, StepBatch
 from flops_ray.farm.replica_pool import ReplicaPool, ask
 from flops_ray.farm.scheduler import Scheduler
 from flops_ray.farm.state_transfer import export
 from flops_ray.farm.update_sender import UpdateSender
-from flops_ray.farm.worker import ReplicaActor, StepBatch, WorkerInfo, WorkerOptions
 from flops_ray.messages import ReplicaState, ShardResult, ShardTask, StepUpdate, UpdateSource
 from flops_ray.models.losses import LossFn, cross_entropy
 from flops_ray.replica.replica import ReplicaSpec
@@ -39,13 +39,13 @@ from flops_ray.step.forward import Reduced, reduce_in_order
 
 
 class RayBackend:
-    """Shard tasks on up to ``cfg.farm.max_workers`` replica actors, started on the Ray that ``cfg.farm`` names.
+    """Shard tasks on up to ``cfg.farm.max_replicas`` replica actors, started on the Ray that ``cfg.farm`` names.
 
     Args:
         cfg: the run's configuration (``farm`` sets replicas, resources, dispatch and reduction).
         model: the model; it is put in the object store once and every replica loads that copy.
         loss_fn: per-sample loss (must pickle: a module-level function).
-        worker_options: per-replica knobs, one per worker (default: all at full speed).
+        replica_options: per-replica knobs, one per replica (default: all at full speed).
     """
 
     def __init__(
@@ -53,12 +53,12 @@ class RayBackend:
         cfg: TrainConfig,
         model: nn.Module,
         loss_fn: LossFn = cross_entropy,
-        worker_options: Sequence[WorkerOptions] | None = None,
+        replica_options: Sequence[ReplicaOptions] | None = None,
     ):
         farm = cfg.farm
-        options = list(worker_options or [WorkerOptions()] * farm.max_workers)
-        if len(options) != farm.max_workers:
-            raise ValueError(f"{len(options)} worker options for {farm.max_workers} workers")
+        options = list(replica_options or [ReplicaOptions()] * farm.max_replicas)
+        if len(options) != farm.max_replicas:
+            raise ValueError(f"{len(options)} replica options for {farm.max_replicas} replicas")
         self._owns_ray = init_ray(farm)
         self.pool: ReplicaPool | None = None
         try:
@@ -68,7 +68,7 @@ class RayBackend:
             self.close()
             raise
 
-    def _start(self, cfg: TrainConfig, model: nn.Module, loss_fn: LossFn, options: list[WorkerOptions]) -> None:
+    def _start(self, cfg: TrainConfig, model: nn.Module, loss_fn: LossFn, options: list[ReplicaOptions]) -> None:
         farm = cfg.farm
         t0 = time.perf_counter()
         # With no cluster address the farm runs on this machine's Ray, which no autoscaler can grow.
@@ -78,14 +78,14 @@ class RayBackend:
         resources = {farm.replica_resource: 1} if farm.replica_resource else None
         spec = ReplicaSpec.of(cfg, loss_fn)
 
-        def make_worker(slot: int) -> ActorHandle:
+        def make_replica(slot: int) -> ActorHandle:
             return ReplicaActor.options(
-                num_cpus=farm.num_cpus_per_worker, num_gpus=farm.num_gpus_per_worker, resources=resources
+                num_cpus=farm.num_cpus_per_replica, num_gpus=farm.num_gpus_per_replica, resources=resources
             ).remote(model_ref, spec, options[slot])
 
         self.counters = DispatchCounters()
         self.faults = FaultPolicy(FaultBudget(farm.max_retries), farm.stall_timeout_s)
-        self.pool = ReplicaPool(make_worker, farm.max_workers, self.faults, self.counters)
+        self.pool = ReplicaPool(make_replica, farm.max_replicas, self.faults, self.counters)
         self.replicas = await_replicas(self.pool, farm, need)
         self.startup_seconds = time.perf_counter() - t0
         self.reduction = resolve_reduction(cfg, model)
@@ -180,7 +180,7 @@ class RayBackend:
         self.pool.replace_failed(answers, "a replica failed reporting its digest")
         return [answer for _, answer in answers if not isinstance(answer, RayError)]
 
-    def describe(self) -> list[WorkerInfo]:
+    def describe(self) -> list[ReplicaInfo]:
         """Where each replica runs (node, GPU ids, torch device); a slot waiting out a backoff has none."""
         return ray.get([slot.handle.describe.remote() for slot in self.pool.slots if slot.handle is not None])
 

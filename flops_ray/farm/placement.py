@@ -28,7 +28,7 @@ from flops_ray.farm.replica_pool import ReplicaPool
 
 def replica_demand(farm: FarmConfig) -> dict[str, float]:
     """The Ray resources one replica actor asks for (only the non-zero ones)."""
-    demand = {"CPU": farm.num_cpus_per_worker, "GPU": farm.num_gpus_per_worker}
+    demand = {"CPU": farm.num_cpus_per_replica, "GPU": farm.num_gpus_per_replica}
     if farm.replica_resource:
         demand[farm.replica_resource] = 1.0
     return {name: amount for name, amount in demand.items() if amount > 0}
@@ -59,7 +59,7 @@ def _alive_nodes() -> list[dict[str, float]]:
 
 
 def check_placement(farm: FarmConfig, local: bool) -> int:
-    """Before any replica starts: fail or warn when the cluster cannot hold ``farm.max_workers`` replicas.
+    """Before any replica starts: fail or warn when the cluster cannot hold ``farm.max_replicas`` replicas.
 
     Args:
         farm: the farm settings.
@@ -83,30 +83,30 @@ def check_placement(farm: FarmConfig, local: bool) -> int:
             RuntimeWarning,
             stacklevel=2,
         )
-    elif fit < farm.max_workers:
+    elif fit < farm.max_replicas:
         warnings.warn(
-            f"the cluster's nodes hold {fit} of the {farm.max_workers} replicas asked for (each asks for "
+            f"the cluster's nodes hold {fit} of the {farm.max_replicas} replicas asked for (each asks for "
             f"{_text(demand)}); the rest wait for resources",
             RuntimeWarning,
             stacklevel=2,
         )
     cores = os.cpu_count() or 1
-    if local and farm.max_workers * farm.num_cpus_per_worker > cores:
+    if local and farm.max_replicas * farm.num_cpus_per_replica > cores:
         warnings.warn(
-            f"{farm.max_workers} replicas x {farm.num_cpus_per_worker:g} CPU on a machine with {cores} cores: "
+            f"{farm.max_replicas} replicas x {farm.num_cpus_per_replica:g} CPU on a machine with {cores} cores: "
             "they share the cores and each runs slower",
             RuntimeWarning,
             stacklevel=2,
         )
     # A fixed count starts on the replicas that fit (the rest join later); a range waits for its minimum.
-    return max(farm.min_workers if farm.elastic else 1, min(farm.max_workers, fit))
+    return max(farm.min_replicas if farm.elastic else 1, min(farm.max_replicas, fit))
 
 
 def await_replicas(pool: ReplicaPool, farm: FarmConfig, need: int) -> list:
     """Wait up to ``farm.stall_timeout_s`` for ``need`` replicas to answer ``describe``; the rest join later.
 
     Returns:
-        The :class:`~flops_ray.farm.worker.WorkerInfo` of every replica that came up.
+        The :class:`~flops_ray.farm.replica_actor.ReplicaInfo` of every replica that came up.
 
     Raises:
         FarmError: no replica came up (the message names the resources asked for and those there are).

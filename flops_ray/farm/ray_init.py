@@ -55,7 +55,7 @@ def init_ray(farm: FarmConfig, num_cpus: float | None = None, num_gpus: float | 
 
     Args:
         farm: the farm settings (``address`` empty: ``RAY_ADDRESS``, else a local instance).
-        num_cpus: logical CPUs of a local instance (default: what the workers reserve, at least the
+        num_cpus: logical CPUs of a local instance (default: what the replicas reserve, at least the
             machine's cores, so the replicas fit).
         num_gpus: GPUs of a local instance (None lets Ray detect them; a fake count tests GPU placement).
 
@@ -70,9 +70,9 @@ def init_ray(farm: FarmConfig, num_cpus: float | None = None, num_gpus: float | 
         ray.init(address=address)
         return True
     if num_cpus is None:
-        num_cpus = max(os.cpu_count() or 1, farm.max_workers * farm.num_cpus_per_worker)
+        num_cpus = max(os.cpu_count() or 1, farm.max_replicas * farm.num_cpus_per_replica)
     # A single local node must offer the per-replica resource, or no replica would ever be placed.
-    resources = {farm.replica_resource: farm.max_workers} if farm.replica_resource else None
+    resources = {farm.replica_resource: farm.max_replicas} if farm.replica_resource else None
     ray.init(
         num_cpus=math.ceil(num_cpus),
         num_gpus=num_gpus,

@@ -27,22 +27,22 @@ Answers = list[tuple[Slot, object]]
 
 
 class ReplicaPool:
-    """``workers`` replica actors made by ``make_worker(slot)``, kept alive and in sync.
+    """``replicas`` replica actors made by ``make_replica(slot)``, kept alive and in sync.
 
     Args:
-        make_worker: creates the actor of a slot (called again to replace a dead one).
-        workers: number of replicas.
+        make_replica: creates the actor of a slot (called again to replace a dead one).
+        replicas: number of replicas.
         faults: what a death costs, the backoff between a slot's replacements and the longest wait.
         counters: where restarts and sync bytes are counted.
     """
 
     def __init__(
-        self, make_worker: Callable[[int], ActorHandle], workers: int, faults: FaultPolicy, counters: DispatchCounters
+        self, make_replica: Callable[[int], ActorHandle], replicas: int, faults: FaultPolicy, counters: DispatchCounters
     ):
-        self.make_worker = make_worker
+        self.make_replica = make_replica
         self.faults = faults
         self.counters = counters
-        self._slots = tuple(Slot(make_worker(i)) for i in range(workers))
+        self._slots = tuple(Slot(make_replica(i)) for i in range(replicas))
         self._version = 0
         self._states = StateSources(counters)
         self._sync: tuple[ray.ObjectRef, int] | None = None
@@ -202,7 +202,7 @@ class ReplicaPool:
         now = time.monotonic()
         for index, slot in enumerate(self._slots):
             if slot.handle is None and slot.start_at <= now:
-                slot.handle = self.make_worker(index)
+                slot.handle = self.make_replica(index)
                 if self._sync is not None:
                     self._send_sync(slot)
 

@@ -1,6 +1,6 @@
 """Shard planning: cut per-sample query ranges into chunks of about equal cost (pure function).
 
-The plan depends only on the ranges and the target cost, never on the number of workers, so every
+The plan depends only on the ranges and the target cost, never on the number of replicas, so every
 backend evaluates the same shards and the reduction is identical.
 
 >>> from flops_ray.messages import ShardItem

@@ -15,25 +15,25 @@ from flops_ray.config import FarmConfig, TrainConfig
 from flops_ray.farm.backend import RayBackend
 from flops_ray.farm.costs import call_costs
 from flops_ray.farm.ray_init import init_ray
-from flops_ray.farm.worker import WorkerOptions, WorkerStats
+from flops_ray.farm.replica_actor import ReplicaOptions, ReplicaStats
 from flops_ray.messages import ShardResult, ShardTask
 
 __all__ = ["call_costs", "replica_stats", "run_pinned", "start_farm", "start_ray", "wire_bytes"]
 
 
-def start_ray(workers: int, num_cpus: float | None = None) -> None:
-    """Start (or join) this machine's Ray with room for ``workers`` replicas (``num_cpus``: that many CPUs instead)."""
-    init_ray(FarmConfig(workers=workers), num_cpus=num_cpus)
+def start_ray(replicas: int, num_cpus: float | None = None) -> None:
+    """Start (or join) this machine's Ray with room for ``replicas`` replicas (``num_cpus``: that many CPUs instead)."""
+    init_ray(FarmConfig(replicas=replicas), num_cpus=num_cpus)
 
 
 def start_farm(cfg: TrainConfig, model: nn.Module, slowdowns: Sequence[float] = ()) -> RayBackend:
     """The farm ``cfg.farm`` describes, serving ``model``; replica ``i`` runs ``slowdowns[i]`` times slower than
     it can (none given: every replica at full speed)."""
-    options = [WorkerOptions(slowdown=s) for s in slowdowns] or None
-    return RayBackend(cfg, model, worker_options=options)
+    options = [ReplicaOptions(slowdown=s) for s in slowdowns] or None
+    return RayBackend(cfg, model, replica_options=options)
 
 
-def replica_stats(backend: RayBackend) -> list[WorkerStats]:
+def replica_stats(backend: RayBackend) -> list[ReplicaStats]:
     """What each replica did since it started (tasks, forwards, busy and update seconds), in the pool's order."""
     return _values([handle.stats.remote() for handle in _handles(backend)])
 

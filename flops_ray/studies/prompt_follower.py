@@ -64,7 +64,7 @@ class PromptConfig:
     """The first is the headline ``accuracy`` (OPS); the others are compared with it."""
     backend: str = "ray"
     """``ray`` (the query farm on a local or joined Ray) or ``local`` (in-process)."""
-    workers: int = 2
+    replicas: int = 2
     """Replica actors of the farm (``backend = ray``)."""
     eval_every: int = 10
     """Test accuracy every this many steps (and after the last)."""

@@ -4,7 +4,7 @@ A thin client (a laptop, a ``ray job submit`` entrypoint) starts it with :func:`
 the trainer's methods on the handle; the client can disconnect between calls without stopping training.
 
     >>> from flops_ray.config import FarmConfig, TrainConfig
-    >>> cfg = TrainConfig(farm=FarmConfig(backend="ray", workers=2))
+    >>> cfg = TrainConfig(farm=FarmConfig(backend="ray", replicas=2))
     >>> driver = start_driver(cfg, model, train, test)  # doctest: +SKIP
     >>> reports = ray.get(driver.fit.remote(10))  # doctest: +SKIP
 """

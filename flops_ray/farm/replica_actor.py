@@ -37,7 +37,7 @@ class StepBatch:
 
 
 @dataclass(frozen=True)
-class WorkerOptions:
+class ReplicaOptions:
     """Per-replica knobs that are not part of the training maths."""
 
     slowdown: float = 1.0
@@ -46,7 +46,7 @@ class WorkerOptions:
 
 
 @dataclass(frozen=True)
-class WorkerInfo:
+class ReplicaInfo:
     """Where a replica landed."""
 
     node_id: str
@@ -56,7 +56,7 @@ class WorkerInfo:
 
 
 @dataclass(frozen=True)
-class WorkerStats:
+class ReplicaStats:
     """What a replica did since it started (for speed calibration in benchmarks)."""
 
     tasks: int
@@ -87,7 +87,7 @@ class ReplicaActor:
         options: per-replica knobs.
     """
 
-    def __init__(self, model: nn.Module, spec: ReplicaSpec, options: WorkerOptions):
+    def __init__(self, model: nn.Module, spec: ReplicaSpec, options: ReplicaOptions):
         # Ray reserves logical CPUs only; one intra-op thread per reserved CPU avoids oversubscribing a node.
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
         torch.set_num_threads(max(1, round(cpus)))
@@ -96,15 +96,15 @@ class ReplicaActor:
         device = "cuda:0" if gpu_ids and torch.cuda.is_available() else "cpu"
         self.replica = Replica(model, spec, device)
         self.options = options
-        self.info = WorkerInfo(ray.get_runtime_context().get_node_id(), gpu_ids, device, torch.get_num_threads())
+        self.info = ReplicaInfo(ray.get_runtime_context().get_node_id(), gpu_ids, device, torch.get_num_threads())
         self._tasks = self._forwards = 0
         self._busy = self._updating = 0.0
 
-    def describe(self) -> WorkerInfo:
+    def describe(self) -> ReplicaInfo:
         return self.info
 
-    def stats(self) -> WorkerStats:
-        return WorkerStats(self._tasks, self._forwards, self._busy, self._updating)
+    def stats(self) -> ReplicaStats:
+        return ReplicaStats(self._tasks, self._forwards, self._busy, self._updating)
 
     def sync(self, batch: StepBatch, version: int) -> int:
         """Load the step's batch (see :meth:`Replica.sync`); the replica must hold the parameters after
