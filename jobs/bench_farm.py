@@ -42,7 +42,7 @@ from torch import nn
 from flops_ray import BlackBox, EstimatorConfig, FarmConfig, TrainConfig, Trainer, create_model, digits
 from flops_ray.models.prompts import PromptedViT
 from flops_ray.studies.batches import digits_batch
-from flops_ray.studies.farm_probe import call_costs, replica_stats, run_pinned, start_farm, start_ray, wire_bytes
+from flops_ray.studies.farm_probe import call_costs, start_farm, start_ray, wire_bytes
 from flops_ray.studies.frozen_head import FrozenHead
 from flops_ray.studies.job_cli import job_parser
 from flops_ray.studies.local_replicas import query_engine
@@ -191,15 +191,15 @@ def makespan(bench: BenchConfig) -> dict:
     backend = start_farm(cfg, create_model(cfg.model, 10, 8, cfg.seed), slowdowns=(1.0, bench.slowdown))
 
     def static() -> None:
-        run_pinned(backend, tasks, lambda t: t.items[0].pos % cfg.farm.max_replicas)
+        backend.run_pinned(tasks, lambda t: t.items[0].pos % cfg.farm.max_replicas)
 
     def measured(fn) -> float:
         """Best step time / ideal over the repetitions, speeds from the replicas' own busy time."""
         ratios = []
         for _ in range(bench.reps):
-            before = replica_stats(backend)
+            before = backend.replica_stats()
             step_s = seconds(fn)
-            after = replica_stats(backend)
+            after = backend.replica_stats()
             speed = sum((a.forwards - b.forwards) / (a.busy_seconds - b.busy_seconds) for a, b in zip(after, before))
             ratios.append(step_s / (sum(t.cost for t in tasks) / speed))
         return min(ratios)

@@ -41,7 +41,7 @@ from flops_ray import (
     load_config,
 )
 from flops_ray.studies.driver_costs import replay_seconds_per_number, vit_b_driver_seconds
-from flops_ray.studies.farm_probe import call_costs, replica_stats, start_ray, wire_bytes
+from flops_ray.studies.farm_probe import call_costs, start_ray, wire_bytes
 from flops_ray.studies.job_cli import job_parser
 from flops_ray.studies.results import write_result
 from flops_ray.studies.scale_simulation import ASSUMPTIONS, VIT_B, simulate, workload_of
@@ -152,16 +152,16 @@ def task_overhead(bench: ScaleConfig, kind: str, calls: int = 200) -> float:
     with Trainer(_vit_config(bench, kind, 1), _digits_vit(bench), train) as tr:
         tr.backend.sync(0, x, y)
         tr.backend.run(tasks[:10])
-        before = replica_stats(tr.backend)[0].busy_seconds
+        before = tr.backend.replica_stats()[0].busy_seconds
         t0 = time.perf_counter()
         tr.backend.run(tasks)
         farm = time.perf_counter() - t0
-        busy = replica_stats(tr.backend)[0].busy_seconds - before
+        busy = tr.backend.replica_stats()[0].busy_seconds - before
     return max(0.0, (farm - busy) / calls)
 
 
 def _replica_seconds(after: list, before: list) -> float:
-    """The replicas' own seconds (shards and updates) between two :func:`replica_stats` readings."""
+    """The replicas' own seconds (shards and updates) between two ``replica_stats()`` readings."""
     return sum(a.busy_seconds + a.update_seconds - b.busy_seconds - b.update_seconds for a, b in zip(after, before))
 
 
@@ -179,7 +179,7 @@ def validate(bench: ScaleConfig, kind: str, call_s: float) -> dict:
             Trainer(_vit_config(bench, kind, n), _digits_vit(bench), digits("train")) as tr,
         ):
             tr.step()
-            before, busy, reports, replay = replica_stats(tr.backend), 0.0, [], []
+            before, busy, reports, replay = tr.backend.replica_stats(), 0.0, [], []
             for _ in range(bench.validate_steps):
                 local.step()
                 if kind != "lr":
@@ -192,7 +192,7 @@ def validate(bench: ScaleConfig, kind: str, call_s: float) -> dict:
                 busy -= busy_cpu_seconds()
                 reports.append(tr.step())
                 busy += busy_cpu_seconds()
-            replicas = _replica_seconds(replica_stats(tr.backend), before)
+            replicas = _replica_seconds(tr.backend.replica_stats(), before)
             timed = local.timed()
         if n == bench.validate_workers[0]:
             out["host_s"] = max(0.0, busy - replicas) / len(reports)

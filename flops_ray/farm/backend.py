@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pickle
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import ray
@@ -27,7 +27,7 @@ from flops_ray.farm.fault_budget import FaultBudget
 from flops_ray.farm.fault_policy import FaultPolicy
 from flops_ray.farm.placement import await_replicas, check_placement
 from flops_ray.farm.ray_init import cluster_address, init_ray
-from flops_ray.farm.replica_actor import ReplicaActor, ReplicaInfo, ReplicaOptions, StepBatch
+from flops_ray.farm.replica_actor import ReplicaActor, ReplicaInfo, ReplicaOptions, ReplicaStats, StepBatch
 from flops_ray.farm.replica_pool import ReplicaPool, ask
 from flops_ray.farm.scheduler import Scheduler
 from flops_ray.farm.state_transfer import export
@@ -183,6 +183,16 @@ class RayBackend:
     def describe(self) -> list[ReplicaInfo]:
         """Where each replica runs (node, GPU ids, torch device); a slot waiting out a backoff has none."""
         return ray.get([slot.handle.describe.remote() for slot in self.pool.slots if slot.handle is not None])
+
+    def replica_stats(self) -> list[ReplicaStats]:
+        """What each replica did since it started (tasks, forwards, busy and update seconds), in slot order."""
+        return ray.get([slot.handle.stats.remote() for slot in self.pool.slots])
+
+    def run_pinned(self, tasks: list[ShardTask], replica_of: Callable[[ShardTask], int]) -> list[ShardResult]:
+        """Run every task at once on replica ``replica_of(task)``, past the scheduler, with no retries: a static
+        assignment the benchmarks compare the scheduler with."""
+        handles = [slot.handle for slot in self.pool.slots]
+        return ray.get([handles[replica_of(t)].run.remote(t, False) for t in tasks])
 
     def where(self) -> str:
         """One line saying where the queries run: ``2 of 2 replicas ready on cpu in 4.1 s (Ray at ...)``."""
