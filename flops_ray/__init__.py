@@ -34,7 +34,7 @@ _EXPORTS = {
     "digits": "flops_ray.data.arrays",
     "cross_entropy": "flops_ray.models.losses",
     "QueryEngine": "flops_ray.replica.engine",
-    "StepReport": "flops_ray.step.forward",
+    "StepReport": "flops_ray.step.interface",
     "Trainer": "flops_ray.training.trainer",
     "start_driver": "flops_ray.training.driver",
     "load_config": "flops_ray.app.job_config",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flops_ray.step.forward import StepReport
+from flops_ray.step.interface import StepReport
 from flops_ray.training.metrics_log import MetricsLog, read_metrics
 
 

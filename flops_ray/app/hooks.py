@@ -8,7 +8,7 @@ import threading
 import time
 from pathlib import Path
 
-from flops_ray.step.forward import StepReport
+from flops_ray.step.interface import StepReport
 from flops_ray.training.metrics_log import MetricsLog
 from flops_ray.training.trainer import StopTraining, Trainer
 

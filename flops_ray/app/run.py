@@ -24,7 +24,7 @@ from flops_ray.config.plain import config_to_dict
 from flops_ray.data.arrays import ArrayDataset, digits
 from flops_ray.data.parquet import read_parquet
 from flops_ray.models.factory import create_model
-from flops_ray.step.forward import StepReport
+from flops_ray.step.interface import StepReport
 from flops_ray.training.checkpoint import checkpoint_config, load_model_state
 from flops_ray.training.metrics_log import MetricsLog
 from flops_ray.training.trainer import Trainer, accuracy

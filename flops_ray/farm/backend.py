@@ -35,7 +35,8 @@ from flops_ray.farm.update_sender import UpdateSender
 from flops_ray.messages import ReplicaState, ShardResult, ShardTask, StepUpdate, UpdateSource
 from flops_ray.models.losses import LossFn, cross_entropy
 from flops_ray.replica.replica import ReplicaSpec
-from flops_ray.step.forward import Reduced, reduce_in_order
+from flops_ray.step.forward import reduce_in_order
+from flops_ray.step.interface import Reduced
 
 
 class RayBackend:

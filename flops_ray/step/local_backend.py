@@ -6,7 +6,8 @@ import numpy as np
 
 from flops_ray.messages import ReplicaState, ShardResult, ShardTask, StepUpdate, UpdateSource
 from flops_ray.replica.replica import Replica
-from flops_ray.step.forward import Reduced, reduce_in_order
+from flops_ray.step.forward import reduce_in_order
+from flops_ray.step.interface import Reduced
 
 
 class LocalBackend:

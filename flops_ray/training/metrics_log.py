@@ -12,7 +12,7 @@ per-sample clean losses), and per layer group ``g``: ``spread/g`` (max/min query
 pilot trace estimates, for the trace-vs-loss plot).
 
 >>> import tempfile, pathlib
->>> from flops_ray.step.forward import StepReport
+>>> from flops_ray.step.interface import StepReport
 >>> path = pathlib.Path(tempfile.mkdtemp()) / "m.parquet"
 >>> with MetricsLog(path, ["head"]) as log:
 ...     log.append(StepReport(step=0, loss=2.3, losses=np.array([2.0, 2.6]), counts=[np.array([2, 6])],
@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from flops_ray.files import atomic_path
-from flops_ray.step.forward import StepReport
+from flops_ray.step.interface import StepReport
 
 
 def _column_change(found: pa.Schema, expected: pa.Schema) -> str:
