@@ -93,6 +93,8 @@ def test_unknown_keys_are_named():
         ({"steps": 2.5}, r"^steps: must be an integer, got 2.5"),
         ({"batch_size": 8.5}, r"^batch_size: must be an integer"),
         ({"farm": {"replicas": 1.5}}, r"^farm\.replicas: must be a number or a range"),
+        ({"farm": {"replicas": "1.5"}}, r"^farm\.replicas: must be a number or a range"),
+        ({"farm": {"replicas": [2]}}, r"^farm\.replicas: must be an integer, or a string, got \[2\]"),
         ({"groups": [{"name": "g", "modules": ["head"], "sigma": 0.1, "queries_per_sample": "lots"}]}, r"groups\[0\]"),
         ({"backprop": "yes"}, r"^backprop: must be true or false"),
     ],

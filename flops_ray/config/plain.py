@@ -12,15 +12,18 @@ flops_ray.config.validation.ConfigError: steps: must be an integer, got 'ten'
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 import warnings
 from typing import Any, TypeVar
 
 from flops_ray.config.farm import RENAMED
 from flops_ray.config.train import TrainConfig
-from flops_ray.config.validation import require
+from flops_ray.config.validation import ConfigError, require
 
 T = TypeVar("T")
+KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+"""How messages name a scalar field's type."""
 
 
 def dataclass_from_dict(cls: type[T], data: Any, where: str = "") -> T:
@@ -61,15 +64,28 @@ def _convert(tp: Any, value: Any, name: str) -> Any:
         item = typing.get_args(tp)[0]
         require(isinstance(value, list | tuple), name, f"must be a list, got {value!r}")
         return tuple(_convert(item, v, f"{name}[{i}]") for i, v in enumerate(value))
-    if tp is bool:
-        require(isinstance(value, bool), name, f"must be true or false, got {value!r}")
-    elif tp is int:
-        require(isinstance(value, int) and not isinstance(value, bool), name, f"must be an integer, got {value!r}")
-    elif tp is float:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return _convert_union(typing.get_args(tp), value, name)
+    if tp is float:
         return _to_float(value, name)
-    elif tp is str:
-        require(isinstance(value, str), name, f"must be a string, got {value!r}")
+    if tp in KINDS:
+        # bool is a subclass of int, but true is no integer a user meant.
+        fits = isinstance(value, tp) and (tp is bool or not isinstance(value, bool))
+        require(fits, name, f"must be {KINDS[tp]}, got {value!r}")
     return value
+
+
+def _convert_union(options: tuple[Any, ...], value: Any, name: str) -> Any:
+    # The first member the value fits, in the order the field declares them (``bool | str`` keeps true a bool).
+    for tp in options:
+        try:
+            return _convert(tp, value, name)
+        except ConfigError:
+            continue
+    if isinstance(value, bool | int | float | str):
+        return value  # a scalar of another type: the section's validate() says what the field accepts
+    kinds = ", or ".join(KINDS.get(tp, getattr(tp, "__name__", str(tp))) for tp in options)
+    raise ConfigError(f"{name}: must be {kinds}, got {value!r}")
 
 
 def _to_float(value: Any, name: str) -> float:
@@ -79,7 +95,9 @@ def _to_float(value: Any, name: str) -> float:
             return float(value)
         except ValueError:
             pass
-    require(isinstance(value, int | float) and not isinstance(value, bool), name, f"must be a number, got {value!r}")
+    require(
+        isinstance(value, int | float) and not isinstance(value, bool), name, f"must be {KINDS[float]}, got {value!r}"
+    )
     return float(value)
 
 

@@ -41,8 +41,10 @@ class TrainConfig:
 
     model: str = "digits_vit_pretrained"
     """Model name in the flops_ray registry (``digits_vit``, ``digits_vit_pretrained``) or any timm model name."""
-    pretrained: str = ""
-    """Path of a local weights file (safetensors or torch state dict) loaded into the model; no hub access."""
+    pretrained: bool | str = False
+    """Initial weights: ``false`` (or empty) for the seed's random init; ``true`` for timm's pretrained weights of
+    ``model`` through the Hugging Face cache (``HF_HOME``; ``HF_HUB_OFFLINE=1`` never downloads); a string for
+    the path of a local weights file (safetensors or torch state dict). Read once, by the driver."""
     data: DataConfig = field(default_factory=DataConfig)
     """The dataset."""
     groups: tuple[GroupConfig, ...] = field(default_factory=default_groups)
@@ -78,6 +80,11 @@ class TrainConfig:
         require(self.lr > 0 and math.isfinite(self.lr), "lr", f"must be > 0, got {self.lr}")
         require(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         require(self.grad_clip >= 0, "grad_clip", "must be >= 0")
+        require(
+            isinstance(self.pretrained, bool | str),
+            "pretrained",
+            f"must be true, false or a weights file's path, got {self.pretrained!r}",
+        )
         require(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
         require(len(self.groups) > 0, "groups", "at least one layer group is needed")
         names = [g.name for g in self.groups]
