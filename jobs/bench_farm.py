@@ -91,33 +91,33 @@ class BenchConfig:
 QUICK = BenchConfig(reps=2, train_steps=3)
 
 
-def _cfg(bench: BenchConfig, workers: int, shard_cost: int = 0) -> TrainConfig:
+def _cfg(bench: BenchConfig, replicas: int, shard_cost: int = 0) -> TrainConfig:
     shard_cost = shard_cost or bench.shard_cost
-    farm = FarmConfig(backend="ray", replicas=workers, num_cpus_per_replica=1, shard_cost=shard_cost)
+    farm = FarmConfig(backend="ray", replicas=replicas, num_cpus_per_replica=1, shard_cost=shard_cost)
     return TrainConfig(model="digits_vit", batch_size=bench.batch_size, seed=bench.seed, farm=farm)
 
 
 Setup = Callable[[BenchConfig, int], tuple[TrainConfig, nn.Module]]
-"""``(bench, workers) -> (config, model)``: the workload an efficiency figure is measured on."""
+"""``(bench, replicas) -> (config, model)``: the workload an efficiency figure is measured on."""
 
 
-def vit_setup(bench: BenchConfig, workers: int) -> tuple[TrainConfig, nn.Module]:
+def vit_setup(bench: BenchConfig, replicas: int) -> tuple[TrainConfig, nn.Module]:
     """The digits ViT with the default layer groups and LR."""
-    cfg = _cfg(bench, workers)
+    cfg = _cfg(bench, replicas)
     return cfg, create_model(cfg.model, 10, 8, cfg.seed)
 
 
-def blackbox_setup(bench: BenchConfig, workers: int) -> tuple[TrainConfig, nn.Module]:
+def blackbox_setup(bench: BenchConfig, replicas: int) -> tuple[TrainConfig, nn.Module]:
     """A black box: prompt tokens of a frozen digits ViT searched by ES in a 32-dimensional subspace."""
-    cfg = _cfg(bench, workers).replace(groups=(BlackBox.group(0.05, 8),), estimator=EstimatorConfig(kind="es"))
+    cfg = _cfg(bench, replicas).replace(groups=(BlackBox.group(0.05, 8),), estimator=EstimatorConfig(kind="es"))
     prompted = PromptedViT(create_model("digits_vit", 10, 8, cfg.seed), tokens=2)
     box = BlackBox(prompted, torch.zeros(2 * prompted.vit.embed_dim), subspace=32, seed=cfg.seed, inference=True)
     return cfg, box
 
 
-def head_blackbox_setup(bench: BenchConfig, workers: int) -> tuple[TrainConfig, nn.Module]:
+def head_blackbox_setup(bench: BenchConfig, replicas: int) -> tuple[TrainConfig, nn.Module]:
     """The frozen digits ViT's head (650 parameters) as a black box searched by ES."""
-    cfg = _cfg(bench, workers, bench.limit_shard_cost).replace(
+    cfg = _cfg(bench, replicas, bench.limit_shard_cost).replace(
         groups=(BlackBox.group(0.05, bench.limit_queries),), estimator=EstimatorConfig(kind="es")
     )
     head = FrozenHead(create_model("digits_vit", 10, 8, cfg.seed))
@@ -138,7 +138,7 @@ def limit_rows_per_s(bench: BenchConfig, vit: nn.Module, x: np.ndarray, rows: in
 
 
 def efficiency(bench: BenchConfig, setup: Setup = vit_setup, queries: int = 0, limit: bool = False) -> dict:
-    """Farm rate with ``W`` replicas / (``W`` x the in-process rate), for each ``W`` of ``bench.workers``.
+    """Farm rate with ``W`` replicas / (``W`` x the in-process rate), for each ``W`` of ``bench.replicas``.
 
     The in-process reference runs the same shards batched the same way, one thread. A repetition times
     ``bench.rounds`` rounds of each; the repetitions are interleaved, so both see the same load of this
@@ -157,7 +157,7 @@ def efficiency(bench: BenchConfig, setup: Setup = vit_setup, queries: int = 0, l
     if limit:
         out["limit_rows_per_s"], out["paired_vs_limit"] = {}, {}
         vit = create_model("digits_vit", 10, 8, bench.seed).eval()
-    for w in bench.workers:
+    for w in bench.replicas:
         backend = start_farm(*setup(bench, w))
         try:
             backend.sync(0, x, y)
@@ -239,7 +239,7 @@ def training(bench: BenchConfig) -> dict:
 
 def main(bench: BenchConfig, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    start_ray(max(bench.workers), num_cpus=os.cpu_count())
+    start_ray(max(bench.replicas), num_cpus=os.cpu_count())
     eff = efficiency(bench)
     blackbox = efficiency(bench, blackbox_setup)
     head = efficiency(bench, head_blackbox_setup, bench.limit_queries, limit=True)

@@ -59,7 +59,7 @@ class ScaleConfig:
 
     widths: tuple[int, ...] = (16, 64, 400)
     """Hidden widths of the MLP family behind the bytes figures (``P`` from 1.5 k to 190 k)."""
-    wire_workers: int = 2
+    wire_replicas: int = 2
     """Replicas of the bytes figures."""
     wire_steps: int = 2
     """Steps averaged per bytes figure (after one warm-up step)."""
@@ -72,7 +72,7 @@ class ScaleConfig:
     validate_queries: int = 64
     """Queries per sample and group of the step-time check: enough for compute-dominated steps, as a GPU
     farm's are."""
-    validate_workers: tuple[int, ...] = (1, 2, 3)
+    validate_replicas: tuple[int, ...] = (1, 2, 3)
     """Replica counts of the local step-time check."""
     validate_steps: int = 8
     """Timed steps per replica count (after one warm-up step)."""
@@ -98,7 +98,7 @@ VIT_GROUPS = (GroupConfig("top", ("blocks.3.mlp.fc2",), 0.05, 16), GroupConfig("
 """The digits ViT's groups of the step-time check."""
 
 
-def _config(bench: ScaleConfig, kind: str, workers: int, groups=MLP_GROUPS, model: str = "mlp") -> TrainConfig:
+def _config(bench: ScaleConfig, kind: str, replicas: int, groups=MLP_GROUPS, model: str = "mlp") -> TrainConfig:
     q = bench.queries_per_sample if model == "mlp" else bench.validate_queries
     groups = tuple(GroupConfig(g.name, g.modules, g.sigma, q) for g in groups)
     return TrainConfig(
@@ -107,13 +107,13 @@ def _config(bench: ScaleConfig, kind: str, workers: int, groups=MLP_GROUPS, mode
         groups=groups,
         estimator=EstimatorConfig(kind=kind),
         allocator=AllocatorConfig(kind="neyman", signal="memory"),
-        farm=FarmConfig(backend="ray", replicas=workers, shard_cost=bench.shard_cost, num_cpus_per_replica=1),
+        farm=FarmConfig(backend="ray", replicas=replicas, shard_cost=bench.shard_cost, num_cpus_per_replica=1),
         seed=bench.seed,
     )
 
 
-def _vit_config(bench: ScaleConfig, kind: str, workers: int) -> TrainConfig:
-    return _config(bench, kind, workers, groups=VIT_GROUPS, model="digits_vit")
+def _vit_config(bench: ScaleConfig, kind: str, replicas: int) -> TrainConfig:
+    return _config(bench, kind, replicas, groups=VIT_GROUPS, model="digits_vit")
 
 
 def _digits_vit(bench: ScaleConfig) -> nn.Module:
@@ -121,10 +121,10 @@ def _digits_vit(bench: ScaleConfig) -> nn.Module:
 
 
 def wire(bench: ScaleConfig, kind: str) -> dict:
-    """Driver and replica bytes per step at every width (a real local farm of ``wire_workers`` replicas)."""
+    """Driver and replica bytes per step at every width (a real local farm of ``wire_replicas`` replicas)."""
     train = digits("train")
     out = {"P": [], "driver": [], "replica": []}
-    n = bench.wire_workers
+    n = bench.wire_replicas
     for width in bench.widths:
         with Trainer(_config(bench, kind, n), mlp(width), train) as trainer:
             trainer.step()
@@ -172,7 +172,7 @@ def validate(bench: ScaleConfig, kind: str, call_s: float) -> dict:
     ``host_s``: the machine's busy CPU seconds per step beyond its replica's own (shards and updates)."""
     out = {"replicas": [], "predicted_s": [], "measured_s": [], "error": [], "host_s": 0.0, "costs": []}
     local_cfg = _vit_config(bench, kind, 1)
-    for n in bench.validate_workers:
+    for n in bench.validate_replicas:
         task_s = task_overhead(bench, kind)
         with (
             LocalSteps(local_cfg, bench.seed) as local,
@@ -194,14 +194,14 @@ def validate(bench: ScaleConfig, kind: str, call_s: float) -> dict:
                 busy += busy_cpu_seconds()
             replicas = _replica_seconds(tr.backend.replica_stats(), before)
             timed = local.timed()
-        if n == bench.validate_workers[0]:
+        if n == bench.validate_replicas[0]:
             out["host_s"] = max(0.0, busy - replicas) / len(reports)
         replay_s = sorted(replay)[len(replay) // 2] if replay else 0.0
         costs = dataclasses.replace(timed.costs(call_s, task_s, replay_s), host_s=out["host_s"])
         out["costs"].append(asdict(costs))
         measured = sorted(r.seconds for r in reports)[len(reports) // 2]
         predicted = step_time(workload_of(local_cfg, timed.sizes, kind), costs, n)["total"]
-        out["workers"].append(n)
+        out["replicas"].append(n)
         out["predicted_s"].append(predicted)
         out["measured_s"].append(measured)
         out["error"].append(abs(predicted - measured) / measured)
@@ -212,7 +212,7 @@ def validate(bench: ScaleConfig, kind: str, call_s: float) -> dict:
 def main(bench: ScaleConfig, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     # Logical CPUs for every replica (3 on 2 cores oversubscribe them, as the model's ``cores`` says).
-    start_ray(max(bench.validate_workers))
+    start_ray(max(bench.validate_replicas))
     t0 = time.perf_counter()
     driver = {kind: wire(bench, kind) for kind in ("es", "lr")}
     calls = call_costs(bench.reps)

@@ -69,7 +69,7 @@ def tune(cfg: PromptConfig, model: PromptedViT, default: torch.Tensor, allocator
         steps=cfg.steps,
         lr=cfg.lr,
         seed=cfg.seed,
-        farm=FarmConfig(backend=cfg.backend, replicas=cfg.workers),
+        farm=FarmConfig(backend=cfg.backend, replicas=cfg.replicas),
     )
     curve, t0 = [], time.perf_counter()
 

@@ -53,7 +53,7 @@ def test_bench_farm_tiny(tmp_path, run_script):
     result = _run_tiny(
         run_script,
         "bench_farm.py",
-        "BenchConfig(workers=(1,), batch_size=8, queries_per_sample=8, makespan_queries=8, shard_cost=32, "
+        "BenchConfig(replicas=(1,), batch_size=8, queries_per_sample=8, makespan_queries=8, shard_cost=32, "
         "spread=10.0, reps=1, rounds=1, train_steps=1, limit_queries=4, limit_batches=(8,))",
         tmp_path,
     )
@@ -116,7 +116,7 @@ def test_bench_scale_tiny(tmp_path, run_script):
         run_script,
         "bench_scale.py",
         "ScaleConfig(widths=(8, 96), wire_steps=1, batch_size=8, queries_per_sample=4, shard_cost=16, "
-        "validate_queries=4, validate_workers=(1, 2), validate_steps=1, gpus=(8, 64), reps=1)",
+        "validate_queries=4, validate_replicas=(1, 2), validate_steps=1, gpus=(8, 64), reps=1)",
         tmp_path,
     )
     for kind in ("es", "lr"):
@@ -130,4 +130,4 @@ def test_bench_scale_tiny(tmp_path, run_script):
     for curve in result["simulated_efficiency"].values():
         assert set(curve) == {"8", "64"} and all(0 < e <= 1 for e in curve.values())
     for check in result["validation"].values():
-        assert check["workers"] == [1, 2] and all(t > 0 for t in check["predicted_s"] + check["measured_s"])
+        assert check["replicas"] == [1, 2] and all(t > 0 for t in check["predicted_s"] + check["measured_s"])

@@ -65,9 +65,9 @@ def test_params_move(reference):
     assert (reference[0] - reference[-1]).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("workers", [1, 3])
-def test_replicas_match_in_process(data, reference, workers, recorded):
-    trainer = _trainer(data, recorded, workers=workers)
+@pytest.mark.parametrize("replicas", [1, 3])
+def test_replicas_match_in_process(data, reference, replicas, recorded):
+    trainer = _trainer(data, recorded, replicas=replicas)
     _assert_same(_params_per_step(trainer), reference)
     c = trainer.backend.counters
     assert c.accepted == c.completed == c.dispatched == trainer.backend.tasks
@@ -219,10 +219,10 @@ def spsa_reference(data) -> list[torch.Tensor]:
     return _params_per_step(_trainer(data, backend="local", spsa=True))
 
 
-@pytest.mark.parametrize("workers", [1, 3])
-def test_scalar_protocol_matches_in_process(data, spsa_reference, workers, recorded):
+@pytest.mark.parametrize("replicas", [1, 3])
+def test_scalar_protocol_matches_in_process(data, spsa_reference, replicas, recorded):
     """SPSA shards return per-draw coefficients; every replica rebuilds the step's gradient from seeds."""
-    trainer = _trainer(data, recorded, spsa=True, workers=workers)
+    trainer = _trainer(data, recorded, spsa=True, replicas=replicas)
     assert trainer.backend.reduction == "scalar"
     _assert_same(_params_per_step(trainer), spsa_reference)
     runs = trainer.backend.runs

@@ -6,7 +6,6 @@ Create one by name with :func:`create_allocator`, the way timm creates models.
 
 >>> import torch
 >>> from flops_ray.config.allocator import AllocatorConfig
-from flops_ray.config.registry import Registry
 >>> alloc = create_allocator(AllocatorConfig(kind="neyman"))
 >>> feats = AllocationFeatures(traces=torch.tensor([1.0, 1.0, 16.0, 16.0]),
 ...                            losses=torch.zeros(4), embeddings=torch.eye(4))

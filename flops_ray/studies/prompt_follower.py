@@ -77,7 +77,7 @@ class PromptConfig:
             "eval_every",
             "batch_size",
             "queries_per_sample",
-            "workers",
+            "replicas",
             "prompt_tokens",
             "pretrain_batch",
             "pretrain_check_every",
