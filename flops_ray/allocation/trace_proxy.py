@@ -13,7 +13,8 @@ differentiates the loss back to each linear's output (a backward through the lay
 for ``B`` clean samples, once per step; nothing below the group, no parameter gradients). Only relative
 values matter to an allocator; a proxy from ``dL/dlogits`` alone would miss the back-propagated LayerNorm
 scaling of the blocks above the group (``jobs/bench_allocation.py`` compares it with the oracle). The proxy uses the clean pass only, never a query's
-noise, so allocating from it keeps the estimate unbiased.
+noise, so allocating from it keeps the estimate unbiased. A model with a ``token_mask(x)`` (a causal LM's pads)
+has its masked tokens left out of the input norms, as LR leaves them out of its terms.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def clean_pass(
     outputs: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (group, output y (n, T, d), input norms (n,))
 
     unbatched: set[int] = set()
+    counted = model.token_mask(x) if hasattr(model, "token_mask") else None  # (n, T) tokens whose terms count
 
     def make_hook(g: int, bias: bool):
         def hook(module, inputs, out):
@@ -44,10 +46,13 @@ def clean_pass(
                 unbatched.add(g)  # rows are not samples here: no per-sample proxy for this group
                 return out
             h = h.reshape(h.shape[0], -1, h.shape[-1]).double()  # (n, T, C_in)
+            tokens = h.shape[1] if counted is None else counted.sum(1)
+            if counted is not None:
+                h = torch.where(counted[..., None], h, 0)
             if not out.requires_grad:
                 # The graph starts at the first perturbed linear: nothing below it is recorded.
                 out = out.detach().requires_grad_(True)
-            outputs.append((g, out, (h**2).sum((1, 2)) + (h.shape[1] if bias else 0)))
+            outputs.append((g, out, (h**2).sum((1, 2)) + (tokens if bias else 0)))
             # A copy goes on, so an in-place op downstream leaves the recorded output intact.
             return out.clone()
 

@@ -23,7 +23,12 @@ from flops_ray.config import ConfigError, DataConfig, TrainConfig
 from flops_ray.config.plain import config_to_dict
 from flops_ray.data.arrays import ArrayDataset, digits
 from flops_ray.data.parquet import read_parquet
+from flops_ray.data.text import is_text_dataset, read_text
+from flops_ray.models.causal_lm import CausalLMScorer
 from flops_ray.models.factory import create_model
+from flops_ray.models.hf import is_hf_model, load_tokenizer
+from flops_ray.models.lm_groups import lm_groups
+from flops_ray.models.losses import LossFn, completion_loss, cross_entropy
 from flops_ray.step.interface import StepReport
 from flops_ray.training.checkpoint import checkpoint_config, load_model_state
 from flops_ray.training.metrics_log import MetricsLog
@@ -58,8 +63,30 @@ def sibling_test_path(train_path: str) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
+def _test_path(data: DataConfig) -> Path | None:
+    return Path(data.test_dataset).expanduser() if data.test_dataset else sibling_test_path(data.dataset)
+
+
+def text_datasets(data: DataConfig, model: nn.Module) -> tuple[ArrayDataset, ArrayDataset | None]:
+    """The splits of a prompt-completion file (:mod:`flops_ray.data.text`), tokenised with the tokenizer saved with
+    the model (a Hugging Face causal LM); ``data.num_classes`` does not apply."""
+    if not isinstance(model, CausalLMScorer):
+        raise ConfigError(f"data.dataset: {data.dataset} is a text dataset, for a causal LM (model: hf:...)")
+    tokenizer = load_tokenizer(model.source)
+    test_path = _test_path(data)
+    train = read_text(data.dataset, tokenizer, "train", data.limit)
+    return train, read_text(test_path, tokenizer, "test", data.limit) if test_path else None
+
+
 def load_datasets(data: DataConfig, model: nn.Module) -> tuple[ArrayDataset, ArrayDataset | None]:
-    """The training and test splits ``data.dataset`` names, checked against ``data.num_classes``."""
+    """The training and test splits ``data.dataset`` names, checked against ``data.num_classes`` (text datasets:
+    :func:`text_datasets`)."""
+    if data.dataset != "digits" and is_text_dataset(data.dataset):
+        return text_datasets(data, model)
+    if isinstance(model, CausalLMScorer):
+        raise ConfigError(
+            f"data.dataset: a causal LM trains on text (.jsonl, or Parquet with a prompt column), got {data.dataset}"
+        )
     if data.dataset == "digits":
         train, test = digits("train", data.img_size), digits("test", data.img_size)
     else:
@@ -71,7 +98,7 @@ def load_datasets(data: DataConfig, model: nn.Module) -> tuple[ArrayDataset, Arr
                 path, data.img_size, chans, data.image_column, data.label_column, cache, limit=data.limit or None
             )
 
-        test_path = Path(data.test_dataset).expanduser() if data.test_dataset else sibling_test_path(data.dataset)
+        test_path = _test_path(data)
         train = read(Path(data.dataset).expanduser(), "train")
         test = read(test_path, "test") if test_path else None
     train, test = _limit(train, data.limit), test and _limit(test, data.limit)
@@ -85,11 +112,24 @@ def load_datasets(data: DataConfig, model: nn.Module) -> tuple[ArrayDataset, Arr
 
 
 # ---- training -------------------------------------------------------------------------------------------
+def fit_to_model(cfg: TrainConfig, model: nn.Module) -> tuple[TrainConfig, LossFn]:
+    """The config and loss for ``model``: a causal LM (``hf:``) trains the loss of its completions on its own
+    default groups where ``cfg`` keeps the digits ViT's (:func:`~flops_ray.models.lm_groups.lm_groups`); the
+    config the trainer gets, and checkpoints, hold the groups it trains."""
+    if not is_hf_model(cfg.model):
+        return cfg, cross_entropy
+    return cfg.replace(groups=lm_groups(model, cfg.groups)), completion_loss
+
+
 def build(cfg: TrainConfig, resume_from: Path | None = None) -> Trainer:
     """The model, data and trainer of ``cfg``; resumed from a checkpoint when ``resume_from`` is given."""
-    model = create_model(cfg.model, cfg.data.num_classes, cfg.data.img_size, cfg.seed)
+    # Hub weights are read here, on the driver, once; replicas receive this model. A resumed run skips them.
+    hub = cfg.pretrained is True and resume_from is None
+    model = create_model(cfg.model, cfg.data.num_classes, cfg.data.img_size, cfg.seed, pretrained=hub)
     if resume_from is not None:
         load_model_state(model, resume_from)
+    elif hub:
+        print(f"loaded timm's pretrained weights of {cfg.model}", flush=True)
     elif cfg.pretrained:
         kept = load_pretrained(model, Path(cfg.pretrained).expanduser())
         print(f"loaded {cfg.pretrained}" + (f" (fresh {', '.join(kept)})" if kept else ""), flush=True)
@@ -99,7 +139,8 @@ def build(cfg: TrainConfig, resume_from: Path | None = None) -> Trainer:
     print(f"data {cfg.data.dataset}: {len(train_set)} training samples, {tested}", flush=True)
     if not cfg.backprop and cfg.farm.backend == "ray":
         print(f"starting {cfg.farm.replicas} replicas on Ray ...", flush=True)
-    trainer = Trainer(cfg, model, train_set, test_set)
+    cfg, loss_fn = fit_to_model(cfg, model)
+    trainer = Trainer(cfg, model, train_set, test_set, loss_fn=loss_fn)
     print(trainer.backend.where() if trainer.backend is not None else "backprop in this process", flush=True)
     if resume_from is not None:
         trainer.resume(resume_from)
@@ -140,7 +181,7 @@ def _train(cfg: TrainConfig, out: Path, job: JobConfig, quick: bool, resume: boo
     if resume and not resuming:
         print(f"no checkpoint at {ckpt}: starting a new run", flush=True)
     trainer = build(cfg, ckpt if resuming else None)
-    start = trainer.step_count
+    start, cfg = trainer.step_count, trainer.cfg  # the config as trained (a causal LM's groups are resolved)
     metrics = MetricsLog(out / METRICS, [g.name for g in cfg.groups], job.flush_every, start if resuming else None)
     if resuming and metrics.kept < start:
         print(f"warning: {out / METRICS} holds {metrics.kept} of the {start} rows before step {start}", flush=True)

@@ -2,6 +2,11 @@
 
 Per query, ``D_W = sum_t eps_t h_t^T`` and ``D_b = sum_t eps_t`` (``t`` over tokens); the inputs ``h`` and
 noise ``eps`` of each perturbed linear are captured by forward hooks while the model runs.
+
+A model with a ``token_mask(x) -> (R, tokens) bool`` (a causal LM: False at pad tokens) has its masked tokens
+left out of ``D``: a pad token's output changes no loss, so its term would be pure noise. Such a model's noise
+is laid out token by token (every linear of the group for token ``t``, then ``t + 1``), so a token's noise, and
+with it the estimate, is the same however many pad tokens follow.
 """
 
 from __future__ import annotations
@@ -30,24 +35,35 @@ class LinearEvaluation:
     e: list[torch.Tensor]
     masked: bool = False
     """Rows may hold non-finite activations (``on_nonfinite = "skip"``): zero-weight rows are masked out."""
+    tokens: torch.Tensor | None = None
+    """``(r, T)`` the tokens whose terms count (the model's ``token_mask``); None: all."""
 
     def _tokens(self, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``h (r, T, C_in)`` and ``e (r, T, C_out)`` of linear ``m``."""
+        """``h (r, T, C_in)`` and ``e (r, T, C_out)`` of linear ``m`` (``e`` zero at tokens that do not count)."""
+        r = len(self.losses)
         h, e = self.h[m], self.e[m]
-        return h.reshape(len(h), -1, h.shape[-1]), e.reshape(len(e), -1, e.shape[-1])
+        h, e = h.reshape(r, -1, h.shape[-1]), e.reshape(r, -1, e.shape[-1])
+        return h, e if self.tokens is None else torch.where(self.tokens[..., None], e, 0)
 
     def sums(self, w: torch.Tensor) -> torch.Tensor:
         """``sum_r w_r sum_t eps_rt h_rt^T`` (and ``sum_r w_r sum_t eps_rt`` for biases): one float32 matmul per
-        linear over all ``r x T`` tokens of the chunk."""
+        linear over all ``r x T`` tokens of the chunk (over the tokens that count, when some do not)."""
         parts = []
         for m, (_, lin) in enumerate(self.group.linears):
             h, e = self._tokens(m)
             if self.masked:
                 h = torch.where(w[:, None, None] != 0, h, 0)
             ew = e.float() * w[:, None, None]  # (r, T, C_out)
-            parts.append((ew.flatten(0, 1).T @ h.flatten(0, 1).float()).flatten())
+            if self.tokens is None:
+                parts.append((ew.flatten(0, 1).T @ h.flatten(0, 1).float()).flatten())
+                bias = ew.sum((0, 1))
+            else:
+                # Only the tokens that count enter the matmul, so its sum does not depend on how many do not.
+                ew, h = ew[self.tokens], h[self.tokens]  # (n, C_out), (n, C_in)
+                parts.append((ew.T @ h.float()).flatten())
+                bias = ew.sum(0)
             if lin.bias is not None:
-                parts.append(ew.sum((0, 1)))
+                parts.append(bias)
         return torch.cat(parts)
 
     def subsample(self, coef: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -113,24 +129,40 @@ class LinearOutputEstimator(Estimator):
     def noise_size(self, x: torch.Tensor) -> int:
         return sum(self._output_numel(x))
 
+    def _token_columns(self, sizes: list[int]) -> list[int] | None:
+        """Where each linear's outputs sit in one token's noise, when the model masks tokens and every linear of
+        the group sees the same tokens (the token-by-token layout); None: each linear's noise in one block."""
+        widths = [lin.out_features for _, lin in self.group.linears]
+        if not hasattr(self.model, "token_mask") or len({n // w for n, w in zip(sizes, widths)}) != 1:
+            return None
+        return np.cumsum([0, *widths]).tolist()
+
     def forward(self, shard: Shard) -> Iterator[tuple[slice, LinearEvaluation]]:
-        offsets = np.cumsum([0, *self._output_numel(shard.x)]).tolist()
+        sizes = self._output_numel(shard.x)
+        offsets = np.cumsum([0, *sizes]).tolist()
+        cols = self._token_columns(sizes)
         sigma = self.group.sigma
         captured: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.group.linears)
         current: dict[str, torch.Tensor] = {}
 
         def make_hook(m: int):
             def hook(module, inputs, out):
-                eps = current["eps"][:, offsets[m] : offsets[m + 1]].view(out.shape)
+                if cols is None:
+                    eps = current["eps"][:, offsets[m] : offsets[m + 1]].view(out.shape)
+                else:
+                    rows = current["eps"].view(len(current["eps"]), -1, cols[-1])  # (r, T, sum of widths)
+                    eps = rows[..., cols[m] : cols[m + 1]].reshape(out.shape)
                 captured[m] = (inputs[0].detach(), eps)
                 return torch.add(out, eps, alpha=sigma)
 
             return hook
 
         pos = shard.rows.pos
+        mask = getattr(self.model, "token_mask", None)
         with self._hooks(make_hook):
             for sl in shard.rows.chunks(self.cfg.max_rows):
                 current["eps"] = shard.noise(sl).rows()
                 losses = self.loss_fn(shard.outputs(sl, self.model, self.prefix), shard.y[pos[sl]])
                 h, e = zip(*captured)
-                yield sl, LinearEvaluation(losses, self.group, list(h), list(e), masked=shard.skip_errors)
+                tokens = None if mask is None else mask(shard.x[pos[sl]])
+                yield sl, LinearEvaluation(losses, self.group, list(h), list(e), shard.skip_errors, tokens)

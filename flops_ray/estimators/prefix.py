@@ -2,7 +2,7 @@
 
 A query perturbs only its group, so every block the model runs before the group's first one computes the
 same activations for all queries of a sample. A chunk runs those blocks on its distinct samples and expands
-their output to its rows at the *cut*: the element of a sequential stack (``nn.Sequential`` or
+their output (and any per-sample tensor passed beside it, such as an attention mask) to its rows at the *cut*: the element of a sequential stack (``nn.Sequential`` or
 ``nn.ModuleList``) that holds the group's first module, else the model's child holding it (a head). A query
 then costs the forward from the cut on plus its share of the prefix, less than a plain forward when the group
 sits high in the model (the ViT configs' ``top`` groups).
@@ -25,6 +25,7 @@ chunks of one query per sample, rows run the whole model.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
 
@@ -91,27 +92,37 @@ class SharedPrefix:
         """
         if self.cut is None or len(first) == len(fan):
             return forward(x[first[fan]])  # nothing to share
-        if self._checked:
-            try:
-                return self._shared(forward, x[first], fan)
-            except _CutMismatch:  # a prefix that behaves otherwise at this many samples
-                return self._give_up(forward, x[first[fan]])
         # A chunk of one sample is checked beside a second sample of the batch that no row fans out from: alone,
         # its single-row tensors would broadcast past a skip connection and pass.
         probe = first if len(first) > 1 or len(x) == 1 else torch.cat([first, (first + 1) % len(x)])
         if len(probe) == 1 or len(fan) <= len(probe):
             # Too few to check the cut on: only with two samples or more, and more rows than samples, does a
-            # tensor from before the cut fail to meet the fanned-out rows, whatever the tolerance.
+            # tensor from before the cut fail to meet the fanned-out rows, whatever the tolerance. Such a chunk
+            # runs the whole model before and after the check alike, so its losses never depend on which chunks
+            # its replica ran before.
             return forward(x[first[fan]])
+        if self._checked:
+            try:
+                return self._shared(forward, x[first], fan)
+            except _CutMismatch:  # a prefix that behaves otherwise at this many samples
+                return self._give_up(forward, x[first[fan]])
         full = forward(x[first[fan]])
         self._checked = True
         try:
-            # Run last, so what the forward captured (LR's inputs and noise) is the shared run's.
             shared = self._shared(forward, x[probe], fan)
             exact = shared.shape == full.shape and _close(shared, full, self.tolerance)
         except Exception:  # any failure of the shared run means the cut is not exact
             exact = False
-        return shared if exact else self._give_up(forward, x[first[fan]])
+        if not exact:
+            return self._give_up(forward, x[first[fan]])
+        if len(probe) == len(first):
+            return shared  # run last, so what the forward captured (LR's inputs and noise) is the shared run's
+        # A probe with a second sample is run again without it, as every later chunk runs (a batch's rounding
+        # depends on its size).
+        try:
+            return self._shared(forward, x[first], fan)
+        except _CutMismatch:
+            return self._give_up(forward, x[first[fan]])
 
     def _give_up(self, forward: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
         """Warn, stop sharing for good, and run ``rows`` through the whole model."""
@@ -124,14 +135,22 @@ class SharedPrefix:
         return forward(rows)
 
     def _shared(self, forward: Callable[[torch.Tensor], torch.Tensor], xs: torch.Tensor, fan: torch.Tensor):
-        def fan_out(module: nn.Module, args: tuple) -> tuple:
+        def per_row(a: object) -> object:
+            return a[fan] if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == len(xs) else a
+
+        def fan_out(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             if not args or not isinstance(args[0], torch.Tensor) or args[0].shape[0] != len(xs):
                 raise _CutMismatch
-            return (args[0][fan], *args[1:])
+            # Per-sample tensors passed beside the input (a transformer block's attention mask) fan out with it.
+            return (args[0][fan], *map(per_row, args[1:])), {k: per_row(v) for k, v in kwargs.items()}
 
         # Registered per call: the estimator may have swapped the cut block for a per-row stand-in.
-        handle = self.model.get_submodule(self.cut).register_forward_pre_hook(fan_out)
+        handle = self.model.get_submodule(self.cut).register_forward_pre_hook(fan_out, with_kwargs=True)
+        # A model that reads its input again after the blocks (a causal LM scores the completion's tokens) is told
+        # each output row's sample.
+        fanned = getattr(self.model, "fanned_out", None)
         try:
-            return forward(xs)
+            with fanned(fan) if fanned is not None else contextlib.nullcontext():
+                return forward(xs)
         finally:
             handle.remove()

@@ -1,4 +1,4 @@
-"""Model registry: flops_ray's own small models by name, any other name goes to timm.
+"""Model registry: flops_ray's own small models by name, ``hf:...`` to Hugging Face, any other name to timm.
 
 >>> model = create_model("digits_vit", num_classes=10, img_size=8, seed=0)
 >>> sum(p.numel() for p in model.parameters())
@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from flops_ray.config import require
 from flops_ray.config.registry import Registry
 from flops_ray.seeding import STREAM_INIT, derive_seed
 
@@ -78,21 +79,33 @@ def digits_vit_pretrained(num_classes: int = 10, img_size: int = 8, pretrain_ste
     return model
 
 
-def create_model(name: str, num_classes: int, img_size: int, seed: int, **kwargs) -> nn.Module:
+def create_model(
+    name: str, num_classes: int, img_size: int, seed: int, pretrained: bool = False, **kwargs
+) -> nn.Module:
     """Create a model with weights initialised from the root seed.
 
     Args:
-        name: a flops_ray model (``digits_vit``) or any timm model name; never downloads weights.
+        name: a flops_ray model (``digits_vit``), any timm model name, or ``hf:<repo id or directory>``, a
+            Hugging Face causal LM with its own weights (:mod:`flops_ray.models.hf`; the other arguments do not apply).
         num_classes: classifier outputs.
         img_size: input side in pixels.
         seed: root seed; the initial weights derive from it.
+        pretrained: a timm model's pretrained weights from the Hugging Face cache (downloaded unless
+            ``HF_HUB_OFFLINE=1``); a head for other classes stays the seed's (:mod:`flops_ray.models.timm_hub`).
     """
+    if name.startswith("hf:"):
+        from flops_ray.models.hf import load_causal_lm
+
+        return load_causal_lm(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, STREAM_INIT))
         if name in MODELS:
+            require(not pretrained, "pretrained", f"true reads timm's hub weights; {name} is flops_ray's own model")
             return MODELS[name](num_classes=num_classes, img_size=img_size, **kwargs)
         import timm
 
+        from flops_ray.models.timm_hub import timm_model
+
         if not timm.is_model(name):
             raise MODELS.unknown(name)
-        return timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=img_size, **kwargs)
+        return timm_model(name, num_classes, img_size, pretrained, **kwargs)

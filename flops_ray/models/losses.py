@@ -16,6 +16,12 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(logits, targets, reduction="none")
 
 
+def completion_loss(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-sample loss of a scorer of candidates (:class:`~flops_ray.models.causal_lm.CausalLMScorer`): minus the
+    true candidate's score, ``(R, C), (R,) -> (R,)`` (a causal LM's mean cross entropy of the completion)."""
+    return -scores.gather(1, targets.long()[:, None])[:, 0]
+
+
 def model_outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and a per-sample embedding (timm pre-logits / CLS token; the logits for other models)."""
     if hasattr(model, "forward_features") and hasattr(model, "forward_head"):

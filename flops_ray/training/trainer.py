@@ -48,12 +48,16 @@ StepHook = Callable[["Trainer", StepReport], None]
 
 
 def accuracy(model: nn.Module, data: ArrayDataset, batch: int = 512) -> float:
-    """Top-1 accuracy of ``model`` on ``data``."""
+    """Top-1 accuracy of ``model`` on ``data``, or the model's own ``accuracy(x, y) -> (B,) bool`` where it has one
+    (a causal LM's choice accuracy or greedy exact match)."""
     model.eval()
     correct = 0
     for s in range(0, len(data), batch):
-        logits = model(model_input(model, data.x[s : s + batch]))
-        correct += int((logits.argmax(-1).numpy() == data.y[s : s + batch]).sum())
+        x, y = model_input(model, data.x[s : s + batch]), data.y[s : s + batch]
+        if hasattr(model, "accuracy"):
+            correct += int(model.accuracy(x, torch.from_numpy(y)).sum())
+        else:
+            correct += int((model(x).argmax(-1).numpy() == y).sum())
     return correct / len(data)
 
 
