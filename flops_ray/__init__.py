@@ -19,6 +19,7 @@ _EXPORTS = {
     "EstimatorConfig": "flops_ray.config",
     "FarmConfig": "flops_ray.config",
     "GroupConfig": "flops_ray.config",
+    "JobConfig": "flops_ray.config",
     "TrainConfig": "flops_ray.config",
     "config_from_dict": "flops_ray.config.plain",
     "BlackBox": "flops_ray.models.blackbox",

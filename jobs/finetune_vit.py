@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from flops_ray.app import run
-from flops_ray.app.job_config import JobConfig, add_train_arguments, train_run
-from flops_ray.config import TrainConfig
+from flops_ray.app.job_config import add_train_arguments, train_run
+from flops_ray.config import JobConfig, TrainConfig
 
 
 def main(

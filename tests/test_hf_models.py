@@ -346,8 +346,8 @@ def test_a_chunk_gives_the_same_estimate_whatever_ran_before_it(lm_dirs, text_fi
 def test_a_run_checkpoints_its_groups_and_resumes(lm_dirs, text_files, tmp_path):
     """``train`` writes the groups it trained into the summary and the checkpoint; ``--resume`` from a config that
     still names the defaults continues the run."""
-    from flops_ray.app.job_config import JobConfig
     from flops_ray.app.run import evaluate, train
+    from flops_ray.config import JobConfig
 
     cfg = _config(lm_dirs["llama"], text_files, batch_size=8, steps=2, eval_every=0)
     summary = train(cfg, tmp_path, JobConfig(log_every=1))

@@ -1,4 +1,4 @@
-"""Run settings and config files: the ``job:`` section, YAML loading and ``--set`` overrides.
+"""Config files: YAML loading, the ``job:`` section beside the training fields, and ``--set`` overrides.
 
 A config YAML holds the :class:`~flops_ray.config.train.TrainConfig` fields at top level plus an optional
 ``job:`` section for :class:`JobConfig` (settings of the run, not of the maths). ``--set key=value``
@@ -10,39 +10,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from flops_ray.config import ConfigError, TrainConfig, require
+from flops_ray.config import ConfigError, JobConfig, TrainConfig
 from flops_ray.config.plain import config_from_dict, config_to_dict, dataclass_from_dict, plain, renamed
-
-
-@dataclass(frozen=True)
-class JobConfig:
-    """Settings of a run that do not change the maths: the ``job:`` section of a config YAML."""
-
-    out: str = ""
-    """Output directory when ``--out`` is not given (empty: ``runs/<config file stem>``)."""
-    checkpoint_every: int = 0
-    """Save a checkpoint every this many steps (0: only by time, at the end, and on a stop or an error).
-    Each save replaces the last atomically."""
-    checkpoint_minutes: float = 5.0
-    """Also save a checkpoint when this many minutes have passed since the last one (0: never by time)."""
-    log_every: int = 10
-    """Print a progress line every this many steps."""
-    flush_every: int = 50
-    """Metrics rows per Parquet row group."""
-
-    def validate(self) -> JobConfig:
-        """Check the fields; returns self."""
-        require(self.checkpoint_every >= 0, "job.checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
-        require(self.checkpoint_minutes >= 0, "job.checkpoint_minutes", f"must be >= 0, got {self.checkpoint_minutes}")
-        require(self.log_every >= 1, "job.log_every", f"must be >= 1, got {self.log_every}")
-        require(self.flush_every >= 1, "job.flush_every", f"must be >= 1, got {self.flush_every}")
-        return self
 
 
 def _parse_value(text: str) -> Any:

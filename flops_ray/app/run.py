@@ -16,10 +16,10 @@ from typing import Any
 from torch import nn
 
 from flops_ray.app.hooks import Checkpointer, GracefulStop, Progress
-from flops_ray.app.job_config import JobConfig, quick_config
+from flops_ray.app.job_config import quick_config
 from flops_ray.app.lock import owned
 from flops_ray.app.plot import plot_metrics
-from flops_ray.config import ConfigError, DataConfig, TrainConfig
+from flops_ray.config import ConfigError, DataConfig, JobConfig, TrainConfig
 from flops_ray.config.plain import config_to_dict
 from flops_ray.data.arrays import ArrayDataset, digits
 from flops_ray.data.parquet import read_parquet

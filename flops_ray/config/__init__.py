@@ -9,6 +9,7 @@ from flops_ray.config.data import DataConfig
 from flops_ray.config.estimator import NOISE_LAWS, PRECISIONS, EstimatorConfig
 from flops_ray.config.farm import FarmConfig
 from flops_ray.config.group import GroupConfig, default_groups
+from flops_ray.config.job import JobConfig
 from flops_ray.config.registry import Registry, UnknownNameError
 from flops_ray.config.train import OPTIMIZERS, TrainConfig, UpdateRule
 from flops_ray.config.validation import ConfigError, require
@@ -24,6 +25,7 @@ __all__ = [
     "EstimatorConfig",
     "FarmConfig",
     "GroupConfig",
+    "JobConfig",
     "Registry",
     "TrainConfig",
     "UnknownNameError",

@@ -2,8 +2,9 @@
 
 A query perturbs only its group, so every block the model runs before the group's first one computes the
 same activations for all queries of a sample. A chunk runs those blocks on its distinct samples and expands
-their output (and any per-sample tensor passed beside it, such as an attention mask) to its rows at the *cut*: the element of a sequential stack (``nn.Sequential`` or
-``nn.ModuleList``) that holds the group's first module, else the model's child holding it (a head). A query
+their output (and any per-sample tensor passed beside it, such as an attention mask) to its rows at the
+*cut*: the element of a sequential stack (``nn.Sequential`` or ``nn.ModuleList``) that holds the group's
+first module, else the model's child holding it (a head). A query
 then costs the forward from the cut on plus its share of the prefix, less than a plain forward when the group
 sits high in the model (the ViT configs' ``top`` groups).
 
