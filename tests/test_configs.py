@@ -12,8 +12,11 @@ import torch
 from flops_ray.app.job_config import add_train_arguments, load_config
 from flops_ray.config import ConfigError
 from flops_ray.estimators import estimator_family
+from flops_ray.models.causal_lm import CausalLMScorer
 from flops_ray.models.factory import create_model
 from flops_ray.models.groups import resolve_groups
+from flops_ray.models.hf import is_hf_model, linearise_conv1d
+from flops_ray.models.lm_groups import lm_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "jobs" / "configs").glob("*.yaml"))
@@ -24,13 +27,43 @@ def test_the_documented_configs_exist():
     assert {"digits_ops_lr", "digits_ops_spsa", "digits_bp", "vit_b16_cifar100"} <= names
 
 
+def _tiny_lm(name: str) -> CausalLMScorer:
+    """A tiny causal LM of the family ``hf:name`` names (OPT, Llama, else GPT-2 as the stand-in): its module names
+    are the real model's, nothing is downloaded."""
+    transformers = pytest.importorskip("transformers")
+    small = {"vocab_size": 32, "max_position_embeddings": 16}
+    if "opt" in name:
+        lm = transformers.OPTForCausalLM(
+            transformers.OPTConfig(
+                hidden_size=16, ffn_dim=32, num_hidden_layers=2, num_attention_heads=2, word_embed_proj_dim=16, **small
+            )
+        )
+    elif "llama" in name.lower():
+        lm = transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(
+                hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, **small
+            )
+        )
+    else:
+        lm = transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=2, n_head=2)
+        )
+    linearise_conv1d(lm)
+    return CausalLMScorer(lm, name)
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_config_loads_and_groups_bind_to_the_model(path):
     cfg, _ = load_config(path)
-    # Same architecture, built on the meta device: no weights, no pretraining, no memory.
-    name = "digits_vit" if cfg.model == "digits_vit_pretrained" else cfg.model
-    with torch.device("meta"):
-        model = create_model(name, cfg.data.num_classes, cfg.data.img_size, cfg.seed)
+    if is_hf_model(cfg.model):
+        # A causal LM's groups bind as the run binds them: the LM's defaults in place of the digits ViT's.
+        model = _tiny_lm(cfg.model)
+        cfg = cfg.replace(groups=lm_groups(model, cfg.groups))
+    else:
+        # Same architecture, built on the meta device: no weights, no pretraining, no memory.
+        name = "digits_vit" if cfg.model == "digits_vit_pretrained" else cfg.model
+        with torch.device("meta"):
+            model = create_model(name, cfg.data.num_classes, cfg.data.img_size, cfg.seed)
     linear = not cfg.backprop and estimator_family(cfg.estimator, model).linear_outputs
     groups = resolve_groups(model, cfg.groups, linear)
     trained = [name for g in groups for name, _ in g.params]
