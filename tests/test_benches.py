@@ -93,22 +93,30 @@ def test_bench_engine_tiny(tmp_path, run_script):
     result = _run_tiny(
         run_script,
         "bench_engine.py",
-        "BenchConfig(replace(DIGITS, shard=8, reps=3), replace(VIT_B16, shard=2, reps=3), peak_rows=2)",
+        "BenchConfig(replace(DIGITS, shard=8, reps=3), replace(VIT_B16, shard=2, reps=3), peak_rows=2, "
+        "lm=replace(LM, lm='tiny', shard=8, reps=3))",
         tmp_path,
     )
     assert result["device"] in ("cpu", "cuda")
     assert {k: set(v) for k, v in result["efficiency"].items()} == {
         "digits_vit": {"lr", "spsa", "es"},
         "vit_b16": {"lr", "spsa"},
+        "lm": {"lr", "spsa"},
     }
     # A few rows timed three times are noise: plumbing only, never a speed threshold.
     assert all(0 < e < 1.5 for figures in result["efficiency"].values() for e in figures.values())
-    assert set(result["lr_bound"]) == {"digits_vit", "vit_b16"}
+    assert set(result["lr_bound"]) == {"digits_vit", "vit_b16", "lm"}
     assert all(0 < b <= 1 for b in result["lr_bound"].values())
     # The digits group is blocks.3.mlp.fc2 (256 -> 64) on 17 tokens: weight and bias assembly per query.
     assert result["details"]["digits_vit"]["assembly_flops_per_query"] == 17 * (2 * 256 * 64 + 64)
     assert result["noise_numbers_per_s"] > 0
-    assert result["peak_replica_bytes"]["vit_b16"] > 0 and result["peak_rows"] == {"vit_b16": 2}
+    assert result["peak_replica_bytes"]["vit_b16"] > 0 and result["peak_rows"] == {"vit_b16": 2, "lm": 64}
+    # The LM's default groups through hf: (GPT-2's Conv1D as nn.Linear), its rows fanned out at its last block.
+    lm = result["details"]["lm"]
+    assert lm["shared_prefix"] == "lm.transformer.h.1" and set(lm["efficiency_rank1_noise"]) == {"spsa"}
+    # mlp.c_proj (128 -> 32) on 8 tokens: weight and bias assembly per query.
+    assert lm["assembly_flops_per_query"] == 8 * (2 * 128 * 32 + 32)
+    assert result["peak_plain_bytes"]["lm"] > 0 and result["peak_vs_plain"]["lm"] > 0
 
 
 def test_bench_scale_tiny(tmp_path, run_script):

@@ -7,6 +7,7 @@ engine's settings (prefix sharing, noise layout).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,10 +17,11 @@ from torch import nn
 from flops_ray.config import TrainConfig
 from flops_ray.estimators import RowPlan, queries_per_draw
 from flops_ray.messages import ShardTask
+from flops_ray.models.losses import LossFn, cross_entropy
 from flops_ray.replica.engine import QueryEngine
 from flops_ray.step.checks import reuses_pilot
 from flops_ray.step.plan import plan_clean, plan_main
-from flops_ray.studies.batches import config_batch
+from flops_ray.studies.batches import Batch, config_batch
 from flops_ray.studies.local_replicas import query_engine
 from flops_ray.studies.timing import seconds
 
@@ -48,17 +50,27 @@ def variants(kinds: tuple[str, ...]) -> list[Variant]:
 
 
 def engine_and_shard(
-    cfg: TrainConfig, group: int, model: nn.Module, shard: int, where: torch.device, variant: Variant
+    cfg: TrainConfig,
+    group: int,
+    model: nn.Module,
+    shard: int,
+    where: torch.device,
+    variant: Variant,
+    loss_fn: LossFn = cross_entropy,
+    batch: Callable[[int], Batch] | None = None,
 ) -> tuple[QueryEngine, ShardTask]:
     """An engine for ``variant`` on ``where`` holding a batch just large enough for one main shard of ``shard``
-    queries of ``group``, and that shard: clean pass, equal counts and the main plan as in a training step."""
+    queries of ``group``, and that shard: clean pass, equal counts and the main plan as in a training step.
+
+    ``loss_fn`` is the model's per-sample loss; ``batch(samples)`` makes the rows (default: :func:`config_batch`).
+    """
     v = variant
     est = dataclasses.replace(cfg.estimator, kind=v.kind, share_prefix=v.share_prefix, noise=v.noise)
     pilot, per_sample = est.pilot_queries, cfg.groups[group].queries_per_sample
     reuse = reuses_pilot(est, cfg.allocator)
     samples = -(-shard // (per_sample - (0 if reuse else pilot)))
-    x, y, ids = config_batch(cfg, model, samples)
-    engine = query_engine(model, cfg.groups, est, cfg.seed, device=where)
+    x, y, ids = batch(samples) if batch else config_batch(cfg, model, samples)
+    engine = query_engine(model, cfg.groups, est, cfg.seed, where, loss_fn)
     engine.set_batch(0, x, y)
     losses = np.concatenate([engine.run(t).losses for t in plan_clean(0, ids, cfg.farm.shard_cost)])
     counts = np.full(samples, per_sample)

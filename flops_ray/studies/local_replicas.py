@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from flops_ray.config import EstimatorConfig, GroupConfig
+from flops_ray.models.losses import LossFn, cross_entropy
 from flops_ray.replica.engine import QueryEngine
 from flops_ray.replica.replica import Replica, ReplicaSpec
 from flops_ray.step.local_backend import LocalBackend
@@ -21,9 +22,11 @@ def query_engine(
     estimator: EstimatorConfig,
     seed: int,
     device: str | torch.device = "cpu",
+    loss_fn: LossFn = cross_entropy,
 ) -> QueryEngine:
-    """An engine evaluating shard tasks of ``groups`` on ``model`` (which it moves to ``device`` and owns)."""
-    return QueryEngine(model, groups, estimator, seed, device=device)
+    """An engine evaluating shard tasks of ``groups`` on ``model`` (which it moves to ``device`` and owns) with the
+    per-sample loss ``loss_fn``."""
+    return QueryEngine(model, groups, estimator, seed, loss_fn, device)
 
 
 def local_backend(
