@@ -30,6 +30,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     _fsync_folder(path.parent)
 
 
+def write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (a reader sees the old file or the whole new one)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
 def _fsync_folder(folder: Path) -> None:
     # The rename lives in the folder's entry list, so the folder is fsynced too; Windows cannot open a folder.
     if not hasattr(os, "O_DIRECTORY"):

@@ -24,6 +24,7 @@ from flops_ray.config.plain import config_to_dict
 from flops_ray.data.arrays import ArrayDataset, digits
 from flops_ray.data.parquet import read_parquet
 from flops_ray.data.text import is_text_dataset, read_text
+from flops_ray.files import write_text
 from flops_ray.models.causal_lm import CausalLMScorer
 from flops_ray.models.factory import create_model
 from flops_ray.models.hf import is_hf_model, load_tokenizer
@@ -251,7 +252,7 @@ def write_summary(
     none), then the job's own ``figures``."""
     summary = {"initial_accuracy": initial_accuracy, "accuracy": accuracy, "initial_loss": initial_loss, "loss": loss}
     summary.update(figures)
-    (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    write_text(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
     return summary
 
 
