@@ -29,6 +29,7 @@ from flops_ray.models.causal_lm import CausalLMScorer
 from flops_ray.models.factory import create_model
 from flops_ray.models.hf import is_hf_model, load_tokenizer
 from flops_ray.models.lm_groups import lm_groups
+from flops_ray.models.lora import add_lora, lora_groups
 from flops_ray.models.losses import LossFn, completion_loss, cross_entropy
 from flops_ray.step.interface import StepReport
 from flops_ray.training.checkpoint import checkpoint_config, load_model_state
@@ -116,10 +117,12 @@ def load_datasets(data: DataConfig, model: nn.Module) -> tuple[ArrayDataset, Arr
 def fit_to_model(cfg: TrainConfig, model: nn.Module) -> tuple[TrainConfig, LossFn]:
     """The config and loss for ``model``: a causal LM (``hf:``) trains the loss of its completions on its own
     default groups where ``cfg`` keeps the digits ViT's (:func:`~flops_ray.models.lm_groups.lm_groups`); the
-    config the trainer gets, and checkpoints, hold the groups it trains."""
+    config the trainer gets, and checkpoints, hold the groups it trains. With ``lora.rank`` > 0 the defaults are
+    the LoRA adapters (:func:`~flops_ray.models.lora.lora_groups`)."""
     if not is_hf_model(cfg.model):
         return cfg, cross_entropy
-    return cfg.replace(groups=lm_groups(model, cfg.groups)), completion_loss
+    groups = lora_groups(model, cfg.groups) if cfg.lora.on else cfg.groups
+    return cfg.replace(groups=lm_groups(model, groups)), completion_loss
 
 
 def build(cfg: TrainConfig, resume_from: Path | None = None) -> Trainer:
@@ -127,6 +130,7 @@ def build(cfg: TrainConfig, resume_from: Path | None = None) -> Trainer:
     # Hub weights are read here, on the driver, once; replicas receive this model. A resumed run skips them.
     hub = cfg.pretrained is True and resume_from is None
     model = create_model(cfg.model, cfg.data.num_classes, cfg.data.img_size, cfg.seed, pretrained=hub)
+    model = add_lora(model, cfg.lora.validate(), cfg.seed)  # LoRA adapters (lora.rank > 0) before anything else
     if resume_from is not None:
         load_model_state(model, resume_from)
     elif hub:
@@ -270,7 +274,7 @@ def evaluate(checkpoint: str | Path, **data: Any) -> dict[str, Any]:
     """
     cfg = checkpoint_config(checkpoint)
     data_cfg = dataclasses.replace(cfg.data, **data)
-    model = create_model(cfg.model, data_cfg.num_classes, data_cfg.img_size, cfg.seed)
+    model = add_lora(create_model(cfg.model, data_cfg.num_classes, data_cfg.img_size, cfg.seed), cfg.lora, cfg.seed)
     step = load_model_state(model, checkpoint)
     _, test = load_datasets(data_cfg, model)
     if test is None:

@@ -10,6 +10,7 @@ from flops_ray.config.estimator import NOISE_LAWS, PRECISIONS, EstimatorConfig
 from flops_ray.config.farm import FarmConfig
 from flops_ray.config.group import GroupConfig, default_groups
 from flops_ray.config.job import JobConfig
+from flops_ray.config.lora import LoraSettings
 from flops_ray.config.registry import Registry, UnknownNameError
 from flops_ray.config.train import OPTIMIZERS, TrainConfig, UpdateRule
 from flops_ray.config.validation import ConfigError, require
@@ -26,6 +27,7 @@ __all__ = [
     "FarmConfig",
     "GroupConfig",
     "JobConfig",
+    "LoraSettings",
     "Registry",
     "TrainConfig",
     "UnknownNameError",

@@ -16,6 +16,7 @@ from flops_ray.config.data import DataConfig
 from flops_ray.config.estimator import EstimatorConfig
 from flops_ray.config.farm import FarmConfig
 from flops_ray.config.group import GroupConfig, default_groups
+from flops_ray.config.lora import LoraSettings
 from flops_ray.config.validation import require
 
 OPTIMIZERS = ("adam", "sgd")
@@ -50,6 +51,8 @@ class TrainConfig:
     """The dataset."""
     groups: tuple[GroupConfig, ...] = field(default_factory=default_groups)
     """Layer groups; each query perturbs one group."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA adapters on a causal LM (``model: hf:...``), trained as the default groups (README.md)."""
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
     """Gradient estimator."""
     allocator: AllocatorConfig = field(default_factory=AllocatorConfig)
@@ -94,6 +97,12 @@ class TrainConfig:
         self.estimator.validate()
         self.allocator.validate()
         self.farm.validate()
+        self.lora.validate()
+        require(
+            not self.lora.on or self.model.startswith("hf:"),
+            "lora.rank",
+            f"LoRA adapters are for Hugging Face causal LMs (model: hf:...), got model {self.model!r}",
+        )
         for g in self.groups:
             g.validate()
         return self

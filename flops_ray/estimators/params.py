@@ -51,6 +51,11 @@ class _PerRow(nn.Module):
         self.params = params
         """Local parameter name -> ``(r, *shape)`` perturbed values."""
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The stood-in module's weight (a caller such as peft's LoRA layer reads its dtype and device)."""
+        return self.inner.weight
+
     def forward(self, *args: torch.Tensor, **kwargs) -> torch.Tensor:
         rows = next(iter(self.params.values())).shape[0]
         dims = tuple(0 if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == rows else None for a in args)
@@ -78,6 +83,11 @@ class _LowRank(nn.Module):
         self.inner = inner
         self.u, self.v, self.bias = u, v, bias
         """``(r, m)`` ``a_r u_r``, ``(r, n)`` ``v_r`` and ``(r, m)`` ``a_r z_r`` (None: the bias is not perturbed)."""
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The stood-in module's weight (a caller such as peft's LoRA layer reads its dtype and device)."""
+        return self.inner.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = self.u.shape[0]
