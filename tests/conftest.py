@@ -161,3 +161,55 @@ def digits_splits():
     from flops_ray.data.arrays import digits
 
     return digits("train"), digits("test")
+
+
+# ---- tiny causal LMs ------------------------------------------------------------------------------------
+TINY_LM_WORDS = ["<pad>", "<eos>", "<bos>", "<unk>", "plus", "is", "?", *(str(i) for i in range(40))]
+"""The tiny LMs' word-level vocabulary: sums written out ("3 plus 4 is" -> "7")."""
+
+
+def _tiny_tokenizer(transformers, bos: bool):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(TINY_LM_WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if bos:  # Llama's tokenizers start every prompt with <bos>
+        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
+    )
+
+
+def _tiny_lm(transformers, kind: str):
+    import torch
+
+    torch.manual_seed(0)
+    special = {"bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0}
+    if kind == "gpt2":
+        config = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=64, n_layer=2, n_head=2, **special)
+        return transformers.GPT2LMHeadModel(config)
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
+        **special,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dirs(tmp_path_factory) -> dict[str, str]:
+    """``kind -> directory`` of a saved tiny LM (``gpt2``, ``llama``) and its word-level tokenizer."""
+    transformers = pytest.importorskip("transformers")
+    out = {}
+    for kind in ("gpt2", "llama"):
+        path = tmp_path_factory.mktemp(kind)
+        _tiny_lm(transformers, kind).save_pretrained(path)
+        _tiny_tokenizer(transformers, bos=kind == "llama").save_pretrained(path)
+        out[kind] = str(path)
+    return out

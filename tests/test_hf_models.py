@@ -29,52 +29,13 @@ from flops_ray.models.lm_groups import lm_groups  # noqa: E402
 from flops_ray.models.losses import completion_loss  # noqa: E402
 from flops_ray.replica.engine import QueryEngine  # noqa: E402
 
-WORDS = ["<pad>", "<eos>", "<bos>", "<unk>", "plus", "is", "?", *(str(i) for i in range(40))]
 KINDS = ("gpt2", "llama")
 
 
-def _tokenizer(bos: bool):
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    if bos:  # Llama's tokenizers start every prompt with <bos>
-        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
-    )
-
-
-def _lm(kind: str):
-    torch.manual_seed(0)
-    special = {"bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0}
-    if kind == "gpt2":
-        config = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=64, n_layer=2, n_head=2, **special)
-        return transformers.GPT2LMHeadModel(config)
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        tie_word_embeddings=False,
-        **special,
-    )
-    return transformers.LlamaForCausalLM(config)
-
-
 @pytest.fixture(scope="module")
-def lm_dirs(tmp_path_factory) -> dict[str, str]:
-    """``kind -> directory`` of a saved tiny LM and its tokenizer."""
-    out = {}
-    for kind in KINDS:
-        path = tmp_path_factory.mktemp(kind)
-        _lm(kind).save_pretrained(path)
-        _tokenizer(bos=kind == "llama").save_pretrained(path)
-        out[kind] = str(path)
-    return out
+def lm_dirs(tiny_lm_dirs) -> dict[str, str]:
+    """``kind -> directory`` of a saved tiny LM and its tokenizer (conftest.py)."""
+    return tiny_lm_dirs
 
 
 def _rows(n: int, seed: int, choices: bool) -> list[dict]:

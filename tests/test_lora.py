@@ -18,24 +18,11 @@ from flops_ray.config.plain import config_from_dict  # noqa: E402
 from flops_ray.models.factory import create_model  # noqa: E402
 from flops_ray.models.lora import add_lora  # noqa: E402
 
-WORDS = ["<pad>", "<eos>", "<bos>", "<unk>", "plus", "is", *(str(i) for i in range(40))]
-
 
 @pytest.fixture(scope="module")
-def gpt2_dir(tmp_path_factory) -> str:
-    """A saved tiny GPT-2 (as ``tests/test_hf_models.py`` builds it) and a word-level tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    torch.manual_seed(0)
-    special = {"bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0}
-    config = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=64, n_layer=2, n_head=2, **special)
-    path = tmp_path_factory.mktemp("gpt2")
-    transformers.GPT2LMHeadModel(config).save_pretrained(path)
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    names = {"pad_token": "<pad>", "eos_token": "<eos>", "bos_token": "<bos>", "unk_token": "<unk>"}
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **names).save_pretrained(path)
-    return str(path)
+def gpt2_dir(tiny_lm_dirs) -> str:
+    """The saved tiny GPT-2 and its word-level tokenizer (conftest.py)."""
+    return tiny_lm_dirs["gpt2"]
 
 
 @pytest.fixture(scope="module")
