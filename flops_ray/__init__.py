@@ -43,6 +43,7 @@ _EXPORTS = {
     "start_driver": "flops_ray.training.driver",
     "load_config": "flops_ray.app.job_config",
     "train": "flops_ray.app.run",
+    "tune": "flops_ray.app.tune",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -23,6 +23,7 @@ STREAM_ALLOC = 3
 STREAM_DATA = 4
 STREAM_INIT = 5
 STREAM_ALLOC_FIT = 6
+STREAM_TUNE = 7
 
 
 def _splitmix64(x: int) -> int:

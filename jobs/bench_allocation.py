@@ -8,10 +8,14 @@ for every allocator: paired repetitions) at the same total budget. Reported per 
   equal allocation's; below 1 means the allocation pays.
 - ``oracle``: Neyman allocation from traces measured with a separate large pilot, not charged to the
   budget: the best any allocator could do from exact traces.
+- ``joint_oracle``: Neyman over (group, sample) cells from the same exact traces, one budget for all groups.
 - ``cosine[A]``: mean cosine to the exact gradient.
+- ``memory_weight``: degrees of freedom in the run's trace memory (the training run feeds it: the ``/memory``
+  rows allocate from it, and ``joint`` reads each group's level from it).
 
 Allocators are named ``kind/signal`` (``neyman/clean``: Neyman from the clean-pass proxy; ``/memory``:
-from the run's per-sample trace memory; ``/pilot``: from this step's pilot, not reused).
+from the run's per-sample trace memory; ``/pilot``: from this step's pilot, not reused;
+``joint``: Neyman over (group, sample) cells, ``allocator.joint``).
 
     python jobs/bench_allocation.py --quick --out runs/bench_allocation
     ray job submit --working-dir . -- python jobs/bench_allocation.py --out runs/bench_allocation
@@ -25,8 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flops_ray import FarmConfig, TrainConfig, Trainer, create_model, digits
+from flops_ray.config import GroupConfig
 from flops_ray.studies.allocation_study import compare_allocators
-from flops_ray.studies.job_cli import job_parser
+from flops_ray.studies.job_cli import job_parser, run_main
 from flops_ray.studies.results import write_result
 
 
@@ -37,6 +42,11 @@ class Setting:
     model: str = "digits_vit_pretrained"
     batch_size: int = 32
     queries_per_sample: int = 16
+    per_block: bool = False
+    """One layer group per block (each block's MLP output projection) plus the head, instead of the default
+    config's two groups."""
+    allocators: tuple[str, ...] | None = None
+    """Compared with equal allocation in this setting (None: the benchmark's ``allocators``)."""
 
 
 @dataclass(frozen=True)
@@ -51,14 +61,35 @@ class BenchConfig:
     """Steps at which allocations are compared (the batch the step would train on)."""
     reps: int = 200
     """Paired repetitions per allocator and checkpoint."""
-    allocators: tuple[str, ...] = ("bernoulli", "gaussian/clean", "neyman/pilot", "neyman/memory", "neyman/clean")
+    allocators: tuple[str, ...] = (
+        "bernoulli",
+        "gaussian/clean",
+        "neyman/pilot",
+        "neyman/memory",
+        "neyman/clean",
+        "joint",
+    )
     """Compared with equal allocation (``kind/signal``)."""
     oracle_pilot: int = 64
     """Queries per sample behind the oracle's traces (not charged to the budget)."""
     seed: int = 0
 
 
-QUICK = BenchConfig(settings=(Setting(),), steps=150, checkpoints=(0, 75, 150), reps=200)
+QUICK = BenchConfig(
+    settings=(Setting(), Setting(per_block=True, allocators=("neyman/memory", "neyman/clean", "joint"))),
+    steps=150,
+    checkpoints=(0, 75, 150),
+    reps=200,
+)
+
+
+def per_block_groups(base: tuple[GroupConfig, ...], blocks: int = 4) -> tuple[GroupConfig, ...]:
+    """One group per block of the digits ViT (its MLP output projection, the top group's sigma) and the head."""
+    top, head = base
+    return (
+        *(dataclasses.replace(top, name=f"block{i}", modules=(f"blocks.{i}.mlp.fc2",)) for i in range(blocks)),
+        head,
+    )
 
 
 def run_setting(bench: BenchConfig, setting: Setting) -> list[dict]:
@@ -69,7 +100,12 @@ def run_setting(bench: BenchConfig, setting: Setting) -> list[dict]:
         batch_size=setting.batch_size,
         steps=bench.steps,
         seed=bench.seed,
-        groups=tuple(dataclasses.replace(g, queries_per_sample=setting.queries_per_sample) for g in base.groups),
+        groups=tuple(
+            dataclasses.replace(g, queries_per_sample=setting.queries_per_sample)
+            for g in (per_block_groups(base.groups) if setting.per_block else base.groups)
+        ),
+        # The main queries return their per-sample traces: the memory the /memory and joint rows read is fed.
+        estimator=dataclasses.replace(base.estimator, telemetry=True),
         farm=FarmConfig(backend="local"),
     )
     model = create_model(cfg.model, cfg.data.num_classes, cfg.data.img_size, cfg.seed)
@@ -77,7 +113,7 @@ def run_setting(bench: BenchConfig, setting: Setting) -> list[dict]:
     with Trainer(cfg, model, digits("train"), digits("test")) as trainer:
         for s in bench.checkpoints:
             trainer.fit(s - trainer.step_count)
-            row = compare_allocators(trainer, bench.allocators, bench.reps, bench.oracle_pilot)
+            row = compare_allocators(trainer, setting.allocators or bench.allocators, bench.reps, bench.oracle_pilot)
             print(
                 f"step {row['step']:4d}: " + "  ".join(f"{k} {v:.3f}" for k, v in row["mse_ratio"].items()), flush=True
             )
@@ -118,5 +154,7 @@ def main(bench: BenchConfig, out: Path) -> dict:
 
 
 if __name__ == "__main__":
-    args = job_parser(__doc__, "bench_allocation", "one model, 3 checkpoints over 150 steps (~10 min)").parse_args()
-    main(QUICK if args.quick else BenchConfig(), args.out)
+    run_main(
+        job_parser(__doc__, "bench_allocation", "one model, 3 checkpoints over 150 steps (~10 min)"),
+        lambda args: main(QUICK if args.quick else BenchConfig(), args.out),
+    )

@@ -65,7 +65,7 @@ from flops_ray.app.job_config import jobs_dir
 from flops_ray.studies.engine_shard import Variant, engine_and_shard, infer, noise_seconds, shard_rows, variants
 from flops_ray.studies.engine_workload import Workload, load_workload, with_saved_lm
 from flops_ray.studies.flop_bound import lr_bound
-from flops_ray.studies.job_cli import job_parser
+from flops_ray.studies.job_cli import job_parser, run_main
 from flops_ray.studies.peak_memory import held_bytes, in_fresh_process
 from flops_ray.studies.results import write_result
 from flops_ray.studies.timing import seconds, torch_threads
@@ -256,13 +256,16 @@ if __name__ == "__main__":
     parser.add_argument("--precision", default="", help="estimator.precision of every workload (default: the config's)")
     parser.add_argument("--only", nargs="+", default=(), help="workloads measured: digits_vit, vit_b16, lm (all)")
     parser.add_argument("--peak", help=argparse.SUPPRESS)  # the fresh process of peak_replica_bytes
-    args = parser.parse_args()
-    if args.peak:
-        spec = json.loads(args.peak)
-        work = Workload(**{**spec["work"], "kinds": tuple(spec["work"]["kinds"])})
-        print(json.dumps(peak_replica(work, spec["rows"], spec["plain"])))
-    else:
+
+    def _main(args: argparse.Namespace) -> None:
+        if args.peak:
+            spec = json.loads(args.peak)
+            work = Workload(**{**spec["work"], "kinds": tuple(spec["work"]["kinds"])})
+            print(json.dumps(peak_replica(work, spec["rows"], spec["plain"])))
+            return
         bench = replace(QUICK if args.quick else BenchConfig(), only=tuple(args.only))
         main(
             replace(bench, **{k: replace(w, precision=args.precision) for k, w in bench.workloads().items()}), args.out
         )
+
+    run_main(parser, _main)

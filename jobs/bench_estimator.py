@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from flops_ray.studies.estimator_study import QUICK, EstimatorStudy, cosine_sweep, plot_cosines, variance_ratio
-from flops_ray.studies.job_cli import job_parser
+from flops_ray.studies.job_cli import job_parser, run_main
 from flops_ray.studies.results import write_result
 
 
@@ -34,5 +34,7 @@ def main(bench: EstimatorStudy, out: Path) -> dict:
 
 
 if __name__ == "__main__":
-    args = job_parser(__doc__, "bench_estimator", "small sweep, under 3 minutes on 2 cores").parse_args()
-    main(QUICK if args.quick else EstimatorStudy(), args.out)
+    run_main(
+        job_parser(__doc__, "bench_estimator", "small sweep, under 3 minutes on 2 cores"),
+        lambda args: main(QUICK if args.quick else EstimatorStudy(), args.out),
+    )

@@ -44,7 +44,7 @@ from flops_ray.models.prompts import PromptedViT
 from flops_ray.studies.batches import digits_batch
 from flops_ray.studies.farm_probe import call_costs, start_farm, start_ray, wire_bytes
 from flops_ray.studies.frozen_head import FrozenHead
-from flops_ray.studies.job_cli import job_parser
+from flops_ray.studies.job_cli import job_parser, run_main
 from flops_ray.studies.local_replicas import query_engine
 from flops_ray.studies.results import write_result
 from flops_ray.studies.shard_tasks import main_tasks, spread_counts
@@ -278,5 +278,7 @@ def main(bench: BenchConfig, out: Path) -> dict:
 
 
 if __name__ == "__main__":
-    args = job_parser(__doc__, "bench_farm", "fewer repetitions (under 5 minutes on 2 cores)").parse_args()
-    main(QUICK if args.quick else BenchConfig(), args.out)
+    run_main(
+        job_parser(__doc__, "bench_farm", "fewer repetitions (under 5 minutes on 2 cores)"),
+        lambda args: main(QUICK if args.quick else BenchConfig(), args.out),
+    )

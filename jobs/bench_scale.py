@@ -42,7 +42,7 @@ from flops_ray import (
 )
 from flops_ray.studies.driver_costs import replay_seconds_per_number, vit_b_driver_seconds
 from flops_ray.studies.farm_probe import call_costs, start_ray, wire_bytes
-from flops_ray.studies.job_cli import job_parser
+from flops_ray.studies.job_cli import job_parser, run_main
 from flops_ray.studies.results import write_result
 from flops_ray.studies.scale_simulation import ASSUMPTIONS, VIT_B, simulate, workload_of
 from flops_ray.studies.shard_tasks import pair_tasks
@@ -241,5 +241,7 @@ def main(bench: ScaleConfig, out: Path) -> dict:
 
 
 if __name__ == "__main__":
-    args = job_parser(__doc__, "bench_scale", "fewer timed steps (a few minutes on 2 cores)").parse_args()
-    main(QUICK if args.quick else ScaleConfig(), args.out)
+    run_main(
+        job_parser(__doc__, "bench_scale", "fewer timed steps (a few minutes on 2 cores)"),
+        lambda args: main(QUICK if args.quick else ScaleConfig(), args.out),
+    )

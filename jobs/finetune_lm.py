@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from flops_ray.app import run
+from flops_ray.app.errors import add_debug_option, run_main
 from flops_ray.app.job_config import JobConfig, add_train_arguments, jobs_dir, train_run
 from flops_ray.config import TrainConfig
 from flops_ray.data.standin_lm import StandinSettings, make_standin
@@ -64,12 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--seed", type=int, default=None, help="root seed of the run and of the stand-in (default: the config's seed)"
     )
-    return parser
+    return add_debug_option(parser)
 
 
-if __name__ == "__main__":
-    args = build_parser().parse_args()
+def _main(args: argparse.Namespace) -> None:
     # --seed is a --set that comes first, so an explicit --set seed=... still wins as the later one.
     args.set = ([f"seed={args.seed}"] if args.seed is not None else []) + args.set
     cfg, job, out = train_run(args)
     main(cfg, out, args.quick, job, args.resume)
+
+
+if __name__ == "__main__":
+    run_main(build_parser(), _main)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from flops_ray.app import run
+from flops_ray.app.errors import add_debug_option, run_main
 from flops_ray.app.job_config import add_train_arguments, train_run
 from flops_ray.config import JobConfig, TrainConfig
 
@@ -31,10 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     """The job's options: those of ``flops-ray train``, with the same default config."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_arguments(parser)
-    return parser
+    return add_debug_option(parser)
+
+
+def _main(args: argparse.Namespace) -> None:
+    cfg, job, out = train_run(args)
+    main(cfg, out, args.quick, job, args.resume)
 
 
 if __name__ == "__main__":
-    args = build_parser().parse_args()
-    cfg, job, out = train_run(args)
-    main(cfg, out, args.quick, job, args.resume)
+    run_main(build_parser(), _main)

@@ -24,7 +24,6 @@ the first allocator, ``accuracy_by_allocator``, the premise's figures, curves).
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from pathlib import Path
 
@@ -34,9 +33,8 @@ import torch
 from flops_ray import AllocatorConfig, BlackBox, EstimatorConfig, FarmConfig, StepReport, TrainConfig, Trainer, digits
 from flops_ray.app.run import SUMMARY, first_and_last_loss, write_summary
 from flops_ray.models.prompts import PromptedViT
-from flops_ray.studies.job_cli import job_parser
+from flops_ray.studies.job_cli import job_parser, run_main
 from flops_ray.studies.prompt_follower import (
-    PremiseError,
     PromptConfig,
     follow_matrix,
     pretrain_prompt_follower,
@@ -150,16 +148,15 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=None, help="black-box steps per allocator")
     parser.add_argument("--seed", type=int, default=None, help="root seed (default: 0)")
     parser.add_argument("--pretrain-max-steps", type=int, default=None, help="bound on the pretraining")
-    args = parser.parse_args()
-    cfg = QUICK if args.quick else PromptConfig()
-    fields = {
-        "backend": args.backend,
-        "steps": args.steps,
-        "seed": args.seed,
-        "pretrain_max_steps": args.pretrain_max_steps,
-    }
-    try:
+
+    def _main(args) -> None:
+        cfg = QUICK if args.quick else PromptConfig()
+        fields = {
+            "backend": args.backend,
+            "steps": args.steps,
+            "seed": args.seed,
+            "pretrain_max_steps": args.pretrain_max_steps,
+        }
         main(dataclasses.replace(cfg, **{k: v for k, v in fields.items() if v is not None}), args.out, args.quick)
-    except PremiseError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+
+    run_main(parser, _main)

@@ -31,7 +31,7 @@ import numpy as np
 from flops_ray import AllocatorConfig, DataConfig, EstimatorConfig, FarmConfig, TrainConfig, Trainer, create_model
 from flops_ray.app.run import load_datasets
 from flops_ray.studies.estimator_study import EstimatorStudy, cosine_sweep, plot_cosines, variance_ratio
-from flops_ray.studies.job_cli import job_parser
+from flops_ray.studies.job_cli import job_parser, run_main
 from flops_ray.studies.results import write_result
 from flops_ray.studies.shapes import SHAPES, write_shapes
 from flops_ray.studies.table1 import (
@@ -268,9 +268,12 @@ if __name__ == "__main__":
         default="tables",
         help="tables: Table 1 and Figures 4-5 (reproduce.json); budget: the fewer-queries study (budget.json)",
     )
-    args = parser.parse_args()
-    rc = QUICK if args.quick else ReproduceConfig()
-    if args.part == "budget":
-        main_budget(rc, QUICK_BUDGET if args.quick else BudgetStudy(), args.out)
-    else:
-        main(rc, args.out)
+
+    def _main(args) -> None:
+        rc = QUICK if args.quick else ReproduceConfig()
+        if args.part == "budget":
+            main_budget(rc, QUICK_BUDGET if args.quick else BudgetStudy(), args.out)
+        else:
+            main(rc, args.out)
+
+    run_main(parser, _main)

@@ -75,18 +75,25 @@ def test_bench_allocation_tiny(tmp_path, run_script):
     result = _run_tiny(
         run_script,
         "bench_allocation.py",
-        "BenchConfig(settings=(Setting('digits_vit', 8, 4),), steps=2, checkpoints=(0, 2), reps=3, "
-        "allocators=('neyman/clean', 'neyman/memory'), oracle_pilot=8)",
+        "BenchConfig(settings=(Setting('digits_vit', 8, 4), Setting('digits_vit', 8, 4, per_block=True)), "
+        "steps=2, checkpoints=(0, 2), reps=3, allocators=('neyman/clean', 'neyman/memory', 'joint'), oracle_pilot=8)",
         tmp_path,
     )
     assert result["default_allocator"] == "neyman/clean"
     assert [c["step"] for c in result["checkpoints"]] == [0, 2]
-    for checkpoint in result["checkpoints"]:
-        assert set(checkpoint["mse_ratio"]) == {"oracle", "neyman/clean", "neyman/memory"}
-        # Three repetitions are noise: plumbing only. At step 0 the memory is empty, which is equal allocation
-        # with the same (paired) noise: exactly equal's error.
-        assert all(np.isfinite(v) for v in checkpoint["mse_ratio"].values())
-    assert result["checkpoints"][0]["mse_ratio"]["neyman/memory"] == 1.0
+    for setting in result["settings"]:
+        for checkpoint in setting["checkpoints"]:
+            assert set(checkpoint["mse_ratio"]) == {"oracle", "joint_oracle", "neyman/clean", "neyman/memory", "joint"}
+            # Three repetitions are noise: plumbing only.
+            assert all(np.isfinite(v) for v in checkpoint["mse_ratio"].values())
+        first, last = setting["checkpoints"]
+        # At step 0 the memory is empty: the memory row is equal allocation with the same (paired) noise, exactly
+        # equal's error, and joint keeps the groups' budgets (per-group Neyman from the same proxy).
+        assert first["memory_weight"] == 0 and first["mse_ratio"]["neyman/memory"] == 1.0
+        assert first["mse_ratio"]["joint"] == first["mse_ratio"]["neyman/clean"]
+        # The training run feeds its memory: the memory row measures what it names (it allocated equally when
+        # the run it copies fed nothing).
+        assert last["memory_weight"] > 0
 
 
 def test_bench_engine_tiny(tmp_path, run_script):

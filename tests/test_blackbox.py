@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from flops_ray.config import AllocatorConfig, ConfigError, EstimatorConfig, GroupConfig, TrainConfig
+from flops_ray.config import AllocatorConfig, EstimatorConfig, GroupConfig, TrainConfig
 from flops_ray.data.arrays import ArrayDataset
 from flops_ray.models.blackbox import BlackBox, BlackBoxError, BlackBoxShapeError, ModuleLoss
 from flops_ray.models.losses import cross_entropy
@@ -72,20 +72,18 @@ def test_one_call_per_shard_chunk():
     assert max(calls) > 8
 
 
-def test_subspace_projects_a_fixed_matrix():
+@pytest.mark.parametrize("kind", ["spsa", "lr"])
+def test_subspace_projects_a_fixed_matrix(kind):
+    """SPSA perturbs u, LR perturbs theta = theta0 + u W and maps its estimate back through W: either way theta
+    moves only inside the span of W's rows."""
     a, b = _box(subspace=4, seed=3), _box(subspace=4, seed=3)
     assert a.search.value.shape == (4,) and torch.equal(a.projection, b.projection)
-    tr = Trainer(_cfg((BlackBox.group(0.05, 8),)), a, DATA)
+    tr = Trainer(_cfg((BlackBox.group(0.05, 8),), kind=kind), a, DATA)
     tr.fit(3)
     # theta moves only inside the span of W's rows.
     delta = a.theta() - a.theta0
     resid = delta - torch.linalg.lstsq(a.projection.T, delta[:, None]).solution[:, 0] @ a.projection
     assert delta.norm() > 0 and resid.norm() < 1e-4 * delta.norm()
-
-
-def test_lr_on_a_black_box_is_a_config_error():
-    with pytest.raises(ConfigError, match=r"estimator.kind: a BlackBox .* use spsa or es"):
-        Trainer(_cfg((BlackBox.group(0.01, 8),), kind="lr"), _box(), DATA)
 
 
 def _poisoned(bad_sample: int, how: str):

@@ -74,7 +74,7 @@ def test_convert_writes_a_parquet_dataset(tmp_path, capsys):
     out = tmp_path / "data" / "animals.parquet"
     assert main(["convert", str(tmp_path / "root"), str(out), "--rows-per-group", "3"]) == 0
     captured = capsys.readouterr()
-    assert captured.out == f"{out}: 4 images in 2 classes (cat, dog)\n"
+    assert captured.out == f"{out}: 4 images in 2 classes: cat 2, dog 2\n"
     # The skipped link is named on one line, like an error.
     assert captured.err.startswith("warning: ") and captured.err.count("\n") == 1
     assert str(tmp_path / "root" / "dog" / "link.png") in captured.err

@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from flops_ray.app.job_config import add_train_arguments, load_config
+from flops_ray.app.align import load_align_config
+from flops_ray.app.job_config import add_train_arguments, load_config, read_config
 from flops_ray.config import ConfigError
 from flops_ray.estimators import estimator_family
+from flops_ray.models.aligner import AlignedLM, VisionEncoder
 from flops_ray.models.causal_lm import CausalLMScorer
 from flops_ray.models.factory import create_model
 from flops_ray.models.groups import resolve_groups
@@ -52,10 +54,23 @@ def _tiny_lm(name: str) -> CausalLMScorer:
     return CausalLMScorer(lm, name)
 
 
+def _tiny_aligned(visual_tokens: int) -> AlignedLM:
+    """A tiny encoder-adapter-LM model: the module names of any alignment config's model."""
+    transformers = pytest.importorskip("transformers")
+    vision = transformers.CLIPVisionConfig(
+        image_size=16, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
+    encoder = VisionEncoder(transformers.CLIPVisionModel(vision), 16, 16)
+    return AlignedLM(encoder, _tiny_lm("gpt2").lm, visual_tokens, 16)
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_config_loads_and_groups_bind_to_the_model(path):
-    cfg, _ = load_config(path)
-    if is_hf_model(cfg.model):
+    if "align" in read_config(path):
+        # An alignment config: its own section beside the training fields, groups of the aligned model.
+        settings, cfg = load_align_config(path)
+        model = _tiny_aligned(settings.visual_tokens)
+    elif is_hf_model((cfg := load_config(path)[0]).model):
         # A causal LM's groups bind as the run binds them: the LM's defaults in place of the digits ViT's.
         model = _tiny_lm(cfg.model)
         cfg = cfg.replace(groups=lm_groups(model, cfg.groups))
@@ -87,6 +102,36 @@ def test_header_holds_the_submit_command(path):
     args = parser.parse_args(entry[2:])
     assert args.config == f"jobs/configs/{path.name}"
     assert args.out
+
+
+VLM_CONFIGS = sorted((ROOT / "jobs" / "configs" / "vlm").glob("*.yaml"))
+"""Configs of jobs/vlm_prompt_tuning.py: the fields of its VLMPromptConfig, not a TrainConfig."""
+
+
+@pytest.mark.parametrize("path", VLM_CONFIGS, ids=lambda p: p.stem)
+def test_vlm_config_loads_and_its_header_runs_it(path, monkeypatch):
+    from flops_ray.studies.vlm_prompts import METHODS, load_vlm_config
+
+    cfg = load_vlm_config(path)
+    assert set(cfg.methods) == set(METHODS) and (cfg.text_tokens, cfg.image_tokens) == (12, 10)
+    tokens = shlex.split(path.read_text().splitlines()[0][1:])
+    assert tokens[:3] == ["ray", "job", "submit"] and "--working-dir" in tokens
+    entry = tokens[tokens.index("--") + 1 :]
+    assert entry[:2] == ["python", "jobs/vlm_prompt_tuning.py"]
+    monkeypatch.syspath_prepend(str(ROOT / "jobs"))
+    import vlm_prompt_tuning
+
+    args = vlm_prompt_tuning.parser().parse_args(entry[2:])
+    assert args.config == f"jobs/configs/vlm/{path.name}" and args.out
+
+
+def test_vlm_paper_config_is_the_paper_setting():
+    from flops_ray.studies.vlm_prompts import load_vlm_config
+
+    cfg = load_vlm_config(ROOT / "jobs" / "configs" / "vlm" / "clip_b32_paper.yaml")
+    assert cfg.model == "hf:openai/clip-vit-base-patch32" and cfg.text_dim + cfg.image_dim == 1000
+    assert (cfg.shots, cfg.queries_per_sample, cfg.batch_size, cfg.optimizer, cfg.lr) == (16, 60, 64, "adam", 1e-4)
+    assert cfg.epochs == 50 and all(d.train.endswith(".parquet") and d.test.endswith(".parquet") for d in cfg.datasets)
 
 
 def test_default_is_ops_lr_on_digits():

@@ -1,5 +1,5 @@
-"""The farm gives the in-process result: any number of replicas, a replica killed mid-step, all-reduce, the
-scalar protocol; replicas that drift apart fail loudly.
+"""The farm gives the in-process result bit for bit (``torch.equal``): any number of replicas, any speeds, a replica
+killed mid-step, all-reduce, the scalar protocol; replicas that drift apart fail loudly.
 
 docs/DESIGN.md section 2: a step depends only on seed, step, params, batch and config, never on which
 replica ran which shard or on retries.
@@ -15,7 +15,9 @@ import torch
 
 from flops_ray.config import AllocatorConfig, EstimatorConfig, FarmConfig, TrainConfig
 from flops_ray.data.arrays import digits
+from flops_ray.farm.backend import RayBackend
 from flops_ray.farm.errors import FarmError
+from flops_ray.farm.replica_actor import ReplicaOptions
 from flops_ray.models.factory import create_model
 from flops_ray.training.trainer import Trainer
 
@@ -51,13 +53,17 @@ def _params_per_step(trainer: Trainer) -> list[torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def reference(data) -> list[torch.Tensor]:
-    return _params_per_step(_trainer(data, backend="local"))
+def reference(data, threads) -> list[torch.Tensor]:
+    """The in-process run, on one thread as each 1-CPU replica runs (products round by their thread count)."""
+    with threads(1):
+        return _params_per_step(_trainer(data, backend="local"))
 
 
 def _assert_same(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
+    """Bit for bit: every reduction adds in task order, whatever replica ran which task when."""
+    assert len(got) == len(want)
     for step, (g, w) in enumerate(zip(got, want)):
-        assert torch.allclose(g, w, atol=1e-6), f"step {step}: max diff {(g - w).abs().max().item():.3g}"
+        assert torch.equal(g, w), f"step {step}: max diff {(g - w).abs().max().item():.3g}"
 
 
 def test_params_move(reference):
@@ -72,6 +78,25 @@ def test_replicas_match_in_process(data, reference, replicas, recorded):
     c = trainer.backend.counters
     assert c.accepted == c.completed == c.dispatched == trainer.backend.tasks
     assert c.restarts == c.retried == 0
+
+
+def test_farm_runs_agree_whatever_replicas_speeds_and_order(data, reference):
+    """The all-reduce (the LR default) on two farms that finish their tasks in other orders on other replicas:
+    three replicas, one three times slower, one call each in flight; two at full speed. Each task's partial is
+    kept apart and every member adds them in task order, so both are the in-process run, bit for bit (they
+    once summed each replica's tasks in completion order, then the replicas' sums in float32)."""
+    slow = [ReplicaOptions(), ReplicaOptions(slowdown=3.0), ReplicaOptions()]
+
+    def uneven(cfg, model, loss_fn):
+        return RayBackend(cfg, model, loss_fn, replica_options=slow)
+
+    got = []
+    for factory, farm in ((uneven, {"in_flight": 1}), (None, {"replicas": 2})):
+        trainer = _trainer(data, factory, **farm)  # one at a time: the test Ray holds 4 one-CPU replicas
+        got.append(_params_per_step(trainer))
+        assert trainer.backend.reduction == "allreduce"
+    _assert_same(got[0], got[1])
+    _assert_same(got[0], reference)
 
 
 def test_killed_replica_mid_step(data, reference, inject_fault, recorded):
@@ -215,8 +240,9 @@ def test_fractional_fake_gpu(data, reference):
 
 
 @pytest.fixture(scope="module")
-def spsa_reference(data) -> list[torch.Tensor]:
-    return _params_per_step(_trainer(data, backend="local", spsa=True))
+def spsa_reference(data, threads) -> list[torch.Tensor]:
+    with threads(1):
+        return _params_per_step(_trainer(data, backend="local", spsa=True))
 
 
 @pytest.mark.parametrize("replicas", [1, 3])

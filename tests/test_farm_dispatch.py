@@ -47,14 +47,16 @@ def _model(cfg: TrainConfig):
 
 def test_a_pilot_nothing_reads_runs_with_the_main_queries(data, recorded):
     """A reused pilot (the allocation reads the clean pass) adds no round: a step is one clean and one main
-    round and runs exactly its budget of queries; no task spends time on per-sample traces nothing reads."""
-    cfg = _cfg()
-    with Trainer(cfg, _model(cfg), *data, backend_factory=recorded) as trainer:
-        report = trainer.step()
-        (clean, _), (main, results) = trainer.backend.runs
-    assert {t.kind for t in clean} == {TaskKind.CLEAN} and {t.kind for t in main} == {TaskKind.MAIN}
-    assert not any(t.traces or r.traces is not None for t, r in zip(main, results))
-    assert report.queries == sum(g.queries_per_sample for g in cfg.groups) * cfg.batch_size
+    round and runs exactly its budget of queries; no task spends time on per-sample traces nothing reads (a step
+    of gradient-quality telemetry reads them: ``estimator.telemetry_every``)."""
+    for every, traced in ((0, False), (1, True)):
+        cfg = _cfg().replace(estimator=dataclasses.replace(BASE.estimator, telemetry_every=every))
+        with Trainer(cfg, _model(cfg), *data, backend_factory=recorded) as trainer:
+            report = trainer.step()
+            (clean, _), (main, results) = trainer.backend.runs
+        assert {t.kind for t in clean} == {TaskKind.CLEAN} and {t.kind for t in main} == {TaskKind.MAIN}
+        assert all(bool(t.traces) == (r.traces is not None) == traced for t, r in zip(main, results))
+        assert report.queries == sum(g.queries_per_sample for g in cfg.groups) * cfg.batch_size
 
 
 def test_faster_replica_takes_more_shards(data):

@@ -53,12 +53,11 @@ def test_an_output_directory_belongs_to_one_run(tmp_path):
 
     import pytest
 
-    from flops_ray.app.lock import LOCK, RunLockedError
+    from flops_ray.app.lock import LOCK, RunLockedError, owned
 
     cfg, job = load_config(None, ["farm.backend=local", "steps=1"])
     lock = tmp_path / LOCK
-    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
-    with pytest.raises(RunLockedError, match=rf"in use by the run of process {os.getpid()} on "):
+    with owned(tmp_path), pytest.raises(RunLockedError, match=rf"in use by the run of process {os.getpid()} on "):
         train(cfg, tmp_path, job, quick=True)
     assert not (tmp_path / "summary.json").exists(), "nothing was written"
 

@@ -56,6 +56,12 @@ class TraceMemory:
         mu = total[seen].sum() / weight[seen].sum() if seen.any() else torch.tensor(1.0, dtype=torch.float64)
         return (total + self.prior * mu) / (weight + self.prior)
 
+    def group_mean(self, group: int) -> float | None:
+        """The decayed mean trace of ``group`` over every sample seen so far (the group's level, for a joint
+        allocation across groups); None before any visit fed it."""
+        weight = float(self.weight[group].sum())
+        return float(self.total[group].sum()) / weight if weight > 0 else None
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"total": self.total.clone(), "weight": self.weight.clone()}
 

@@ -1,15 +1,18 @@
-"""The ``flops-ray`` command: ``train``, ``eval``, ``plot``, ``convert`` and ``bench``, mirroring the Python API.
+"""The ``flops-ray`` command: ``train``, ``eval``, ``plot``, ``convert``, ``bench`` and ``tune``, mirroring the Python API.
 
     flops-ray train --config jobs/configs/digits_ops_lr.yaml --out runs/lr --set steps=100
     flops-ray eval runs/lr/checkpoint.safetensors
     flops-ray plot runs/lr
     flops-ray convert cifar100/train data/cifar100_train.parquet
+    flops-ray convert --captions blip_laion_cc_sbu_558k.json --test-rows 1000 images/ data/lcs558k_train.parquet
     flops-ray bench estimator -- --quick --out runs/bench
+    flops-ray tune --config jobs/configs/digits_ops_lr.yaml --search lr=loguniform:1e-4:1e-1 --trials 8
 
 ``train`` is :func:`flops_ray.app.run.train` (the logic and the default config of ``jobs/finetune_vit.py``);
 ``eval`` is :func:`flops_ray.app.run.evaluate`; ``plot`` is :func:`flops_ray.app.plot.plot_metrics`; ``convert``
-is :func:`flops_ray.data.convert.image_folder_to_parquet`; ``bench`` runs ``jobs/bench_<name>.py`` in a
-subprocess with this Python.
+is :func:`flops_ray.data.convert.image_folder_to_parquet` (with ``--captions``,
+:func:`~flops_ray.data.convert.captions_to_parquet`); ``bench`` runs ``jobs/bench_<name>.py`` in a
+subprocess with this Python; ``tune`` is :func:`flops_ray.app.tune.tune`.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ import json
 import subprocess
 import sys
 import warnings
+from collections import Counter
 from pathlib import Path
 
+from flops_ray.app.errors import add_debug_option, reported
 from flops_ray.app.job_config import DEFAULT_CONFIG, add_train_arguments, jobs_dir, train_run
 
 
@@ -73,13 +78,60 @@ def _convert_parser(sub) -> argparse.ArgumentParser:
         description="Write ROOT/<class>/<image> as a Parquet file with columns image (PNG/JPEG bytes) and label "
         "(the index of the class folder in sorted order; the names are stored in the file's metadata). Every image "
         "is decoded on the way: an unreadable file, or one with NaN/inf pixels, stops the conversion naming it, and "
-        "OUT is written only complete. Symlinks leading out of ROOT are skipped with a warning.",
+        "OUT is written only complete. Images in sub-folders of a class folder belong to that class. Skipped with a "
+        "warning naming them: hidden entries (.git, .ipynb_checkpoints), symlinks leading out of ROOT, folder links "
+        "that loop, images directly in ROOT. Prints the classes and their image counts.",
     )
     p.add_argument(
         "root", metavar="ROOT", help="folder of class folders, e.g. cifar100/train holding apple/, bicycle/, ..."
     )
     p.add_argument("out", metavar="OUT", help="the Parquet file to write, e.g. data/cifar100_train.parquet")
     p.add_argument("--rows-per-group", type=int, default=1024, help="images per Parquet row group (default: 1024)")
+    p.add_argument(
+        "--captions",
+        metavar="FILE",
+        help="write captioned images instead: FILE lists image paths (relative to ROOT) and captions, as JSON lines "
+        '{"image": ..., "caption": ...} or LLaVA\'s JSON list (LCS558K); OUT gets the columns image and caption',
+    )
+    p.add_argument(
+        "--test-rows",
+        type=int,
+        default=0,
+        help="with --captions: the last N captions go to the test file (OUT with 'train' replaced by 'test')",
+    )
+    return p
+
+
+def _tune_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "tune",
+        help="search config values with Ray Tune, one run (with its own farm) per trial",
+        description="Run TRIALS trials of the config, each with its values of the searched keys, report every "
+        "evaluation to Tune (ASHA stops the trials behind) and write OUT/trials.json and OUT/best.yaml, which "
+        "flops-ray train --config OUT/best.yaml runs as is. Trials run in OUT/trials/<trial id>; Tune's own files "
+        "are in OUT/tune.",
+    )
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help=f"config YAML (default: {DEFAULT_CONFIG})")
+    p.add_argument(
+        "--search",
+        action="append",
+        default=[],
+        metavar="KEY=SPEC",
+        help="a searched key, repeatable: lr=loguniform:1e-4:1e-1, groups.0.sigma=choice:1e-3,1e-2, "
+        "batch_size=randint:16:64, allocator.kind=grid:equal,gaussian (uniform too)",
+    )
+    p.add_argument("--trials", type=int, default=8, help="samples of the search space (default: 8)")
+    p.add_argument("--out", default="runs/tune", help="output directory (default: runs/tune)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every trial")
+    p.add_argument("--metric", default="accuracy", choices=["accuracy", "loss"], help="what ranks trials")
+    p.add_argument("--mode", default="max", choices=["max", "min"], help="max for accuracy, min for loss")
+    p.add_argument("--scheduler", default="asha", choices=["asha", "fifo"], help="asha stops trials behind")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny trials (train --quick); without --search, 4 trials over lr and groups.0.sigma",
+    )
+    p.add_argument("--resume", action="store_true", help="continue an interrupted search in OUT")
     return p
 
 
@@ -102,6 +154,7 @@ _COMMANDS = {
     "plot": _plot_parser,
     "convert": _convert_parser,
     "bench": _bench_parser,
+    "tune": _tune_parser,
 }
 """Each command's parser builder, in the order of ``flops-ray --help``."""
 
@@ -114,7 +167,7 @@ def build_parsers() -> dict[str, argparse.ArgumentParser]:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n")[1],
     )
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    add_debug_option(parser)
     sub = parser.add_subparsers(
         dest="command",
         required=True,
@@ -133,19 +186,20 @@ def _in_dir(path: str, name: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``flops-ray`` console script; returns the exit status.
 
-    An error prints one line, ``error: ...``, and returns 2; ``--debug`` shows the traceback instead.
+    An error prints one line, ``error: ...``, and returns 2; ``--debug`` shows the traceback instead; Ctrl-C
+    returns 130 quietly (:func:`flops_ray.app.errors.reported`).
     """
     args = build_parsers()[""].parse_args(argv)
-    try:
-        return _run(args)
-    except Exception as exc:  # every failure of a command is reported the same way
-        if args.debug:
-            raise
-        print(f"error: {exc} ({type(exc).__name__}; --debug shows the traceback)", file=sys.stderr)
-        return 2
+    return reported(lambda: _run(args), args.debug)
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.command == "convert" and args.captions:
+        from flops_ray.data.convert import captions_to_parquet
+
+        for path in captions_to_parquet(args.captions, args.root, args.out, args.rows_per_group, args.test_rows):
+            print(f"{path}: {_parquet_rows(path)} captioned images")
+        return 0
     if args.command == "convert":
         _convert(args.root, args.out, args.rows_per_group)
         return 0
@@ -164,6 +218,21 @@ def _run(args: argparse.Namespace) -> int:
         }
         data = {k: v for k, v in given.items() if v is not None}
         print(json.dumps(run.evaluate(_in_dir(args.checkpoint, run.CHECKPOINT), **data), indent=2))
+    elif args.command == "tune":
+        from flops_ray.app.tune import tune
+
+        tune(
+            args.config,
+            args.search,
+            args.trials,
+            args.out,
+            sets=args.set,
+            metric=args.metric,
+            mode=args.mode,
+            scheduler=args.scheduler,
+            quick=args.quick,
+            resume=args.resume,
+        )
     elif args.command == "plot":
         from flops_ray.app.plot import plot_metrics
 
@@ -185,6 +254,13 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parquet_rows(path: str | Path) -> int:
+    """Rows of a Parquet file (from its footer)."""
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows
+
+
 def _convert(root: str, out: str, rows_per_group: int) -> None:
     import pyarrow.parquet as pq
 
@@ -195,8 +271,10 @@ def _convert(root: str, out: str, rows_per_group: int) -> None:
         warnings.simplefilter("always")
         warnings.showwarning = lambda message, *_: print(f"warning: {message}", file=sys.stderr)
         classes = image_folder_to_parquet(root, out, rows_per_group)
-    shown = ", ".join(classes[:10]) + (", ..." if len(classes) > 10 else "")
-    print(f"{out}: {pq.read_metadata(out).num_rows} images in {len(classes)} classes ({shown})")
+    counts = Counter(pq.read_table(out, columns=["label"])["label"].to_pylist())
+    shown = ", ".join(f"{name} {counts[i]}" for i, name in enumerate(classes[:10]))
+    more = f", and {len(classes) - 10} more" if len(classes) > 10 else ""
+    print(f"{out}: {sum(counts.values())} images in {len(classes)} classes: {shown}{more}")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,21 @@
-"""Step hooks of a run: progress lines, checkpoints by step count and by time, and a graceful stop on signals."""
+"""Step hooks of a run: progress lines, checkpoints by step count and by time, a graceful stop on signals, and a
+warning when a group's gradient estimate stays noise."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import signal
 import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
 from flops_ray.step.interface import StepReport
-from flops_ray.training.metrics_log import MetricsLog
+from flops_ray.training.loggers import Loggers
+from flops_ray.training.metrics_log import MetricsLog, scalars
 from flops_ray.training.trainer import StopTraining, Trainer
 
 
@@ -38,6 +44,19 @@ class Progress:
             f"  {qps:>9,.0f} queries/s  {report.seconds:.2f} s/step  eta {eta / 60:.1f} min{skipped}",
             flush=True,
         )
+
+
+class MetricsRecorder:
+    """A step hook writing each step's row to the metrics log, and the same row's scalars, at the same step, to the
+    run's other loggers (TensorBoard, MLflow, W&B); the farm's counters after the step go in the row."""
+
+    def __init__(self, metrics: MetricsLog, loggers: Loggers):
+        self.metrics, self.loggers = metrics, loggers
+
+    def __call__(self, trainer: Trainer, report: StepReport) -> None:
+        counters = getattr(trainer.backend, "counters", None)
+        row = self.metrics.append(report, dataclasses.asdict(counters) if counters is not None else None)
+        self.loggers.log(scalars(row), report.step)
 
 
 class Checkpointer:
@@ -95,3 +114,66 @@ class GracefulStop:
         for sig, handler in self._previous.items():
             if handler is not None:  # None: a handler installed outside Python, which cannot be restored
                 signal.signal(sig, handler)
+
+
+NOISE_SNR = 2.0
+"""``snr`` below this is an estimate whose squared norm is under twice its variance: at most as much signal as
+noise (its mean is ``1 + |E g|^2 / tr Var``)."""
+
+
+def likely_setting(snr: float, queries_per_sample: float, loss_rose: bool) -> str:
+    """The setting most likely behind a group's noisy estimate, as a hint for the warning line.
+
+    A rising loss points at the learning rate; otherwise the variance of the estimate falls as ``1/A``, so the
+    query budget that would bring ``snr`` to :data:`NOISE_SNR` is named, unless it is more than 16 times the
+    current one, where a sigma too small for the loss's precision (or too large for its curvature) is likelier.
+
+    >>> likely_setting(1.5, 8, loss_rose=False)
+    'queries_per_sample (about 16 would reach snr 2)'
+    >>> likely_setting(1.01, 8, loss_rose=False)
+    'sigma (snr 1.01 would need over 16x the queries)'
+    """
+    if loss_rose:
+        return "lr (the loss rose over these steps)"
+    signal = max(snr - 1.0, 1e-12)  # |E g|^2 / tr Var at the current budget
+    factor = (NOISE_SNR - 1.0) / signal
+    if factor > 16:
+        return f"sigma (snr {snr:.2f} would need over 16x the queries)"
+    return f"queries_per_sample (about {math.ceil(queries_per_sample * factor)} would reach snr {NOISE_SNR:g})"
+
+
+class NoiseWatch:
+    """A step hook printing one warning line when a group's estimate has been noise (``snr`` below
+    :data:`NOISE_SNR`) for ``steps`` measured steps in a row, naming the likely setting (:func:`likely_setting`).
+    Steps without a measured ``snr`` (``estimator.telemetry_every`` apart) neither count nor break a run.
+
+    Args:
+        groups: layer group names.
+        steps: the run of noisy measured steps that warns (0: never).
+    """
+
+    def __init__(self, groups: list[str], steps: int):
+        self.groups, self.steps = groups, steps
+        self.run = [0] * len(groups)
+        self.first_loss = [0.0] * len(groups)
+
+    def __call__(self, trainer: Trainer, report: StepReport) -> None:
+        if not self.steps:
+            return
+        for g, name in enumerate(self.groups):
+            snr = report.snr[g] if g < len(report.snr) else float("nan")
+            if not np.isfinite(snr):  # a step the telemetry did not measure (estimator.telemetry_every)
+                continue
+            if snr >= NOISE_SNR:
+                self.run[g] = 0
+                continue
+            self.first_loss[g] = report.loss if self.run[g] == 0 else self.first_loss[g]
+            self.run[g] += 1
+            if self.run[g] == self.steps:
+                counts = report.counts[g] if g < len(report.counts) else np.ones(1)
+                hint = likely_setting(snr, float(np.mean(counts)), report.loss > self.first_loss[g])
+                print(
+                    f"warning: group {name}'s gradient estimate has been noise for {self.steps} measured steps "
+                    f"(snr {snr:.2f} < {NOISE_SNR:g} at step {report.step}); likely setting: {hint}",
+                    flush=True,
+                )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,71 @@ import yaml
 
 from flops_ray.config import ConfigError, JobConfig, TrainConfig
 from flops_ray.config.plain import config_from_dict, config_to_dict, dataclass_from_dict, plain, renamed
+from flops_ray.config.validation import shown
+
+MAX_VALUES = 100_000
+"""Values (scalars, lists, mappings) a config may hold once its YAML aliases are expanded: a config has
+hundreds; a few hundred bytes of nested aliases (an "alias bomb") expand to millions."""
 
 
-def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text) if text else ""
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` refusing a key given twice in one mapping (YAML's last-wins would hide a typo)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # '<<: *base' keys may be overridden: that is what a merge is for
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):
+                continue  # the base loader refuses it, naming it
+            line = key_node.start_mark.line + 1
+            if key in first:
+                raise ConfigError(f"line {line}: key {shown(key)} is given twice (first on line {first[key]})")
+            first[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_values(data: Any, limit: int) -> int:
+    """How many values ``data`` holds, counting each alias's every use; stops counting past ``limit``."""
+    count, stack = 0, [data]
+    while stack and count <= limit:
+        value = stack.pop()
+        count += 1
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return count
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """Parse config YAML ``text`` (``where`` names it in errors: a file, ``--set key``).
+
+    Raises:
+        ConfigError: one line: not YAML (with the line and column), a key given twice, or more than
+            :data:`MAX_VALUES` values once aliases are expanded.
+    """
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: plain data only
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML: {problem}{at}") from None
+    if _expanded_values(data, MAX_VALUES) > MAX_VALUES:
+        raise ConfigError(
+            f"{where}: holds more than {MAX_VALUES:,} values once its aliases (*name) are expanded; "
+            "a config has hundreds (an alias bomb?)"
+        )
+    return data
+
+
+def _parse_value(text: str, key: str = "") -> Any:
+    return parse_yaml(text, f"--set {key}") if text else ""
 
 
 def apply_override(data: dict[str, Any], assignment: str) -> None:
@@ -46,9 +108,9 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     if isinstance(node, list):
         if not last.isdigit() or int(last) >= len(node):
             raise ConfigError(f"--set {key}: {last} is not an index of a list of {len(node)}")
-        node[int(last)] = _parse_value(text)
+        node[int(last)] = _parse_value(text, key)
     else:
-        node[last] = _parse_value(text)
+        node[last] = _parse_value(text, key)
 
 
 def jobs_dir() -> Path:
@@ -61,6 +123,21 @@ DEFAULT_CONFIG = jobs_dir() / "configs" / "digits_ops_lr.yaml"
 """The config of ``jobs/finetune_vit.py`` and ``flops-ray train`` when ``--config`` is not given (a Ray farm run)."""
 
 
+def read_config(path: str | Path) -> dict[str, Any]:
+    """The mapping of fields a config YAML holds (checked as :func:`parse_yaml` checks).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ConfigError: not YAML, or not a mapping.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"config {path} does not exist")
+    data = parse_yaml(Path(path).read_text(), str(path)) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config is a mapping of fields, got {type(data).__name__}")
+    return data
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> tuple[TrainConfig, JobConfig]:
     """Read a config YAML (``None``: the built-in defaults) and apply ``--set`` overrides.
 
@@ -68,13 +145,15 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> tuple[Tra
         FileNotFoundError: ``path`` does not exist.
         ConfigError: unknown or invalid fields, naming them.
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"config {path} does not exist")
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: a config is a mapping of fields, got {type(data).__name__}")
+    return config_from_data(read_config(path) if path is not None else {}, overrides)
+
+
+def config_from_data(data: dict[str, Any], overrides: list[str] = ()) -> tuple[TrainConfig, JobConfig]:
+    """The training config and job settings of a config's fields ``data`` (consumed), ``--set`` overrides applied.
+
+    Raises:
+        ConfigError: unknown or invalid fields, naming them.
+    """
     job = data.pop("job", None)
     # Overrides go onto the complete config, so a default field (groups.0.sigma) can be changed too.
     full = {**config_to_dict(config_from_dict(data)), "job": plain(dataclass_from_dict(JobConfig, job, "job"))}

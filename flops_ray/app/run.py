@@ -7,20 +7,22 @@ when ``farm.backend`` is ``ray``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from flops_ray.app.hooks import Checkpointer, GracefulStop, Progress
+from flops_ray.app.hooks import Checkpointer, GracefulStop, MetricsRecorder, NoiseWatch, Progress
 from flops_ray.app.job_config import quick_config
 from flops_ray.app.lock import owned
 from flops_ray.app.plot import plot_metrics
 from flops_ray.config import ConfigError, DataConfig, JobConfig, TrainConfig
-from flops_ray.config.plain import config_to_dict
+from flops_ray.config.plain import config_to_dict, plain
 from flops_ray.data.arrays import ArrayDataset, digits
 from flops_ray.data.parquet import read_parquet
 from flops_ray.data.text import is_text_dataset, read_text
@@ -33,8 +35,9 @@ from flops_ray.models.lora import add_lora, lora_groups
 from flops_ray.models.losses import LossFn, completion_loss, cross_entropy
 from flops_ray.step.interface import StepReport
 from flops_ray.training.checkpoint import checkpoint_config, load_model_state
+from flops_ray.training.loggers import Loggers, require_packages
 from flops_ray.training.metrics_log import MetricsLog
-from flops_ray.training.trainer import Trainer, accuracy
+from flops_ray.training.trainer import StepHook, Trainer, accuracy
 from flops_ray.training.weights import load_pretrained
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -154,7 +157,12 @@ def build(cfg: TrainConfig, resume_from: Path | None = None) -> Trainer:
 
 
 def train(
-    cfg: TrainConfig, out: str | Path, job: JobConfig | None = None, quick: bool = False, resume: bool = False
+    cfg: TrainConfig,
+    out: str | Path,
+    job: JobConfig | None = None,
+    quick: bool = False,
+    resume: bool = False,
+    hooks: Sequence[StepHook] = (),
 ) -> dict[str, Any]:
     """Train ``cfg`` and write ``out/{summary.json, metrics.parquet, checkpoint.safetensors, *.png}``.
 
@@ -165,22 +173,26 @@ def train(
         quick: shrink the run with :func:`~flops_ray.app.job_config.quick_config` (tests, smoke checks).
         resume: continue from ``out/checkpoint.safetensors`` when it exists (else start fresh). The
             config must match the checkpoint's up to run length, logging and farm settings.
+        hooks: more step hooks, called after the metrics row of each step is written (a tuning trial's report).
 
     Returns:
         The summary written to ``summary.json``.
     """
     t0 = time.perf_counter()
     job = (job or JobConfig()).validate()
+    require_packages(job.loggers)  # a missing logger package fails before any replica starts
     if quick:
         cfg, job = quick_config(cfg, job)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # Two runs writing one directory would mix checkpoints, metrics and summaries.
     with owned(out):
-        return _train(cfg, out, job, quick, resume, t0)
+        return _train(cfg, out, job, quick, resume, t0, hooks)
 
 
-def _train(cfg: TrainConfig, out: Path, job: JobConfig, quick: bool, resume: bool, t0: float) -> dict[str, Any]:
+def _train(
+    cfg: TrainConfig, out: Path, job: JobConfig, quick: bool, resume: bool, t0: float, hooks: Sequence[StepHook] = ()
+) -> dict[str, Any]:
     ckpt = out / CHECKPOINT
     resuming = resume and ckpt.is_file()
     if resume and not resuming:
@@ -194,9 +206,16 @@ def _train(cfg: TrainConfig, out: Path, job: JobConfig, quick: bool, resume: boo
     saver = Checkpointer(metrics, ckpt, job.checkpoint_every, job.checkpoint_minutes)
     stop = GracefulStop()
     try:
+        loggers = Loggers(job, out, config_to_dict(cfg), start if resuming else None)
+    except BaseException:
+        metrics.close()
+        trainer.close()
+        raise
+    record, watch = MetricsRecorder(metrics, loggers), NoiseWatch([g.name for g in cfg.groups], job.noise_warning_steps)
+    try:
         initial_acc = trainer.evaluate() if trainer.test_set is not None else None
         with stop:
-            reports = trainer.fit(hooks=[lambda _, report: metrics.append(report), progress, saver, stop.hook])
+            reports = trainer.fit(hooks=[record, watch, progress, saver, *hooks, stop.hook])
         saver.save(trainer)
         accs = [r.accuracy for r in reports if r.accuracy is not None]
         last_acc = accs[-1] if accs else (trainer.evaluate() if trainer.test_set is not None else None)
@@ -206,6 +225,8 @@ def _train(cfg: TrainConfig, out: Path, job: JobConfig, quick: bool, resume: boo
         if trainer.consistent and trainer.step_count > start:
             saver.save(trainer)
             print(f"saved {ckpt}: --resume continues at step {trainer.step_count}", flush=True)
+        with contextlib.suppress(Exception):  # the run's own error is the one to report
+            loggers.close([ckpt], ok=False)
         raise
     finally:
         metrics.close()
@@ -231,12 +252,13 @@ def _train(cfg: TrainConfig, out: Path, job: JobConfig, quick: bool, resume: boo
         train_size=len(trainer.train_set),
         test_size=len(trainer.test_set) if trainer.test_set is not None else 0,
         config=config_to_dict(cfg),
-        job=dataclasses.asdict(job),
+        job=plain(job),
         quick=quick,
         stopped_by=stop.requested,
         farm=dataclasses.asdict(counters) if counters is not None else None,
         files={"checkpoint": CHECKPOINT, "metrics": METRICS, "plots": [p.name for p in plots]},
     )
+    loggers.close([ckpt, out / SUMMARY], ok=stop.requested is None)
     acc_text = f"{last_acc:.4f}" if last_acc is not None else "n/a (no test set)"
     print(f"done: {trainer.step_count} steps, test accuracy {acc_text}, {summary['wall_seconds']:.1f} s -> {out}")
     return summary

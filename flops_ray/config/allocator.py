@@ -32,6 +32,11 @@ class AllocatorConfig:
     (per-sample estimates from every query of earlier visits) or ``pilot`` (this step's pilot queries,
     which a trace-reading allocation then does not reuse). Each keeps the estimate unbiased
     (docs/DESIGN.md section 3)."""
+    joint: bool = False
+    """Neyman over (group, sample) cells: one budget per step (the groups' budgets summed) split in proportion to
+    ``sqrt(T_gj)``, each group's signal scaled to the level of its measured traces in the trace memory (earlier
+    steps only), with the floor per cell; a step before the memory holds every group keeps the groups' own
+    budgets. Needs ``kind: neyman`` (docs/DESIGN.md section 3)."""
     memory_decay: float = 0.5
     """Trace memory: weight old evidence keeps at each new visit of a sample (traces drift as the model learns)."""
     memory_prior: float = 4.0
@@ -43,5 +48,6 @@ class AllocatorConfig:
         require(self.gaussian_iters >= 0, "allocator.gaussian_iters", f"must be >= 0, got {self.gaussian_iters}")
         require(self.gaussian_lr > 0, "allocator.gaussian_lr", f"must be > 0, got {self.gaussian_lr}")
         require(self.signal in SIGNALS, "allocator.signal", f"must be one of {SIGNALS}, got {self.signal!r}")
+        require(not self.joint or self.kind == "neyman", "allocator.joint", f"needs kind neyman, got {self.kind!r}")
         require(0 <= self.memory_decay <= 1, "allocator.memory_decay", f"must be in [0, 1], got {self.memory_decay}")
         require(self.memory_prior > 0, "allocator.memory_prior", f"must be > 0, got {self.memory_prior}")

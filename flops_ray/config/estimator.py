@@ -32,6 +32,10 @@ class EstimatorConfig:
     """Fewest queries any sample gets (even, >= 2)."""
     trace_coords: int = 512
     """Coordinates sub-sampled per group to estimate ``T_j = Tr Cov[G]``."""
+    telemetry_every: int = 10
+    """Every this many steps the main queries also return their per-sample trace estimates, for that step's
+    gradient-quality telemetry (``snr``, ``realised_variance_ratio``: :class:`~flops_ray.step.interface.StepReport`;
+    0: never). The gradient is the same either way; a measured step costs more (docs/RESULTS.md, telemetry)."""
     max_rows: int = 256
     """Most perturbed rows in one batched forward on a replica (memory bound, not a semantic knob): a replica
     holds one such chunk's noise and activations, whatever the shard's size (LR: the group's linears' inputs
@@ -64,6 +68,7 @@ class EstimatorConfig:
             f"must be even and >= 0, got {self.pilot_queries}",
         )
         require(self.trace_coords >= 1, "estimator.trace_coords", f"must be >= 1, got {self.trace_coords}")
+        require(self.telemetry_every >= 0, "estimator.telemetry_every", f"must be >= 0, got {self.telemetry_every}")
         require(self.max_rows >= 2, "estimator.max_rows", f"must be >= 2, got {self.max_rows}")
         require(
             self.precision in PRECISIONS,

@@ -50,11 +50,20 @@ class FarmConfig:
     queries, not with ``P``), ``allreduce`` (partials meet in one torch.distributed collective among the
     replicas), ``driver`` (partials summed on the driver in canonical order and sent back: bit-identical for
     any number of replicas, ``O(P)`` bytes per shard); ``auto``: ``scalar`` for SPSA/ES, else ``allreduce``."""
-    max_retries: int = 10
+    max_retries: int = 30
     """Ray: replica deaths in a row the farm survives with no shard result in between (more fail it).
-    Results refill the budget, so a storm of preemptions is survived while work still gets done; a replica
-    lost while still starting is not counted; a slot's replacements in a row back off (0.5 s doubling, at
-    most 10 s)."""
+    Results refill the budget, so a storm of preemptions is survived while work still gets done, even 20
+    deaths in a row (each replica killed at its first shard); a replica lost while still starting is not
+    counted; a slot's replacements in a row back off (0.5 s doubling, at most 10 s). A sample that kills
+    every replica is found long before (``poison_deaths``)."""
+    poison_deaths: int = 3
+    """Ray: a task whose replicas die this many times in a row while it runs alone on them has its samples
+    probed, one call per sample, each alone; a probe that kills a replica that had finished a shard before
+    names its sample, and the run fails naming its dataset index (docs/FARM.md, faults)."""
+    skip_poison: bool = False
+    """Ray: instead of failing, leave such a sample out: its step runs again without it, and so does every
+    later batch holding it (counted as ``skipped_samples`` in the farm's counters, listed per step in the
+    report). The result is still a function of the config and the data."""
     stall_timeout_s: float = 600.0
     """Ray: seconds without any shard result before the step fails (a hung replica or a full cluster),
     and the longest wait for the first replica to be placed (an autoscaler may be adding a node)."""
@@ -97,6 +106,7 @@ class FarmConfig:
         require(self.in_flight >= 1, "farm.in_flight", f"must be >= 1, got {self.in_flight}")
         require(self.reduction in REDUCTIONS, "farm.reduction", f"must be one of {REDUCTIONS}")
         require(self.max_retries >= 0, "farm.max_retries", "must be >= 0")
+        require(self.poison_deaths >= 1, "farm.poison_deaths", f"must be >= 1, got {self.poison_deaths}")
         require(self.snapshot_every >= 0, "farm.snapshot_every", f"must be >= 0, got {self.snapshot_every}")
         require(self.connect_timeout_s > 0, "farm.connect_timeout_s", f"must be > 0, got {self.connect_timeout_s}")
         require(self.stall_timeout_s > 0, "farm.stall_timeout_s", f"must be > 0, got {self.stall_timeout_s}")

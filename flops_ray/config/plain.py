@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from flops_ray.config.farm import RENAMED
 from flops_ray.config.train import TrainConfig
-from flops_ray.config.validation import ConfigError, require
+from flops_ray.config.validation import ConfigError, require, shown
 
 T = TypeVar("T")
 KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
@@ -62,7 +62,7 @@ def _convert(tp: Any, value: Any, name: str) -> Any:
         return dataclass_from_dict(tp, value, name)
     if typing.get_origin(tp) is tuple:
         item = typing.get_args(tp)[0]
-        require(isinstance(value, list | tuple), name, f"must be a list, got {value!r}")
+        require(isinstance(value, list | tuple), name, f"must be a list, got {shown(value)}")
         return tuple(_convert(item, v, f"{name}[{i}]") for i, v in enumerate(value))
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         return _convert_union(typing.get_args(tp), value, name)
@@ -71,7 +71,7 @@ def _convert(tp: Any, value: Any, name: str) -> Any:
     if tp in KINDS:
         # bool is a subclass of int, but true is no integer a user meant.
         fits = isinstance(value, tp) and (tp is bool or not isinstance(value, bool))
-        require(fits, name, f"must be {KINDS[tp]}, got {value!r}")
+        require(fits, name, f"must be {KINDS[tp]}, got {shown(value)}")
     return value
 
 
@@ -85,7 +85,7 @@ def _convert_union(options: tuple[Any, ...], value: Any, name: str) -> Any:
     if isinstance(value, bool | int | float | str):
         return value  # a scalar of another type: the section's validate() says what the field accepts
     kinds = ", or ".join(KINDS.get(tp, getattr(tp, "__name__", str(tp))) for tp in options)
-    raise ConfigError(f"{name}: must be {kinds}, got {value!r}")
+    raise ConfigError(f"{name}: must be {kinds}, got {shown(value)}")
 
 
 def _to_float(value: Any, name: str) -> float:
@@ -96,7 +96,9 @@ def _to_float(value: Any, name: str) -> float:
         except ValueError:
             pass
     require(
-        isinstance(value, int | float) and not isinstance(value, bool), name, f"must be {KINDS[float]}, got {value!r}"
+        isinstance(value, int | float) and not isinstance(value, bool),
+        name,
+        f"must be {KINDS[float]}, got {shown(value)}",
     )
     return float(value)
 

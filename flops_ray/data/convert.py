@@ -1,16 +1,20 @@
-"""Writing Parquet image datasets: an image folder (one subfolder per class) or scikit-learn's digits.
+"""Writing Parquet image datasets: an image folder (one subfolder per class), scikit-learn's digits, or a captions file.
 
-The files have the columns ``image`` (PNG/JPEG bytes) and ``label`` (int64) that
-:func:`flops_ray.data.parquet.read_parquet` reads, and are written only complete.
+Classification files have the columns ``image`` (PNG/JPEG bytes) and ``label`` (int64) that
+:func:`flops_ray.data.parquet.read_parquet` reads; captioned files ``image`` and ``caption`` that
+:func:`flops_ray.data.captions.read_captions` reads. Files are written only complete.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -25,26 +29,100 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 _PNG_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "I;16")
 
 
-def _write_rows(out: Path, rows: Iterator[tuple[bytes, int]], metadata: dict[str, str], rows_per_group: int) -> None:
-    """Write ``rows`` to ``out``, which appears only complete: a conversion that fails half-way leaves
-    no valid-looking partial dataset (and an existing ``out`` untouched)."""
-    schema = pa.schema([("image", pa.binary()), ("label", pa.int64())], metadata=metadata)
+LABEL = pa.field("label", pa.int64())
+"""The second column of a classification dataset."""
+CAPTION = pa.field("caption", pa.string())
+"""The second column of a captioned-image dataset."""
+
+
+def _write_rows(
+    out: Path, rows: Iterator[tuple[bytes, Any]], metadata: dict[str, str], rows_per_group: int, second=LABEL
+) -> None:
+    """Write ``(image, second column)`` ``rows`` to ``out``, which appears only complete: a conversion that fails
+    half-way leaves no valid-looking partial dataset (and an existing ``out`` untouched)."""
+    schema = pa.schema([("image", pa.binary()), second], metadata=metadata)
     with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema) as writer:
         images: list[bytes] = []
-        labels: list[int] = []
-        for image, label in rows:
+        values: list[Any] = []
+        for image, value in rows:
             images.append(image)
-            labels.append(label)
+            values.append(value)
             if len(images) == rows_per_group:
-                writer.write_table(pa.table({"image": images, "label": labels}, schema=schema))
-                images, labels = [], []
+                writer.write_table(pa.table({"image": images, second.name: values}, schema=schema))
+                images, values = [], []
         if images:
-            writer.write_table(pa.table({"image": images, "label": labels}, schema=schema))
+            writer.write_table(pa.table({"image": images, second.name: values}, schema=schema))
 
 
 def _inside(path: Path, real_root: Path) -> bool:
     # realpath, unlike Path.resolve on Python 3.11, does not raise on a symlink loop.
     return Path(os.path.realpath(path)).is_relative_to(real_root)
+
+
+@dataclass
+class _Skipped:
+    """What a conversion leaves out, each kind named in one warning."""
+
+    hidden: list[Path] = field(default_factory=list)
+    """Names starting with ``.`` (``.git``, ``.ipynb_checkpoints``, ``.DS_Store``): tool files, not data."""
+    outside: list[Path] = field(default_factory=list)
+    """Symlinks pointing outside the root."""
+    loops: list[Path] = field(default_factory=list)
+    """Folder links pointing at the folder that holds them or one above it (they would be read forever)."""
+    loose: list[Path] = field(default_factory=list)
+    """Image files directly in the root: in no class folder, so with no label."""
+    empty: list[Path] = field(default_factory=list)
+    """Class folders that hold no image (they keep their label, so the others' labels do not shift)."""
+
+    def warn(self, root: Path) -> None:
+        for paths, what in (
+            (self.hidden, "hidden file(s) or folder(s) (names starting with '.')"),
+            (self.outside, "symlink(s) pointing outside the folder"),
+            (self.loops, "folder link(s) pointing back at a folder above them (a loop)"),
+            (self.loose, "image(s) directly in the folder, in no class folder"),
+        ):
+            if paths:
+                warnings.warn(f"{root}: skipped {len(paths)} {what}: {_shown(paths)}", UserWarning, stacklevel=3)
+        if self.empty:
+            warnings.warn(
+                f"{root}: {len(self.empty)} class folder(s) hold no image and keep their labels: {_shown(self.empty)}",
+                UserWarning,
+                stacklevel=3,
+            )
+
+
+def _shown(paths: list[Path]) -> str:
+    return ", ".join(str(p) for p in paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+
+
+def _entries(folder: Path, real_root: Path, skipped: _Skipped) -> Iterator[Path]:
+    """The entries of ``folder`` in name order, less the hidden ones and links leaving ``real_root``."""
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            skipped.hidden.append(entry)
+        elif not _inside(entry, real_root):
+            skipped.outside.append(entry)
+        else:
+            yield entry
+
+
+def _images(folder: Path, real_root: Path, above: frozenset[str], skipped: _Skipped) -> Iterator[Path]:
+    """The image files under ``folder`` at any depth, in path order; ``above``: the real paths of the folders
+    holding it (a link to one of them is a loop, skipped)."""
+    for entry in _entries(folder, real_root, skipped):
+        if entry.is_dir():
+            real = os.path.realpath(entry)
+            if real in above:
+                skipped.loops.append(entry)
+            else:
+                yield from _images(entry, real_root, above | {real}, skipped)
+        elif entry.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        elif entry.is_file():
+            yield entry
+        else:
+            # Reading a named pipe would block forever; a dangling link has no data to store.
+            raise ImageDecodeError(f"{entry}: not a regular file (a dangling symlink, a pipe or a device)")
 
 
 def _check_class_name(root: Path, name: str) -> None:
@@ -80,21 +158,16 @@ def _encoded_image(file: Path) -> bytes:
         raise ImageDecodeError(f"{file}: {exc}") from exc
 
 
-def _warn_skipped(root: Path, links: list[Path]) -> None:
-    if links:
-        shown = ", ".join(str(p) for p in links[:5]) + (f" and {len(links) - 5} more" if len(links) > 5 else "")
-        warnings.warn(
-            f"{root}: skipped {len(links)} symlink(s) pointing outside the folder: {shown}", UserWarning, stacklevel=3
-        )
-
-
 def image_folder_to_parquet(root: str | Path, out: str | Path, rows_per_group: int = 1024) -> list[str]:
     """Convert ``root/<class>/<image>`` folders to a Parquet file (label = index of the sorted class name).
 
-    Every image is decoded on the way, so a corrupt file fails here, named, rather than in training.
-    PNG and JPEG files are stored as they are; other formats PIL reads are re-encoded as PNG. Symlinks
-    that point outside ``root`` (class folders or files) are skipped with a warning naming them; other
-    entries whose names do not end in an image suffix are ignored. The file is written only complete.
+    Images in sub-folders of a class folder, at any depth, belong to that class. Every image is decoded on
+    the way, so a corrupt file fails here, named, rather than in training. PNG and JPEG files are stored as
+    they are; other formats PIL reads are re-encoded as PNG. Skipped with a warning naming them: hidden
+    entries (names starting with ``.``: ``.git``, ``.ipynb_checkpoints``), symlinks that point outside
+    ``root``, folder links back to a folder above them (loops), and images directly in ``root`` (no class);
+    a class folder without images keeps its label, with a warning. Other files (names that do not end in
+    an image suffix) are ignored. The file is written only complete.
 
     Args:
         root: folder of class folders.
@@ -114,33 +187,28 @@ def image_folder_to_parquet(root: str | Path, out: str | Path, rows_per_group: i
         raise FileNotFoundError(f"image folder {root} does not exist or is not a folder")
     if rows_per_group < 1:
         raise ValueError(f"rows_per_group must be >= 1, got {rows_per_group}")
-    real_root = Path(os.path.realpath(root))
-    outside: list[Path] = []
+    real_root = os.path.realpath(root)
+    skipped = _Skipped()
     folders = []
-    for folder in sorted(root.iterdir()):
-        if not folder.is_dir():
-            continue
-        if not _inside(folder, real_root):
-            outside.append(folder)
-            continue
-        _check_class_name(root, folder.name)
-        folders.append(folder)
-    if not folders:
-        _warn_skipped(root, outside)
-        raise ValueError(f"{root} has no class folders (expected root/<class>/<image files>)")
+    for entry in _entries(root, Path(real_root), skipped):
+        if not entry.is_dir():
+            if entry.suffix.lower() in IMAGE_SUFFIXES:
+                skipped.loose.append(entry)
+        elif os.path.realpath(entry) == real_root:
+            skipped.loops.append(entry)
+        else:
+            _check_class_name(root, entry.name)
+            folders.append(entry)
     files: list[tuple[Path, int]] = []
     for label, folder in enumerate(folders):
-        for file in sorted(folder.iterdir()):
-            if file.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            if not _inside(file, real_root):
-                outside.append(file)
-            elif file.is_file():
-                files.append((file, label))
-            elif not file.is_dir():
-                # Reading a named pipe would block forever; a dangling link has no data to store.
-                raise ImageDecodeError(f"{file}: not a regular file (a dangling symlink, a pipe or a device)")
-    _warn_skipped(root, outside)
+        above = frozenset({real_root, os.path.realpath(folder)})
+        found = [(file, label) for file in _images(folder, Path(real_root), above, skipped)]
+        if not found:
+            skipped.empty.append(folder)
+        files += found
+    skipped.warn(root)
+    if not folders:
+        raise ValueError(f"{root} has no class folders (expected root/<class>/<image files>)")
     if not files:
         raise ValueError(f"{root}: the class folders hold no image files ({', '.join(IMAGE_SUFFIXES)})")
     rows = ((_encoded_image(file), label) for file, label in files)
@@ -169,3 +237,72 @@ def digits_to_parquet(out: str | Path, split: str = "train") -> Path:
     out = Path(out)
     _write_rows(out, rows(), {"classes": "\n".join(str(i) for i in range(10))}, rows_per_group=512)
     return out
+
+
+def read_caption_file(path: str | Path) -> list[tuple[str, str]]:
+    """``(image path, caption)`` rows of a captions file: JSON lines ``{"image": ..., "caption": ...}``, or a JSON
+    list in LLaVA's format (LCS558K's ``blip_laion_cc_sbu_558k.json``), whose entries hold ``image`` and
+    ``conversations``, the caption being the first ``"from": "gpt"`` turn.
+
+    Raises:
+        ValueError: a row without an image path or a caption (the row named), or a file that is neither.
+    """
+    path = Path(path)
+    text = path.read_text()
+    try:
+        entries = (
+            json.loads(text)
+            if text.lstrip().startswith("[")
+            else [json.loads(line) for line in text.splitlines() if line.strip()]
+        )
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: neither JSON lines nor a JSON list ({exc})") from exc
+    rows = []
+    for i, entry in enumerate(entries):
+        caption = entry.get("caption") if isinstance(entry, dict) else None
+        if isinstance(entry, dict) and caption is None:
+            turns = entry.get("conversations") or []
+            caption = next((t.get("value") for t in turns if isinstance(t, dict) and t.get("from") == "gpt"), None)
+        image = entry.get("image") if isinstance(entry, dict) else None
+        if not isinstance(image, str) or not isinstance(caption, str) or not caption.strip():
+            raise ValueError(f'{path}: row {i} needs an image path and a caption ("caption", or a "gpt" turn)')
+        rows.append((image, caption.strip()))
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def captions_to_parquet(
+    captions: str | Path, root: str | Path, out: str | Path, rows_per_group: int = 1024, test_rows: int = 0
+) -> tuple[Path, ...]:
+    """Convert a captions file (:func:`read_caption_file`) and the images it names, relative to ``root``, to a
+    Parquet file with the columns ``image`` and ``caption`` (:func:`flops_ray.data.captions.read_captions` reads
+    it); with ``test_rows`` the file's last rows go instead to the sibling test file (``out`` with ``train``
+    replaced by ``test`` in its name). Every image is decoded on the way; files are written only complete.
+
+    Returns:
+        The files written.
+
+    Raises:
+        ValueError: a malformed captions file, an image path that leads outside ``root`` or to no file (the row
+            named), or ``test_rows`` with no ``train`` in ``out``'s name or not fewer than the rows.
+        ImageDecodeError: an image that does not decode.
+    """
+    rows = read_caption_file(captions)
+    root, out = Path(root), Path(out)
+    real_root = Path(os.path.realpath(root))
+    files = []
+    for i, (image, caption) in enumerate(rows):
+        file = root / image
+        if not _inside(file, real_root) or not file.is_file():
+            where = "leads outside" if not _inside(file, real_root) else "is no file in"
+            raise ValueError(f"{captions}: row {i}: image {image!r} {where} {root}")
+        files.append((file, caption))
+    if test_rows and ("train" not in out.name or test_rows >= len(files)):
+        raise ValueError(f"test_rows: needs 'train' in the output's name and fewer than {len(files)} rows, got {out}")
+    splits = [(out, files[: len(files) - test_rows])]
+    if test_rows:
+        splits.append((out.with_name(out.name.replace("train", "test")), files[len(files) - test_rows :]))
+    for path, part in splits:
+        _write_rows(path, ((_encoded_image(f), c) for f, c in part), {}, rows_per_group, CAPTION)
+    return tuple(path for path, _ in splits)

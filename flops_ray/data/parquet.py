@@ -34,11 +34,12 @@ class DatasetSchemaError(ValueError):
     """A Parquet file lacks a column or has one of the wrong type; the message names it."""
 
 
-def _is_image_type(t: pa.DataType) -> bool:
+def is_image_type(t: pa.DataType) -> bool:
+    """Whether a column of type ``t`` holds encoded images: binary, or Hugging Face's ``struct<bytes, path>``."""
     if pa.types.is_binary(t) or pa.types.is_large_binary(t):
         return True
     # Hugging Face's Image feature: struct<bytes: binary, path: string>.
-    return pa.types.is_struct(t) and t.get_field_index("bytes") >= 0 and _is_image_type(t.field("bytes").type)
+    return pa.types.is_struct(t) and t.get_field_index("bytes") >= 0 and is_image_type(t.field("bytes").type)
 
 
 def check_schema(schema: pa.Schema, image_column: str = "image", label_column: str = "label", where: str = "") -> None:
@@ -48,14 +49,15 @@ def check_schema(schema: pa.Schema, image_column: str = "image", label_column: s
         if col not in names:
             raise DatasetSchemaError(f"{where}missing column {col!r} ({kind}); the file has columns {names}")
     t = schema.field(image_column).type
-    if not _is_image_type(t):
+    if not is_image_type(t):
         raise DatasetSchemaError(f"{where}column {image_column!r} has type {t}, expected binary (PNG/JPEG bytes)")
     t = schema.field(label_column).type
     if not pa.types.is_integer(t):
         raise DatasetSchemaError(f"{where}column {label_column!r} has type {t}, expected an integer type")
 
 
-def _image_bytes(column: pa.Array) -> list[bytes]:
+def image_bytes(column: pa.Array) -> list[bytes]:
+    """The encoded images of an image column (:func:`is_image_type`)."""
     if pa.types.is_struct(column.type):
         column = column.field("bytes")
     return column.to_pylist()
@@ -69,7 +71,7 @@ def iter_parquet(
     check_schema(pf.schema_arrow, image_column, label_column, where=f"{path}: ")
     start = 0
     for batch in pf.iter_batches(batch_size=batch_rows, columns=[image_column, label_column]):
-        images = _image_bytes(batch.column(image_column))
+        images = image_bytes(batch.column(image_column))
         labels = batch.column(label_column).to_pylist()
         for column, values in ((image_column, images), (label_column, labels)):
             if None in values:

@@ -10,8 +10,10 @@ prompt style (``{"prompt": "i ate a ripe plum . it was", "completion": " great",
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,12 +97,44 @@ def _encode(tokenizer, sentences: list[str]) -> tuple[torch.Tensor, torch.Tensor
     return ids, mask
 
 
-def pretrain(tokenizer, sentences: list[str], settings: StandinSettings, seed: int):
-    """A ``GPT2LMHeadModel`` trained by backprop on ``sentences`` (next-token cross-entropy), in eval mode."""
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one thread: a CPU reduction's order, hence trained weights' last bits, can depend on the thread
+    count, and a stand-in must be the same bytes on every machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _encode_summaries(tokenizer, summaries: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summary words as ids ``(N, M)`` and weights ``(N, M)`` (1 for a word, 0 for padding)."""
+    rows = [tokenizer.convert_tokens_to_ids(words) for words in summaries]
+    width = max(map(len, rows))
+    ids = torch.tensor([row + [0] * (width - len(row)) for row in rows])
+    weights = torch.tensor([[1.0] * len(row) + [0.0] * (width - len(row)) for row in rows])
+    return ids, weights
+
+
+def pretrain(
+    tokenizer, sentences: list[str], settings: StandinSettings, seed: int, summaries: list[list[str]] | None = None
+):
+    """A ``GPT2LMHeadModel`` trained by backprop on ``sentences`` (next-token cross-entropy), in eval mode.
+
+    With ``summaries`` (words per sentence), each sentence is read after one extra first position holding the sum
+    of its summary words' input embeddings, and its first token is predicted from there: the model learns to read
+    a single embedding that says what follows, as it will read a vision adapter's visual token.
+    """
     from transformers import GPT2Config, GPT2LMHeadModel
 
     ids, mask = _encode(tokenizer, sentences)
-    targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    if summaries is None:
+        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    else:
+        targets = ids.masked_fill(mask == 0, -100)  # the summary position predicts the first token
+        words, weights = _encode_summaries(tokenizer, summaries)
     config = GPT2Config(
         vocab_size=len(tokenizer),
         n_positions=tokenizer.model_max_length,
@@ -111,30 +145,31 @@ def pretrain(tokenizer, sentences: list[str], settings: StandinSettings, seed: i
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    threads = torch.get_num_threads()
-    with torch.random.fork_rng(devices=[]):
-        # One thread: a CPU reduction's order, hence the weights' last bits, can depend on the thread count.
-        torch.set_num_threads(1)
-        try:
-            torch.manual_seed(derive_seed(seed, STREAM_INIT, _STANDIN))
-            model = GPT2LMHeadModel(config)
-            opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.01)
-            steps = settings.pretrain_steps
-            # Decayed to zero: the weights saved are where the noise of the last steps has settled.
-            schedule = torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda s: min((s + 1) / WARMUP_STEPS, (steps - s) / max(steps - WARMUP_STEPS, 1))
-            )
-            gen = torch.Generator().manual_seed(derive_seed(seed, STREAM_DATA, _STANDIN, 2))
-            for _ in range(steps):
-                idx = torch.randint(len(ids), (settings.batch_size,), generator=gen)
+    with one_thread(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, STREAM_INIT, _STANDIN))
+        model = GPT2LMHeadModel(config)
+        opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.01)
+        steps = settings.pretrain_steps
+        # Decayed to zero: the weights saved are where the noise of the last steps has settled.
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min((s + 1) / WARMUP_STEPS, (steps - s) / max(steps - WARMUP_STEPS, 1))
+        )
+        gen = torch.Generator().manual_seed(derive_seed(seed, STREAM_DATA, _STANDIN, 2))
+        for _ in range(steps):
+            idx = torch.randint(len(ids), (settings.batch_size,), generator=gen)
+            if summaries is None:
                 logits = model(input_ids=ids[idx], attention_mask=mask[idx]).logits[:, :-1]
-                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets[idx].flatten())
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                schedule.step()
-        finally:
-            torch.set_num_threads(threads)
+            else:
+                embed = model.get_input_embeddings()
+                first = (embed(words[idx]) * weights[idx, :, None]).sum(1, keepdim=True)  # (b, 1, E)
+                seq = torch.cat([first, embed(ids[idx])], 1)
+                ones = torch.ones_like(mask[idx, :1])
+                logits = model(inputs_embeds=seq, attention_mask=torch.cat([ones, mask[idx]], 1)).logits[:, :-1]
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets[idx].flatten())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            schedule.step()
     return model.eval()
 
 

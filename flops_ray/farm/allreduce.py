@@ -1,5 +1,9 @@
 """The all-reduce: gradient partials kept on the replicas meet in one collective (gloo on CPU, NCCL on GPU).
 
+Each task's partial stays apart on the replica that ran it; the members gather them and every member adds
+them in task order (:mod:`flops_ray.replica.ordered_sum`), so the sum is the in-process backend's, bit for bit,
+whatever replica ran which task, in whatever order, after whatever retries and recomputes.
+
 Partials lost with a dead replica are recomputed first; a collective broken by a death is retried on a
 rebuilt process group, for as long as the fault policy allows. Every member keeps the sum for the step's
 update, and applies it; the driver receives only each group's norm. The all-reduce recovers from its own
@@ -62,7 +66,9 @@ class AllReduce:
                 # A member may be dead already (a kill not yet noticed): opening the group fails like the sum.
                 if tuple(s.handle for s in members) != self._group:
                     self._open_group(members)
-                refs = [s.handle.allreduce.remote() for s in members]
+                # Every member adds every partial in task order, whichever member holds it (ordered_sum).
+                layout = tuple(tuple(t.key for t in self.work.held(s)) for s in members)
+                refs = [s.handle.allreduce.remote(layout) for s in members]
                 for s, ref in zip(members, refs):
                     replies.append(ray.get(ref))
                     if sorted(replies[-1].keys) != sorted(t.key for t in self.work.held(s)):

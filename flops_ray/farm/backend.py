@@ -91,7 +91,14 @@ class RayBackend:
         self.startup_seconds = time.perf_counter() - t0
         self.reduction = resolve_reduction(cfg, model)
         keep, scalar = self.reduction == "allreduce", self.reduction == "scalar"
-        self.scheduler = Scheduler(self.pool, farm.in_flight, keep, coefficients=scalar)
+        self.scheduler = Scheduler(
+            self.pool,
+            farm.in_flight,
+            keep,
+            coefficients=scalar,
+            poison_deaths=farm.poison_deaths,
+            skip_poison=farm.skip_poison,
+        )
         self.sender = UpdateSender(self.pool, farm.snapshot_every)
         self.allreduce = AllReduce(self.scheduler, self.sender, farm.collective_timeout_s) if keep else None
         self._update: StepUpdate | None = None
@@ -111,7 +118,7 @@ class RayBackend:
         if self.reduction == "allreduce":
             norms = self.allreduce()
             self._update = StepUpdate(version, UpdateSource.HELD)
-            return Reduced(tuple(bool(np.isfinite(n)) for n in norms))
+            return Reduced(tuple(bool(np.isfinite(n)) for n in norms), norms=tuple(float(n) for n in norms))
         if self.reduction == "scalar":
             weighted = [(t, r.coefs) for t, r in zip(tasks, results) if t.weights is not None]
             finite = [True] * len(sizes)
@@ -122,7 +129,7 @@ class RayBackend:
             return Reduced(tuple(finite))
         grads = tuple(reduce_in_order(tasks, results, sizes))
         self._update = StepUpdate(version, UpdateSource.GRADS, grads=grads)
-        return Reduced(tuple(bool(np.isfinite(g).all()) for g in grads))
+        return Reduced(tuple(bool(np.isfinite(g).all()) for g in grads), grads)
 
     def apply(self) -> None:
         """Send the step's update to every replica holding the current parameters: the all-reduce's members
@@ -219,4 +226,6 @@ def resolve_reduction(cfg: TrainConfig, model: nn.Module) -> str:
     coefficients (SPSA/ES), else ``allreduce``."""
     if cfg.farm.reduction != "auto":
         return cfg.farm.reduction
-    return "allreduce" if estimator_family(cfg.estimator, model).linear_outputs else "scalar"
+    family = estimator_family(cfg.estimator, model)
+    # LR's terms (activations, or a black box's projected noise W eps) cannot be rebuilt from seeds.
+    return "allreduce" if family.linear_outputs or family.terms_need_activations else "scalar"

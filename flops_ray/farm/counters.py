@@ -19,6 +19,10 @@ class DispatchCounters:
     """Results placed in a ``run`` output (each task of each ``run`` exactly once)."""
     recomputed: int = 0
     """All-reduce only: accepted tasks re-run because the replica holding their partial sum died."""
+    probes: int = 0
+    """Calls that ran one sample of a poison task alone, to find the sample that kills (:mod:`~flops_ray.farm.poison`)."""
+    skipped_samples: int = 0
+    """Samples found killing the replicas that run them and left out of their step (``farm.skip_poison``)."""
     restarts: int = 0
     """Replicas replaced."""
     state_copies: int = 0

@@ -6,10 +6,12 @@ imports ray itself first must set it in its environment.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
 import time
+from collections.abc import Iterator
 
 import ray
 
@@ -22,29 +24,70 @@ def cluster_address(farm: FarmConfig) -> str:
     return farm.address or os.environ.get("RAY_ADDRESS", "")
 
 
-def wait_reachable(address: str, timeout_s: float) -> None:
-    """Return once the ``host:port`` in ``address`` accepts a TCP connection; ``auto`` and the like pass.
+HTTP2_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000")
+"""An HTTP/2 client's connection preface and an empty SETTINGS frame: Ray's GCS (gRPC) answers it with a
+SETTINGS frame of its own, whatever its auth mode."""
 
-    ``ray.init`` itself retries an address where nothing answers forever.
 
-    Raises:
-        FarmError: nothing answered within ``timeout_s`` (the message names the address and the error).
-    """
+def _host_port(address: str) -> tuple[str, int] | None:
+    """``(host, port)`` of ``host:port``, ``[v6]:port`` or ``ray://host:port``; None for ``auto`` and the like."""
     host, sep, port = address.split("://")[-1].rstrip("/").rpartition(":")
     if not sep or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def _tls() -> bool:
+    """Whether Ray's ports speak TLS here (they answer only a TLS hello, so only the TCP connect is checked)."""
+    return os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true")
+
+
+def wait_reachable(address: str, timeout_s: float) -> None:
+    """Return once the ``host:port`` in ``address`` answers as Ray does; ``auto`` and the like pass.
+
+    One deadline covers the TCP connect and the first answer: ``ray.init`` itself retries an address where
+    nothing answers forever, and waits as long on a port that accepts connections but never answers (a
+    firewall's tarpit, another service). A GCS (or Ray Client server) speaks gRPC, so the check sends an
+    HTTP/2 hello and wants an HTTP/2 SETTINGS frame back.
+
+    Raises:
+        FarmError: one line naming the address and what answered (nothing, a closed connection, other bytes).
+    """
+    host_port = _host_port(address)
+    if host_port is None:
         return
     deadline = time.monotonic() + timeout_s
+    within = f"within {timeout_s:g} s (farm.connect_timeout_s)"
     while True:
         left = deadline - time.monotonic()
         try:
-            with socket.create_connection((host, int(port)), timeout=max(0.1, min(5.0, left))):
-                return
-        except OSError as exc:
+            sock = socket.create_connection(host_port, timeout=max(0.1, min(5.0, left)))
+        except OSError as exc:  # refused, unreachable, dropped: a cluster may still be starting
             if left <= 0:
-                raise FarmError(
-                    f"farm.address: nothing answers at {address} within {timeout_s:g} s (farm.connect_timeout_s): {exc}"
-                ) from exc
+                raise FarmError(f"farm.address: nothing answers at {address} {within}: {exc}") from exc
             time.sleep(min(1.0, max(0.0, left)))
+            continue
+        with sock:
+            if _tls():
+                return
+            try:
+                sock.settimeout(max(0.1, deadline - time.monotonic()))
+                sock.sendall(HTTP2_HELLO)
+                answer = sock.recv(64)
+            except TimeoutError as exc:
+                raise FarmError(
+                    f"farm.address: {address} accepts connections but sent nothing {within}: a firewall, or a "
+                    "service that is not Ray's GCS (its port is 6379 by default)"
+                ) from exc
+            except OSError as exc:  # reset: it closed the connection with our hello unread
+                answer, what = b"", f"closed the connection without an answer ({exc.strerror or exc})"
+            else:
+                what = f"answered {answer[:40]!r}" if answer else "closed the connection without an answer"
+        if len(answer) >= 9 and answer[3] == 0x04:  # an HTTP/2 frame header whose type is SETTINGS
+            return
+        raise FarmError(
+            f"farm.address: {address} {what}, which is not Ray (its GCS speaks gRPC; its port is 6379 by default)"
+        )
 
 
 def init_ray(farm: FarmConfig, num_cpus: float | None = None, num_gpus: float | None = None) -> bool:
@@ -62,6 +105,9 @@ def init_ray(farm: FarmConfig, num_cpus: float | None = None, num_gpus: float | 
     Returns:
         True when this call started or joined Ray, so the caller owns the ``ray.shutdown()``.
     """
+    # The farm reads every result it needs and reports a failure itself, in one line; the calls it drops after a
+    # failure would otherwise print their remote stacks as Ray's "Unhandled error" when collected.
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
     if ray.is_initialized():
         return False
     address = cluster_address(farm)
@@ -81,3 +127,15 @@ def init_ray(farm: FarmConfig, num_cpus: float | None = None, num_gpus: float | 
         include_dashboard=False,
     )
     return True
+
+
+@contextlib.contextmanager
+def ray_session(farm: FarmConfig) -> Iterator[None]:
+    """Ray up (:func:`init_ray`) for the block, so that several farms started in it share one Ray; shut down at the
+    end if this call started or joined it."""
+    owns = init_ray(farm)
+    try:
+        yield
+    finally:
+        if owns:
+            ray.shutdown()

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from flops_ray.messages import ReplicaState, ShardResult, ShardTask, StepUpdate, TaskKey
+from flops_ray.replica.ordered_sum import ordered_sums
 from flops_ray.replica.replica import Replica, ReplicaSpec
 
 
@@ -148,11 +149,23 @@ class ReplicaActor:
         if dist.is_initialized():
             dist.destroy_process_group()
 
-    def allreduce(self) -> ReduceReply:
-        """Sum the kept partials of every replica (float32 on the wire); every replica keeps the sum."""
-        keys, flat = self.replica.partials()
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        return ReduceReply(keys, self.replica.hold_reduced(flat))
+    def allreduce(self, layout: tuple[tuple[TaskKey, ...], ...]) -> ReduceReply:
+        """Sum the kept partials of every member in task order (:func:`ordered_sums`; float32 partials on the
+        wire, a float64 sum); every member keeps the sum.
+
+        Args:
+            layout: per member, in rank order, the keys of the partials the driver accepted from it.
+        """
+        world = dist.get_world_size()
+
+        def exchange(buf: torch.Tensor) -> list[torch.Tensor]:
+            out = [torch.empty_like(buf) for _ in range(world)]
+            dist.all_gather(out, buf)
+            return out
+
+        partials = self.replica.partials()
+        grads = ordered_sums(self.replica.sizes, layout, dist.get_rank(), partials, exchange, self.replica.device)
+        return ReduceReply(tuple(partials), self.replica.hold_reduced(grads))
 
     # ---- the replica's own copy of the training state -----------------------------------------------
     def apply(self, update: StepUpdate) -> tuple[float, ...]:

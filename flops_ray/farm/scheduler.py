@@ -8,6 +8,9 @@
   replaced, after a backoff when deaths come in a row; its in-flight tasks go back in the queue. Deaths
   never fail the step while shards keep finishing (the fault policy's budget; a replica lost while still
   starting is not charged); a stall does: no call finishing for ``stall_timeout`` seconds.
+- The tasks a death blames run alone, after the others; one that keeps killing alone has its samples probed
+  one by one, and a probe that kills a replica that had finished a shard names the sample
+  (:mod:`flops_ray.farm.poison`).
 
 Results are accepted exactly once: a call's result is only read while the call is still registered,
 and a dead replica's calls are unregistered before their tasks are queued again.
@@ -26,11 +29,13 @@ from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 from flops_ray.farm.counters import DispatchCounters
 from flops_ray.farm.errors import FarmError
 from flops_ray.farm.fault_policy import FaultPolicy
+from flops_ray.farm.poison import PoisonHunt
 from flops_ray.farm.replica_pool import ReplicaPool
 from flops_ray.farm.replica_work import ReplicaWork
 from flops_ray.farm.slot import Slot
 from flops_ray.farm.task_costs import TaskCosts
 from flops_ray.messages import ShardResult, ShardTask
+from flops_ray.step.interface import PoisonSampleError
 
 ResultListener = Callable[[int], None]
 """Called after each accepted result with the results accepted by earlier runs plus this run's so far (a
@@ -45,9 +50,20 @@ class Scheduler:
         in_flight: most calls outstanding per replica.
         keep_partials: replicas keep gradient partials for the all-reduce instead of returning them.
         coefficients: replicas return per-draw coefficients instead of gradient partials (the scalar protocol).
+        poison_deaths: lone deaths of a task in a row before its samples are probed (``farm.poison_deaths``).
+        skip_poison: a sample found killing replicas raises :class:`PoisonSampleError` (the step runs again
+            without it) instead of :class:`FarmError`.
     """
 
-    def __init__(self, pool: ReplicaPool, in_flight: int, keep_partials: bool, coefficients: bool = False):
+    def __init__(
+        self,
+        pool: ReplicaPool,
+        in_flight: int,
+        keep_partials: bool,
+        coefficients: bool = False,
+        poison_deaths: int = 3,
+        skip_poison: bool = False,
+    ):
         self.pool = pool
         self.faults: FaultPolicy = pool.faults
         self.counters: DispatchCounters = pool.counters
@@ -57,10 +73,12 @@ class Scheduler:
         self.coefficients = coefficients
         self.listeners: list[ResultListener] = []
         self.costs = TaskCosts()
+        self.hunt = PoisonHunt(poison_deaths, skip_poison)
         pool.on_replace.append(self._forget)
 
     def _forget(self, index: int, dead: ActorHandle | None) -> None:
         self.costs.forget(dead)
+        self.hunt.forget(dead)
 
     def run(self, tasks: list[ShardTask], *, recompute: bool = False) -> list[ShardResult]:
         """Evaluate ``tasks`` on the replicas; results in task order.
@@ -87,10 +105,11 @@ class Scheduler:
         if not self.pool.synced:
             raise FarmError("sync() must give the replicas a step before tasks run")
         results: list[ShardResult | None] = [None] * len(tasks)
+        tasks = self.hunt.start(tasks)
         general = self._longest_first(tasks, range(len(tasks)))
         done = 0
         last_finish = time.monotonic()
-        while done < len(tasks):
+        while done < self.hunt.tasks:
             self.pool.start_due()
             self._fill(tasks, general)
             ref, slot = self._next_finished(last_finish)
@@ -118,10 +137,15 @@ class Scheduler:
                 self.pool.synced_ok(slot)
                 continue
             last_finish = time.monotonic()
+            self.hunt.finished(slot.handle)
+            pos = self.work.finish(slot, ref)
+            if not self.hunt.own(pos):
+                general = self._longest_first(tasks, general + self.hunt.passed(pos))
+                continue
             done += 1
             if progress:
                 self.faults.progress()
-            self._accept(slot, self.work.finish(slot, ref), tasks, results, value)
+            self._accept(slot, pos, tasks, results, value)
             for listener in self.listeners:
                 listener(self.counters.accepted + done)
         return results
@@ -160,17 +184,27 @@ class Scheduler:
 
     def _fill(self, tasks: list[ShardTask], general: list[int]) -> None:
         """Top every ready replica up to ``in_flight`` calls, longest task first, one call per replica in turn: a
-        pass per depth gives each replica with at most that many calls one more (the fewest-loaded first)."""
+        pass per depth gives each replica with at most that many calls one more (the fewest-loaded first). A
+        suspect or a probe runs alone: only on a replica with no call in flight, and none joins it."""
         for depth in range(self.in_flight):
             for slot in self.pool.slots:
                 if not general:
                     return
-                if slot.ready and len(self.work.in_flight(slot)) <= depth:
-                    pos = general.pop(0)
-                    ref = slot.handle.run.remote(tasks[pos], self.keep_partials, self.coefficients)
-                    self.work.track(slot, ref, pos)
+                running = self.work.in_flight(slot)
+                if not slot.ready or len(running) > depth or any(self.hunt.alone(p) for p in running):
+                    continue
+                pick = next((i for i, p in enumerate(general) if not running or not self.hunt.alone(p)), None)
+                if pick is None:
+                    continue
+                pos = general.pop(pick)
+                own = self.hunt.own(pos)  # a probe's result is not the step's: nothing kept, nothing returned
+                ref = slot.handle.run.remote(tasks[pos], self.keep_partials and own, self.coefficients and own)
+                self.work.track(slot, ref, pos)
+                if own:
                     self.counters.dispatched += 1
-                    self.counters.bytes_sent += len(pickle.dumps(tasks[pos]))
+                else:
+                    self.counters.probes += 1
+                self.counters.bytes_sent += len(pickle.dumps(tasks[pos]))
 
     def _requeue(
         self, slot: Slot, tasks: list[ShardTask], general: list[int], cause: Exception, by_itself: bool = False
@@ -182,9 +216,21 @@ class Scheduler:
         requeue = self.work.in_flight(slot)
         running = [tasks[pos].key for pos in requeue]
         what = f"a replica died running tasks {running}" if running else "a replica failed before finishing a sync"
-        self.counters.retried += len(requeue)
-        self.pool.replace(slot, what, cause, charge=self.faults.charges(slot, cause, by_itself))
+        self.counters.retried += sum(self.hunt.own(pos) for pos in requeue)
+        death = self.hunt.died(slot.handle, requeue)
+        try:
+            charge = not death.evidence and self.faults.charges(slot, cause, by_itself)
+            self.pool.replace(slot, what, cause, charge=charge)
+        except FarmError as exc:
+            raise self.hunt.explain(exc, requeue) from exc
+        try:
+            requeue = self.hunt.follow(death, requeue, cause)
+        except PoisonSampleError:
+            self.counters.skipped_samples += 1
+            raise
         return self._longest_first(tasks, general + requeue)
 
     def _longest_first(self, tasks: list[ShardTask], positions: Iterable[int]) -> list[int]:
-        return sorted(positions, key=lambda i: -self.costs.estimate(tasks[i]))
+        """Longest first, the tasks deaths blamed (and probes) after the others, the most blamed last."""
+
+        return sorted(positions, key=lambda i: (*self.hunt.rank(i), -self.costs.estimate(tasks[i])))

@@ -18,6 +18,7 @@ the farm (which ships it to each replica once) and checkpoints treat it like any
 from __future__ import annotations
 
 import math
+import reprlib
 from collections.abc import Callable
 
 import torch
@@ -57,6 +58,8 @@ class BlackBox(nn.Module):
         subspace: ``d > 0`` searches ``u (d,)`` with ``theta = theta0 + u W``, ``W`` a fixed ``(d, D)``
             Gaussian matrix scaled by ``1/sqrt(d)``; 0 searches ``theta`` itself.
         seed: seeds ``W``.
+        projection: a fixed ``W (d, D)`` to use instead of the Gaussian one (``subspace`` is then its row count),
+            e.g. one block per part of ``theta``.
         inference: call ``fn`` under ``torch.inference_mode`` rather than ``torch.no_grad`` (a few percent
             faster): only for a function that records no autograd inside (``torch.enable_grad`` does not
             reach through) and keeps none of the tensors it is given or makes.
@@ -65,11 +68,21 @@ class BlackBox(nn.Module):
     GROUP_MODULE = "search"
 
     def __init__(
-        self, fn: BatchedLoss, theta0: torch.Tensor, subspace: int = 0, seed: int = 0, inference: bool = False
+        self,
+        fn: BatchedLoss,
+        theta0: torch.Tensor,
+        subspace: int = 0,
+        seed: int = 0,
+        inference: bool = False,
+        projection: torch.Tensor | None = None,
     ):
         super().__init__()
         # A copy: the caller's tensor (often a live module's weights) keeps changing after the box is made.
         theta0 = torch.as_tensor(theta0, dtype=torch.float32).flatten().clone()
+        if projection is not None:
+            if projection.shape[1:] != theta0.shape:
+                raise ValueError(f"projection: must be (d, {theta0.numel()}), got {tuple(projection.shape)}")
+            subspace = len(projection)
         if subspace < 0:
             raise ValueError(f"subspace: must be >= 0, got {subspace}")
         # Registered first: the engine reads the working dtype from the first parameter.
@@ -77,8 +90,9 @@ class BlackBox(nn.Module):
         self.fn = fn
         self.inference = inference
         self.register_buffer("theta0", theta0)
-        projection = None
-        if subspace:
+        if projection is not None:
+            projection = torch.as_tensor(projection, dtype=torch.float32).clone()
+        elif subspace:
             gen = torch.Generator().manual_seed(seed)
             projection = torch.randn((subspace, theta0.numel()), generator=gen) / math.sqrt(subspace)
         self.register_buffer("projection", projection)
@@ -103,13 +117,24 @@ class BlackBox(nn.Module):
             BlackBoxError: ``fn`` raised.
             BlackBoxShapeError: ``fn`` returned a shape other than ``(R,)``.
         """
+        return self.losses_at(self.thetas(u), x, y)
+
+    def losses_at(self, thetas: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``(R,)`` losses of full parameter vectors ``thetas (R, D)`` (LR perturbs ``theta`` itself, the output of
+        ``u -> theta0 + u W``); errors as :meth:`losses`."""
         try:
-            out = self.fn(self.thetas(u), x, y)
+            out = self.fn(thetas, x, y)
         except Exception as exc:
             raise BlackBoxError(f"the loss function raised {type(exc).__name__}: {exc}") from exc
-        out = torch.as_tensor(out, device=u.device)
-        if out.shape != (len(u),):
-            raise BlackBoxShapeError(f"the loss function returned shape {tuple(out.shape)}, expected ({len(u)},)")
+        try:
+            out = torch.as_tensor(out, device=thetas.device)
+        except (TypeError, ValueError, RuntimeError) as exc:  # strings, None, ragged lists: not numbers
+            raise BlackBoxShapeError(
+                f"the loss function returned {type(out).__name__} {reprlib.repr(out)}, not ({len(thetas)},) "
+                f"floating-point losses (torch.as_tensor: {exc})"
+            ) from exc
+        if out.shape != (len(thetas),):
+            raise BlackBoxShapeError(f"the loss function returned shape {tuple(out.shape)}, expected ({len(thetas)},)")
         if not out.is_floating_point():
             # Integer or boolean losses quantise every difference L_q - L_0 the estimate is made of.
             raise BlackBoxShapeError(f"the loss function returned {out.dtype} losses; return floating-point losses")

@@ -21,6 +21,24 @@ PAD, PROMPT, COMPLETION = 0, 1, 2
 """Token roles (row 1 of an input)."""
 
 
+def completion_targets(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(N, T-1)`` the next token at each position of the ``(B*C, T)`` flattened candidates of ``x (B, C, 2, T)``,
+    and whether it is a completion token to score."""
+    ids, role = x.flatten(0, 1).unbind(1)
+    return ids[:, 1:], role[:, 1:] == COMPLETION
+
+
+def completion_scores(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """``(B, C)`` minus the mean cross entropy of each candidate's completion tokens under ``logits (B*C, T, V)``
+    (``-inf`` for a candidate with none: a padding candidate of a sample with fewer choices, never chosen)."""
+    targets, scored = completion_targets(x)
+    pred = logits[:, :-1].float()  # position t predicts token t + 1
+    ce = nn.functional.cross_entropy(pred.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+    count = scored.sum(1)
+    mean = torch.where(scored, ce, 0.0).sum(1) / count.clamp(min=1)
+    return torch.where(count > 0, -mean, float("-inf")).view(x.shape[:2])
+
+
 class LMFeatures(NamedTuple):
     """What :meth:`CausalLMScorer.forward_features` returns: the scores and a per-sample embedding."""
 
@@ -30,7 +48,27 @@ class LMFeatures(NamedTuple):
     """``(B, D)`` the last hidden state averaged over the sample's real tokens (the Gaussian allocator's kernel)."""
 
 
-class CausalLMScorer(nn.Module):
+class FannedRows:
+    """For a model that reads its input again after the blocks a shared prefix (:mod:`flops_ray.estimators.prefix`)
+    fans out: while :meth:`fanned_out` holds, output row ``r`` is input sample ``fan[r]``."""
+
+    _fan: torch.Tensor | None = None
+
+    @contextlib.contextmanager
+    def fanned_out(self, fan: torch.Tensor) -> Iterator[None]:
+        """Output row ``r`` is sample ``fan[r]`` until the block ends."""
+        self._fan = fan
+        try:
+            yield
+        finally:
+            self._fan = None
+
+    def per_row(self, t: torch.Tensor) -> torch.Tensor:
+        """A per-sample tensor ``(B, ...)`` as one row per output row (itself unless fanned out)."""
+        return t if self._fan is None else t[self._fan]
+
+
+class CausalLMScorer(FannedRows, nn.Module):
     """Wraps a Hugging Face causal LM (``lm``, any module whose call takes ``input_ids`` and ``attention_mask`` and
     returns ``.logits``) as a model of ``x (B, C, 2, T) -> scores (B, C)``.
 
@@ -48,43 +86,16 @@ class CausalLMScorer(nn.Module):
         self.lm = lm
         self.source = source
         self.eval_rows = eval_rows
-        self._fan: torch.Tensor | None = None
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, T, V)`` the LM's logits of the ``(B*C, T)`` flattened candidates, pads masked out of attention."""
         ids, role = x.flatten(0, 1).unbind(1)  # (N, T) each
         return self.lm(input_ids=ids, attention_mask=(role > 0).long(), use_cache=False).logits
 
-    @staticmethod
-    def _targets(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(N, T-1)`` the next token at each position and whether it is a completion token to score."""
-        ids, role = x.flatten(0, 1).unbind(1)
-        return ids[:, 1:], role[:, 1:] == COMPLETION
-
-    def _scores(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """``(B, C)`` minus the mean cross entropy of each candidate's completion tokens (``-inf`` for a candidate
-        with none: a padding candidate of a sample with fewer choices, never chosen)."""
-        targets, scored = self._targets(x)
-        pred = logits[:, :-1].float()  # position t predicts token t + 1
-        ce = nn.functional.cross_entropy(pred.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
-        count = scored.sum(1)
-        mean = torch.where(scored, ce, 0.0).sum(1) / count.clamp(min=1)
-        return torch.where(count > 0, -mean, float("-inf")).view(x.shape[:2])
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x (B, C, 2, T)`` int64 -> ``(B, C)`` scores (one row per output row of the LM, see :meth:`fanned_out`)."""
         logits = self._logits(x)
-        return self._scores(x if self._fan is None else x[self._fan], logits)
-
-    @contextlib.contextmanager
-    def fanned_out(self, fan: torch.Tensor) -> Iterator[None]:
-        """While a shared prefix (:mod:`flops_ray.estimators.prefix`) fans the LM's rows out inside its blocks,
-        output row ``r`` is input sample ``fan[r]``: the scores read that sample's completion tokens."""
-        self._fan = fan
-        try:
-            yield
-        finally:
-            self._fan = None
+        return completion_scores(self.per_row(x), logits)
 
     def forward_features(self, x: torch.Tensor) -> LMFeatures:
         """Scores and embeddings in one pass (the clean pass reads both, as it does a timm model's)."""
@@ -94,7 +105,7 @@ class CausalLMScorer(nn.Module):
         head = self.lm.get_output_embeddings()
         handle = head.register_forward_hook(lambda module, args, out: captured.append(args[0]))
         try:
-            scores = self._scores(x, self._logits(x))
+            scores = completion_scores(x, self._logits(x))
         finally:
             handle.remove()
         real = (x[:, :, 1] > 0).flatten(0, 1)[..., None].to(captured[-1].dtype)  # (N, T, 1)
@@ -121,6 +132,6 @@ class CausalLMScorer(nn.Module):
     def _correct(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = self._logits(x)
         if x.shape[1] > 1:
-            return self._scores(x, logits).argmax(-1) == y
-        targets, scored = self._targets(x)
+            return completion_scores(x, logits).argmax(-1) == y
+        targets, scored = completion_targets(x)
         return ((logits[:, :-1].argmax(-1) == targets) | ~scored).all(1)

@@ -30,7 +30,12 @@ def hf_source(name: str) -> str:
     return name[len(PREFIX) :] if is_hf_model(name) else name
 
 
-def _transformers() -> Any:
+def transformers_module() -> Any:
+    """The transformers package (an optional dependency).
+
+    Raises:
+        ImportError: it is not installed (naming the extra).
+    """
     try:
         import transformers
     except ImportError as exc:
@@ -62,11 +67,11 @@ def load_causal_lm(name_or_dir: str) -> CausalLMScorer:
         ImportError: transformers is not installed (naming the extra).
     """
     source = hf_source(name_or_dir)
-    lm = _transformers().AutoModelForCausalLM.from_pretrained(source).float().eval()
+    lm = transformers_module().AutoModelForCausalLM.from_pretrained(source).float().eval()
     linearise_conv1d(lm)
     return CausalLMScorer(lm, source)
 
 
 def load_tokenizer(name_or_dir: str) -> Any:
     """The tokenizer saved with the model at ``name_or_dir`` (``hf:`` optional)."""
-    return _transformers().AutoTokenizer.from_pretrained(hf_source(name_or_dir))
+    return transformers_module().AutoTokenizer.from_pretrained(hf_source(name_or_dir))

@@ -57,7 +57,7 @@ class QueryEngine:
             keep_freed_memory()  # chunks reuse the pages the last one freed
         self.model = model.to(self.device).eval()
         family = estimator_family(estimator, self.model)
-        self.scalar = not family.linear_outputs
+        self.scalar = not (family.linear_outputs or family.terms_need_activations)
         """Whether a shard's gradient is ``sum_d c_d z_d`` over its noise draws (SPSA/ES), so it can travel as its
         per-draw coefficients (the scalar protocol, :mod:`flops_ray.replica.replay`)."""
         self.groups = resolve_groups(self.model, groups, family.linear_outputs)

@@ -64,8 +64,8 @@ class Replica:
         self.sizes = [g.size for g in self.engine.groups]
         self.version = 0
         """Updates applied to the parameters."""
-        self._held: list[torch.Tensor] = []
-        self._held_keys: list[TaskKey] = []
+        self._held: dict[TaskKey, torch.Tensor] = {}
+        """All-reduce: each kept main task's ``(P_g,)`` float32 partial, apart, so the sum can follow task order."""
         self._reduced: list[torch.Tensor] | None = None
 
     @property
@@ -79,8 +79,7 @@ class Replica:
             raise ReplicaStateError(f"replica holds update {self.version} of the parameters, step needs {version}")
         with _read_only_arrays():
             self.engine.set_batch(step, x, y)
-        self._held = []  # made at the first kept partial: a step that keeps none never allocates it
-        self._held_keys = []
+        self._held = {}
         self._reduced = None
 
     def run(self, task: ShardTask, keep: bool = False, coefficients: bool = False) -> ShardResult:
@@ -89,24 +88,19 @@ class Replica:
         if not (keep and task.kind == TaskKind.MAIN):
             return self.engine.run(task, coefficients)
         result, grad = self.engine.run_on_device(task)
-        if not self._held:
-            self._held = [torch.zeros(n, dtype=torch.float64, device=self.device) for n in self.sizes]
-        self._held[task.group] += grad  # float32 partial into the float64 sum, on the device
-        self._held_keys.append(task.key)
+        self._held[task.key] = grad  # kept apart: summed in task order with every replica's (ordered_sum)
         return result
 
     # ---- collective reduction -----------------------------------------------------------------------
-    def partials(self) -> tuple[tuple[TaskKey, ...], torch.Tensor]:
-        """The keys of the kept tasks and their sums as one ``(P,)`` float32 vector for the collective.
+    def partials(self) -> dict[TaskKey, torch.Tensor]:
+        """The kept tasks' ``(P_g,)`` float32 partials by task key, on the device (a failed collective leaves
+        them intact)."""
+        return dict(self._held)
 
-        The vector is a copy, so a failed collective leaves the partials intact; zeros when none were kept."""
-        if self._held:
-            return tuple(self._held_keys), torch.cat(self._held).float()
-        return (), torch.zeros(sum(self.sizes), dtype=torch.float32, device=self.device)
-
-    def hold_reduced(self, flat: torch.Tensor) -> tuple[float, ...]:
-        """Keep the collective's ``(P,)`` sum for an update from ``HELD``; returns its L2 norm per group."""
-        self._reduced = list(torch.split(flat.double(), self.sizes))
+    def hold_reduced(self, grads: list[torch.Tensor]) -> tuple[float, ...]:
+        """Keep the collective's per-group ``(P_g,)`` float64 sums for an update from ``HELD``; returns their L2
+        norms."""
+        self._reduced = grads
         return tuple(float(g.norm()) for g in self._reduced)
 
     # ---- the replica's own copy of the training state -----------------------------------------------

@@ -19,6 +19,7 @@ from torch import nn
 
 from flops_ray.allocation.allocators import AllocationFeatures, Allocator
 from flops_ray.allocation.fit import AllocatorFit, FitWork
+from flops_ray.allocation.joint import leveled_joint_counts
 from flops_ray.allocation.trace_memory import TraceMemory
 from flops_ray.config import AllocatorConfig, EstimatorConfig, GroupConfig
 from flops_ray.estimators import queries_per_draw
@@ -26,9 +27,10 @@ from flops_ray.messages import ReplicaState, ShardResult, ShardTask
 from flops_ray.models.groups import unflatten_into
 from flops_ray.seeding import STREAM_ALLOC, STREAM_ALLOC_FIT, generator
 from flops_ray.step.checks import least_queries, reads_pilot, reuses_pilot
-from flops_ray.step.interface import Reduced, StepReport
+from flops_ray.step.interface import PoisonSampleError, Reduced, StepReport
 from flops_ray.step.plan import plan_clean, plan_main, plan_pilot, plan_pilot_chunks
 from flops_ray.step.rounds import CleanPass, Round
+from flops_ray.step.telemetry import cosine, filled, signal_to_noise
 
 
 class Backend(Protocol):
@@ -120,8 +122,33 @@ class ForwardStep:
         self.minimum = least_queries(estimator, allocator)
         self.fit = AllocatorFit(allocators)
         """The last step's allocator fit: ``fit.settle()`` before reading allocator state."""
+        self.poisoned: set[int] = set()
+        """Dataset indices of samples that kill the replicas running them, left out of every batch
+        (``farm.skip_poison``; found again after a resume, with the same result)."""
+        self._previous: dict[int, np.ndarray | None] = {}
+        """Per group, the last step's estimate where the driver saw it (for the telemetry's cosine)."""
 
     def __call__(self, step: int, x: np.ndarray, y: np.ndarray, sample_ids: np.ndarray) -> tuple[Reduced, StepReport]:
+        """:meth:`_step`, leaving out the samples that kill the replicas running them: one the backend finds
+        (:class:`PoisonSampleError`, with ``farm.skip_poison``) is added to :attr:`poisoned` and the step runs
+        again on the rest of the batch, a function of the batch and the poison."""
+        while True:
+            keep = ~np.isin(sample_ids, sorted(self.poisoned))
+            if not keep.any():
+                raise RuntimeError(f"step {step}: every sample of the batch kills the replicas that run it")
+            # Fancy indexing copies the batch: only when a sample is left out.
+            rows = slice(None) if keep.all() else keep
+            try:
+                reduced, report = self._step(step, x[rows], y[rows], sample_ids[rows])
+            except PoisonSampleError as exc:
+                if exc.sample_id in self.poisoned or exc.sample_id not in sample_ids:
+                    raise
+                self.poisoned.add(exc.sample_id)
+                continue
+            report.skipped_samples = tuple(int(i) for i in sample_ids[~keep])
+            return reduced, report
+
+    def _step(self, step: int, x: np.ndarray, y: np.ndarray, sample_ids: np.ndarray) -> tuple[Reduced, StepReport]:
         """Run step ``step`` on the batch ``x (B, ...)``, ``y (B,)``, ``sample_ids (B,)`` and reduce its gradient
         estimates where the backend's replicas are (:meth:`apply` then applies them).
 
@@ -145,6 +172,7 @@ class ForwardStep:
         main, reduced = self._main_round(step, tasks)
         # From here the step changes state for good: apply clears this once the step is applied.
         self.committing = True
+        self._telemetry(report, pilot + main, reduced)
         self._observe(ids, pilot + main)
         returned = clean.results + pilot.results + main.results
         report.queries = sum(r.forwards for r in pilot.results + main.results)
@@ -186,20 +214,33 @@ class ForwardStep:
         """
         b, pilot_queries = len(sample_ids), self.estimator.pilot_queries
         feats, tasks = [], []
+        signals = [self._signal(g, ids, clean.proxies, pilot.traces(g, b)[0]) for g in range(len(self.groups))]
+        # allocator.joint: one budget over all (group, sample) cells, each group's signal at its level in the memory.
+        levels = [self.memory.group_mean(g) for g in range(len(self.groups))]
+        budgets = [cfg.queries_per_sample * b for cfg in self.groups]
+        joint = self.allocator.joint and leveled_joint_counts(
+            [torch.from_numpy(s) for s in signals], levels, budgets, self.minimum, self.unit
+        )
         for g, cfg in enumerate(self.groups):
-            traces = self._signal(g, ids, clean.proxies, pilot.traces(g, b)[0])
+            traces = signals[g]
             feats.append(AllocationFeatures(torch.from_numpy(traces), torch.from_numpy(clean.losses), clean.embeddings))
             ta = time.perf_counter()
             gen = generator(self.root_seed, STREAM_ALLOC, step, g)
             total = cfg.queries_per_sample * b
-            counts = self.allocators[g].allocate(feats[g], total, self.minimum, self.unit, gen).numpy()
+            if joint:
+                counts = joint[g].numpy()
+            else:
+                counts = self.allocators[g].allocate(feats[g], total, self.minimum, self.unit, gen).numpy()
             report.allocator_seconds += time.perf_counter() - ta
             report.counts.append(counts)
             report.traces.append(traces)
             used = counts if self.reuse_pilot else counts - pilot_queries
             report.variance_ratio.append(variance_ratio(traces, used, total / b))
-            # Per-sample traces of the main queries cost up to a fifth of an LR shard: only a memory read needs them.
-            feed = self._uses_memory(g, clean.proxies)
+            # Per-sample traces of the main queries cost step time: only a memory read, the joint allocation and
+            # the telemetry's measured steps need them.
+            every = self.estimator.telemetry_every
+            telemetry = bool(every and step % every == 0)
+            feed = self._uses_memory(g, clean.proxies) or telemetry or self.allocator.joint
             tasks += plan_main(
                 step,
                 g,
@@ -233,6 +274,22 @@ class ForwardStep:
             self.fit.discard()
             raise
         return main, reduced
+
+    def _telemetry(self, report: StepReport, visit: Round, reduced: Reduced) -> None:
+        """Per group: the realised variance ratio and the SNR from the traces the step's queries measured, and the
+        cosine to the previous step's estimate where the driver sees the estimates (``report``'s fields)."""
+        b = len(report.losses)
+        for g, cfg in enumerate(self.groups):
+            measured = filled(visit.traces(g, b)[0], report.traces[g])
+            used = report.counts[g] if self.reuse_pilot else report.counts[g] - self.estimator.pilot_queries
+            report.realised_variance_ratio.append(variance_ratio(measured, used, cfg.queries_per_sample))
+            grad = reduced.grads[g] if reduced.grads is not None else None
+            norm = (
+                reduced.norms[g] if reduced.norms is not None else np.linalg.norm(grad) if grad is not None else np.nan
+            )
+            report.snr.append(signal_to_noise(float(norm), measured, used))
+            previous, self._previous[g] = self._previous.get(g), grad
+            report.cosine.append(cosine(grad, previous))
 
     def _observe(self, ids: torch.Tensor, visit: Round) -> None:
         """Every query of the visit informs the trace memory, for later steps only."""

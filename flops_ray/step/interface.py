@@ -23,8 +23,12 @@ class Reduced:
     finite: tuple[bool, ...]
     """Per group: whether the gradient estimate is finite (an update with a non-finite one is not applied)."""
     grads: tuple[np.ndarray, ...] | None = None
-    """Per group ``(P_g,)`` float64 sums, where the reduction ran in this process (the in-process backend);
-    None where they stay with the parameters that step (on the replicas, or in the parameters' ``grad``)."""
+    """Per group ``(P_g,)`` float64 sums, where the reduction ran in this process (the in-process backend, the
+    farm's ``driver`` reduction); None where they stay with the parameters that step (on the replicas, or in the
+    parameters' ``grad``)."""
+    norms: tuple[float, ...] | None = None
+    """Per group L2 norm of the sum, where the replicas reported it instead of the sums (the all-reduce); None
+    where ``grads`` holds the sums or nobody measured it."""
 
 
 @dataclass
@@ -42,6 +46,16 @@ class StepReport:
     """Per group ``(B,)`` trace estimates the allocator read (from ``allocator.signal``)."""
     variance_ratio: list[float] = field(default_factory=list)
     """Per group ``J(A) / J(equal)`` on those traces: below 1 when the allocation is predicted to pay."""
+    realised_variance_ratio: list[float] = field(default_factory=list)
+    """Per group ``J(A) / J(equal)`` on the traces the step's own queries measured (NaN where they measured none):
+    what the allocation delivered, beside what the allocator's signal predicted (``variance_ratio``)."""
+    snr: list[float] = field(default_factory=list)
+    """Per group ``|g|^2 / tr Var(g)``: the estimate's squared norm against the trace of its variance over the
+    batch's samples, ``(1/B^2) sum_j T_j / A_j`` (Theorem 1) on the measured traces. Its mean is
+    ``1 + |E g|^2 / tr Var(g)``: near 1 the estimate is noise. NaN where either part is unknown."""
+    cosine: list[float] = field(default_factory=list)
+    """Per group, cosine between this step's estimate and the previous step's (NaN where the driver does not see
+    the estimates, or for the first step)."""
     queries: int = 0
     """Perturbed forward passes run."""
     seconds: float = 0.0
@@ -54,8 +68,21 @@ class StepReport:
     bytes_returned: int = 0
     skipped: int = 0
     """Queries dropped for non-finite losses (``estimator.on_nonfinite = "skip"``)."""
+    skipped_samples: tuple[int, ...] = ()
+    """Dataset indices of the batch's samples left out of the step because they kill the replicas that run them
+    (``farm.skip_poison``)."""
     accuracy: float | None = None
     """Test accuracy after the step, when the step was an evaluation point."""
+
+
+class PoisonSampleError(RuntimeError):
+    """A sample of the step's batch kills every replica that runs it, and the farm is to skip such samples: the
+    step runs again without it (``farm.skip_poison``)."""
+
+    def __init__(self, sample_id: int, message: str):
+        super().__init__(message)
+        self.sample_id = sample_id
+        """The sample's dataset index."""
 
 
 class TrainStep(Protocol):

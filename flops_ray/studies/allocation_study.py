@@ -14,6 +14,7 @@ import torch
 
 from flops_ray.allocation.allocators import create_allocator
 from flops_ray.allocation.budget import to_counts
+from flops_ray.allocation.joint import joint_counts
 from flops_ray.allocation.trace_memory import TraceMemory
 from flops_ray.config import AllocatorConfig, TrainConfig
 from flops_ray.data.arrays import batch_at
@@ -52,8 +53,11 @@ class FixedCounts:
 
 
 def allocator_config(name: str) -> AllocatorConfig:
-    """The allocator a ``kind/signal`` name stands for (no signal: the clean-pass proxy)."""
+    """The allocator a ``kind/signal`` name stands for (no signal: the clean-pass proxy); ``joint`` is Neyman over
+    (group, sample) cells (``allocator.joint``)."""
     kind, _, signal = name.partition("/")
+    if kind == "joint":
+        return AllocatorConfig(kind="neyman", signal=signal or "clean", joint=True)
     return AllocatorConfig(kind=kind, signal=signal or "clean")
 
 
@@ -67,21 +71,19 @@ def exact_gradient(cfg: TrainConfig, model: torch.nn.Module, x: np.ndarray, y: n
 
 def oracle_counts(
     cfg: TrainConfig, backend: Backend, step: int, batch: tuple, losses: np.ndarray, pilot: int
-) -> list[torch.Tensor]:
-    """Per group, Neyman counts from traces measured with ``pilot`` extra queries per sample of ``batch``
-    (``x``, ``y``, sample ids), run as step ``step``."""
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Neyman counts from traces measured with ``pilot`` extra queries per sample of ``batch`` (``x``, ``y``,
+    sample ids), run as step ``step``: per group within its budget, and joint over (group, sample) cells."""
     x, y, ids = batch
     backend.sync(step, x, y)
-    counts = []
-    for g, group in enumerate(cfg.groups):
+    least, unit = least_queries(cfg.estimator, cfg.allocator), queries_per_draw(cfg.estimator)
+    traces, budgets = [], [group.queries_per_sample * len(ids) for group in cfg.groups]
+    for g in range(len(cfg.groups)):
         items = tuple(ShardItem(j, int(ids[j]), 0, pilot, float(losses[j])) for j in range(len(ids)))
-        traces = backend.run([ShardTask(kind=TaskKind.PILOT, step=step, group=g, index=0, items=items)])[0].traces
-        total = group.queries_per_sample * len(ids)
-        least = least_queries(cfg.estimator, cfg.allocator)
-        counts.append(
-            to_counts(torch.from_numpy(traces).clamp_min(0).sqrt(), total, least, queries_per_draw(cfg.estimator))
-        )
-    return counts
+        task = ShardTask(kind=TaskKind.PILOT, step=step, group=g, index=0, items=items)
+        traces.append(torch.from_numpy(backend.run([task])[0].traces))
+    per_group = [to_counts(t.clamp_min(0).sqrt(), total, least, unit) for t, total in zip(traces, budgets)]
+    return per_group, joint_counts(traces, budgets, least, unit)
 
 
 def compare_allocators(trainer: Trainer, allocators: tuple[str, ...], reps: int, oracle_pilot: int) -> dict:
@@ -96,10 +98,15 @@ def compare_allocators(trainer: Trainer, allocators: tuple[str, ...], reps: int,
     def forward_step(name: str, kinds: list) -> ForwardStep:
         return _forward_step(trainer, backend, memory, name, kinds)
 
+    memory_weight = float(trainer.memory.weight.sum())
+    if s > 0 and memory_weight == 0 and any(allocator_config(n).signal == "memory" for n in allocators):
+        raise RuntimeError(f"step {s}: the run never fed its trace memory, so a memory row would allocate equally")
     clean = forward_step("equal", [create_allocator(AllocatorConfig("equal")) for _ in cfg.groups])
     _, report = clean(REP_STEP - 1, x, y, ids)
-    oracle = oracle_counts(cfg, backend, REP_STEP - 2, (x, y, ids), report.losses, oracle_pilot)
+    oracle, joint_oracle = oracle_counts(cfg, backend, REP_STEP - 2, (x, y, ids), report.losses, oracle_pilot)
     steps = {"equal": clean, "oracle": forward_step("equal", [FixedCounts(c) for c in oracle])}
+    if any(allocator_config(n).joint for n in allocators):
+        steps["joint_oracle"] = forward_step("equal", [FixedCounts(c) for c in joint_oracle])
     for name in allocators:
         kind = allocator_config(name).kind
         steps[name] = forward_step(
@@ -116,6 +123,7 @@ def compare_allocators(trainer: Trainer, allocators: tuple[str, ...], reps: int,
         "mse_ratio": {name: float(np.mean(e) / equal) for name, e in errors.items() if name != "equal"},
         "cosine": {name: float(np.mean(c)) for name, c in cosines.items()},
         "train_loss": float(np.mean(report.losses)),
+        "memory_weight": memory_weight,
     }
 
 

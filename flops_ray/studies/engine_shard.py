@@ -58,9 +58,11 @@ def engine_and_shard(
     variant: Variant,
     loss_fn: LossFn = cross_entropy,
     batch: Callable[[int], Batch] | None = None,
+    samples: int = 0,
 ) -> tuple[QueryEngine, ShardTask]:
-    """An engine for ``variant`` on ``where`` holding a batch just large enough for one main shard of ``shard``
-    queries of ``group``, and that shard: clean pass, equal counts and the main plan as in a training step.
+    """An engine for ``variant`` on ``where`` holding a batch of ``samples`` (0: just enough for one main shard of
+    ``shard`` queries of ``group``), and the step's first main shard of at most ``shard`` queries: clean pass, equal
+    counts and the main plan as in a training step.
 
     ``loss_fn`` is the model's per-sample loss; ``batch(samples)`` makes the rows (default: :func:`config_batch`).
     """
@@ -68,7 +70,7 @@ def engine_and_shard(
     est = dataclasses.replace(cfg.estimator, kind=v.kind, share_prefix=v.share_prefix, noise=v.noise)
     pilot, per_sample = est.pilot_queries, cfg.groups[group].queries_per_sample
     reuse = reuses_pilot(est, cfg.allocator)
-    samples = -(-shard // (per_sample - (0 if reuse else pilot)))
+    samples = samples or -(-shard // (per_sample - (0 if reuse else pilot)))
     x, y, ids = batch(samples) if batch else config_batch(cfg, model, samples)
     engine = query_engine(model, cfg.groups, est, cfg.seed, where, loss_fn)
     engine.set_batch(0, x, y)

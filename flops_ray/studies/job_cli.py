@@ -1,9 +1,14 @@
-"""The command line the study jobs share: ``--quick`` for the small version, ``--out`` for the folder it writes."""
+"""The command line the study jobs share: ``--quick`` for the small version, ``--out`` for the folder it writes,
+``--debug`` for the traceback of an error (otherwise one line, ``error: ...``, and exit 2: :func:`run_main`)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+from flops_ray.app.errors import add_debug_option, run_main
+
+__all__ = ["job_parser", "run_main"]
 
 
 def job_parser(doc: str, name: str, quick: str) -> argparse.ArgumentParser:
@@ -14,4 +19,4 @@ def job_parser(doc: str, name: str, quick: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--out", type=Path, default=Path("runs") / name, help=f"output directory (default: runs/{name})"
     )
-    return parser
+    return add_debug_option(parser)

@@ -9,7 +9,9 @@ Columns: ``step``, ``loss`` (mean clean loss), ``accuracy`` (null between evalua
 per-sample clean losses), and per layer group ``g``: ``spread/g`` (max/min query count),
 ``variance_ratio/g`` (``J(A)/J(equal)`` on the allocator's traces: below 1 when allocation pays), ``mean_trace/g``
 (null when the pilot measures no trace), ``counts/g`` and ``trace/g`` (lists: per-sample query counts and
-pilot trace estimates, for the trace-vs-loss plot).
+pilot trace estimates, for the trace-vs-loss plot), and the gradient-quality telemetry ``snr/g``,
+``realised_variance_ratio/g`` and ``cosine/g`` (:class:`~flops_ray.step.interface.StepReport`); per farm counter
+``c`` (cumulative, null in-process): ``farm/c``.
 
 >>> import tempfile, pathlib
 >>> from flops_ray.step.interface import StepReport
@@ -23,6 +25,7 @@ pilot trace estimates, for the trace-vs-loss plot).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +34,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from flops_ray.farm.counters import DispatchCounters
 from flops_ray.files import atomic_path
 from flops_ray.step.interface import StepReport
+
+FARM_COUNTERS = tuple(f.name for f in dataclasses.fields(DispatchCounters))
+"""The farm's cumulative counters, one ``farm/<name>`` column each."""
+TELEMETRY = ("snr", "realised_variance_ratio", "cosine")
+"""Per-group gradient-quality columns (``<name>/<group>``), from the fields of :class:`StepReport` of those names."""
 
 
 def _column_change(found: pa.Schema, expected: pa.Schema) -> str:
@@ -64,7 +73,60 @@ def metrics_schema(groups: list[str]) -> pa.Schema:
             (f"counts/{g}", pa.list_(pa.int64())),
             (f"trace/{g}", pa.list_(pa.float64())),
         ]
+        fields += [(f"{name}/{g}", pa.float64()) for name in TELEMETRY]
+    fields += [(f"farm/{name}", pa.int64()) for name in FARM_COUNTERS]
     return pa.schema(fields, metadata={"groups": "\n".join(groups)})
+
+
+def _finite(values: list[float], i: int) -> float | None:
+    """``values[i]`` when it exists and is finite, else None (a null cell)."""
+    value = values[i] if i < len(values) else float("nan")
+    return float(value) if np.isfinite(value) else None
+
+
+def metrics_row(log: StepReport, groups: list[str], farm: dict[str, int] | None = None) -> dict[str, Any]:
+    """One step's row of the metrics table (:func:`metrics_schema`): what every logger writes at step ``log.step``.
+
+    Args:
+        log: the step's report.
+        groups: layer group names, in the report's order.
+        farm: the farm's cumulative counters after the step (None: an in-process run, null cells).
+    """
+    row: dict[str, Any] = {
+        "step": log.step,
+        "loss": log.loss,
+        "accuracy": log.accuracy,
+        "queries": log.queries,
+        "seconds": log.seconds,
+        "queries_per_s": log.queries / log.seconds if log.seconds > 0 else None,
+        "allocator_seconds": log.allocator_seconds,
+        "fit_seconds": log.fit_seconds,
+        "skipped": log.skipped,
+        "sample_loss": None if log.losses is None else np.asarray(log.losses, np.float64).tolist(),
+    }
+    for i, g in enumerate(groups):
+        # Backprop steps have no counts or traces: their group columns stay null.
+        counts = log.counts[i] if i < len(log.counts) else None
+        traces = log.traces[i] if i < len(log.traces) else None
+        row[f"spread/{g}"] = float(counts.max() / counts.min()) if counts is not None else None
+        traced = traces is not None and bool(np.isfinite(traces).all())
+        row[f"variance_ratio/{g}"] = _finite(log.variance_ratio, i)
+        row[f"mean_trace/{g}"] = float(np.mean(traces)) if traced else None
+        row[f"counts/{g}"] = None if counts is None else np.asarray(counts, np.int64).tolist()
+        row[f"trace/{g}"] = None if traces is None else np.asarray(traces, np.float64).tolist()
+        for name in TELEMETRY:
+            row[f"{name}/{g}"] = _finite(getattr(log, name), i)
+    for name in FARM_COUNTERS:
+        row[f"farm/{name}"] = None if farm is None else int(farm[name])
+    return row
+
+
+def scalars(row: dict[str, Any]) -> dict[str, float]:
+    """The row's numeric, non-null cells except ``step`` (the list columns stay in Parquet): what the
+    TensorBoard, MLflow and W&B loggers log at the row's step."""
+    return {
+        k: float(v) for k, v in row.items() if k != "step" and isinstance(v, int | float) and not isinstance(v, bool)
+    }
 
 
 def read_metrics(path: str | Path) -> pa.Table:
@@ -131,34 +193,13 @@ class MetricsLog:
             elif kept.num_rows < table.num_rows:
                 _write_part(kept, part)
 
-    def append(self, log: StepReport) -> None:
-        """Add one step's row."""
-        row: dict[str, Any] = {
-            "step": log.step,
-            "loss": log.loss,
-            "accuracy": log.accuracy,
-            "queries": log.queries,
-            "seconds": log.seconds,
-            "queries_per_s": log.queries / log.seconds if log.seconds > 0 else None,
-            "allocator_seconds": log.allocator_seconds,
-            "fit_seconds": log.fit_seconds,
-            "skipped": log.skipped,
-            "sample_loss": None if log.losses is None else np.asarray(log.losses, np.float64).tolist(),
-        }
-        for i, g in enumerate(self.groups):
-            # Backprop steps have no counts or traces: their group columns stay null.
-            counts = log.counts[i] if i < len(log.counts) else None
-            traces = log.traces[i] if i < len(log.traces) else None
-            row[f"spread/{g}"] = float(counts.max() / counts.min()) if counts is not None else None
-            traced = traces is not None and bool(np.isfinite(traces).all())
-            ratio = log.variance_ratio[i] if i < len(log.variance_ratio) else float("nan")
-            row[f"variance_ratio/{g}"] = ratio if np.isfinite(ratio) else None
-            row[f"mean_trace/{g}"] = float(np.mean(traces)) if traced else None
-            row[f"counts/{g}"] = None if counts is None else np.asarray(counts, np.int64).tolist()
-            row[f"trace/{g}"] = None if traces is None else np.asarray(traces, np.float64).tolist()
+    def append(self, log: StepReport, farm: dict[str, int] | None = None) -> dict[str, Any]:
+        """Add one step's row (:func:`metrics_row`; ``farm``: the farm's counters after the step); returns it."""
+        row = metrics_row(log, self.groups, farm)
         self.rows.append(row)
         if len(self.rows) >= self.flush_every:
             self.flush()
+        return row
 
     def flush(self) -> None:
         """Write the accumulated rows as one part, named after its first step."""
