@@ -77,5 +77,5 @@ def test_a_live_owner_is_named_and_a_killed_one_is_taken_over(tmp_path):
 
 def test_another_hosts_lock_is_trusted(tmp_path):
     (tmp_path / LOCK).write_text(json.dumps({"host": "elsewhere.example", "pid": 1}))
-    with pytest.raises(RunLockedError, match="process 1 on elsewhere.example"), owned(tmp_path):
+    with pytest.raises(RunLockedError, match=r"process 1 on elsewhere\.example"), owned(tmp_path):
         pass
