@@ -104,8 +104,8 @@ def run_setting(bench: BenchConfig, setting: Setting) -> list[dict]:
             dataclasses.replace(g, queries_per_sample=setting.queries_per_sample)
             for g in (per_block_groups(base.groups) if setting.per_block else base.groups)
         ),
-        # The main queries return their per-sample traces: the memory the /memory and joint rows read is fed.
-        estimator=dataclasses.replace(base.estimator, telemetry=True),
+        # Every step's main queries return their per-sample traces: the memory the /memory and joint rows read is fed.
+        estimator=dataclasses.replace(base.estimator, telemetry_every=1),
         farm=FarmConfig(backend="local"),
     )
     model = create_model(cfg.model, cfg.data.num_classes, cfg.data.img_size, cfg.seed)
@@ -155,6 +155,10 @@ def main(bench: BenchConfig, out: Path) -> dict:
 
 if __name__ == "__main__":
     run_main(
-        job_parser(__doc__, "bench_allocation", "one model, 3 checkpoints over 150 steps (~10 min)"),
+        job_parser(
+            __doc__,
+            "bench_allocation",
+            "two settings (default groups; a group per block), 3 checkpoints over 150 steps each",
+        ),
         lambda args: main(QUICK if args.quick else BenchConfig(), args.out),
     )
