@@ -8,7 +8,9 @@ replica ran which shard or on retries.
 from __future__ import annotations
 
 import dataclasses
+import math
 
+import numpy as np
 import pytest
 import ray
 import torch
@@ -119,6 +121,22 @@ def test_allreduce_matches_driver_reduction(data, reference):
     assert c.recomputed == 0
     # Partials stay on the replicas: only the one summed vector per step comes back as gradient.
     assert c.bytes_returned < 3 * STEPS * sum(g.size for g in trainer.groups) * 8
+
+
+def test_allreduce_reports_the_cosine_between_consecutive_sums(data, threads):
+    """The driver never sees the all-reduced sums, so the replicas report each step's cosine to the last sums they
+    applied: the in-process run's cosines (float64 sums; the replicas keep the last one in float32), NaN on the
+    first step, which has no previous estimate."""
+    cosines = []
+    for farm in ({"backend": "local"}, {"reduction": "allreduce"}):
+        cfg = BASE.replace(farm=dataclasses.replace(BASE.farm, **farm))
+        with threads(1), Trainer(cfg, create_model("digits_vit", 10, 8, cfg.seed), *data) as trainer:
+            cosines.append([trainer.step().cosine for _ in range(STEPS)])
+    want, got = cosines
+    assert all(math.isnan(c) for c in got[0] + want[0])
+    for g, w in zip(got[1:], want[1:]):
+        np.testing.assert_allclose(g, w, rtol=1e-5)
+        assert all(-1 <= c <= 1 for c in g)
 
 
 def _kill_most_held(backend) -> None:

@@ -189,3 +189,25 @@ def test_requests_without_the_token_are_refused(head):
 
     with pytest.raises(Exception, match=r"(?i)unauthori|401|token"):
         JobSubmissionClient(head["address"], headers={"Authorization": "Bearer wrong-token"}).list_jobs()
+
+
+def test_a_tuning_run_submits_as_a_job(head):
+    """``flops-ray tune`` as a job's entrypoint joins the cluster it was submitted to (``RAY_ADDRESS``): its
+    trials' farms start there, and the search writes its trials and best config."""
+    import json
+
+    out = head["root"] / "out_tune"
+    flops_ray = str(Path(sys.executable).parent / "flops-ray")
+    submit = [head["ray"], "job", "submit", "--address", head["address"], "--working-dir", str(ROOT), "--"]
+    proc = subprocess.run(
+        [*submit, flops_ray, "tune", "--quick", "--out", str(out)],
+        env=head["env"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "succeeded" in text, text[-4000:]
+    assert len(json.loads((out / "trials.json").read_text())["trials"]) == 4
+    assert (out / "best.yaml").is_file()

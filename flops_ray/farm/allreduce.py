@@ -21,6 +21,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from flops_ray.farm.errors import FarmError
 from flops_ray.farm.fault_policy import FaultPolicy
+from flops_ray.farm.replica_actor import ReduceReply
 from flops_ray.farm.replica_pool import Answers, ReplicaPool, answered
 from flops_ray.farm.replica_work import ReplicaWork
 from flops_ray.farm.scheduler import Scheduler
@@ -53,8 +54,9 @@ class AllReduce:
     def _invalidate(self, index: int, dead: ActorHandle | None) -> None:
         self._group = ()
 
-    def __call__(self) -> list[float]:
-        """Sum every replica's kept partials into each member; returns the per-group norms of the sums."""
+    def __call__(self) -> ReduceReply:
+        """Sum every replica's kept partials into each member; returns the first member's reply (the per-group
+        norms of the sums, and their cosines to the last step's where that member applied it)."""
         while True:
             self._recompute_orphans()
             members = [s for s in self.pool.slots if s.ready]
@@ -79,7 +81,7 @@ class AllReduce:
             self.faults.progress()
             self.pool.counters.bytes_returned += sum(len(pickle.dumps(r)) for r in replies)
             self._members = members
-            return list(replies[0].norms)
+            return replies[0]
 
     def apply(self, update: StepUpdate) -> Answers:
         """Have the members of the last collective apply their sum (``update``), summing again after a fault.

@@ -116,9 +116,10 @@ class RayBackend:
         driver's sum in canonical order."""
         version = self.pool.version
         if self.reduction == "allreduce":
-            norms = self.allreduce()
+            reply = self.allreduce()
             self._update = StepUpdate(version, UpdateSource.HELD)
-            return Reduced(tuple(bool(np.isfinite(n)) for n in norms), norms=tuple(float(n) for n in norms))
+            finite = tuple(bool(np.isfinite(n)) for n in reply.norms)
+            return Reduced(finite, norms=tuple(map(float, reply.norms)), cosines=tuple(map(float, reply.cosines)))
         if self.reduction == "scalar":
             weighted = [(t, r.coefs) for t, r in zip(tasks, results) if t.weights is not None]
             finite = [True] * len(sizes)

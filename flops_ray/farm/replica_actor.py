@@ -75,6 +75,8 @@ class ReduceReply:
     keys: tuple[TaskKey, ...]
     norms: tuple[float, ...]
     """Per group, the L2 norm of the all-reduced gradient (not finite when the gradient is not)."""
+    cosines: tuple[float, ...]
+    """Per group, the cosine between the sums and the last sums the replica applied (NaN: none)."""
 
 
 @ray.remote(max_restarts=0)
@@ -165,7 +167,8 @@ class ReplicaActor:
 
         partials = self.replica.partials()
         grads = ordered_sums(self.replica.sizes, layout, dist.get_rank(), partials, exchange, self.replica.device)
-        return ReduceReply(tuple(partials), self.replica.hold_reduced(grads))
+        norms = self.replica.hold_reduced(grads)
+        return ReduceReply(tuple(partials), norms, self.replica.cosines())
 
     # ---- the replica's own copy of the training state -----------------------------------------------
     def apply(self, update: StepUpdate) -> tuple[float, ...]:

@@ -67,6 +67,9 @@ class Replica:
         self._held: dict[TaskKey, torch.Tensor] = {}
         """All-reduce: each kept main task's ``(P_g,)`` float32 partial, apart, so the sum can follow task order."""
         self._reduced: list[torch.Tensor] | None = None
+        self._applied: list[torch.Tensor] | None = None
+        """The last all-reduced sums applied, float32 (the telemetry's cosine to the next step's); None after any
+        other update, or in a replica that joined since."""
 
     @property
     def device(self) -> torch.device:
@@ -103,6 +106,18 @@ class Replica:
         self._reduced = grads
         return tuple(float(g.norm()) for g in self._reduced)
 
+    def cosines(self) -> tuple[float, ...]:
+        """Per group, the cosine between the held sums and the last sums this replica applied (NaN where it
+        applied none or either is zero): the telemetry's cosine between consecutive estimates, where the driver
+        never sees them."""
+        if self._reduced is None or self._applied is None:
+            return tuple(float("nan") for _ in self.sizes)
+        out = []
+        for new, old in zip(self._reduced, self._applied):
+            scale = float(new.norm() * old.norm())
+            out.append(float(new.float() @ old) / scale if scale > 0 else float("nan"))
+        return tuple(out)
+
     # ---- the replica's own copy of the training state -----------------------------------------------
     def apply(self, update: StepUpdate) -> tuple[float, ...]:
         """Apply ``update`` to the parameters (once: a repeat is ignored); returns the group norms."""
@@ -120,6 +135,7 @@ class Replica:
             grads = self.engine.replay(update.tasks, update.coefs)
         norms = self.update.apply(grads)
         self.version += 1
+        self._applied = [g.float() for g in grads] if update.source == UpdateSource.HELD else None
         self._reduced = None
         return tuple(norms)
 

@@ -289,7 +289,7 @@ class ForwardStep:
             )
             report.snr.append(signal_to_noise(float(norm), measured, used))
             previous, self._previous[g] = self._previous.get(g), grad
-            report.cosine.append(cosine(grad, previous))
+            report.cosine.append(reduced.cosines[g] if reduced.cosines is not None else cosine(grad, previous))
 
     def _observe(self, ids: torch.Tensor, visit: Round) -> None:
         """Every query of the visit informs the trace memory, for later steps only."""

@@ -29,6 +29,9 @@ class Reduced:
     norms: tuple[float, ...] | None = None
     """Per group L2 norm of the sum, where the replicas reported it instead of the sums (the all-reduce); None
     where ``grads`` holds the sums or nobody measured it."""
+    cosines: tuple[float, ...] | None = None
+    """Per group, the cosine between the sum and the previous step's, where the replicas reported it (the
+    all-reduce: the driver never sees the sums); None where the driver computes it from ``grads``."""
 
 
 @dataclass
