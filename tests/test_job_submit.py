@@ -102,7 +102,8 @@ def head():
             f"--runtime-env-agent-port={runtime_env}",
             f"--node-manager-port={node_mgr}",
             f"--object-manager-port={obj_mgr}",
-            "--num-cpus=2",
+            # Logical CPUs: a tuning trial places its driver and 2 replicas (3 bundles) at once.
+            "--num-cpus=3",
             "--disable-usage-stats",
         ],
         env=env,

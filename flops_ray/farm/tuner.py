@@ -106,6 +106,14 @@ def run_search(
     """
     cpus = sum(b.get("CPU", 0) for b in resources.bundles)
     owns = init_ray(farm, num_cpus=max(os.cpu_count() or 1, math.ceil(cpus)))
+    have = ray.cluster_resources().get("CPU", 0)
+    if cpus > have:
+        # On a cluster that autoscales, nodes may yet come; on a fixed one no trial would ever start.
+        print(
+            f"warning: a trial needs {cpus:g} CPUs (its driver and {len(resources.bundles) - 1} replicas) and the "
+            f"cluster has {have:g}: trials wait until nodes join (or lower farm.replicas / num_cpus_per_replica)",
+            flush=True,
+        )
     try:
         trainable = tune.with_resources(_trainable(run), resources)
         path = storage.resolve() / "tune"
