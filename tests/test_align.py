@@ -244,7 +244,7 @@ def _image_folder(root) -> list[str]:
 def test_captions_file_converts_and_splits(tmp_path, tiny_lm_dirs):
     """JSON lines and LLaVA's JSON list (the caption is the first gpt turn) give the same Parquet; the last rows go
     to the sibling test file; what is written reads back as captioned samples."""
-    from flops_ray.data.convert import captions_to_parquet
+    from flops_ray.data.captions import captions_to_parquet
 
     names = _image_folder(tmp_path)
     (tmp_path / "caps.jsonl").write_text(
@@ -280,7 +280,7 @@ def test_captions_file_converts_and_splits(tmp_path, tiny_lm_dirs):
     ],
 )
 def test_captions_file_errors_name_the_row(tmp_path, row, message):
-    from flops_ray.data.convert import captions_to_parquet
+    from flops_ray.data.captions import captions_to_parquet
 
     _image_folder(tmp_path / "root")
     (tmp_path / "outside.png").write_bytes((tmp_path / "root" / "img" / "0" / "x.png").read_bytes())

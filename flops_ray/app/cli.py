@@ -11,7 +11,7 @@
 ``train`` is :func:`flops_ray.app.run.train` (the logic and the default config of ``jobs/finetune_vit.py``);
 ``eval`` is :func:`flops_ray.app.run.evaluate`; ``plot`` is :func:`flops_ray.app.plot.plot_metrics`; ``convert``
 is :func:`flops_ray.data.convert.image_folder_to_parquet` (with ``--captions``,
-:func:`~flops_ray.data.convert.captions_to_parquet`); ``bench`` runs ``jobs/bench_<name>.py`` in a
+:func:`~flops_ray.data.captions.captions_to_parquet`); ``bench`` runs ``jobs/bench_<name>.py`` in a
 subprocess with this Python; ``tune`` is :func:`flops_ray.app.tune.tune`.
 """
 
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "convert" and args.captions:
-        from flops_ray.data.convert import captions_to_parquet
+        from flops_ray.data.captions import captions_to_parquet
 
         for path in captions_to_parquet(args.captions, args.root, args.out, args.rows_per_group, args.test_rows):
             print(f"{path}: {_parquet_rows(path)} captioned images")

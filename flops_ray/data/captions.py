@@ -7,6 +7,7 @@ model normalises them), then the token ids ``(T,)`` and each token's role ``(T,)
 :data:`IMAGE` (a slot the model fills with a visual token). The sequence is the tokenizer's leading special tokens
 (a Llama BOS), ``k`` image slots, the instruction's tokens, the caption's, EOS, then pads to the longest of the file.
 Integers keep the image exact under any precision and let one tensor carry image and text through the farm.
+:func:`captions_to_parquet` writes such a file from a captions file and the images it names (LCS558K's JSON).
 
 >>> import numpy as np
 >>> x = pack(np.zeros((2, 3, 4, 4), np.uint8), np.ones((2, 5), np.int64), np.full((2, 5), CAPTION))
@@ -19,6 +20,8 @@ Integers keep the image exact under any precision and let one tensor carry image
 from __future__ import annotations
 
 import io
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,7 @@ import pyarrow.parquet as pq
 import torch
 
 from flops_ray.data.arrays import ArrayDataset
+from flops_ray.data.convert import CAPTION_FIELD, encoded_image, inside, write_rows
 from flops_ray.data.images import ImageDecodeError, load_image
 from flops_ray.data.parquet import DatasetSchemaError, image_bytes, is_image_type
 from flops_ray.data.text import Tokenizer
@@ -164,3 +168,72 @@ def write_captions(path: str | Path, images: np.ndarray, captions: list[str], **
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
     return path
+
+
+def read_caption_file(path: str | Path) -> list[tuple[str, str]]:
+    """``(image path, caption)`` rows of a captions file: JSON lines ``{"image": ..., "caption": ...}``, or a JSON
+    list in LLaVA's format (LCS558K's ``blip_laion_cc_sbu_558k.json``), whose entries hold ``image`` and
+    ``conversations``, the caption being the first ``"from": "gpt"`` turn.
+
+    Raises:
+        ValueError: a row without an image path or a caption (the row named), or a file that is neither.
+    """
+    path = Path(path)
+    text = path.read_text()
+    try:
+        entries = (
+            json.loads(text)
+            if text.lstrip().startswith("[")
+            else [json.loads(line) for line in text.splitlines() if line.strip()]
+        )
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: neither JSON lines nor a JSON list ({exc})") from exc
+    rows = []
+    for i, entry in enumerate(entries):
+        caption = entry.get("caption") if isinstance(entry, dict) else None
+        if isinstance(entry, dict) and caption is None:
+            turns = entry.get("conversations") or []
+            caption = next((t.get("value") for t in turns if isinstance(t, dict) and t.get("from") == "gpt"), None)
+        image = entry.get("image") if isinstance(entry, dict) else None
+        if not isinstance(image, str) or not isinstance(caption, str) or not caption.strip():
+            raise ValueError(f'{path}: row {i} needs an image path and a caption ("caption", or a "gpt" turn)')
+        rows.append((image, caption.strip()))
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def captions_to_parquet(
+    captions: str | Path, root: str | Path, out: str | Path, rows_per_group: int = 1024, test_rows: int = 0
+) -> tuple[Path, ...]:
+    """Convert a captions file (:func:`read_caption_file`) and the images it names, relative to ``root``, to a
+    Parquet file with the columns ``image`` and ``caption`` (:func:`flops_ray.data.captions.read_captions` reads
+    it); with ``test_rows`` the file's last rows go instead to the sibling test file (``out`` with ``train``
+    replaced by ``test`` in its name). Every image is decoded on the way; files are written only complete.
+
+    Returns:
+        The files written.
+
+    Raises:
+        ValueError: a malformed captions file, an image path that leads outside ``root`` or to no file (the row
+            named), or ``test_rows`` with no ``train`` in ``out``'s name or not fewer than the rows.
+        ImageDecodeError: an image that does not decode.
+    """
+    rows = read_caption_file(captions)
+    root, out = Path(root), Path(out)
+    real_root = Path(os.path.realpath(root))
+    files = []
+    for i, (image, caption) in enumerate(rows):
+        file = root / image
+        if not inside(file, real_root) or not file.is_file():
+            where = "leads outside" if not inside(file, real_root) else "is no file in"
+            raise ValueError(f"{captions}: row {i}: image {image!r} {where} {root}")
+        files.append((file, caption))
+    if test_rows and ("train" not in out.name or test_rows >= len(files)):
+        raise ValueError(f"test_rows: needs 'train' in the output's name and fewer than {len(files)} rows, got {out}")
+    splits = [(out, files[: len(files) - test_rows])]
+    if test_rows:
+        splits.append((out.with_name(out.name.replace("train", "test")), files[len(files) - test_rows :]))
+    for path, part in splits:
+        write_rows(path, ((encoded_image(f), c) for f, c in part), {}, rows_per_group, CAPTION_FIELD)
+    return tuple(path for path, _ in splits)

@@ -1,14 +1,13 @@
-"""Writing Parquet image datasets: an image folder (one subfolder per class), scikit-learn's digits, or a captions file.
+"""Writing Parquet image datasets: an image folder (one subfolder per class) or scikit-learn's digits.
 
-Classification files have the columns ``image`` (PNG/JPEG bytes) and ``label`` (int64) that
-:func:`flops_ray.data.parquet.read_parquet` reads; captioned files ``image`` and ``caption`` that
-:func:`flops_ray.data.captions.read_captions` reads. Files are written only complete.
+The files have the columns ``image`` (PNG/JPEG bytes) and ``label`` (int64) that
+:func:`flops_ray.data.parquet.read_parquet` reads, and are written only complete (captions files:
+:func:`flops_ray.data.captions.captions_to_parquet`, through :func:`write_rows`).
 """
 
 from __future__ import annotations
 
 import io
-import json
 import os
 import warnings
 from collections.abc import Iterator
@@ -29,14 +28,14 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 _PNG_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "I;16")
 
 
-LABEL = pa.field("label", pa.int64())
+LABEL_FIELD = pa.field("label", pa.int64())
 """The second column of a classification dataset."""
-CAPTION = pa.field("caption", pa.string())
+CAPTION_FIELD = pa.field("caption", pa.string())
 """The second column of a captioned-image dataset."""
 
 
-def _write_rows(
-    out: Path, rows: Iterator[tuple[bytes, Any]], metadata: dict[str, str], rows_per_group: int, second=LABEL
+def write_rows(
+    out: Path, rows: Iterator[tuple[bytes, Any]], metadata: dict[str, str], rows_per_group: int, second=LABEL_FIELD
 ) -> None:
     """Write ``(image, second column)`` ``rows`` to ``out``, which appears only complete: a conversion that fails
     half-way leaves no valid-looking partial dataset (and an existing ``out`` untouched)."""
@@ -54,7 +53,7 @@ def _write_rows(
             writer.write_table(pa.table({"image": images, second.name: values}, schema=schema))
 
 
-def _inside(path: Path, real_root: Path) -> bool:
+def inside(path: Path, real_root: Path) -> bool:
     # realpath, unlike Path.resolve on Python 3.11, does not raise on a symlink loop.
     return Path(os.path.realpath(path)).is_relative_to(real_root)
 
@@ -100,7 +99,7 @@ def _entries(folder: Path, real_root: Path, skipped: _Skipped) -> Iterator[Path]
     for entry in sorted(folder.iterdir()):
         if entry.name.startswith("."):
             skipped.hidden.append(entry)
-        elif not _inside(entry, real_root):
+        elif not inside(entry, real_root):
             skipped.outside.append(entry)
         else:
             yield entry
@@ -138,7 +137,7 @@ def _check_class_name(root: Path, name: str) -> None:
     raise ValueError(f"{root}: class folder name {name!r} {why}; rename the folder")
 
 
-def _encoded_image(file: Path) -> bytes:
+def encoded_image(file: Path) -> bytes:
     """The bytes to store for ``file``: PNG and JPEG as they are, other formats re-encoded as PNG.
 
     Raises:
@@ -211,8 +210,8 @@ def image_folder_to_parquet(root: str | Path, out: str | Path, rows_per_group: i
         raise ValueError(f"{root} has no class folders (expected root/<class>/<image files>)")
     if not files:
         raise ValueError(f"{root}: the class folders hold no image files ({', '.join(IMAGE_SUFFIXES)})")
-    rows = ((_encoded_image(file), label) for file, label in files)
-    _write_rows(Path(out), rows, {"classes": "\n".join(f.name for f in folders)}, rows_per_group)
+    rows = ((encoded_image(file), label) for file, label in files)
+    write_rows(Path(out), rows, {"classes": "\n".join(f.name for f in folders)}, rows_per_group)
     return [f.name for f in folders]
 
 
@@ -235,74 +234,5 @@ def digits_to_parquet(out: str | Path, split: str = "train") -> Path:
             yield buf.getvalue(), int(label)
 
     out = Path(out)
-    _write_rows(out, rows(), {"classes": "\n".join(str(i) for i in range(10))}, rows_per_group=512)
+    write_rows(out, rows(), {"classes": "\n".join(str(i) for i in range(10))}, rows_per_group=512)
     return out
-
-
-def read_caption_file(path: str | Path) -> list[tuple[str, str]]:
-    """``(image path, caption)`` rows of a captions file: JSON lines ``{"image": ..., "caption": ...}``, or a JSON
-    list in LLaVA's format (LCS558K's ``blip_laion_cc_sbu_558k.json``), whose entries hold ``image`` and
-    ``conversations``, the caption being the first ``"from": "gpt"`` turn.
-
-    Raises:
-        ValueError: a row without an image path or a caption (the row named), or a file that is neither.
-    """
-    path = Path(path)
-    text = path.read_text()
-    try:
-        entries = (
-            json.loads(text)
-            if text.lstrip().startswith("[")
-            else [json.loads(line) for line in text.splitlines() if line.strip()]
-        )
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: neither JSON lines nor a JSON list ({exc})") from exc
-    rows = []
-    for i, entry in enumerate(entries):
-        caption = entry.get("caption") if isinstance(entry, dict) else None
-        if isinstance(entry, dict) and caption is None:
-            turns = entry.get("conversations") or []
-            caption = next((t.get("value") for t in turns if isinstance(t, dict) and t.get("from") == "gpt"), None)
-        image = entry.get("image") if isinstance(entry, dict) else None
-        if not isinstance(image, str) or not isinstance(caption, str) or not caption.strip():
-            raise ValueError(f'{path}: row {i} needs an image path and a caption ("caption", or a "gpt" turn)')
-        rows.append((image, caption.strip()))
-    if not rows:
-        raise ValueError(f"{path}: no rows")
-    return rows
-
-
-def captions_to_parquet(
-    captions: str | Path, root: str | Path, out: str | Path, rows_per_group: int = 1024, test_rows: int = 0
-) -> tuple[Path, ...]:
-    """Convert a captions file (:func:`read_caption_file`) and the images it names, relative to ``root``, to a
-    Parquet file with the columns ``image`` and ``caption`` (:func:`flops_ray.data.captions.read_captions` reads
-    it); with ``test_rows`` the file's last rows go instead to the sibling test file (``out`` with ``train``
-    replaced by ``test`` in its name). Every image is decoded on the way; files are written only complete.
-
-    Returns:
-        The files written.
-
-    Raises:
-        ValueError: a malformed captions file, an image path that leads outside ``root`` or to no file (the row
-            named), or ``test_rows`` with no ``train`` in ``out``'s name or not fewer than the rows.
-        ImageDecodeError: an image that does not decode.
-    """
-    rows = read_caption_file(captions)
-    root, out = Path(root), Path(out)
-    real_root = Path(os.path.realpath(root))
-    files = []
-    for i, (image, caption) in enumerate(rows):
-        file = root / image
-        if not _inside(file, real_root) or not file.is_file():
-            where = "leads outside" if not _inside(file, real_root) else "is no file in"
-            raise ValueError(f"{captions}: row {i}: image {image!r} {where} {root}")
-        files.append((file, caption))
-    if test_rows and ("train" not in out.name or test_rows >= len(files)):
-        raise ValueError(f"test_rows: needs 'train' in the output's name and fewer than {len(files)} rows, got {out}")
-    splits = [(out, files[: len(files) - test_rows])]
-    if test_rows:
-        splits.append((out.with_name(out.name.replace("train", "test")), files[len(files) - test_rows :]))
-    for path, part in splits:
-        _write_rows(path, ((_encoded_image(f), c) for f, c in part), {}, rows_per_group, CAPTION)
-    return tuple(path for path, _ in splits)
