@@ -17,7 +17,7 @@ pilot trace estimates, for the trace-vs-loss plot), and the gradient-quality tel
 >>> from flops_ray.step.interface import StepReport
 >>> path = pathlib.Path(tempfile.mkdtemp()) / "m.parquet"
 >>> with MetricsLog(path, ["head"]) as log:
-...     log.append(StepReport(step=0, loss=2.3, losses=np.array([2.0, 2.6]), counts=[np.array([2, 6])],
+...     row = log.append(StepReport(step=0, loss=2.3, losses=np.array([2.0, 2.6]), counts=[np.array([2, 6])],
 ...                           traces=[np.array([1.0, 9.0])], queries=8, seconds=0.5))
 >>> read_metrics(path).column("spread/head").to_pylist()
 [3.0]
