@@ -34,7 +34,7 @@ from flops_ray.data.arrays import ArrayDataset
 from flops_ray.data.convert import CAPTION_FIELD, encoded_image, inside, write_rows
 from flops_ray.data.images import ImageDecodeError, load_image
 from flops_ray.data.parquet import DatasetSchemaError, image_bytes, is_image_type
-from flops_ray.data.text import Tokenizer
+from flops_ray.data.text import Tokenizer, pad_id
 from flops_ray.files import atomic_path
 
 PAD, CONTEXT, CAPTION, IMAGE = 0, 1, 2, 3
@@ -69,7 +69,7 @@ def tokenise_captions(
     told = tokenizer([instruction], add_special_tokens=False)["input_ids"][0] if instruction else []
     words = tokenizer(captions, add_special_tokens=False)["input_ids"]
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+    pad = pad_id(tokenizer)
     head = len(specials) + visual_tokens + len(told)
     length = head + max(len(w) for w in words) + len(eos)
     ids = np.full((len(captions), length), pad, dtype=np.int64)

@@ -93,6 +93,11 @@ def _check_row(row: dict[str, Any], where: str) -> None:
         raise DatasetSchemaError(f"{where}: completion {row['completion']!r} is not among its choices {choices}")
 
 
+def pad_id(tokenizer: Tokenizer) -> int:
+    """The id that pads a tokenizer's sequences: its pad token, else its end-of-sequence token, else 0."""
+    return next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+
+
 def tokenise(rows: list[dict[str, Any]], tokenizer: Tokenizer, with_choices: bool, where: str = "") -> ArrayDataset:
     """``rows`` as candidate rows ``x (N, C, 2, T)`` int64 and targets ``y (N,)`` (see the module docstring).
 
@@ -117,7 +122,7 @@ def tokenise(rows: list[dict[str, Any]], tokenizer: Tokenizer, with_choices: boo
             raise DatasetSchemaError(f"{where}row {i}: its {part} tokenises to nothing")
     width = max(len(texts) for texts in candidates)
     length = max(len(p) + len(c) for p, cands in zip(prompts, tokens) for c in cands)
-    pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+    pad = pad_id(tokenizer)
     x = np.zeros((len(rows), width, 2, length), dtype=np.int64)
     x[:, :, 0] = pad
     for i, (prompt, cands) in enumerate(zip(prompts, tokens)):

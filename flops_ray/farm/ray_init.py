@@ -130,10 +130,10 @@ def init_ray(farm: FarmConfig, num_cpus: float | None = None, num_gpus: float | 
 
 
 @contextlib.contextmanager
-def ray_session(farm: FarmConfig) -> Iterator[None]:
-    """Ray up (:func:`init_ray`) for the block, so that several farms started in it share one Ray; shut down at the
-    end if this call started or joined it."""
-    owns = init_ray(farm)
+def ray_session(farm: FarmConfig, num_cpus: float | None = None) -> Iterator[None]:
+    """Ray up (:func:`init_ray`, ``num_cpus`` for a local instance) for the block, so that several farms started in
+    it share one Ray; shut down at the end if this call started or joined it."""
+    owns = init_ray(farm, num_cpus)
     try:
         yield
     finally:

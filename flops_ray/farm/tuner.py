@@ -25,7 +25,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from flops_ray.config import FarmConfig
 from flops_ray.config.search import SearchSpec
 from flops_ray.farm.placement import replica_demand
-from flops_ray.farm.ray_init import init_ray
+from flops_ray.farm.ray_init import ray_session
 
 TrialRun = Callable[[dict[str, Any], Callable[[dict[str, float]], None], str], None]
 """``run(values, report, trial_id)``: train one trial with the searched ``values`` (key -> value), calling
@@ -105,16 +105,15 @@ def run_search(
             run again; a trial's run resumes from its own checkpoint).
     """
     cpus = sum(b.get("CPU", 0) for b in resources.bundles)
-    owns = init_ray(farm, num_cpus=max(os.cpu_count() or 1, math.ceil(cpus)))
-    have = ray.cluster_resources().get("CPU", 0)
-    if cpus > have:
-        # On a cluster that autoscales, nodes may yet come; on a fixed one no trial would ever start.
-        print(
-            f"warning: a trial needs {cpus:g} CPUs (its driver and {len(resources.bundles) - 1} replicas) and the "
-            f"cluster has {have:g}: trials wait until nodes join (or lower farm.replicas / num_cpus_per_replica)",
-            flush=True,
-        )
-    try:
+    with ray_session(farm, num_cpus=max(os.cpu_count() or 1, math.ceil(cpus))):
+        have = ray.cluster_resources().get("CPU", 0)
+        if cpus > have:
+            # On a cluster that autoscales, nodes may yet come; on a fixed one no trial would ever start.
+            print(
+                f"warning: a trial needs {cpus:g} CPUs (its driver and {len(resources.bundles) - 1} replicas) and the "
+                f"cluster has {have:g}: trials wait until nodes join (or lower farm.replicas / num_cpus_per_replica)",
+                flush=True,
+            )
         trainable = tune.with_resources(_trainable(run), resources)
         path = storage.resolve() / "tune"
         if resume and tune.Tuner.can_restore(str(path)):
@@ -134,9 +133,6 @@ def run_search(
             )
             for r in grid
         ]
-    finally:
-        if owns:
-            ray.shutdown()
 
 
 def _new_tuner(
