@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import subprocess
@@ -50,26 +49,6 @@ def ray_local(ray_env):
     ray.init(num_cpus=4, num_gpus=1, _node_ip_address="127.0.0.1", include_dashboard=False)
     yield
     ray.shutdown()
-
-
-@contextlib.contextmanager
-def _threads(n: int):
-    """Torch on ``n`` intra-op threads inside the block: a CPU's float32 products round by their thread count, so
-    an in-process run matches the farm's 1-CPU replicas bit for bit only on one thread too."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def threads():
-    """:func:`_threads`: ``with threads(1): ...`` runs an in-process reference as a 1-CPU replica computes."""
-    return _threads
 
 
 def kill_busiest(backend) -> None:

@@ -55,10 +55,9 @@ def _params_per_step(trainer: Trainer) -> list[torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def reference(data, threads) -> list[torch.Tensor]:
-    """The in-process run, on one thread as each 1-CPU replica runs (products round by their thread count)."""
-    with threads(1):
-        return _params_per_step(_trainer(data, backend="local"))
+def reference(data) -> list[torch.Tensor]:
+    """The in-process run at default settings: it computes on a 1-CPU replica's one thread (``farm.local_threads``)."""
+    return _params_per_step(_trainer(data, backend="local"))
 
 
 def _assert_same(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
@@ -123,14 +122,14 @@ def test_allreduce_matches_driver_reduction(data, reference):
     assert c.bytes_returned < 3 * STEPS * sum(g.size for g in trainer.groups) * 8
 
 
-def test_allreduce_reports_the_cosine_between_consecutive_sums(data, threads):
+def test_allreduce_reports_the_cosine_between_consecutive_sums(data):
     """The driver never sees the all-reduced sums, so the replicas report each step's cosine to the last sums they
     applied: the in-process run's cosines (float64 sums; the replicas keep the last one in float32), NaN on the
     first step, which has no previous estimate."""
     cosines = []
     for farm in ({"backend": "local"}, {"reduction": "allreduce"}):
         cfg = BASE.replace(farm=dataclasses.replace(BASE.farm, **farm))
-        with threads(1), Trainer(cfg, create_model("digits_vit", 10, 8, cfg.seed), *data) as trainer:
+        with Trainer(cfg, create_model("digits_vit", 10, 8, cfg.seed), *data) as trainer:
             cosines.append([trainer.step().cosine for _ in range(STEPS)])
     want, got = cosines
     assert all(math.isnan(c) for c in got[0] + want[0])
@@ -258,9 +257,8 @@ def test_fractional_fake_gpu(data, reference):
 
 
 @pytest.fixture(scope="module")
-def spsa_reference(data, threads) -> list[torch.Tensor]:
-    with threads(1):
-        return _params_per_step(_trainer(data, backend="local", spsa=True))
+def spsa_reference(data) -> list[torch.Tensor]:
+    return _params_per_step(_trainer(data, backend="local", spsa=True))
 
 
 @pytest.mark.parametrize("replicas", [1, 3])

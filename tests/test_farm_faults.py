@@ -144,7 +144,7 @@ def test_a_poison_sample_is_skipped_when_asked(digits_splits):
 
 
 @pytest.mark.usefixtures("ray_local")
-def test_every_replica_killed_at_its_first_shard_is_survived(digits_splits, threads):
+def test_every_replica_killed_at_its_first_shard_is_survived(digits_splits):
     """The 20 first replicas, the two initial ones and 18 replacements, each killed as its first shard starts
     (no result in between: 20 deaths in a row, at the default ``max_retries``). The clean round's one task looks
     like a poison task to the probes, but no probe ever kills a replica that had finished a shard, so no sample is
@@ -168,7 +168,7 @@ def test_every_replica_killed_at_its_first_shard_is_survived(digits_splits, thre
         got = torch.from_numpy(stormy.get_params())
         assert len(killed) == 20 and stormy.backend.counters.restarts >= 20
     local = cfg.replace(farm=dataclasses.replace(cfg.farm, backend="local"))
-    with threads(1), Trainer(local, _model(local), *digits_splits) as straight:
+    with Trainer(local, _model(local), *digits_splits) as straight:
         straight.fit()
         want = torch.from_numpy(straight.get_params())
     assert torch.equal(got, want), f"max diff {(got - want).abs().max().item():.3g}"
@@ -196,7 +196,7 @@ def test_fewer_replicas_than_asked_warn_and_the_run_goes_on(digits_splits):
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_local")
-def test_kill_storm_at_default_settings_is_survived(digits_splits, threads):
+def test_kill_storm_at_default_settings_is_survived(digits_splits):
     """20 replica kills, one every 1-3 s on a random replica (busy, idle or still starting, both at once too),
     at default settings (LR: all-reduce, replicas own the parameters, Adam): the run goes on, and its parameters
     equal an uninterrupted in-process run of as many steps on one thread (as each replica runs), bit for bit (the
@@ -235,7 +235,7 @@ def test_kill_storm_at_default_settings_is_survived(digits_splits, threads):
         restarts = stormy.backend.counters.restarts
     assert len(kills) == 20 and restarts == 20, (kills, restarts)
     local = cfg.replace(farm=dataclasses.replace(cfg.farm, backend="local"))
-    with threads(1), Trainer(local, _model(local), *digits_splits) as straight:
+    with Trainer(local, _model(local), *digits_splits) as straight:
         straight.fit(steps)
         want = torch.from_numpy(straight.get_params())
     assert torch.equal(got, want), f"max diff {(got - want).abs().max().item():.3g}"

@@ -341,14 +341,8 @@ def test_farm_equals_in_process_bit_for_bit(lm_dirs, text_files, estimator, redu
         with build(cfg.replace(farm=farm)) as trainer:
             return [(trainer.step(), trainer.get_params().copy())[1] for _ in range(cfg.steps)]
 
-    # A replica runs one intra-op thread per reserved CPU; the in-process run does the same, since some kernels
-    # (the LM's attention and small matmuls) round otherwise with another number of threads.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        local = params_per_step("local")
-    finally:
-        torch.set_num_threads(threads)
+    # The in-process step computes on a 1-CPU replica's one thread (farm.local_threads=0), as the replicas do.
+    local = params_per_step("local")
     farm = params_per_step("ray")
     assert not np.array_equal(local[0], local[-1])
     for step, (a, b) in enumerate(zip(local, farm)):

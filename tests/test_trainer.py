@@ -13,6 +13,7 @@ from flops_ray.allocation.allocators import EqualAllocator
 from flops_ray.config import AllocatorConfig, EstimatorConfig, FarmConfig, GroupConfig, TrainConfig
 from flops_ray.messages import TaskKind
 from flops_ray.models.factory import create_model
+from flops_ray.models.losses import cross_entropy
 from flops_ray.step.local_backend import LocalBackend
 from flops_ray.training.trainer import Trainer, default_backend
 
@@ -200,3 +201,23 @@ def test_a_failed_fit_fails_the_step_that_would_adopt_it_once(data):
     tr.state_dict()
     tr.allocators[0] = EqualAllocator()
     assert tr.step().step == 1
+
+
+@pytest.mark.parametrize(("local_threads", "cpus", "want"), [(0, 1.0, 1), (0, 3.0, 3), (2, 1.0, 2)])
+def test_in_process_queries_run_on_a_replicas_thread_count(data, local_threads, cpus, want):
+    """A CPU's float32 products round by their thread count, so the in-process step computes on the threads a
+    farm replica of the same config has (``farm.local_threads=0``) unless told otherwise; the count outside
+    the step is left as it was."""
+    seen = []
+
+    def loss(logits, y):
+        seen.append(torch.get_num_threads())
+        return cross_entropy(logits, y)
+
+    farm = FarmConfig(local_threads=local_threads, num_cpus_per_replica=cpus)
+    cfg = TrainConfig(groups=HEAD, batch_size=16, steps=1, farm=farm)
+    before = torch.get_num_threads()
+    with Trainer(cfg, create_model("digits_vit", 10, 8, cfg.seed), *data, loss_fn=loss) as trainer:
+        trainer.step()
+    assert seen and set(seen) == {want}
+    assert torch.get_num_threads() == before

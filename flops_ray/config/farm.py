@@ -21,6 +21,11 @@ class FarmConfig:
 
     backend: str = "local"
     """``local`` (one in-process replica) or ``ray`` (driver + replica actors)."""
+    local_threads: int = 0
+    """Local: torch intra-op threads of the in-process step; 0: a replica's count (one per
+    ``num_cpus_per_replica``), so a local run and a farm run give the same parameters bit for bit. More threads
+    run faster on a many-core machine, but a CPU's float32 products round by their thread count, so the
+    parameters then differ from the farm's in the last bits (docs/FARM.md, determinism)."""
     replicas: int | str = 2
     """Ray: number of replica actors, or an elastic range ``"min..max"``: the run starts once ``min`` are up
     (more if the cluster holds them), replicas join as the autoscaler adds nodes (adopting a live peer's
@@ -98,6 +103,11 @@ class FarmConfig:
 
     def validate(self) -> None:
         require(self.backend in ("local", "ray"), "farm.backend", f"must be 'local' or 'ray', got {self.backend!r}")
+        require(
+            self.local_threads >= 0,
+            "farm.local_threads",
+            f"must be >= 0 (0: a replica's count), got {self.local_threads}",
+        )
         replica_range(self.replicas)
         require(self.num_cpus_per_replica >= 0, "farm.num_cpus_per_replica", "must be >= 0")
         require(self.num_gpus_per_replica >= 0, "farm.num_gpus_per_replica", "must be >= 0")

@@ -22,6 +22,7 @@ from torch import nn
 from flops_ray.messages import ReplicaState, ShardResult, ShardTask, StepUpdate, TaskKey
 from flops_ray.replica.ordered_sum import ordered_sums
 from flops_ray.replica.replica import Replica, ReplicaSpec
+from flops_ray.replica.threads import replica_threads
 
 
 @dataclass(frozen=True)
@@ -91,9 +92,8 @@ class ReplicaActor:
     """
 
     def __init__(self, model: nn.Module, spec: ReplicaSpec, options: ReplicaOptions):
-        # Ray reserves logical CPUs only; one intra-op thread per reserved CPU avoids oversubscribing a node.
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-        torch.set_num_threads(max(1, round(cpus)))
+        torch.set_num_threads(replica_threads(cpus))
         gpu_ids = tuple(str(g) for g in ray.get_gpu_ids())
         # Ray narrows CUDA_VISIBLE_DEVICES to the assigned GPU, so it is always cuda:0 in here.
         device = "cuda:0" if gpu_ids and torch.cuda.is_available() else "cpu"

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from flops_ray.messages import ReplicaState, ShardResult, ShardTask, StepUpdate, UpdateSource
 from flops_ray.replica.replica import Replica
+from flops_ray.replica.threads import intra_op_threads
 from flops_ray.step.forward import reduce_in_order
 from flops_ray.step.interface import Reduced
 
@@ -16,17 +19,25 @@ class LocalBackend:
 
     Args:
         replica: the replica.
+        threads: torch intra-op threads its work runs on (:mod:`flops_ray.replica.threads`: a farm replica's
+            count gives the farm's parameters bit for bit); 0 leaves this process's count.
     """
 
-    def __init__(self, replica: Replica):
+    def __init__(self, replica: Replica, threads: int = 0):
         self.replica = replica
+        self.threads = threads
         self._grads: tuple[np.ndarray, ...] | None = None
 
+    def _threads(self) -> contextlib.AbstractContextManager:
+        return intra_op_threads(self.threads) if self.threads else contextlib.nullcontext()
+
     def sync(self, step: int, x: np.ndarray, y: np.ndarray) -> None:
-        self.replica.sync(step, x, y)
+        with self._threads():
+            self.replica.sync(step, x, y)
 
     def run(self, tasks: list[ShardTask]) -> list[ShardResult]:
-        return [self.replica.run(t) for t in tasks]
+        with self._threads():
+            return [self.replica.run(t) for t in tasks]
 
     def reduce(self, tasks: list[ShardTask], results: list[ShardResult], sizes: list[int]) -> Reduced:
         self._grads = tuple(reduce_in_order(tasks, results, sizes))
@@ -35,7 +46,8 @@ class LocalBackend:
     def apply(self) -> None:
         if self._grads is None:
             raise RuntimeError("no reduced gradient to apply: call reduce first")
-        self.replica.apply(StepUpdate(self.replica.version, UpdateSource.GRADS, grads=self._grads))
+        with self._threads():
+            self.replica.apply(StepUpdate(self.replica.version, UpdateSource.GRADS, grads=self._grads))
         self._grads = None
 
     def state(self) -> ReplicaState:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from flops_ray.replica.threads import intra_op_threads
 
 
 def seconds(fn: Callable[[], object], device: torch.device | None = None) -> float:
@@ -26,15 +28,9 @@ def best_seconds(reps: int, fn: Callable[[], object]) -> float:
     return min(seconds(fn) for _ in range(reps))
 
 
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[int]:
+def torch_threads(n: int) -> contextlib.AbstractContextManager[int]:
     """Run the body on ``n`` torch threads (at most this process's), then restore the count; yields the count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(n, threads)))
-    try:
-        yield torch.get_num_threads()
-    finally:
-        torch.set_num_threads(threads)
+    return intra_op_threads(max(1, min(n, torch.get_num_threads())))
 
 
 def single_threaded(fn: Callable[[], object]) -> float:

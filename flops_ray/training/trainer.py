@@ -28,6 +28,7 @@ from flops_ray.messages import ReplicaState
 from flops_ray.models.groups import flatten, to_numpy
 from flops_ray.models.losses import LossFn, cross_entropy
 from flops_ray.replica.replica import Replica, ReplicaSpec
+from flops_ray.replica.threads import replica_threads
 from flops_ray.replica.update import make_optimizer
 from flops_ray.step.backprop import model_input
 from flops_ray.step.checks import check_config
@@ -67,7 +68,8 @@ def default_backend(cfg: TrainConfig, model: nn.Module, loss_fn: LossFn) -> Back
         from flops_ray.farm.backend import RayBackend
 
         return RayBackend(cfg, model, loss_fn)
-    return LocalBackend(Replica(copy.deepcopy(model), ReplicaSpec.of(cfg, loss_fn)))
+    threads = cfg.farm.local_threads or replica_threads(cfg.farm.num_cpus_per_replica)
+    return LocalBackend(Replica(copy.deepcopy(model), ReplicaSpec.of(cfg, loss_fn)), threads)
 
 
 class Trainer:
