@@ -126,11 +126,14 @@ def test_allreduce_reports_the_cosine_between_consecutive_sums(data):
     """The driver never sees the all-reduced sums, so the replicas report each step's cosine to the last sums they
     applied: the in-process run's cosines (float64 sums; the replicas keep the last one in float32), NaN on the
     first step, which has no previous estimate."""
-    cosines = []
+    cosines, norms = [], []
     for farm in ({"backend": "local"}, {"reduction": "allreduce"}):
         cfg = BASE.replace(farm=dataclasses.replace(BASE.farm, **farm))
         with Trainer(cfg, create_model("digits_vit", 10, 8, cfg.seed), *data) as trainer:
-            cosines.append([trainer.step().cosine for _ in range(STEPS)])
+            reports = [trainer.step() for _ in range(STEPS)]
+        cosines.append([r.cosine for r in reports])
+        norms.append([r.grad_norm for r in reports])
+    assert norms[0] == norms[1], "the members clip the in-process sum: the same norm before clipping"
     want, got = cosines
     assert all(math.isnan(c) for c in got[0] + want[0])
     for g, w in zip(got[1:], want[1:]):

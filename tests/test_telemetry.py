@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from flops_ray.app.hooks import NOISE_SNR, NoiseWatch
+from flops_ray.app.hooks import NOISE_SNR, ClipWatch, NoiseWatch
 from flops_ray.config import AllocatorConfig, EstimatorConfig, GroupConfig, TrainConfig
 from flops_ray.models.factory import create_model
 from flops_ray.step.interface import StepReport
@@ -95,3 +95,48 @@ def test_bench_telemetry_quick(tmp_path, run_script):
     groups = result["checkpoints"][0]["groups"]
     assert [g["group"] for g in groups] == ["top", "head"]
     assert result["worst_relative_error"] < 0.15, groups
+
+
+def _clip_report(step: int, clipped: list[bool], norms: list[float]) -> StepReport:
+    return StepReport(step=step, loss=1.0, grad_norm=norms, clipped=clipped)
+
+
+def test_a_run_almost_always_clipped_warns_once_per_group(capsys):
+    """9 of the last 10 steps clipped warns (the median norm names the clip to exceed); 8 does not."""
+    watch = ClipWatch(["top", "head"], grad_clip=1.0, window=10, share=0.9)
+    for step in range(30):
+        head = step % 10 != 0  # 9 in every 10
+        top = step % 5 not in (0, 1)  # 6 in every 10
+        watch(None, _clip_report(step, [top, head], [1.5, 3.0 if head else 0.5]))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        "warning: group head's update was clipped in 9 of the last 10 steps (grad_clip 1, median norm 3): "
+        "the clip, not the estimate, sets the step; raise grad_clip above the norm or lower lr"
+    ]
+    assert watch.summary() == "  clipped top 60% head 90%"
+
+
+def test_steps_never_clipped_leave_the_progress_line_alone(capsys):
+    watch = ClipWatch(["head"], grad_clip=20.0, window=2)
+    for step in range(4):
+        watch(None, _clip_report(step, [False], [3.0]))
+    assert watch.summary() == "" and capsys.readouterr().out == ""
+
+
+def test_reports_carry_the_norm_before_clipping(digits_splits):
+    """The report's norm is the applied estimate's: one SGD step at lr 1 moves the group's parameters by the
+    estimate itself (the first step's momentum is the gradient), unclipped by 0 and cut to the clip by a tiny one
+    (reported as clipped); the default clip (an outlier guard) leaves the digits estimate alone. Backprop reports
+    its exact gradient's norm the same way."""
+    for backprop in (False, True):
+        for grad_clip, want in ((0.0, False), (1e-3, True), (TrainConfig().grad_clip, False)):
+            cfg = TrainConfig(
+                groups=HEAD, batch_size=16, optimizer="sgd", lr=1.0, grad_clip=grad_clip, backprop=backprop
+            )
+            with Trainer(cfg, create_model("digits_vit", 10, 8, cfg.seed), *digits_splits) as trainer:
+                before = trainer.get_params().copy()
+                report = trainer.step()
+                moved = float(np.linalg.norm(trainer.get_params() - before))
+            assert report.clipped == [want], (backprop, grad_clip)
+            assert 0.1 < report.grad_norm[0] < 20
+            assert moved == pytest.approx(min(report.grad_norm[0], grad_clip or math.inf), rel=1e-4)

@@ -112,7 +112,8 @@ def test_a_failed_step_keeps_the_allocator_state(data):
     backends = []
 
     def factory(cfg, model, loss_fn):
-        backends.append(_FailingQueries(default_backend(cfg, model, loss_fn).replica))
+        inner = default_backend(cfg, model, loss_fn)
+        backends.append(_FailingQueries(inner.replica, inner.threads))
         return backends[0]
 
     gaussian = {"allocator": AllocatorConfig(kind="gaussian", gaussian_iters=3)}
@@ -171,7 +172,8 @@ def test_the_allocator_fit_runs_beside_the_queries_and_the_next_step_adopts_it(d
     backends = []
 
     def factory(cfg, model, loss_fn):
-        backends.append(_MainRoundFlag(default_backend(cfg, model, loss_fn).replica))
+        inner = default_backend(cfg, model, loss_fn)
+        backends.append(_MainRoundFlag(inner.replica, inner.threads))
         return backends[0]
 
     tr = _trainer(data, factory)

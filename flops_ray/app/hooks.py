@@ -3,6 +3,7 @@ warning when a group's gradient estimate stays noise."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import os
@@ -26,8 +27,9 @@ class Progress:
     by how many of the run's steps are done. The ETA counts step time only: replicas start before step 0.
     """
 
-    def __init__(self, total: int, start: int, every: int):
+    def __init__(self, total: int, start: int, every: int, clips: ClipWatch | None = None):
         self.total, self.start, self.every = total, start, every
+        self.clips = clips
         self.seconds = 0.0
 
     def __call__(self, trainer: Trainer, report: StepReport) -> None:
@@ -39,9 +41,10 @@ class Progress:
         acc = f"{report.accuracy:.3f}" if report.accuracy is not None else "  -  "
         qps = report.queries / report.seconds if report.seconds > 0 else 0.0
         skipped = f"  skipped {report.skipped} queries" if report.skipped else ""
+        clipped = self.clips.summary() if self.clips is not None else ""
         print(
             f"step {report.step:>5} ({done}/{self.total} done)  loss {report.loss:.4f}  acc {acc}"
-            f"  {qps:>9,.0f} queries/s  {report.seconds:.2f} s/step  eta {eta / 60:.1f} min{skipped}",
+            f"  {qps:>9,.0f} queries/s  {report.seconds:.2f} s/step  eta {eta / 60:.1f} min{skipped}{clipped}",
             flush=True,
         )
 
@@ -177,3 +180,51 @@ class NoiseWatch:
                     f"(snr {snr:.2f} < {NOISE_SNR:g} at step {report.step}); likely setting: {hint}",
                     flush=True,
                 )
+
+
+class ClipWatch:
+    """A step hook counting, per group, the steps whose update ``grad_clip`` scaled down, for the progress lines
+    (``clipped <group> <share>`` since the run started), and printing one warning line per group when it was
+    clipped in at least ``share`` of the last ``window`` steps: then the clip, not the estimate, sets the
+    update's size, and the line names the median norm a clip would have to exceed.
+
+    Args:
+        groups: layer group names.
+        grad_clip: the run's clip (named in the warning).
+        window: steps the warning looks back over (0: never warn).
+        share: the share of those steps that warns.
+    """
+
+    def __init__(self, groups: list[str], grad_clip: float, window: int = 50, share: float = 0.9):
+        self.groups, self.grad_clip, self.window, self.share = groups, grad_clip, window, share
+        self.steps = 0
+        self.clipped = [0] * len(groups)
+        self.recent: collections.deque[tuple[list[bool], list[float]]] = collections.deque(maxlen=max(window, 1))
+        self.warned = [False] * len(groups)
+
+    def __call__(self, trainer: Trainer, report: StepReport) -> None:
+        if not report.clipped:
+            return
+        self.steps += 1
+        self.clipped = [c + bool(k) for c, k in zip(self.clipped, report.clipped)]
+        self.recent.append((report.clipped, report.grad_norm))
+        if not self.window or len(self.recent) < self.window:
+            return
+        for g, name in enumerate(self.groups):
+            hits = sum(clipped[g] for clipped, _ in self.recent)
+            if hits >= self.share * self.window and not self.warned[g]:
+                self.warned[g] = True
+                median = float(np.median([norms[g] for _, norms in self.recent]))
+                print(
+                    f"warning: group {name}'s update was clipped in {hits} of the last {self.window} steps "
+                    f"(grad_clip {self.grad_clip:g}, median norm {median:.3g}): the clip, not the estimate, "
+                    f"sets the step; raise grad_clip above the norm or lower lr",
+                    flush=True,
+                )
+
+    def summary(self) -> str:
+        """``  clipped head 12% top 80%`` over the steps so far; empty when no update was clipped."""
+        if not any(self.clipped):
+            return ""
+        shares = " ".join(f"{name} {c / self.steps:.0%}" for name, c in zip(self.groups, self.clipped))
+        return f"  clipped {shares}"

@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from flops_ray.app.hooks import Checkpointer, GracefulStop, MetricsRecorder, NoiseWatch, Progress
+from flops_ray.app.hooks import Checkpointer, ClipWatch, GracefulStop, MetricsRecorder, NoiseWatch, Progress
 from flops_ray.app.job_config import quick_config
 from flops_ray.app.lock import owned
 from flops_ray.app.plot import plot_metrics
@@ -202,7 +202,8 @@ def _train(
     metrics = MetricsLog(out / METRICS, [g.name for g in cfg.groups], job.flush_every, start if resuming else None)
     if resuming and metrics.kept < start:
         print(f"warning: {out / METRICS} holds {metrics.kept} of the {start} rows before step {start}", flush=True)
-    progress = Progress(cfg.steps, start, job.log_every)
+    clips = ClipWatch([g.name for g in cfg.groups], cfg.grad_clip)
+    progress = Progress(cfg.steps, start, job.log_every, clips)
     saver = Checkpointer(metrics, ckpt, job.checkpoint_every, job.checkpoint_minutes)
     stop = GracefulStop()
     try:
@@ -215,7 +216,7 @@ def _train(
     try:
         initial_acc = trainer.evaluate() if trainer.test_set is not None else None
         with stop:
-            reports = trainer.fit(hooks=[record, watch, progress, saver, *hooks, stop.hook])
+            reports = trainer.fit(hooks=[record, watch, clips, progress, saver, *hooks, stop.hook])
         saver.save(trainer)
         accs = [r.accuracy for r in reports if r.accuracy is not None]
         last_acc = accs[-1] if accs else (trainer.evaluate() if trainer.test_set is not None else None)

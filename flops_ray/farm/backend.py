@@ -132,7 +132,7 @@ class RayBackend:
         self._update = StepUpdate(version, UpdateSource.GRADS, grads=grads)
         return Reduced(tuple(bool(np.isfinite(g).all()) for g in grads), grads)
 
-    def apply(self) -> None:
+    def apply(self) -> tuple[float, ...]:
         """Send the step's update to every replica holding the current parameters: the all-reduce's members
         apply the sum they hold (:meth:`AllReduce.apply`, which recovers from its own faults), the others get
         the update from the driver (:meth:`UpdateSender.apply`).
@@ -152,6 +152,9 @@ class RayBackend:
         # The update is applied: the step made progress, so replacing the failed ones below cannot fail it.
         self.faults.progress()
         self.pool.replace_failed(answers, "a replica failed applying the step's update or exporting its state")
+        # Every replica that applied it clipped the same sum: any one's norms are the step's (a replica that had
+        # applied it already, before a fault, answers an empty tuple).
+        return next((answer for _, answer in answers if isinstance(answer, tuple) and answer), ())
 
     def state(self) -> ReplicaState:
         """The parameters and optimizer state, from one replica, after checking every replica's digest.

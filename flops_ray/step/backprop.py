@@ -48,6 +48,7 @@ class BackpropStep:
         self.loss_fn = loss_fn
         self.grad_clip = grad_clip
         self.committing = False
+        self._norms: tuple[float, ...] = ()
 
     def __call__(self, step: int, x: np.ndarray, y: np.ndarray, sample_ids: np.ndarray) -> tuple[Reduced, StepReport]:
         """Leave the gradient of step ``step``'s batch in the parameters' ``grad``; :meth:`apply` steps on it."""
@@ -56,16 +57,17 @@ class BackpropStep:
             losses = self.loss_fn(self.model(model_input(self.model, x)), torch.from_numpy(y))
             losses.mean().backward()
         group_params = [[p for _, p in g.params] for g in self.groups]
-        if self.grad_clip > 0:
-            for params in group_params:
-                torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        # clip_grad_norm_ returns the norm before clipping; an infinite bound leaves the gradient as it is.
+        clip = self.grad_clip if self.grad_clip > 0 else float("inf")
+        self._norms = tuple(float(torch.nn.utils.clip_grad_norm_(params, clip)) for params in group_params)
         finite = tuple(all(p.grad is None or bool(p.grad.isfinite().all()) for p in params) for params in group_params)
         return Reduced(finite), StepReport(step, losses.mean().item(), to_numpy(losses))
 
-    def apply(self) -> None:
+    def apply(self) -> tuple[float, ...]:
         self.committing = True
         self.optimizer.step()
         self.committing = False
+        return self._norms
 
     def settle(self) -> None:
         pass

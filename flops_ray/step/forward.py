@@ -45,8 +45,9 @@ class Backend(Protocol):
     def reduce(self, tasks: list[ShardTask], results: list[ShardResult], sizes: list[int]) -> Reduced:
         """Sum the weighted tasks' gradients per group ``(P_g,)`` where the update will be applied."""
 
-    def apply(self) -> None:
-        """Apply the last reduced gradient on every replica (clip, optimizer step): the step is done."""
+    def apply(self) -> tuple[float, ...]:
+        """Apply the last reduced gradient on every replica (clip, optimizer step): the step is done. Returns
+        each group's gradient norm before clipping."""
 
     def state(self) -> ReplicaState:
         """The replicas' parameters and optimizer state (a checkpoint, an evaluation); checks they agree."""
@@ -297,9 +298,10 @@ class ForwardStep:
             traces, dof = visit.traces(g, len(ids))
             self.memory.observe(g, ids, torch.from_numpy(traces), torch.from_numpy(dof))
 
-    def apply(self) -> None:
-        self.backend.apply()
+    def apply(self) -> tuple[float, ...]:
+        norms = self.backend.apply()
         self.committing = False
+        return norms
 
     def settle(self) -> None:
         self.fit.settle()

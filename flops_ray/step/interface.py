@@ -74,8 +74,18 @@ class StepReport:
     skipped_samples: tuple[int, ...] = ()
     """Dataset indices of the batch's samples left out of the step because they kill the replicas that run them
     (``farm.skip_poison``)."""
+    grad_norm: list[float] = field(default_factory=list)
+    """Per group, the L2 norm of the applied gradient estimate before clipping (set once the step is applied)."""
+    clipped: list[bool] = field(default_factory=list)
+    """Per group, whether ``grad_clip`` scaled the update down: then the update's size is the clip's, not the
+    estimate's."""
     accuracy: float | None = None
     """Test accuracy after the step, when the step was an evaluation point."""
+
+    def applied(self, norms: tuple[float, ...], grad_clip: float) -> None:
+        """Record the applied update's per-group norms before clipping at ``grad_clip`` (0: none)."""
+        self.grad_norm = list(norms)
+        self.clipped = [0 < grad_clip < n for n in norms]
 
 
 class PoisonSampleError(RuntimeError):
@@ -97,8 +107,9 @@ class TrainStep(Protocol):
     def __call__(self, step: int, x: np.ndarray, y: np.ndarray, sample_ids: np.ndarray) -> tuple[Reduced, StepReport]:
         """Estimate step ``step``'s gradient on the batch ``x (B, ...)``, ``y (B,)``, ``sample_ids (B,)``."""
 
-    def apply(self) -> None:
-        """Apply the last estimated gradient (clip, optimizer step) where the parameters live: the step is done."""
+    def apply(self) -> tuple[float, ...]:
+        """Apply the last estimated gradient (clip, optimizer step) where the parameters live: the step is done.
+        Returns each group's gradient norm before clipping."""
 
     def settle(self) -> None:
         """Finish the state the step updates in the background, before it is read (a checkpoint)."""

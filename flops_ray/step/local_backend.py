@@ -43,12 +43,13 @@ class LocalBackend:
         self._grads = tuple(reduce_in_order(tasks, results, sizes))
         return Reduced(tuple(bool(np.isfinite(g).all()) for g in self._grads), self._grads)
 
-    def apply(self) -> None:
+    def apply(self) -> tuple[float, ...]:
         if self._grads is None:
             raise RuntimeError("no reduced gradient to apply: call reduce first")
         with self._threads():
-            self.replica.apply(StepUpdate(self.replica.version, UpdateSource.GRADS, grads=self._grads))
+            norms = self.replica.apply(StepUpdate(self.replica.version, UpdateSource.GRADS, grads=self._grads))
         self._grads = None
+        return norms
 
     def state(self) -> ReplicaState:
         return self.replica.export_state()

@@ -9,8 +9,9 @@ Columns: ``step``, ``loss`` (mean clean loss), ``accuracy`` (null between evalua
 per-sample clean losses), and per layer group ``g``: ``spread/g`` (max/min query count),
 ``variance_ratio/g`` (``J(A)/J(equal)`` on the allocator's traces: below 1 when allocation pays), ``mean_trace/g``
 (null when the pilot measures no trace), ``counts/g`` and ``trace/g`` (lists: per-sample query counts and
-pilot trace estimates, for the trace-vs-loss plot), and the gradient-quality telemetry ``snr/g``,
-``realised_variance_ratio/g`` and ``cosine/g`` (:class:`~flops_ray.step.interface.StepReport`); per farm counter
+pilot trace estimates, for the trace-vs-loss plot), the gradient-quality telemetry ``snr/g``,
+``realised_variance_ratio/g`` and ``cosine/g`` (:class:`~flops_ray.step.interface.StepReport`), and the update's
+``grad_norm/g`` (before clipping) and ``clipped/g`` (whether ``grad_clip`` scaled it down); per farm counter
 ``c`` (cumulative, null in-process): ``farm/c``.
 
 >>> import tempfile, pathlib
@@ -40,7 +41,7 @@ from flops_ray.step.interface import StepReport
 
 FARM_COUNTERS = tuple(f.name for f in dataclasses.fields(DispatchCounters))
 """The farm's cumulative counters, one ``farm/<name>`` column each."""
-TELEMETRY = ("snr", "realised_variance_ratio", "cosine")
+TELEMETRY = ("snr", "realised_variance_ratio", "cosine", "grad_norm")
 """Per-group gradient-quality columns (``<name>/<group>``), from the fields of :class:`StepReport` of those names."""
 
 
@@ -74,6 +75,7 @@ def metrics_schema(groups: list[str]) -> pa.Schema:
             (f"trace/{g}", pa.list_(pa.float64())),
         ]
         fields += [(f"{name}/{g}", pa.float64()) for name in TELEMETRY]
+        fields += [(f"clipped/{g}", pa.bool_())]
     fields += [(f"farm/{name}", pa.int64()) for name in FARM_COUNTERS]
     return pa.schema(fields, metadata={"groups": "\n".join(groups)})
 
@@ -116,17 +118,17 @@ def metrics_row(log: StepReport, groups: list[str], farm: dict[str, int] | None 
         row[f"trace/{g}"] = None if traces is None else np.asarray(traces, np.float64).tolist()
         for name in TELEMETRY:
             row[f"{name}/{g}"] = _finite(getattr(log, name), i)
+        row[f"clipped/{g}"] = log.clipped[i] if i < len(log.clipped) else None
     for name in FARM_COUNTERS:
         row[f"farm/{name}"] = None if farm is None else int(farm[name])
     return row
 
 
 def scalars(row: dict[str, Any]) -> dict[str, float]:
-    """The row's numeric, non-null cells except ``step`` (the list columns stay in Parquet): what the
-    TensorBoard, MLflow and W&B loggers log at the row's step."""
-    return {
-        k: float(v) for k, v in row.items() if k != "step" and isinstance(v, int | float) and not isinstance(v, bool)
-    }
+    """The row's numeric and boolean (as 0 or 1: a chart's mean is the share of steps) non-null cells except
+    ``step`` (the list columns stay in Parquet): what the TensorBoard, MLflow and W&B loggers log at the row's
+    step."""
+    return {k: float(v) for k, v in row.items() if k != "step" and isinstance(v, int | float)}
 
 
 def read_metrics(path: str | Path) -> pa.Table:

@@ -11,6 +11,7 @@ the checkpointer only writes files.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -161,7 +162,7 @@ class Trainer:
         x, y = self.train_set.x[ids], self.train_set.y[ids]
         t0 = time.perf_counter()
         _, report = self.train_step(self.step_count, x, y, ids)
-        self.train_step.apply()
+        report.applied(self.train_step.apply() or (math.nan,) * len(self.groups), self.cfg.grad_clip)
         self.step_count += 1
         report.seconds = time.perf_counter() - t0
         return report
