@@ -111,22 +111,23 @@ def _fused() -> Callable[..., torch.Tensor]:
     return torch.compile(_normal, dynamic=True)
 
 
-def gaussian(keys: torch.Tensor, size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Standard normal noise of draws ``keys`` at coordinates ``0 .. size-1``, on ``keys``' device.
+def gaussian(keys: torch.Tensor, size: int, dtype: torch.dtype = torch.float32, start: int = 0) -> torch.Tensor:
+    """Standard normal noise of draws ``keys`` at coordinates ``start .. start+size-1``, on ``keys``' device.
 
     Args:
         keys: ``(D,)`` int64 draw keys (:func:`draw_keys`).
-        size: numbers per draw (below 2^31).
+        size: numbers per draw (``start + size`` below 2^31).
         dtype: floating dtype of the result; the numbers are computed in float32.
+        start: the first coordinate: any range of a draw is made directly, the same bits as the whole draw's.
 
     Returns:
         ``(D, size)`` noise; row ``d`` depends only on ``keys[d]``.
     """
-    if not 0 <= size < _MAX_SIZE:
-        raise ValueError(f"noise size {size} is outside [0, 2^31)")
+    if size < 0 or start < 0 or start + size >= _MAX_SIZE:
+        raise ValueError(f"noise coordinates [{start}, {start + size}) are outside [0, 2^31)")
     k0 = (keys & 0xFFFFFFFF).to(torch.int32)[:, None]  # wraps to the signed 32-bit pattern
     gamma = (_shr(keys, 32, 64) | 1).to(torch.int32)[:, None]
-    counters = torch.arange(size, dtype=torch.int32, device=keys.device)
+    counters = torch.arange(start, start + size, dtype=torch.int32, device=keys.device)
     if keys.device.type == "cuda":
         out = _fused()(k0, gamma, counters)
     else:
@@ -135,6 +136,32 @@ def gaussian(keys: torch.Tensor, size: int, dtype: torch.dtype = torch.float32) 
         for start in range(0, size, block):
             out[:, start : start + block] = _normal(k0, gamma, counters[start : start + block])
     return out if dtype == torch.float32 else out.to(dtype)
+
+
+SLICE = 1 << 18
+"""Coordinates of a canonical slice of a draw (:attr:`NoiseLayout.slices`): every weighted sum of draws is computed
+slice by slice, so replicas that each rebuild some slices of a step's gradient get the bits of the whole."""
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Rows ``lo .. hi-1`` of a rank-1 block, or coordinates ``lo .. hi-1`` of a dense one."""
+
+    block: int
+    lo: int
+    hi: int
+    offset: int
+    """Where the slice's first coordinate sits in the flat draw."""
+    size: int
+    """Coordinates it covers."""
+
+
+def _weigh(u: torch.Tensor, v: torch.Tensor | None, coefs: torch.Tensor) -> torch.Tensor:
+    """``sum_d coefs[d] z_d`` over one slice, flat: ``z_d = u_d`` (dense) or ``u_d v_d^T`` (rank-1 rows). The
+    operands are made contiguous first, so a slice cut from whole streams and one made alone run the same kernels."""
+    if v is None:
+        return coefs @ u.contiguous()
+    return ((u * coefs[:, None]).T @ v.contiguous()).flatten()
 
 
 @dataclass(frozen=True)
@@ -157,6 +184,8 @@ class NoiseLayout:
 
     blocks: tuple[tuple[int, int], ...]
     """``(m, n)`` per block: ``n > 0`` a rank-1 ``m x n`` block, ``n == 0`` ``m`` dense coordinates."""
+    slice_size: int = SLICE
+    """Coordinates of a canonical slice (:attr:`slices`)."""
 
     @classmethod
     def dense(cls, size: int) -> NoiseLayout:
@@ -216,23 +245,47 @@ class NoiseLayout:
             dst += m * max(n, 1)
         return out
 
+    @functools.cached_property
+    def slices(self) -> tuple[Slice, ...]:
+        """The draw's canonical slices, in flat order: a dense block cut every :attr:`slice_size` coordinates, a
+        rank-1 block ``(m, n)`` every ``slice_size // n`` rows (at least one)."""
+        out, offset = [], 0
+        for b, (m, n) in enumerate(self.blocks):
+            step = max(1, self.slice_size // n) if n else self.slice_size
+            for lo in range(0, m, step):
+                hi = min(m, lo + step)
+                out.append(Slice(b, lo, hi, offset + lo * max(n, 1), (hi - lo) * max(n, 1)))
+            offset += m * max(n, 1)
+        return tuple(out)
+
+    def streams_of(self, piece: Slice) -> tuple[int, int]:
+        """Where ``piece``'s normals sit in a draw's stream: its own (``u``'s rows or its coordinates) start and
+        count; a rank-1 block's ``v`` follows its ``u`` (:attr:`sources`)."""
+        return self.sources[piece.block] + piece.lo, piece.hi - piece.lo
+
     def weigh(self, keys: torch.Tensor, coefs: torch.Tensor) -> torch.Tensor:
-        """``(size,)`` float32 ``sum_d coefs[d] z_d`` of the draws ``keys``, a rank-1 block as one ``(m, D) @ (D, n)``
-        matmul without forming its draws."""
+        """``(size,)`` float32 ``sum_d coefs[d] z_d`` of the draws ``keys``, a rank-1 block as ``(rows, D) @ (D, n)``
+        matmuls without forming its draws."""
         return self.weigh_streams(gaussian(keys, self.normals), coefs)
 
     def weigh_streams(self, stream: torch.Tensor, coefs: torch.Tensor) -> torch.Tensor:
-        """:meth:`weigh` of draws given by their ``(D, normals)`` streams."""
-        if self.dense_only:
-            return coefs @ stream
+        """:meth:`weigh` of draws given by their ``(D, normals)`` streams, slice by slice (:attr:`slices`), so any
+        slice weighed alone (:meth:`weigh_slice`) gives the same bits."""
         parts = []
-        for (m, n), src in zip(self.blocks, self.sources):
-            if n:
-                u, v = stream[:, src : src + m], stream[:, src + m : src + m + n]
-                parts.append(((u * coefs[:, None]).T @ v).flatten())
-            else:
-                parts.append(coefs @ stream[:, src : src + m])
+        for piece in self.slices:
+            src, count = self.streams_of(piece)
+            m, n = self.blocks[piece.block]
+            v = stream[:, self.sources[piece.block] + m :][:, :n] if n else None
+            parts.append(_weigh(stream[:, src : src + count], v, coefs))
         return torch.cat(parts)
+
+    def weigh_slice(self, keys: torch.Tensor, coefs: torch.Tensor, piece: Slice) -> torch.Tensor:
+        """``(piece.size,)`` the coordinates of :meth:`weigh` that ``piece`` covers, making only its normals (a
+        rank-1 slice's rows of ``u`` and its block's ``v``)."""
+        src, count = self.streams_of(piece)
+        m, n = self.blocks[piece.block]
+        v = gaussian(keys, n, start=self.sources[piece.block] + m) if n else None
+        return _weigh(gaussian(keys, count, start=src), v, coefs)
 
     def coordinates(self, stream: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """``(D, K)`` the draws at flat coordinates ``idx (K,)``, from their ``(D, normals)`` streams without
