@@ -286,3 +286,27 @@ def test_replicas_that_drift_apart_fail_loudly(data):
         trainer.step()
         with pytest.raises(FarmError, match="drifted apart"):
             trainer.get_params()
+
+
+@pytest.mark.parametrize("replicas", [1, 3])
+def test_sliced_replay_matches_in_process(data, spsa_reference, replicas):
+    """Each replica rebuilds a share of the step's canonical noise slices and one all-gather assembles them: the
+    full replay's bits, so the in-process run's, whatever the number of replicas."""
+    trainer = _trainer(data, spsa=True, replicas=replicas, replay="sliced")
+    assert trainer.backend.sliced and trainer.backend.reduction == "scalar"
+    _assert_same(_params_per_step(trainer), spsa_reference)
+    c = trainer.backend.counters
+    assert c.restarts == 0
+
+
+def test_sliced_replay_survives_a_replica_killed_before_it(data, spsa_reference, inject_fault):
+    """A replica killed as step 1's last shard result comes in is dead when the replay's collective opens: the
+    survivors replay again with the shares re-dealt, and the replacement adopts their state."""
+    trainer = _trainer(data, spsa=True, replay="sliced")
+    inject_fault(trainer.backend, after=2 * 17)
+    allreduce, broken = trainer.backend.allreduce, []
+    recover = allreduce._recover
+    allreduce._recover = lambda members, refs, cause: (broken.append(cause), recover(members, refs, cause))
+    _assert_same(_params_per_step(trainer), spsa_reference)
+    assert trainer.backend.counters.restarts == 1
+    assert len(broken) == 1, "the dead replica should have broken one replay's collective"

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from flops_ray.config.validation import require
 
 REDUCTIONS = ("auto", "scalar", "allreduce", "driver")
+REPLAYS = ("auto", "full", "sliced")
 RENAMED = {
     "farm.workers": "farm.replicas",
     "farm.num_cpus_per_worker": "farm.num_cpus_per_replica",
@@ -55,6 +56,12 @@ class FarmConfig:
     queries, not with ``P``), ``allreduce`` (partials meet in one torch.distributed collective among the
     replicas), ``driver`` (partials summed on the driver in canonical order and sent back: bit-identical for
     any number of replicas, ``O(P)`` bytes per shard); ``auto``: ``scalar`` for SPSA/ES, else ``allreduce``."""
+    replay: str = "auto"
+    """Ray, ``scalar``: how replicas rebuild the step's SPSA/ES gradient from its coefficients: ``full`` (each
+    rebuilds all of it: every replica pays the whole step's noise), ``sliced`` (each rebuilds a share of the
+    canonical slices and one all-gather assembles them, the same bits), ``auto``: ``sliced`` with two or more
+    replicas once the trained parameters span four slices (2^20), else ``full`` (a small model's replay costs
+    less than the collective)."""
     max_retries: int = 30
     """Ray: replica deaths in a row the farm survives with no shard result in between (more fail it).
     Results refill the budget, so a storm of preemptions is survived while work still gets done, even 20
@@ -115,6 +122,7 @@ class FarmConfig:
         require(self.clean_shard >= 0, "farm.clean_shard", f"must be >= 0 (0: shard_cost), got {self.clean_shard}")
         require(self.in_flight >= 1, "farm.in_flight", f"must be >= 1, got {self.in_flight}")
         require(self.reduction in REDUCTIONS, "farm.reduction", f"must be one of {REDUCTIONS}")
+        require(self.replay in REPLAYS, "farm.replay", f"must be one of {REPLAYS}, got {self.replay!r}")
         require(self.max_retries >= 0, "farm.max_retries", "must be >= 0")
         require(self.poison_deaths >= 1, "farm.poison_deaths", f"must be >= 1, got {self.poison_deaths}")
         require(self.snapshot_every >= 0, "farm.snapshot_every", f"must be >= 0, got {self.snapshot_every}")

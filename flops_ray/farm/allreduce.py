@@ -9,11 +9,16 @@ rebuilt process group, for as long as the fault policy allows. Every member keep
 update, and applies it; the driver receives only each group's norm. The all-reduce recovers from its own
 faults, the update's included: if every holder of the sum dies before applying it, the farm is still at
 this version, so the lost partials are recomputed and summed again.
+
+The same group serves SPSA/ES's sliced replay (:meth:`AllReduce.replay`): no partials are kept, every member
+rebuilds a share of the step's gradient from its coefficients and the shares meet in one all-gather
+(:func:`~flops_ray.replica.replay.sliced_replay`).
 """
 
 from __future__ import annotations
 
 import pickle
+from collections.abc import Callable
 
 import ray
 from ray.actor import ActorHandle
@@ -49,6 +54,9 @@ class AllReduce:
         self._group: tuple[ActorHandle, ...] = ()
         self._members: list[Slot] = []
         """The replicas of the last successful collective: they hold the sum."""
+        self._again: Callable[[], ReduceReply] = self.__call__
+        """The last collective (the sum of kept partials, or a sliced replay), to run again when every holder of its
+        result died before applying it."""
         self.pool.on_replace.append(self._invalidate)
 
     def _invalidate(self, index: int, dead: ActorHandle | None) -> None:
@@ -57,31 +65,56 @@ class AllReduce:
     def __call__(self) -> ReduceReply:
         """Sum every replica's kept partials into each member; returns the first member's reply (the per-group
         norms of the sums, and their cosines to the last step's where that member applied it)."""
+        self._again = self.__call__
+
+        def sum_partials(members: list[Slot]) -> list[ray.ObjectRef]:
+            # Every member adds every partial in task order, whichever member holds it (ordered_sum).
+            layout = tuple(tuple(t.key for t in self.work.held(s)) for s in members)
+            return [s.handle.allreduce.remote(layout) for s in members]
+
         while True:
             self._recompute_orphans()
-            members = [s for s in self.pool.slots if s.ready]
-            if not members:
-                raise FarmError("no replica is up to sum the step's partials")
-            refs: list[ray.ObjectRef] = []
-            replies = []
-            try:
-                # A member may be dead already (a kill not yet noticed): opening the group fails like the sum.
-                if tuple(s.handle for s in members) != self._group:
-                    self._open_group(members)
-                # Every member adds every partial in task order, whichever member holds it (ordered_sum).
-                layout = tuple(tuple(t.key for t in self.work.held(s)) for s in members)
-                refs = [s.handle.allreduce.remote(layout) for s in members]
-                for s, ref in zip(members, refs):
-                    replies.append(ray.get(ref))
-                    if sorted(replies[-1].keys) != sorted(t.key for t in self.work.held(s)):
-                        raise AssertionError("a replica summed different tasks than the driver accepted from it")
-            except (RayActorError, RayTaskError) as exc:
-                self._recover(members, refs, exc)
+            members, replies = self._collective(sum_partials)
+            if members is None:
                 continue
-            self.faults.progress()
-            self.pool.counters.bytes_returned += sum(len(pickle.dumps(r)) for r in replies)
-            self._members = members
+            for s, reply in zip(members, replies):
+                if sorted(reply.keys) != sorted(t.key for t in self.work.held(s)):
+                    raise AssertionError("a replica summed different tasks than the driver accepted from it")
             return replies[0]
+
+    def replay(self, update: StepUpdate) -> ReduceReply:
+        """Sliced replay: every member rebuilds its share of the SPSA/ES gradient of ``update`` (``COEFS``) and
+        gathers the others' (the shares follow the number of members, the bits do not); returns the first
+        member's reply, as :meth:`__call__`. A member lost on the way leaves the survivors to replay again."""
+        ref = ray.put(update)
+        self._again = lambda: self.replay(update)
+        while True:
+            members, replies = self._collective(lambda members: [s.handle.replay.remote(ref) for s in members])
+            if members is not None:
+                return replies[0]
+
+    def _collective(
+        self, start: Callable[[list[Slot]], list[ray.ObjectRef]]
+    ) -> tuple[list[Slot] | None, list[ReduceReply]]:
+        """One collective among the ready replicas, ``start`` asking each member for its part; returns the members
+        and their replies, or ``(None, [])`` after a fault it recovered from (the caller tries again)."""
+        members = [s for s in self.pool.slots if s.ready]
+        if not members:
+            raise FarmError("no replica is up to sum the step's gradient")
+        refs: list[ray.ObjectRef] = []
+        try:
+            # A member may be dead already (a kill not yet noticed): opening the group fails like the sum.
+            if tuple(s.handle for s in members) != self._group:
+                self._open_group(members)
+            refs = start(members)
+            replies = [ray.get(ref) for ref in refs]
+        except (RayActorError, RayTaskError) as exc:
+            self._recover(members, refs, exc)
+            return None, []
+        self.faults.progress()
+        self.pool.counters.bytes_returned += sum(len(pickle.dumps(r)) for r in replies)
+        self._members = members
+        return members, replies
 
     def apply(self, update: StepUpdate) -> Answers:
         """Have the members of the last collective apply their sum (``update``), summing again after a fault.
@@ -109,8 +142,8 @@ class AllReduce:
                 # Every holder of the sum died before applying it (else the policy gives up): still at this version.
                 self.faults.unapplied(update.version, answers, summed=True)
                 self.pool.replace_failed(answers, "a replica died holding the step's summed gradient")
-            # The replacements adopt the snapshot; the lost partials are recomputed and summed again.
-            self()
+            # The replacements adopt the snapshot; the lost partials are recomputed and summed again (or replayed).
+            self._again()
 
     def _recompute_orphans(self) -> None:
         """Recompute the partials of dead replicas; a replica dying meanwhile orphans its own, so until none is

@@ -20,6 +20,7 @@ from torch import nn
 
 from flops_ray.config import TrainConfig
 from flops_ray.estimators import estimator_family
+from flops_ray.estimators.noise import SLICE
 from flops_ray.farm.allreduce import AllReduce
 from flops_ray.farm.counters import DispatchCounters
 from flops_ray.farm.errors import FarmError
@@ -33,6 +34,7 @@ from flops_ray.farm.scheduler import Scheduler
 from flops_ray.farm.state_transfer import export
 from flops_ray.farm.update_sender import UpdateSender
 from flops_ray.messages import ReplicaState, ShardResult, ShardTask, StepUpdate, UpdateSource
+from flops_ray.models.groups import resolve_groups
 from flops_ray.models.losses import LossFn, cross_entropy
 from flops_ray.replica.replica import ReplicaSpec
 from flops_ray.step.forward import reduce_in_order
@@ -91,6 +93,7 @@ class RayBackend:
         self.startup_seconds = time.perf_counter() - t0
         self.reduction = resolve_reduction(cfg, model)
         keep, scalar = self.reduction == "allreduce", self.reduction == "scalar"
+        self.sliced = scalar and resolve_replay(cfg, model)
         self.scheduler = Scheduler(
             self.pool,
             farm.in_flight,
@@ -100,7 +103,8 @@ class RayBackend:
             skip_poison=farm.skip_poison,
         )
         self.sender = UpdateSender(self.pool, farm.snapshot_every)
-        self.allreduce = AllReduce(self.scheduler, self.sender, farm.collective_timeout_s) if keep else None
+        collective = keep or self.sliced
+        self.allreduce = AllReduce(self.scheduler, self.sender, farm.collective_timeout_s) if collective else None
         self._update: StepUpdate | None = None
 
     def sync(self, step: int, x: np.ndarray, y: np.ndarray) -> None:
@@ -127,7 +131,13 @@ class RayBackend:
                 finite[task.group] &= bool(np.isfinite(coefs).all())
             tasks_, coefs_ = zip(*weighted) if weighted else ((), ())
             self._update = StepUpdate(version, UpdateSource.COEFS, tasks=tuple(tasks_), coefs=tuple(coefs_))
-            return Reduced(tuple(finite))
+            if not self.sliced:
+                return Reduced(tuple(finite))
+            reply = self.allreduce.replay(self._update)
+            self._update = StepUpdate(version, UpdateSource.HELD)
+            return Reduced(
+                tuple(finite), norms=tuple(map(float, reply.norms)), cosines=tuple(map(float, reply.cosines))
+            )
         grads = tuple(reduce_in_order(tasks, results, sizes))
         self._update = StepUpdate(version, UpdateSource.GRADS, grads=grads)
         return Reduced(tuple(bool(np.isfinite(g).all()) for g in grads), grads)
@@ -223,6 +233,15 @@ class RayBackend:
             self.pool.close()
         if self._owns_ray:
             ray.shutdown()
+
+
+def resolve_replay(cfg: TrainConfig, model: nn.Module) -> bool:
+    """Whether the scalar protocol replays sliced (``farm.replay``; ``auto``: two or more replicas and trained
+    parameters spanning four canonical slices)."""
+    if cfg.farm.replay != "auto":
+        return cfg.farm.replay == "sliced"
+    trained = sum(g.size for g in resolve_groups(model, cfg.groups, False))  # SPSA/ES: whole modules
+    return cfg.farm.max_replicas >= 2 and trained >= 4 * SLICE
 
 
 def resolve_reduction(cfg: TrainConfig, model: nn.Module) -> str:

@@ -158,17 +158,17 @@ class ReplicaActor:
         Args:
             layout: per member, in rank order, the keys of the partials the driver accepted from it.
         """
-        world = dist.get_world_size()
-
-        def exchange(buf: torch.Tensor) -> list[torch.Tensor]:
-            out = [torch.empty_like(buf) for _ in range(world)]
-            dist.all_gather(out, buf)
-            return out
-
         partials = self.replica.partials()
-        grads = ordered_sums(self.replica.sizes, layout, dist.get_rank(), partials, exchange, self.replica.device)
+        device = self.replica.device
+        grads = ordered_sums(self.replica.sizes, layout, dist.get_rank(), partials, _all_gather, device)
         norms = self.replica.hold_reduced(grads)
         return ReduceReply(tuple(partials), norms, self.replica.cosines())
+
+    def replay(self, update: StepUpdate) -> ReduceReply:
+        """Sliced replay of the step's SPSA/ES gradient (``update`` is its ``COEFS``): this member rebuilds its share
+        of the slices, gathers the others', and keeps the sums, the full replay's bits (:meth:`Replica.replay_reduced`)."""
+        norms = self.replica.replay_reduced(update, dist.get_rank(), dist.get_world_size(), _all_gather)
+        return ReduceReply((), norms, self.replica.cosines())
 
     # ---- the replica's own copy of the training state -----------------------------------------------
     def apply(self, update: StepUpdate) -> tuple[float, ...]:
@@ -192,3 +192,10 @@ class ReplicaActor:
     def digest(self) -> tuple[int, str]:
         """The version and a hash of this replica's parameters (copies that drifted hash differently)."""
         return self.replica.digest()
+
+
+def _all_gather(buf: torch.Tensor) -> list[torch.Tensor]:
+    """Every member's ``buf`` (one shape on all), in rank order, through the replica's process group."""
+    out = [torch.empty_like(buf) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, buf)
+    return out

@@ -23,7 +23,7 @@ from flops_ray.messages import ShardResult, ShardTask, TaskKind
 from flops_ray.models.groups import flatten, resolve_groups, to_numpy, unflatten_into
 from flops_ray.models.losses import LossFn, cross_entropy
 from flops_ray.replica.heap import keep_freed_memory
-from flops_ray.replica.replay import replay_gradients
+from flops_ray.replica.replay import Exchange, replay_gradients, sliced_replay
 from flops_ray.replica.traces import TraceSampler
 
 
@@ -131,10 +131,22 @@ class QueryEngine:
         )
         return result, grad
 
-    def replay(self, tasks: Sequence[ShardTask], coefs: Sequence[np.ndarray]) -> list[torch.Tensor]:
-        """Per group ``(P_g,)`` float64 gradient sums rebuilt from the weighted tasks' per-draw coefficients."""
+    def replay(
+        self,
+        tasks: Sequence[ShardTask],
+        coefs: Sequence[np.ndarray],
+        rank: int = 0,
+        world: int = 1,
+        exchange: Exchange | None = None,
+    ) -> list[torch.Tensor]:
+        """Per group ``(P_g,)`` float64 gradient sums rebuilt from the weighted tasks' per-draw coefficients; with
+        ``exchange`` (an all-gather among ``world`` members, this one ``rank``), only this member's share of the
+        slices is rebuilt and the rest gathered (:func:`sliced_replay`): the same bits."""
         layouts = [est.noise_layout(self._x) for est in self.estimators]
-        return replay_gradients(tasks, coefs, layouts, queries_per_draw(self.est), self.root_seed, self.device)
+        unit = queries_per_draw(self.est)
+        if exchange is None:
+            return replay_gradients(tasks, coefs, layouts, unit, self.root_seed, self.device)
+        return sliced_replay(tasks, coefs, layouts, unit, self.root_seed, self.device, rank, exchange, world)
 
     def forward_precision(self) -> contextlib.AbstractContextManager:
         """The precision of forward passes: ``estimator.precision`` under autocast, else the model's dtype."""
