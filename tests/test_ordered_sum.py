@@ -1,5 +1,5 @@
 """The all-reduce's sum in task order: whichever members hold which partials, every member gets the in-process sum,
-bit for bit (no Ray: members are threads around an in-memory all-gather)."""
+bit for bit (no Ray: members are threads around an in-memory all-to-all and all-gather)."""
 
 from __future__ import annotations
 
@@ -27,20 +27,30 @@ def _partials(seed: int) -> dict:
 
 
 def _all_members(layout: list[list], partials: dict, max_bytes: int) -> list[list[torch.Tensor]]:
-    """Every member's :func:`ordered_sums`, each in a thread, exchanging through a shared list and a barrier."""
+    """Every member's :func:`ordered_sums`, each in a thread, exchanging through a shared list and a barrier (the
+    collectives check that every member passes buffers of one shape, as torch.distributed requires)."""
     members = len(layout)
     barrier, shelf, out = threading.Barrier(members), [None] * members, [None] * members
 
     def member(rank: int) -> None:
-        def exchange(buf: torch.Tensor) -> list[torch.Tensor]:
-            shelf[rank] = buf.clone()
+        def meet(sent):
+            shelf[rank] = sent
             barrier.wait()
             got = list(shelf)
             barrier.wait()
             return got
 
+        def all_gather(buf: torch.Tensor) -> list[torch.Tensor]:
+            got = meet(buf.clone())
+            assert len({g.shape for g in got}) == 1
+            return got
+
+        def all_to_all(bufs: list[torch.Tensor]) -> list[torch.Tensor]:
+            assert len(bufs) == members and len({b.shape for b in bufs}) == 1
+            return [theirs[rank].clone() for theirs in meet(bufs)]
+
         mine = {key: partials[key] for key in layout[rank]}
-        out[rank] = ordered_sums(SIZES, layout, rank, mine, exchange, max_bytes=max_bytes)
+        out[rank] = ordered_sums(SIZES, layout, rank, mine, all_gather, all_to_all, max_bytes=max_bytes)
 
     threads = [threading.Thread(target=member, args=(r,)) for r in range(members)]
     for t in threads:

@@ -160,7 +160,7 @@ class ReplicaActor:
         """
         partials = self.replica.partials()
         device = self.replica.device
-        grads = ordered_sums(self.replica.sizes, layout, dist.get_rank(), partials, _all_gather, device)
+        grads = ordered_sums(self.replica.sizes, layout, dist.get_rank(), partials, _all_gather, _all_to_all, device)
         norms = self.replica.hold_reduced(grads)
         return ReduceReply(tuple(partials), norms, self.replica.cosines())
 
@@ -198,4 +198,11 @@ def _all_gather(buf: torch.Tensor) -> list[torch.Tensor]:
     """Every member's ``buf`` (one shape on all), in rank order, through the replica's process group."""
     out = [torch.empty_like(buf) for _ in range(dist.get_world_size())]
     dist.all_gather(out, buf)
+    return out
+
+
+def _all_to_all(bufs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each member's buffer for this one (in rank order), having sent ``bufs[r]`` to member ``r``."""
+    out = [torch.empty_like(b) for b in bufs]
+    dist.all_to_all(out, bufs)
     return out

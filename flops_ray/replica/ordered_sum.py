@@ -3,30 +3,42 @@
 The in-process backend adds each main task's float32 ``(P_g,)`` partial into a float64 sum in task order
 (:func:`~flops_ray.step.forward.reduce_in_order`). Floating-point addition is not associative, so a sum whose
 order follows which replica ran which task, or which finished first, differs in its last bits from run to
-run. Here every replica keeps each of its tasks' partials apart; the members exchange them, a slice of
-coordinates at a time, and every member adds all of them in task order, exactly as the in-process backend
-does: the sum depends on the tasks only, never on the replicas, their number or the order of completion.
+run. Here every replica keeps each of its tasks' partials apart, and each member owns one contiguous range of
+every group's coordinates: the members send each range's partials to its owner (an all-to-all), every owner adds
+the partials of its range in task order, exactly as the in-process backend does, and one all-gather hands every
+member the owners' sums. The sum depends on the tasks only, never on the replicas, their number or the order of
+completion; a member receives its tasks' share of every partial plus the sum, about ``4 P_g x tasks / members +
+8 P_g`` bytes per group, not every task's whole partial.
 
 >>> import torch
 >>> keys = [(0, 0, "main", i) for i in range(3)]
 >>> parts = {k: torch.tensor([2.0**25, 1.0]) * (-1) ** k[3] for k in keys}
->>> ordered_sums([2], [keys[::-1]], 0, parts, lambda buf: [buf])[0].tolist()  # one member, held in any order
+>>> ordered_sums([2], [keys[::-1]], 0, parts, lambda buf: [buf], lambda bufs: bufs)[0].tolist()  # one member
 [33554432.0, 1.0]
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
 from flops_ray.messages import TaskKey
 
-Exchange = Callable[[torch.Tensor], list[torch.Tensor]]
-"""An all-gather: this member's ``(depth, width)`` buffer in, every member's (in rank order) out."""
+AllGather = Callable[[torch.Tensor], list[torch.Tensor]]
+"""This member's buffer in, every member's (in rank order) out; every member calls it with one shape."""
+AllToAll = Callable[[list[torch.Tensor]], list[torch.Tensor]]
+"""This member's buffer for each member (in rank order) in, each member's buffer for this one out."""
 
 EXCHANGE_BYTES = 64 * 2**20
-"""Most bytes of partials a member receives per exchange: the coordinates go in slices of this size."""
+"""Most bytes of partials a member sends per all-to-all: the owners' ranges go in rounds of this size."""
+
+
+def owned_ranges(size: int, world: int) -> list[tuple[int, int]]:
+    """Each member's contiguous range ``[lo, hi)`` of ``size`` coordinates (the last ones may be short or empty)."""
+    width = math.ceil(size / world)
+    return [(min(size, r * width), min(size, (r + 1) * width)) for r in range(world)]
 
 
 def ordered_sums(
@@ -34,7 +46,8 @@ def ordered_sums(
     layout: Sequence[Sequence[TaskKey]],
     rank: int,
     partials: Mapping[TaskKey, torch.Tensor],
-    exchange: Exchange,
+    all_gather: AllGather,
+    all_to_all: AllToAll,
     device: torch.device | str = "cpu",
     max_bytes: int = EXCHANGE_BYTES,
 ) -> list[torch.Tensor]:
@@ -45,29 +58,40 @@ def ordered_sums(
         layout: per member (in rank order), the keys ``(step, group, kind, index)`` of the partials it holds.
         rank: this member's place in ``layout``.
         partials: this member's ``(P_g,)`` float32 partial of each task of ``layout[rank]``.
-        exchange: the all-gather (every member calls it with buffers of the same shape, the same times).
+        all_gather: the all-gather (every member calls the collectives with the same shapes, the same times).
+        all_to_all: the all-to-all.
         device: where the buffers and sums live (a member holding no partial still takes part).
-        max_bytes: most bytes one exchange gathers.
+        max_bytes: most bytes one all-to-all sends.
 
     Returns:
         The sums, identical on every member and to the in-process backend's sums of the same partials.
     """
+    world = len(layout)
     grads = [torch.zeros(n, dtype=torch.float64, device=device) for n in sizes]
     for g, size in enumerate(sizes):
         rows = [[key for key in keys if key[1] == g] for keys in layout]
         depth = max((len(r) for r in rows), default=0)
         if not depth:
             continue
-        # (index, member, row): where each task's partial lands in the gathered buffers, in task order.
+        # (index, member, row): where each task's partial lands in the received buffers, in task order.
         order = sorted((key[3], member, row) for member, keys in enumerate(rows) for row, key in enumerate(keys))
-        width = max(1, max_bytes // (4 * depth * len(layout)))
-        for c0 in range(0, size, width):
-            c1 = min(size, c0 + width)
-            buf = torch.zeros(depth, c1 - c0, dtype=torch.float32, device=device)
-            for row, key in enumerate(rows[rank]):
-                buf[row] = partials[key][c0:c1]
-            gathered = exchange(buf)
-            acc = grads[g][c0:c1]
+        ranges = owned_ranges(size, world)
+        width = math.ceil(size / world)
+        mine = torch.zeros(width, dtype=torch.float64, device=device)
+        step = max(1, max_bytes // (4 * depth * world))
+        for c0 in range(0, width, step):
+            c1 = min(width, c0 + step)
+            sends = []
+            for lo, hi in ranges:
+                buf = torch.zeros(depth, c1 - c0, dtype=torch.float32, device=device)
+                a, b = min(hi, lo + c0), min(hi, lo + c1)
+                for row, key in enumerate(rows[rank]):
+                    buf[row, : b - a] = partials[key][a:b]
+                sends.append(buf)
+            got = all_to_all(sends)
+            acc = mine[c0:c1]
             for _, member, row in order:
-                acc += gathered[member][row]  # float32 into float64, as reduce_in_order adds
+                acc += got[member][row]  # float32 into float64, as reduce_in_order adds
+        for (lo, hi), theirs in zip(ranges, all_gather(mine)):
+            grads[g][lo:hi] = theirs[: hi - lo]
     return grads
