@@ -2,11 +2,12 @@
 
 - ``driver_bytes_per_step[kind]``: bytes the driver sends and receives in one training step on a real local
   farm (2 replicas), for MLPs of growing width on the digits (``P`` over 100x); ``es`` uses the scalar
-  protocol (per-draw coefficients), ``lr`` the all-reduce. Parameters never cross the driver, so neither grows
-  with ``P``.
+  protocol (per-draw coefficients, replayed sliced), ``lr`` the all-reduce. Parameters never cross the driver,
+  so neither grows with ``P``.
 - ``replica_bytes_per_step[kind]``: what each replica sends and receives: its share of the driver's messages
-  plus, for LR, its part of the float32 ring all-reduce ``2 (n-1)/n x 4P`` (computed: the collective's
-  traffic does not pass through Ray).
+  plus its part of the collective (computed: its traffic does not pass through Ray): for LR the exact
+  all-reduce, ``(n-1)/n x (4 P_g ceil(T_g / n) + 8 P_g)`` per group; for ES the sliced replay's all-gather of
+  the float64 sums, ``(n-1)/n x 8P``.
 - ``validation``: the step-time model (:mod:`flops_ray.studies.step_time`) fed with costs measured here (call
   latency, engine seconds per query, driver seconds per step, optimizer and replay seconds, each measured
   right before its farm runs) predicts the step time of real local farms of 1-3 replicas of the digits ViT;
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -107,7 +109,14 @@ def _config(bench: ScaleConfig, kind: str, replicas: int, groups=MLP_GROUPS, mod
         groups=groups,
         estimator=EstimatorConfig(kind=kind),
         allocator=AllocatorConfig(kind="neyman", signal="memory"),
-        farm=FarmConfig(backend="ray", replicas=replicas, shard_cost=bench.shard_cost, num_cpus_per_replica=1),
+        # ES replays sliced (each replica a share of the noise, then one all-gather), as ViT-B's farm does.
+        farm=FarmConfig(
+            backend="ray",
+            replicas=replicas,
+            shard_cost=bench.shard_cost,
+            num_cpus_per_replica=1,
+            replay="full" if kind == "lr" else "sliced",
+        ),
         seed=bench.seed,
     )
 
@@ -132,12 +141,14 @@ def wire(bench: ScaleConfig, kind: str) -> dict:
             trainer.fit(bench.wire_steps)
             driver = (wire_bytes(trainer.backend) - before) / bench.wire_steps
             p = sum(g.size for g in trainer.groups)
-        ring = 2 * (n - 1) / n * 4 * p if kind == "lr" else 0.0
+        tasks = math.ceil(bench.queries_per_sample * bench.batch_size / bench.shard_cost)
+        collective = (n - 1) / n * (4 * p * math.ceil(tasks / n) * (kind == "lr") + 8 * p)
         out["P"].append(p)
         out["driver"].append(driver)
-        out["replica"].append(driver / n + ring)
+        out["replica"].append(driver / n + collective)
         print(
-            f"{kind} P={p:,}: driver {driver / 1e3:.1f} kB/step, replica {(driver / n + ring) / 1e3:.1f} kB", flush=True
+            f"{kind} P={p:,}: driver {driver / 1e3:.1f} kB/step, replica {(driver / n + collective) / 1e3:.1f} kB",
+            flush=True,
         )
     return out
 
@@ -200,7 +211,7 @@ def validate(bench: ScaleConfig, kind: str, call_s: float) -> dict:
         costs = dataclasses.replace(timed.costs(call_s, task_s, replay_s), host_s=out["host_s"])
         out["costs"].append(asdict(costs))
         measured = sorted(r.seconds for r in reports)[len(reports) // 2]
-        predicted = step_time(workload_of(local_cfg, timed.sizes, kind), costs, n)["total"]
+        predicted = step_time(workload_of(local_cfg, timed.sizes, kind, sliced=kind != "lr"), costs, n)["total"]
         out["replicas"].append(n)
         out["predicted_s"].append(predicted)
         out["measured_s"].append(measured)

@@ -9,7 +9,7 @@ import pytest
 
 from flops_ray.studies.step_time import Costs, Workload, efficiency, round_time, step_time
 
-WORK = Workload(rounds=((64, 16), (1024, 64)), params=10_000, reduction="allreduce")
+WORK = Workload(rounds=((64, 16), (1024, 64)), params=10_000, reduction="allreduce", groups=((10_000, 16),))
 COSTS = Costs(query_s=1e-3, call_s=1e-4, driver_s=0.01, link_bytes_per_s=1e9)
 
 
@@ -34,3 +34,20 @@ def test_efficiency_falls_as_fixed_costs_outweigh_the_shared_work():
     assert curve[0] == pytest.approx(1.0)
     assert all(a > b for a, b in itertools.pairwise(curve))
     assert all(0 < e <= 1 for e in curve)
+
+
+def test_sliced_replay_shares_the_replay_and_pays_one_gather():
+    """Each of ``n`` replicas rebuilds ``1/n`` of the noise and receives the others' float64 sums once."""
+    work = dataclasses.replace(WORK, reduction="scalar", replay_numbers=10**9)
+    costs = dataclasses.replace(COSTS, replay_s_per_number=1e-9)
+    full, sliced = step_time(work, costs, 8), step_time(dataclasses.replace(work, reduction="sliced"), costs, 8)
+    gather = 8 * 10_000 * 7 / 8 / 1e9 + 7 * costs.link_latency_s
+    assert full["reduce"] - sliced["reduce"] == pytest.approx(1.0 - 1.0 / 8 - gather)
+    assert step_time(dataclasses.replace(work, reduction="sliced"), costs, 1) == step_time(work, costs, 1)
+
+
+def test_the_exact_allreduce_moves_each_members_tasks_and_the_sums():
+    """Owner-sum: 16 tasks on 4 replicas send 4 partials' worth each, plus the float64 sums, 3/4 of it on the link."""
+    got = step_time(WORK, COSTS, 4)["reduce"]
+    sent = (4 * 10_000 * 4 + 8 * 10_000) * 3 / 4
+    assert got == pytest.approx(sent / 1e9 + 2 * 3 * COSTS.link_latency_s + 2 * COSTS.call_s)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from flops_ray.config import TrainConfig
 from flops_ray.estimators import queries_per_draw
 from flops_ray.studies.step_time import Costs, Workload, step_time
@@ -29,16 +31,18 @@ VIT_B = {"batch": 128, "queries_per_sample": 20, "groups": 4, "pilot": 4, "param
 """The paper's ViT-B/16 step: batch, queries per sample and group, layer groups, pilot queries, parameters."""
 
 
-def workload_of(cfg: TrainConfig, sizes: list[int], kind: str) -> Workload:
+def workload_of(cfg: TrainConfig, sizes: list[int], kind: str, sliced: bool = False) -> Workload:
     """The step of ``cfg`` (groups of ``sizes`` parameters) as the model sees it: the clean pass, then every
-    query in ``farm.shard_cost`` shards; ``kind`` ``lr`` reduces by all-reduce, the others by coefficients."""
+    query in ``farm.shard_cost`` shards; ``kind`` ``lr`` reduces by all-reduce, the others by coefficients,
+    replayed ``sliced`` or in full."""
     b, s = cfg.batch_size, cfg.farm.shard_cost
     q = sum(g.queries_per_sample for g in cfg.groups) * b
     draws = [g.queries_per_sample * b // queries_per_draw(cfg.estimator) for g in cfg.groups]
     return Workload(
         rounds=((b, cfg.farm.clean_shard_size), (q, s)),
         params=sum(sizes),
-        reduction="allreduce" if kind == "lr" else "scalar",
+        reduction="allreduce" if kind == "lr" else "sliced" if sliced else "scalar",
+        groups=tuple((p, math.ceil(g.queries_per_sample * b / s)) for p, g in zip(sizes, cfg.groups)),
         replay_numbers=0 if kind == "lr" else sum(d * n for d, n in zip(draws, sizes)),
         update_bytes=0 if kind == "lr" else 4 * sum(draws) + 64 * b * len(cfg.groups),
     )
@@ -46,15 +50,18 @@ def workload_of(cfg: TrainConfig, sizes: list[int], kind: str) -> Workload:
 
 def vit_b_workload(kind: str, shard: int, clean: int) -> Workload:
     """ViT-B/16 at the paper's budget: the clean pass in tasks of ``clean`` samples, then every query (the
-    pilot is reused: it runs with the rest) in shards of ``shard`` forwards."""
+    pilot is reused: it runs with the rest) in shards of ``shard`` forwards; ES replays sliced (``farm.replay:
+    auto`` at ViT-B's size)."""
     v = VIT_B
     b, groups = v["batch"], v["groups"]
     unit = 2  # antithetic pairs: LR and SPSA
     draws = b * v["queries_per_sample"] * groups // unit
+    per_group = (v["params"] // groups, math.ceil(b * v["queries_per_sample"] / shard))
     return Workload(
         rounds=((b, clean), (b * v["queries_per_sample"] * groups, shard)),
         params=v["params"],
-        reduction="allreduce" if kind == "lr" else "scalar",
+        reduction="allreduce" if kind == "lr" else "sliced",
+        groups=(per_group,) * groups,
         replay_numbers=0 if kind == "lr" else draws * v["params"] // groups,
         update_bytes=0 if kind == "lr" else 4 * draws + 64 * b * groups,
     )

@@ -3,16 +3,19 @@
 A step is a sequence of rounds (clean pass, pilot, main) separated by barriers. A round of ``T`` equal
 shards on ``n`` replicas takes ``ceil(T / n)`` waves of one shard each (completion-order dispatch of equal
 shards), and never less than the driver needs to dispatch its calls. Then the update: the LR partials
-meet in a ring all-reduce among the replicas (``2 (n-1)/n x 4P`` bytes per replica, float32 on the wire);
-SPSA/ES send per-draw coefficients and every replica rebuilds the gradient from seeds (``draws x P_g``
-noise numbers, on every replica whatever ``n``); each replica applies the optimizer to its own copy.
+meet in the exact all-reduce among the replicas (each member sends its tasks' float32 partials, range by range,
+to the ranges' owners in an all-to-all, and receives the owners' float64 sums in an all-gather:
+``(n-1)/n x (4 P_g ceil(T_g / n) + 8 P_g)`` bytes per group per replica, ``2 (n-1)`` link latencies per group);
+SPSA/ES send per-draw coefficients and the replicas rebuild the gradient from seeds (``draws x P_g`` noise
+numbers): ``scalar``, each replica all of them whatever ``n``; ``sliced``, each ``1/n`` of them and one all-gather
+of the float64 sums (``(n-1)/n x 8P`` bytes). Each replica applies the optimizer to its own copy.
 The driver adds its fixed per-step work (planning, allocation). The allocator's fit runs in a thread from
 the main round until the next step's allocation, a whole step less the driver's own work, so a step lasts
 at least the fit plus that work. Parameters never cross the driver. On a
 machine whose cores the replicas share with the driver, a step also takes at least all of their CPU
 seconds divided by the cores.
 
->>> w = Workload(rounds=((64, 64), (1024, 64)), params=1000, reduction="allreduce")
+>>> w = Workload(rounds=((64, 64), (1024, 64)), params=1000, reduction="allreduce", groups=((1000, 16),))
 >>> c = Costs(query_s=1e-3, call_s=1e-4, driver_s=0.01, link_bytes_per_s=1e9)
 >>> round(step_time(w, c, 1)["total"], 4), round(step_time(w, c, 4)["total"], 4)
 (1.0984, 0.3305)
@@ -33,9 +36,13 @@ class Workload:
     params: int
     """``P``: trainable parameters (all groups)."""
     reduction: str
-    """``allreduce`` (LR partials) or ``scalar`` (SPSA/ES coefficients, gradients rebuilt from seeds)."""
+    """``allreduce`` (LR partials), ``scalar`` (SPSA/ES coefficients, every replica rebuilds the whole gradient
+    from seeds) or ``sliced`` (each replica rebuilds ``1/n`` of it, then an all-gather)."""
+    groups: tuple[tuple[int, int], ...] = ()
+    """``allreduce``: per layer group, ``(P_g, T_g)``: its parameters and its main tasks per step."""
     replay_numbers: int = 0
-    """``scalar``: noise numbers each replica regenerates to rebuild the gradient, ``sum_g draws_g x P_g``."""
+    """``scalar``, ``sliced``: noise numbers the replicas regenerate to rebuild the gradient, ``sum_g draws_g x
+    P_g``."""
     update_bytes: int = 0
     """``scalar``: bytes of the step's coefficient message, which the driver sends to every replica."""
 
@@ -89,12 +96,18 @@ def step_time(work: Workload, costs: Costs, n: int) -> dict[str, float]:
     shards = sum(math.ceil(f / s) for f, s in work.rounds if f)
     busy = sum(f for f, _ in work.rounds) * costs.query_s + shards * costs.task_s + costs.host_s
     compute = max(compute, busy / costs.cores)
+    share = (n - 1) / n
     if work.reduction == "allreduce":
-        ring = 2 * (n - 1) / n * 4 * work.params / costs.link_bytes_per_s + 2 * (n - 1) * costs.link_latency_s
-        reduce = ring + 2 * costs.call_s
+        sent = sum(4 * p * math.ceil(t / n) + 8 * p for p, t in work.groups) * share
+        hops = 2 * (n - 1) * len(work.groups) * costs.link_latency_s
+        reduce = sent / costs.link_bytes_per_s + hops + 2 * costs.call_s
     else:
         send = n * work.update_bytes / costs.driver_bytes_per_s
-        reduce = send + work.replay_numbers * costs.replay_s_per_number * max(1.0, n / costs.cores) + costs.call_s
+        sliced = work.reduction == "sliced" and n > 1
+        numbers = work.replay_numbers / n if sliced else work.replay_numbers
+        replay = numbers * costs.replay_s_per_number * max(1.0, n / costs.cores)
+        gather = 8 * work.params * share / costs.link_bytes_per_s + (n - 1) * costs.link_latency_s if sliced else 0.0
+        reduce = send + replay + gather + costs.call_s
     parts = {
         "driver": costs.driver_s,
         "compute": compute,
