@@ -141,6 +141,7 @@ def wire(bench: ScaleConfig, kind: str) -> dict:
             trainer.fit(bench.wire_steps)
             driver = (wire_bytes(trainer.backend) - before) / bench.wire_steps
             p = sum(g.size for g in trainer.groups)
+        # LR: its tasks' partials to their owners and the owners' float64 sums back; ES: the sliced replay's sums.
         tasks = math.ceil(bench.queries_per_sample * bench.batch_size / bench.shard_cost)
         collective = (n - 1) / n * (4 * p * math.ceil(tasks / n) * (kind == "lr") + 8 * p)
         out["P"].append(p)
