@@ -18,6 +18,10 @@
   rate of the same ViT, timed between the farm's repetitions (the host's speed drifts within minutes;
   ``details.limit_rows_per_s[W]``), each batch size over as many rows as one farm repetition evaluates
   (a rate over a burst of a few milliseconds would be the luckiest burst, not a rate).
+- ``blackbox_step_vs_limit``: the same black box in whole training steps as a user times them (equal allocation,
+  ``W``, the largest of ``replicas``: the clean pass, allocation, the main round, reduction and update), sample-forwards per second
+  (queries plus the clean pass's rows) over ``W`` x the single-thread batched inference rate timed right after
+  each repetition's steps; the median of the repetitions' ratios (``details.blackbox_steps``).
 - ``details.paired_efficiency[W]`` and ``details.paired_blackbox_vs_limit[W]``: the same two ratios taken
   within each repetition (farm against the reference timed next to it) and their median, beside the
   best-of-repetitions figures above: on a shared host the spread of these says how far to trust the third
@@ -39,7 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from flops_ray import BlackBox, EstimatorConfig, FarmConfig, TrainConfig, Trainer, create_model, digits
+from flops_ray import AllocatorConfig, BlackBox, EstimatorConfig, FarmConfig, TrainConfig, Trainer, create_model, digits
 from flops_ray.models.prompts import PromptedViT
 from flops_ray.studies.batches import digits_batch
 from flops_ray.studies.farm_probe import call_costs, start_farm, start_ray, wire_bytes
@@ -182,6 +186,27 @@ def efficiency(bench: BenchConfig, setup: Setup = vit_setup, queries: int = 0, l
     return out
 
 
+def blackbox_steps(bench: BenchConfig, replicas: int = 2) -> dict:
+    """Whole training steps of the head black box (:func:`head_blackbox_setup`, equal allocation) on the farm,
+    each repetition's ``bench.rounds`` steps against the limit timed right after them (a paired ratio)."""
+    x, _, _ = digits_batch(bench.batch_size, bench.seed)
+    cfg, box = head_blackbox_setup(bench, replicas)
+    cfg = cfg.replace(allocator=AllocatorConfig(kind="equal"))
+    vit = create_model("digits_vit", 10, 8, bench.seed).eval()
+    ratios, rates, limits = [], [], []
+    with Trainer(cfg, box, digits("train")) as trainer:
+        trainer.fit(2)  # warm-up: replicas start, the first steps' pages and caches
+        for _ in range(bench.reps):
+            reports = trainer.fit(bench.rounds)
+            forwards = sum(r.queries + bench.batch_size for r in reports)
+            rates.append(forwards / sum(r.seconds for r in reports))
+            limits.append(limit_rows_per_s(bench, vit, x, forwards))
+            ratios.append(rates[-1] / (replicas * limits[-1]))
+    out = {"vs_limit": float(np.median(ratios)), "ratios": ratios, "forwards_per_s": rates, "limit_rows_per_s": limits}
+    print(f"black-box training steps vs limit (W={replicas}): {out['vs_limit']:.3f} of {ratios}", flush=True)
+    return out
+
+
 def makespan(bench: BenchConfig) -> dict:
     """Dynamic vs static assignment of per-sample shards on two replicas, one slowed down."""
     x, y, ids = digits_batch(bench.batch_size, bench.seed)
@@ -246,6 +271,7 @@ def main(bench: BenchConfig, out: Path) -> dict:
     limit = head["limit_rows_per_s"]
     vs_limit = {w: rate / (int(w) * limit[w]) for w, rate in head["farm_queries_per_s"].items()}
     print(f"black box vs limit ({limit} rows/s per thread): {vs_limit}", flush=True)
+    steps = blackbox_steps(bench, max(bench.replicas))
     span = makespan(bench)
     train = training(bench)
     costs = call_costs(bench.reps)
@@ -257,7 +283,9 @@ def main(bench: BenchConfig, out: Path) -> dict:
         "bytes_per_step_per_worker": train["bytes_per_step_per_worker"],
         "blackbox_efficiency": blackbox["efficiency"],
         "blackbox_vs_limit": vs_limit,
+        "blackbox_step_vs_limit": steps["vs_limit"],
         "details": {
+            "blackbox_steps": steps,
             "limit_rows_per_s": limit,
             "head_blackbox_farm_forwards_per_s": head["farm_queries_per_s"],
             "head_blackbox_efficiency": head["efficiency"],

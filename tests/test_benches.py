@@ -64,6 +64,9 @@ def test_bench_farm_tiny(tmp_path, run_script):
     details = result["details"]
     assert details["paired_efficiency"]["1"] == pytest.approx(result["efficiency"]["1"])
     assert details["paired_blackbox_vs_limit"]["1"] == pytest.approx(result["blackbox_vs_limit"]["1"])
+    # Whole black-box steps against the limit: one repetition, so the median is its ratio.
+    steps = details["blackbox_steps"]
+    assert result["blackbox_step_vs_limit"] == steps["ratios"][0] > 0 and len(steps["ratios"]) == 1
     assert result["makespan_ratio"]["dynamic"] > 0 and result["makespan_ratio"]["static"] > 0
     assert 0 <= result["allocator_overhead"] < 1
     # Batch, task messages, losses and traces, no parameters: well under 1 MB. Shipping the step's LR noise
