@@ -11,7 +11,7 @@ from torch import nn
 
 from flops_ray.config import EstimatorConfig, GroupConfig
 from flops_ray.estimators import RowPlan
-from flops_ray.estimators.noise import NoiseLayout
+from flops_ray.estimators.noise_layout import NoiseLayout
 from flops_ray.messages import ShardItem, ShardTask, TaskKind
 from flops_ray.models.losses import cross_entropy
 from flops_ray.replica.engine import NonFiniteLossError, QueryEngine

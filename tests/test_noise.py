@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from flops_ray.estimators.noise import NoiseLayout, draw_keys, gaussian
+from flops_ray.estimators.noise import draw_keys, gaussian
+from flops_ray.estimators.noise_layout import NoiseLayout
 from flops_ray.seeding import STREAM_QUERY, derive_seed
 
 N = 1 << 20

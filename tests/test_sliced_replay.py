@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from flops_ray.estimators.noise import NoiseLayout, draw_keys
+from flops_ray.estimators.noise import draw_keys
+from flops_ray.estimators.noise_layout import NoiseLayout
 from flops_ray.messages import ShardItem, ShardTask, TaskKind
 from flops_ray.replica.replay import assign_slices, replay_gradients, sliced_replay
 

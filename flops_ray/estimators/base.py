@@ -19,7 +19,8 @@ from torch import nn
 
 from flops_ray.allocation.trace_proxy import clean_pass
 from flops_ray.config import EstimatorConfig
-from flops_ray.estimators.noise import NoiseLayout, draw_keys, gaussian
+from flops_ray.estimators.noise import draw_keys, gaussian
+from flops_ray.estimators.noise_layout import NoiseLayout
 from flops_ray.estimators.prefix import SharedPrefix
 from flops_ray.messages import ShardTask
 from flops_ray.models.groups import ResolvedGroup

@@ -17,7 +17,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from flops_ray.estimators.base import Draws, Estimator, Shard
-from flops_ray.estimators.noise import NoiseLayout
+from flops_ray.estimators.noise_layout import NoiseLayout
 from flops_ray.estimators.registry import register_estimator
 from flops_ray.models.groups import ResolvedGroup, flatten
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from flops_ray.config import TrainConfig
 from flops_ray.estimators import estimator_family
-from flops_ray.estimators.noise import SLICE
+from flops_ray.estimators.noise_layout import SLICE
 from flops_ray.farm.allreduce import AllReduce
 from flops_ray.farm.counters import DispatchCounters
 from flops_ray.farm.errors import FarmError

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from flops_ray.estimators.base import RowPlan
-from flops_ray.estimators.noise import NoiseLayout, Slice
+from flops_ray.estimators.noise_layout import NoiseLayout, Slice
 from flops_ray.messages import ShardTask
 
 BLOCK_BYTES = {"cpu": 4 * 2**20, "cuda": 64 * 2**20}

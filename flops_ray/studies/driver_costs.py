@@ -11,7 +11,7 @@ from flops_ray.allocation.allocators import AllocationFeatures, create_allocator
 from flops_ray.allocation.gaussian import GaussianAllocator
 from flops_ray.config import FarmConfig, TrainConfig
 from flops_ray.estimators import RowPlan
-from flops_ray.estimators.noise import NoiseLayout
+from flops_ray.estimators.noise_layout import NoiseLayout
 from flops_ray.messages import ShardItem, ShardTask, TaskKind
 from flops_ray.models.factory import create_model
 from flops_ray.replica.replay import replay_gradients
