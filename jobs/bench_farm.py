@@ -47,7 +47,7 @@ from flops_ray import AllocatorConfig, BlackBox, EstimatorConfig, FarmConfig, Tr
 from flops_ray.models.prompts import PromptedViT
 from flops_ray.studies.batches import digits_batch
 from flops_ray.studies.farm_probe import call_costs, start_farm, start_ray, wire_bytes
-from flops_ray.studies.frozen_head import FrozenHead
+from flops_ray.studies.frozen_head import FrozenHead, limit_rows_per_s
 from flops_ray.studies.job_cli import job_parser, run_main
 from flops_ray.studies.local_replicas import query_engine
 from flops_ray.studies.results import write_result
@@ -128,19 +128,6 @@ def head_blackbox_setup(bench: BenchConfig, replicas: int) -> tuple[TrainConfig,
     return cfg, BlackBox(head, head.initial(), inference=True)
 
 
-def limit_rows_per_s(bench: BenchConfig, vit: nn.Module, x: np.ndarray, rows: int) -> float:
-    """The best single-thread batched inference rate of ``vit`` (rows/s) over ``bench.limit_batches``, each
-    timed over ``rows`` rows (at least one batch) of ``x`` repeated."""
-    data = torch.from_numpy(x).repeat(max(bench.limit_batches) // len(x) + 1, 1, 1, 1)
-    best = 0.0
-    for batch in bench.limit_batches:
-        chunk, calls = data[:batch], max(1, round(rows / batch))
-        with torch.inference_mode():
-            vit(chunk)  # warm-up
-            best = max(best, batch * calls / single_threaded(lambda c=chunk, n=calls: [vit(c) for _ in range(n)]))
-    return best
-
-
 def efficiency(bench: BenchConfig, setup: Setup = vit_setup, queries: int = 0, limit: bool = False) -> dict:
     """Farm rate with ``W`` replicas / (``W`` x the in-process rate), for each ``W`` of ``bench.replicas``.
 
@@ -171,7 +158,7 @@ def efficiency(bench: BenchConfig, setup: Setup = vit_setup, queries: int = 0, l
                 local_s.append(single_threaded(lambda: [local.run(t) for _ in range(bench.rounds) for t in tasks]))
                 farm_s.append(seconds(lambda b=backend: [b.run(tasks) for _ in range(bench.rounds)]))
                 if limit:
-                    limits.append(limit_rows_per_s(bench, vit, x, forwards))
+                    limits.append(limit_rows_per_s(vit, x, forwards, bench.limit_batches))
         finally:
             backend.close()
         base, rate = forwards / min(local_s), forwards / min(farm_s)
@@ -200,7 +187,7 @@ def blackbox_steps(bench: BenchConfig, replicas: int = 2) -> dict:
             reports = trainer.fit(bench.rounds)
             forwards = sum(r.queries + bench.batch_size for r in reports)
             rates.append(forwards / sum(r.seconds for r in reports))
-            limits.append(limit_rows_per_s(bench, vit, x, forwards))
+            limits.append(limit_rows_per_s(vit, x, forwards, bench.limit_batches))
             ratios.append(rates[-1] / (replicas * limits[-1]))
     out = {"vs_limit": float(np.median(ratios)), "ratios": ratios, "forwards_per_s": rates, "limit_rows_per_s": limits}
     print(f"black-box training steps vs limit (W={replicas}): {out['vs_limit']:.3f} of {ratios}", flush=True)

@@ -1,11 +1,14 @@
-"""A black box for the farm benchmark: per-sample losses of a frozen ViT whose head each query row sets."""
+"""A black box for the farm benchmark: per-sample losses of a frozen ViT whose head each query row sets, and the
+machine's limit it is measured against (plain batched inference of the same ViT)."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
 from flops_ray.models.losses import cross_entropy
+from flops_ray.studies.timing import single_threaded
 
 
 class FrozenHead(nn.Module):
@@ -28,3 +31,17 @@ class FrozenHead(nn.Module):
     def initial(self) -> torch.Tensor:
         """The ViT's own head as one ``(K*C + K,)`` vector: where a search starts."""
         return torch.cat([self.vit.head.weight.detach().flatten(), self.vit.head.bias.detach()])
+
+
+def limit_rows_per_s(vit: nn.Module, x: np.ndarray, rows: int, batches: tuple[int, ...]) -> float:
+    """The best single-thread batched inference rate of ``vit`` (rows/s) over ``batches``: the limit a black box
+    of it is measured against, each batch size timed over ``rows`` rows (at least one batch) of ``x`` repeated (a
+    rate over a burst of a few milliseconds would be the luckiest burst, not a rate)."""
+    data = torch.from_numpy(x).repeat(max(batches) // len(x) + 1, 1, 1, 1)
+    best = 0.0
+    for batch in batches:
+        chunk, calls = data[:batch], max(1, round(rows / batch))
+        with torch.inference_mode():
+            vit(chunk)  # warm-up
+            best = max(best, batch * calls / single_threaded(lambda c=chunk, n=calls: [vit(c) for _ in range(n)]))
+    return best
