@@ -177,7 +177,7 @@ def _replica_seconds(after: list, before: list) -> float:
     return sum(a.busy_seconds + a.update_seconds - b.busy_seconds - b.update_seconds for a, b in zip(after, before))
 
 
-def validate(bench: ScaleConfig, kind: str, call_s: float) -> dict:
+def validate(bench: ScaleConfig, kind: str, call_s: float, fanout_s: float) -> dict:
     """Predicted against measured step seconds of real local farms of the digits ViT. The costs come from
     in-process steps (and, for the scalar protocol, replay timings) taken one by one between the farm's steps,
     so both see the same host (a shared host's speed drifts within minutes); the first farm also measures
@@ -209,7 +209,7 @@ def validate(bench: ScaleConfig, kind: str, call_s: float) -> dict:
         if n == bench.validate_replicas[0]:
             out["host_s"] = max(0.0, busy - replicas) / len(reports)
         replay_s = sorted(replay)[len(replay) // 2] if replay else 0.0
-        costs = dataclasses.replace(timed.costs(call_s, task_s, replay_s), host_s=out["host_s"])
+        costs = dataclasses.replace(timed.costs(call_s, task_s, replay_s), host_s=out["host_s"], fanout_s=fanout_s)
         out["costs"].append(asdict(costs))
         measured = sorted(r.seconds for r in reports)[len(reports) // 2]
         predicted = step_time(workload_of(local_cfg, timed.sizes, kind, sliced=kind != "lr"), costs, n)["total"]
@@ -228,7 +228,7 @@ def main(bench: ScaleConfig, out: Path) -> dict:
     t0 = time.perf_counter()
     driver = {kind: wire(bench, kind) for kind in ("es", "lr")}
     calls = call_costs(bench.reps)
-    validation = {kind: validate(bench, kind, calls["call_seconds"]) for kind in ("lr", "es")}
+    validation = {kind: validate(bench, kind, calls["call_seconds"], calls["fanout_seconds"]) for kind in ("lr", "es")}
     vit, _ = load_config(ROOT / "jobs/configs/vit_b16_cifar100.yaml")
     driver_s, fit_s = vit_b_driver_seconds(vit, bench.seed, bench.reps)
     measured = dict(validation["lr"]["costs"][0], driver_s=driver_s, fit_s=fit_s)

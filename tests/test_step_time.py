@@ -51,3 +51,11 @@ def test_the_exact_allreduce_moves_each_members_tasks_and_the_sums():
     got = step_time(WORK, COSTS, 4)["reduce"]
     sent = (4 * 10_000 * 4 + 8 * 10_000) * 3 / 4
     assert got == pytest.approx(sent / 1e9 + 2 * 3 * COSTS.link_latency_s + 2 * COSTS.call_s)
+
+
+def test_the_drivers_calls_to_every_replica_grow_with_the_replicas():
+    """The batch and the update go to each replica (and the all-reduce's collective call): ``n`` calls apiece."""
+    costs = dataclasses.replace(COSTS, fanout_s=1e-4)
+    assert step_time(WORK, costs, 64)["fanout"] == pytest.approx(64 * 3 * 1e-4)
+    scalar = dataclasses.replace(WORK, reduction="scalar")
+    assert step_time(scalar, costs, 64)["fanout"] == pytest.approx(64 * 2 * 1e-4)

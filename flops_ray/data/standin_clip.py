@@ -35,10 +35,13 @@ OPENINGS = ("", "a picture of", "an image showing", "here we see", "this drawing
 prompted texts reach is trained) and carry no label."""
 MANUAL_WORDS = ("photo", "of", ".")
 """Words of the manual prompt the captions never use: in the vocabulary, as a hub tokenizer's would be."""
-TASKS = ("digits", "shapes", "colours", "places")
+TASKS = ("digits", "shapes", "colours", "places", "shape_places")
 """The stand-in's classification tasks."""
 PLACE_NAMES = tuple(p.removeprefix("at the ").removeprefix("in the ") for p in PLACES)
 """A place's class name (``"top left"``, ..., ``"centre"``), by label."""
+SHAPE_PLACE_NAMES = tuple(f"{shape} {place}" for shape in SHAPES for place in PLACES)
+"""A ``shape_places`` class name (``"square at the top left"``), label ``shape * len(PLACES) + place``: the
+captions' own words for what and where, so the class texts differ in two attributes at once."""
 BOS = "<bos>"
 """The text's start token (CLIP's text CLS), after which the text prompt goes."""
 
@@ -64,6 +67,9 @@ class StandinCLIPSettings:
     digit_repeats: int = 4
     """Times each digit image enters the pretraining pairs (each with its own caption opening): the digits' train
     split is a fifth the size of the shapes', and a digit is harder to tell from a few pixels than a colour."""
+    max_openings: int = 4
+    """Openings before each caption, 1 to this many (each may be empty): a prompted class text puts its words after
+    a 12-token prompt (its EOS up to position 20), and only positions some caption reaches get trained."""
     pretrain_steps: int = 500
     """Backprop steps of contrastive pretraining."""
     batch_size: int = 128
@@ -92,15 +98,21 @@ def clip_tokenizer():
 
 def class_names(task: str) -> tuple[str, ...]:
     """The class words of ``task``, in label order."""
-    names = {"digits": DIGIT_WORDS, "shapes": SHAPES, "colours": tuple(COLOURS), "places": PLACE_NAMES}
+    names = {
+        "digits": DIGIT_WORDS,
+        "shapes": SHAPES,
+        "colours": tuple(COLOURS),
+        "places": PLACE_NAMES,
+        "shape_places": SHAPE_PLACE_NAMES,
+    }
     if task not in names:
         raise ValueError(f"task: must be one of {', '.join(TASKS)}, got {task!r}")
     return names[task]
 
 
-def _with_opening(rng: random.Random, caption: str) -> str:
-    opening = rng.choice(OPENINGS)
-    return f"{opening} {caption}".strip()
+def _with_opening(rng: random.Random, caption: str, most: int) -> str:
+    opening = " ".join(rng.choice(OPENINGS) for _ in range(rng.randint(1, most)))
+    return " ".join(f"{opening} {caption}".split())
 
 
 def pretraining_pairs(settings: StandinCLIPSettings, seed: int) -> tuple[np.ndarray, list[str]]:
@@ -109,10 +121,11 @@ def pretraining_pairs(settings: StandinCLIPSettings, seed: int) -> tuple[np.ndar
     shapes = shape_images(settings.shape_captions, derive_seed(seed, STREAM_DATA, _STANDIN, 0), settings.image_size)
     digits, digit, colour = digit_images("train", derive_seed(seed, STREAM_DATA, _STANDIN, 1), settings.image_size)
     rng = random.Random(derive_seed(seed, STREAM_DATA, _STANDIN, 2))
-    captions = [_with_opening(rng, c) for c in shapes.captions()]
+    most = settings.max_openings
+    captions = [_with_opening(rng, c, most) for c in shapes.captions()]
     reps = settings.digit_repeats
     words = [f"a {list(COLOURS)[c]} {DIGIT_WORDS[d]}" for d, c in zip(digit, colour)]
-    captions += [_with_opening(rng, w) for _ in range(reps) for w in words]
+    captions += [_with_opening(rng, w, most) for _ in range(reps) for w in words]
     return np.concatenate([shapes.images, *[digits] * reps]), captions
 
 
@@ -127,7 +140,8 @@ def task_split(
         images, labels, _ = digit_images("test", derive_seed(seed, STREAM_DATA, _STANDIN, 3), size)
     else:
         data = shape_images(len(names) * shots + test_size, derive_seed(seed, STREAM_DATA, _STANDIN, 4), size)
-        images, labels = data.images, {"shapes": data.shape, "colours": data.colour, "places": data.place}[task]
+        labels = {"shapes": data.shape, "colours": data.colour, "places": data.place}.get(task)
+        images, labels = data.images, data.shape * len(PLACES) + data.place if labels is None else labels
     order = np.random.default_rng(derive_seed(seed, STREAM_DATA, _STANDIN, 5)).permutation(len(labels))
     train = np.concatenate([order[labels[order] == c][:shots] for c in range(len(names))])
     rest = np.setdiff1d(order, train, assume_unique=True)

@@ -60,6 +60,27 @@ def _causal_mask(length: int, dtype: torch.dtype, device: torch.device) -> torch
     ]
 
 
+def _prefixed_layer(layer: nn.Module, prefix: torch.Tensor, suffix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One CLIP encoder layer (pre-norm attention, then MLP) on ``C`` causal sequences that share a prefix:
+    ``prefix (U, n, E)`` is encoded once per row, and each class's tokens ``suffix (B, C, S, E)`` (``B`` 1 or
+    ``U``) attend to the prefix's keys and values and causally to their own. Returns ``(U, n, E)``, ``(U, C, S, E)``."""
+    attn = layer.self_attn
+    heads = lambda x: x.unflatten(-1, (attn.num_heads, attn.head_dim)).transpose(-3, -2)  # noqa: E731 (.., H, T, d)
+    xp, xs = layer.layer_norm1(prefix), layer.layer_norm1(suffix)
+    qp, kp, vp = (heads(proj(xp)) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))  # (U, H, n, d)
+    qs, ks, vs = (heads(proj(xs)) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))  # (B, C, H, S, d)
+    out_p = nn.functional.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=attn.scale)
+    n, s = prefix.shape[1], suffix.shape[2]
+    own = (qs @ ks.transpose(-1, -2)) * attn.scale  # (B, C, H, S, S)
+    own = own.masked_fill(torch.ones(s, s, dtype=torch.bool, device=own.device).triu(1), float("-inf"))
+    shared = (qs @ kp[:, None].transpose(-1, -2)) * attn.scale  # (U, C, H, S, n)
+    weights = torch.cat([shared, own.expand(len(shared), -1, -1, -1, -1)], -1).softmax(-1)
+    out_s = weights[..., :n] @ vp[:, None] + weights[..., n:] @ vs  # (U, C, H, S, d)
+    prefix = prefix + attn.out_proj(out_p.transpose(-3, -2).flatten(-2))
+    suffix = suffix + attn.out_proj(out_s.transpose(-3, -2).flatten(-2))
+    return prefix + layer.mlp(layer.layer_norm2(prefix)), suffix + layer.mlp(layer.layer_norm2(suffix))
+
+
 class CLIPPromptLoss(nn.Module):
     """Zero-shot cross-entropy of a frozen CLIP under text and image prompts (the black box's loss function).
 
@@ -97,20 +118,21 @@ class CLIPPromptLoss(nn.Module):
         )
 
     def text_features(self, p_text: torch.Tensor) -> torch.Tensor:
-        """``(U, T_T, E_T)`` prompts -> ``(U, C, P)`` unit class embeddings, ``[BOS] p_T words [EOS]`` per class."""
+        """``(U, T_T, E_T)`` prompts -> ``(U, C, P)`` unit class embeddings, ``[BOS] p_T words [EOS]`` per class.
+
+        CLIP's text encoder is causal, so the prefix ``[BOS] p_T`` encodes the same for every class: it runs once
+        per prompt row, and each class's words attend to its keys and values (:func:`_prefixed_layer`), the
+        same numbers as encoding the ``C`` whole sequences at a fraction of the cost."""
         text = self.clip.text_model
-        u, c = len(p_text), len(self.class_ids)
-        words = text.embeddings.token_embedding(self.class_ids)  # (C, L, E)
-        words = words.to(p_text.dtype)[None].expand(u, -1, -1, -1)
-        prompt = p_text[:, None].expand(-1, c, -1, -1)
-        seq = torch.cat([words[:, :, :1], prompt, words[:, :, 1:]], 2).flatten(0, 1)  # (U C, 1 + T_T + L - 1, E)
-        length = seq.shape[1]
-        seq = seq + text.embeddings.position_embedding.weight[:length].to(seq.dtype)
-        hidden = text.encoder(inputs_embeds=seq, attention_mask=_causal_mask(length, seq.dtype, seq.device))
-        hidden = text.final_layer_norm(hidden.last_hidden_state)
-        eos = (self.class_eos + self.text_tokens).repeat(u)  # the EOS moved right by the prompt
-        pooled = hidden[torch.arange(len(hidden), device=hidden.device), eos]
-        return nn.functional.normalize(self.clip.text_projection(pooled), dim=-1).view(u, c, -1)
+        words = text.embeddings.token_embedding(self.class_ids).to(p_text.dtype)  # (C, L, E)
+        positions = text.embeddings.position_embedding.weight.to(p_text.dtype)
+        n = 1 + self.text_tokens  # the prefix: BOS and the prompt
+        prefix = torch.cat([words[:1, :1].expand(len(p_text), -1, -1), p_text], 1) + positions[:n]  # (U, n, E)
+        suffix = (words[:, 1:] + positions[n : n + words.shape[1] - 1])[None]  # (1, C, L - 1, E): no row's yet
+        for layer in text.encoder.layers:
+            prefix, suffix = _prefixed_layer(layer, prefix, suffix)
+        hidden = text.final_layer_norm(suffix[:, torch.arange(len(self.class_ids)), self.class_eos - 1])  # (U, C, E)
+        return nn.functional.normalize(self.clip.text_projection(hidden), dim=-1)
 
     def image_features(self, images: torch.Tensor, p_image: torch.Tensor | None) -> torch.Tensor:
         """``(R, 3, S, S)`` preprocessed images, ``(R, T_I, E_I)`` prompts (None: none) -> ``(R, P)`` unit

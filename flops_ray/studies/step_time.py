@@ -9,7 +9,8 @@ to the ranges' owners in an all-to-all, and receives the owners' float64 sums in
 SPSA/ES send per-draw coefficients and the replicas rebuild the gradient from seeds (``draws x P_g`` noise
 numbers): ``scalar``, each replica all of them whatever ``n``; ``sliced``, each ``1/n`` of them and one all-gather
 of the float64 sums (``(n-1)/n x 8P`` bytes). Each replica applies the optimizer to its own copy.
-The driver adds its fixed per-step work (planning, allocation). The allocator's fit runs in a thread from
+The driver adds its fixed per-step work (planning, allocation), and calls every replica a few times per step
+(the step's batch, the collective, the update: ``fanout``, growing with ``n``). The allocator's fit runs in a thread from
 the main round until the next step's allocation, a whole step less the driver's own work, so a step lasts
 at least the fit plus that work. Parameters never cross the driver. On a
 machine whose cores the replicas share with the driver, a step also takes at least all of their CPU
@@ -73,6 +74,8 @@ class Costs:
     """Cores the replicas share (a local run): ``n`` replicas above it each run ``cores / n`` as fast."""
     host_s: float = 0.0
     """CPU seconds per step that the driver and Ray's own processes take from those cores (a local run)."""
+    fanout_s: float = 0.0
+    """Driver seconds per replica of a call it makes to every replica (one call to each of many actors)."""
     fit_s: float = 0.0
     """Driver seconds per step in a thread beside the rest (the allocator fit, from the main round to the next
     step's allocation): a step lasts at least ``fit_s + driver_s``."""
@@ -108,8 +111,11 @@ def step_time(work: Workload, costs: Costs, n: int) -> dict[str, float]:
         replay = numbers * costs.replay_s_per_number * max(1.0, n / costs.cores)
         gather = 8 * work.params * share / costs.link_bytes_per_s + (n - 1) * costs.link_latency_s if sliced else 0.0
         reduce = send + replay + gather + costs.call_s
+    # One call per replica per step for the batch and one for the update, one more for a collective.
+    calls = 2 + (work.reduction in ("allreduce", "sliced"))
     parts = {
         "driver": costs.driver_s,
+        "fanout": n * calls * costs.fanout_s,
         "compute": compute,
         "reduce": reduce,
         "apply": work.params * costs.apply_s_per_param,
