@@ -85,7 +85,7 @@ def simulate(gpus: tuple[int, ...], gpu: dict, measured: Costs) -> dict:
     Args:
         gpus: GPU counts.
         gpu: the engine benchmark's ViT-B/16 figures on one GPU (``queries_per_s``, ``noise_numbers_per_s``).
-        measured: the driver's costs (``call_s``, ``task_s``, ``driver_s``, ``fit_s``) measured here.
+        measured: the driver's costs (``call_s``, ``fanout_s``, ``task_s``, ``driver_s``, ``fit_s``) measured here.
     """
     a = ASSUMPTIONS
     out = {}
@@ -94,6 +94,7 @@ def simulate(gpus: tuple[int, ...], gpu: dict, measured: Costs) -> dict:
             query_s=1.0 / gpu["queries_per_s"][key],
             call_s=measured.call_s,
             driver_s=measured.driver_s,
+            fanout_s=measured.fanout_s,
             fit_s=measured.fit_s,
             task_s=measured.task_s,
             link_bytes_per_s=a["link_bytes_per_s"],
