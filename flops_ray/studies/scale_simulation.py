@@ -20,7 +20,7 @@ ASSUMPTIONS = {
     "weighs each regenerated number at tensor-core rate (2 flops at 50 TFLOP/s); per-query engine costs are "
     "the H100 float32 figures of bench_engine (docs/results/bench_engine_cuda.json); one farm.shard_cost for "
     "the main round and one farm.clean_shard for the clean pass, those (8 to 256 forwards, 1 to 128 samples) "
-    "the model finds fastest on n GPUs; the driver's call, task and per-step seconds are measured here (per "
+    "the model finds fastest on n GPUs; the driver's call, fan-out, task and per-step seconds are measured here (per "
     "step: the shipped ViT-B/16 config's step shape, planned and allocated on the driver); its allocator fit, "
     "timed alone on one thread here, runs in a driver thread with a core of its own from the main round to "
     "the next step's allocation",
