@@ -8,7 +8,7 @@ import ray
 import torch
 from ray.cluster_utils import Cluster
 
-from flops_ray.config import AllocatorConfig, FarmConfig, TrainConfig
+from flops_ray.config import AllocatorConfig, EstimatorConfig, FarmConfig, TrainConfig
 from flops_ray.data.arrays import digits
 from flops_ray.models.factory import create_model
 from flops_ray.training.trainer import Trainer
@@ -19,7 +19,7 @@ LOOPBACK = {"node_ip_address": "127.0.0.1"}
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def cluster(ray_env):
     """A head that hosts no replica and one node offering one ``replica`` slot; tests add and remove nodes."""
     c = Cluster(initialize_head=True, head_node_args={**LOOPBACK, "num_cpus": 1})
@@ -31,12 +31,15 @@ def cluster(ray_env):
     c.shutdown()
 
 
-def _config(workers: int | str) -> TrainConfig:
+def _config(workers: int | str, kind: str) -> TrainConfig:
+    # SPSA replays sliced: the members of its collective change as replicas join and leave.
+    farm = FarmConfig(backend="ray", replicas=workers, shard_cost=16, replica_resource="replica", replay="sliced")
     return TrainConfig(
         model="digits_vit",
         batch_size=8,
+        estimator=EstimatorConfig(kind=kind),
         allocator=AllocatorConfig(kind="neyman"),
-        farm=FarmConfig(backend="ray", replicas=workers, shard_cost=16, replica_resource="replica"),
+        farm=farm,
     )
 
 
@@ -47,13 +50,14 @@ def _wait_for_placement(backend, hang: int) -> None:
     assert ready, "no waiting replica was placed on the new node"
 
 
-def test_replicas_join_and_leave_mid_run(cluster, inject_fault, hang):
+@pytest.mark.parametrize("kind", ["lr", "spsa"])
+def test_replicas_join_and_leave_mid_run(cluster, inject_fault, hang, kind):
     """Start on one node of ``1..3``; a node joins after step 0 (its replica adopts a live peer's parameters
     and takes work), then the first node is removed in the middle of a step: the parameters are those of a
-    fixed-size farm after as many steps."""
+    fixed-size farm after as many steps (LR's all-reduce, SPSA's sliced replay)."""
     c, first = cluster
     data = digits("train"), None
-    with Trainer(_config("1..3"), create_model("digits_vit", 10, 8, 0), *data) as trainer:
+    with Trainer(_config("1..3", kind), create_model("digits_vit", 10, 8, 0), *data) as trainer:
         backend, pool = trainer.backend, trainer.backend.pool
         assert len(backend.replicas) == 1 and len(pool.slots) == 3, "it starts with the one replica that fits"
         trainer.step()
@@ -80,7 +84,7 @@ def test_replicas_join_and_leave_mid_run(cluster, inject_fault, hang):
         steps = trainer.step_count
         assert backend.counters.restarts >= 1, "the removed node's replica left mid-run"
         assert pool.current() == [joined], "the joined replica carries the run on"
-    with Trainer(_config(1), create_model("digits_vit", 10, 8, 0), *data) as fixed:
+    with Trainer(_config(1, kind), create_model("digits_vit", 10, 8, 0), *data) as fixed:
         fixed.fit(steps)
         want = torch.from_numpy(fixed.get_params())
     assert torch.allclose(got, want, atol=1e-6), f"max diff {(got - want).abs().max().item():.3g}"
