@@ -102,3 +102,13 @@ def test_the_box_projects_text_and_image_prompts_apart(standin):
     # N(0, 1/d_T): the sample sd of n normals is off by a relative 1/sqrt(2n) sd; 4 of those are allowed.
     block = w[:4, :text_size]
     assert block.std().item() == pytest.approx(0.5, rel=4 / (2 * block.numel()) ** 0.5)
+
+
+def test_the_compositional_task_names_each_shape_at_each_place():
+    """``shape_places``: label ``shape * 5 + place`` names that shape at that place; 16 shots of every class and a
+    test set of other images, as the one-attribute tasks have."""
+    names = standin_clip.class_names("shape_places")
+    assert len(names) == 20 and names[1] == "square at the top right" and names[5].startswith("circle")
+    (x, y), (tx, ty) = standin_clip.task_split("shape_places", 16, 100, seed=0, size=16)
+    assert sorted(set(y.tolist())) == list(range(20)) and all((y == c).sum() == 16 for c in range(20))
+    assert len(ty) == 100 and set(ty.tolist()) <= set(range(20)) and not (x[:, None] == tx[None]).all((2, 3, 4)).any()

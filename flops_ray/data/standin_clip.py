@@ -10,8 +10,9 @@ captioned shapes and coloured digits, saved with ``save_pretrained`` beside a wo
 one of a few neutral openings; the class prompts of the tasks (``"a photo of a seven."``) name one attribute only,
 which is why zero-shot falls short of what a tuned prompt reaches.
 
-The tasks (:data:`TASKS`): ``digits`` (the digit of a coloured digit, 10 classes), ``shapes`` (the shape, 4) and
-``colours`` (the colour of a shape, 4). Each has a ``shots``-per-class training set and a disjoint test set, from
+The tasks (:data:`TASKS`): ``digits`` (the digit of a coloured digit, 10 classes), ``shapes`` (the shape, 4),
+``colours`` (the colour of a shape, 4), ``places`` (where the shape is, 5) and ``shape_places`` (the shape and
+where it is, 20). Each has a ``shots``-per-class training set and a disjoint test set, from
 images the pretraining never saw. Everything derives from the seed: the same seed writes the same bytes.
 """
 
@@ -31,8 +32,9 @@ from flops_ray.seeding import STREAM_DATA, STREAM_INIT, derive_seed
 _STANDIN = 0x434C
 """Counter that keeps the stand-in CLIP's draws apart from other users of the same streams."""
 OPENINGS = ("", "a picture of", "an image showing", "here we see", "this drawing shows", "in this picture there is")
-"""Neutral openings of the pretraining captions: they vary the captions' length (so every text position the
-prompted texts reach is trained) and carry no label."""
+"""Neutral openings of the pretraining captions: they vary the captions' length and carry no label. The longest
+caption ends at position 13, so a class text after a 12-token prompt reads some untrained position embeddings
+(chains of openings that reach them made a CLIP whose manual prompt left tuning less room: docs/RESULTS.md)."""
 MANUAL_WORDS = ("photo", "of", ".")
 """Words of the manual prompt the captions never use: in the vocabulary, as a hub tokenizer's would be."""
 TASKS = ("digits", "shapes", "colours", "places", "shape_places")
@@ -67,9 +69,6 @@ class StandinCLIPSettings:
     digit_repeats: int = 4
     """Times each digit image enters the pretraining pairs (each with its own caption opening): the digits' train
     split is a fifth the size of the shapes', and a digit is harder to tell from a few pixels than a colour."""
-    max_openings: int = 4
-    """Openings before each caption, 1 to this many (each may be empty): a prompted class text puts its words after
-    a 12-token prompt (its EOS up to position 20), and only positions some caption reaches get trained."""
     pretrain_steps: int = 500
     """Backprop steps of contrastive pretraining."""
     batch_size: int = 128
@@ -110,9 +109,9 @@ def class_names(task: str) -> tuple[str, ...]:
     return names[task]
 
 
-def _with_opening(rng: random.Random, caption: str, most: int) -> str:
-    opening = " ".join(rng.choice(OPENINGS) for _ in range(rng.randint(1, most)))
-    return " ".join(f"{opening} {caption}".split())
+def _with_opening(rng: random.Random, caption: str) -> str:
+    opening = rng.choice(OPENINGS)
+    return f"{opening} {caption}".strip()
 
 
 def pretraining_pairs(settings: StandinCLIPSettings, seed: int) -> tuple[np.ndarray, list[str]]:
@@ -121,11 +120,10 @@ def pretraining_pairs(settings: StandinCLIPSettings, seed: int) -> tuple[np.ndar
     shapes = shape_images(settings.shape_captions, derive_seed(seed, STREAM_DATA, _STANDIN, 0), settings.image_size)
     digits, digit, colour = digit_images("train", derive_seed(seed, STREAM_DATA, _STANDIN, 1), settings.image_size)
     rng = random.Random(derive_seed(seed, STREAM_DATA, _STANDIN, 2))
-    most = settings.max_openings
-    captions = [_with_opening(rng, c, most) for c in shapes.captions()]
+    captions = [_with_opening(rng, c) for c in shapes.captions()]
     reps = settings.digit_repeats
     words = [f"a {list(COLOURS)[c]} {DIGIT_WORDS[d]}" for d, c in zip(digit, colour)]
-    captions += [_with_opening(rng, w, most) for _ in range(reps) for w in words]
+    captions += [_with_opening(rng, w) for _ in range(reps) for w in words]
     return np.concatenate([shapes.images, *[digits] * reps]), captions
 
 
@@ -134,16 +132,24 @@ def task_split(
 ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """``(images, labels)`` of ``task``'s few-shot training set (``shots`` per class, the first drawn) and of its
     test set (``test_size`` images, or all that are left of the digits' test split), from images the pretraining
-    never saw."""
+    never saw. Shape images are drawn until every class has its shots (a many-class task needs more than
+    ``classes x shots + test_size``)."""
     names = class_names(task)
     if task == "digits":
         images, labels, _ = digit_images("test", derive_seed(seed, STREAM_DATA, _STANDIN, 3), size)
     else:
-        data = shape_images(len(names) * shots + test_size, derive_seed(seed, STREAM_DATA, _STANDIN, 4), size)
-        labels = {"shapes": data.shape, "colours": data.colour, "places": data.place}.get(task)
-        images, labels = data.images, data.shape * len(PLACES) + data.place if labels is None else labels
+        pool = len(names) * shots + test_size
+        while True:
+            data = shape_images(pool, derive_seed(seed, STREAM_DATA, _STANDIN, 4), size)
+            images, by_task = data.images, {"shapes": data.shape, "colours": data.colour, "places": data.place}
+            labels = by_task[task] if task in by_task else data.shape * len(PLACES) + data.place  # shape_places
+            if np.bincount(labels, minlength=len(names)).min() >= shots or pool > 64 * len(names) * shots:
+                break
+            pool *= 2
     order = np.random.default_rng(derive_seed(seed, STREAM_DATA, _STANDIN, 5)).permutation(len(labels))
     train = np.concatenate([order[labels[order] == c][:shots] for c in range(len(names))])
+    if len(train) < len(names) * shots:
+        raise ValueError(f"task {task!r}: fewer than {shots} images of some class to train on")
     rest = np.setdiff1d(order, train, assume_unique=True)
     test = order[np.isin(order, rest)][:test_size]
     return (images[train], labels[train]), (images[test], labels[test])

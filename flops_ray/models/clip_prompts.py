@@ -7,7 +7,8 @@ after the text's BOS (CLIP's CLS of the text) and before the class words, and an
 (``D = T_T E_T + T_I E_I``), and the loss is the cross-entropy of the scaled cosine similarities between the
 prompted image and the ``C`` prompted class texts. The :class:`~flops_ray.models.blackbox.BlackBox` holding it
 gives ``theta = p0 + u W``, which is the paper's ``p = z W``. Rows that share a text prompt (every row of a clean
-pass) encode the class texts once.
+pass) encode the class texts once, and the ``C`` class texts of a row share its prompt's encoding (the text encoder
+is causal: ``[BOS] p_T`` reads the same before every class's words).
 
 The manual prompt (``"a photo of a {class}."``) is :meth:`CLIPPromptLoss.manual_logits`: plain CLIP, no prompt.
 """
