@@ -11,6 +11,7 @@ import os
 import random
 import socket
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -143,6 +144,16 @@ def test_a_poison_sample_is_skipped_when_asked(digits_splits):
         assert trainer.backend.counters.skipped_samples == 1
 
 
+def _until_dead(handle, hang: float = 60.0) -> None:
+    """Wait until a killed actor answers no more: ``ray.kill`` is asynchronous, and a kill that landed in a later call
+    than the first (the first, a one-sample probe, finished meanwhile) would strike a proven replica, which is
+    poison's evidence. A deadline only stops a hang."""
+    deadline = time.monotonic() + hang
+    with pytest.raises(ray.exceptions.RayActorError):
+        while time.monotonic() < deadline:  # calls made before the kill landed still answer
+            ray.get(handle.describe.remote(), timeout=hang)
+
+
 @pytest.mark.usefixtures("ray_local")
 def test_every_replica_killed_at_its_first_shard_is_survived(digits_splits):
     """The 20 first replicas, the two initial ones and 18 replacements, each killed as its first shard starts
@@ -162,6 +173,7 @@ def test_every_replica_killed_at_its_first_shard_is_survived(digits_splits):
                 if len(killed) < 20:
                     killed.append(slot.handle)
                     ray.kill(slot.handle, no_restart=True)
+                    _until_dead(slot.handle)
 
         work.track = first_shard_kills
         stormy.fit()
