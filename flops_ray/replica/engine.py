@@ -23,7 +23,8 @@ from flops_ray.messages import ShardResult, ShardTask, TaskKind
 from flops_ray.models.groups import flatten, resolve_groups, to_numpy, unflatten_into
 from flops_ray.models.losses import LossFn, cross_entropy
 from flops_ray.replica.heap import keep_freed_memory
-from flops_ray.replica.replay import Exchange, replay_gradients, sliced_replay
+from flops_ray.replica.ordered_sum import AllGather
+from flops_ray.replica.replay import replay_gradients, sliced_replay
 from flops_ray.replica.traces import TraceSampler
 
 
@@ -137,7 +138,7 @@ class QueryEngine:
         coefs: Sequence[np.ndarray],
         rank: int = 0,
         world: int = 1,
-        exchange: Exchange | None = None,
+        exchange: AllGather | None = None,
     ) -> list[torch.Tensor]:
         """Per group ``(P_g,)`` float64 gradient sums rebuilt from the weighted tasks' per-draw coefficients; with
         ``exchange`` (an all-gather among ``world`` members, this one ``rank``), only this member's share of the

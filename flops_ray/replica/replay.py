@@ -13,7 +13,7 @@ the result is the full replay's, bit for bit, whatever the number of members.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -21,13 +21,11 @@ import torch
 from flops_ray.estimators.base import RowPlan
 from flops_ray.estimators.noise_layout import NoiseLayout, Slice
 from flops_ray.messages import ShardTask
+from flops_ray.replica.ordered_sum import AllGather
 
 BLOCK_BYTES = {"cpu": 4 * 2**20, "cuda": 64 * 2**20}
 """Noise made at a time while replaying, by device: a block of draws of at most this many bytes of normals
 (float32). A CPU block stays in cache until its weighted sum reads it back; a GPU wants few, large kernels."""
-
-Exchange = Callable[[torch.Tensor], list[torch.Tensor]]
-"""An all-gather: this member's buffer in, every member's (in rank order) out."""
 
 
 def replay_slices(
@@ -61,12 +59,12 @@ def replay_slices(
         if not wanted:
             continue
         c = torch.as_tensor(c, dtype=torch.float32, device=device)
+        # The whole draw in one noise call where every slice is wanted (the same bits as slice by slice).
+        whole = wanted == layout.slices
         block = max(1, BLOCK_BYTES.get(device.type, BLOCK_BYTES["cuda"]) // (4 * layout.normals))
         part = torch.zeros(len(out[task.group]), dtype=torch.float32, device=device)
         for s in range(0, len(keys), block):
             k, w = keys[s : s + block], c[s : s + block]
-            # The whole draw in one noise call where every slice is wanted (the same bits as slice by slice).
-            whole = wanted == layout.slices
             part += layout.weigh(k, w) if whole else torch.cat([layout.weigh_slice(k, w, p) for p in wanted])
         out[task.group] += part
     return out
@@ -110,7 +108,7 @@ def sliced_replay(
     root_seed: int,
     device: torch.device,
     rank: int,
-    exchange: Exchange,
+    exchange: AllGather,
     world: int,
 ) -> list[torch.Tensor]:
     """:func:`replay_gradients`, this member rebuilding only its share (:func:`assign_slices`) and one

@@ -21,7 +21,7 @@ from flops_ray.messages import ReplicaState, ShardResult, ShardTask, StepUpdate,
 from flops_ray.models.groups import to_numpy
 from flops_ray.models.losses import LossFn, cross_entropy
 from flops_ray.replica.engine import QueryEngine
-from flops_ray.replica.replay import Exchange
+from flops_ray.replica.ordered_sum import AllGather
 from flops_ray.replica.update import ParamUpdate
 
 
@@ -107,7 +107,7 @@ class Replica:
         self._reduced = grads
         return tuple(float(g.norm()) for g in self._reduced)
 
-    def replay_reduced(self, update: StepUpdate, rank: int, world: int, exchange: Exchange) -> tuple[float, ...]:
+    def replay_reduced(self, update: StepUpdate, rank: int, world: int, exchange: AllGather) -> tuple[float, ...]:
         """Sliced replay: rebuild this member's share of ``update``'s gradient (``COEFS``), gather the others' and
         keep the sums for an update from ``HELD`` (:meth:`hold_reduced`); returns their norms."""
         return self.hold_reduced(self.engine.replay(update.tasks, update.coefs, rank, world, exchange))
