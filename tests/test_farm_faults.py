@@ -118,17 +118,20 @@ def _poisoned(train: ArrayDataset, cfg: TrainConfig, row: int) -> tuple[ArrayDat
 
 
 @pytest.mark.usefixtures("ray_local")
-def test_a_poison_sample_is_named_by_its_dataset_index(digits_splits):
+@pytest.mark.parametrize("replicas, row", [(2, 3), (1, 7)])
+def test_a_poison_sample_is_named_by_its_dataset_index(digits_splits, replicas, row):
     """The sample kills every replica that runs it, beside the other samples of its clean task (the round's only
     task, so no replica ever proves itself on another): after ``poison_deaths`` lone deaths its samples are
-    probed one by one, and the probe that kills a replica that had run an innocent probe names the sample.
-    It once ended after 11 deaths naming the task only."""
-    train, sample = _poisoned(digits_splits[0], BASE, row=3)
-    with Trainer(BASE, _model(BASE), train, None, loss_fn=dies_on_a_poison_sample) as trainer:
-        with pytest.raises(FarmError, match=rf"dataset sample {sample} \(batch row 3 of step 0\) kills the replicas"):
+    probed one by one, and the probe that kills two replicas that had run innocent probes names the sample.
+    With one replica and the sample probed last, the replacement its first strike leaves has nothing to prove
+    itself on but a proof (an innocent sample run again). It once ended after 11 deaths naming the task only."""
+    cfg = BASE.replace(farm=dataclasses.replace(RAY, replicas=replicas))
+    train, sample = _poisoned(digits_splits[0], cfg, row=row)
+    with Trainer(cfg, _model(cfg), train, None, loss_fn=dies_on_a_poison_sample) as trainer:
+        with pytest.raises(FarmError, match=rf"dataset sample {sample} \(batch row {row} of step 0\) kills the"):
             trainer.step()
         c = trainer.backend.counters
-        assert c.probes >= 2 and c.restarts <= BASE.farm.poison_deaths + 4, c
+        assert c.probes >= cfg.batch_size + 1 and c.restarts <= cfg.farm.poison_deaths + 4, c
 
 
 @pytest.mark.usefixtures("ray_local")
@@ -145,9 +148,7 @@ def test_a_poison_sample_is_skipped_when_asked(digits_splits):
 
 
 def _until_dead(handle, hang: float = 60.0) -> None:
-    """Wait until a killed actor answers no more: ``ray.kill`` is asynchronous, and a kill that landed in a later call
-    than the first (the first, a one-sample probe, finished meanwhile) would strike a proven replica, which is
-    poison's evidence. A deadline only stops a hang."""
+    """Wait until a killed actor answers no more (``ray.kill`` is asynchronous). A deadline only stops a hang."""
     deadline = time.monotonic() + hang
     with pytest.raises(ray.exceptions.RayActorError):
         while time.monotonic() < deadline:  # calls made before the kill landed still answer
@@ -155,26 +156,28 @@ def _until_dead(handle, hang: float = 60.0) -> None:
 
 
 @pytest.mark.usefixtures("ray_local")
-def test_every_replica_killed_at_its_first_shard_is_survived(digits_splits):
-    """The 20 first replicas, the two initial ones and 18 replacements, each killed as its first shard starts
-    (no result in between: 20 deaths in a row, at the default ``max_retries``); the parameters are those of an
-    in-process run, bit for bit. The clean round's one task looks like a poison task to the probes; in a clean
-    clone's full suite a probe twice convicted a sample here (a proven replica died running it alone, a kill
-    landing late), so the hunt is kept out of this storm (``poison_deaths`` above it): a known gap."""
-    cfg = BASE.replace(steps=2, farm=dataclasses.replace(BASE.farm, poison_deaths=25))
+@pytest.mark.parametrize("late", [False, True])
+def test_every_replica_killed_at_its_first_shard_is_survived(digits_splits, late):
+    """The 20 first replicas, the two initial ones and 18 replacements, each killed at its first shard, at the
+    default settings. The kill lands as the shard starts (no result in between: 20 deaths in a row, at the
+    default ``max_retries``), or, ``late``, a probe's kill lands once the probe is done: the replica is proven,
+    and the next probe it is sent finds it dead (a clean clone's suite met this race and named an innocent
+    sample). The clean round's one task dies alone again and again, so its samples are probed; no sample is
+    named, and the parameters are those of an in-process run, bit for bit."""
+    cfg = BASE.replace(steps=2)
     killed: list = []
     with Trainer(cfg, _model(cfg), *digits_splits) as stormy:
-        work = stormy.backend.pool.work
-        track, seen = work.track, set()
+        work, hunt = stormy.backend.pool.work, stormy.backend.scheduler.hunt
+        track = work.track
 
         def first_shard_kills(slot, ref, position) -> None:
             track(slot, ref, position)
-            if slot.handle not in seen:
-                seen.add(slot.handle)
-                if len(killed) < 20:
-                    killed.append(slot.handle)
-                    ray.kill(slot.handle, no_restart=True)
-                    _until_dead(slot.handle)
+            if slot.handle not in killed and len(killed) < 20:
+                killed.append(slot.handle)
+                if late and not hunt.own(position):
+                    ray.wait([ref], timeout=60)
+                ray.kill(slot.handle, no_restart=True)
+                _until_dead(slot.handle)
 
         work.track = first_shard_kills
         stormy.fit()

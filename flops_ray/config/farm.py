@@ -70,8 +70,9 @@ class FarmConfig:
     every replica is found long before (``poison_deaths``)."""
     poison_deaths: int = 3
     """Ray: a task whose replicas die this many times in a row while it runs alone on them has its samples
-    probed, one call per sample, each alone; a probe that kills a replica that had finished a shard before
-    names its sample, and the run fails naming its dataset index (docs/FARM.md, faults)."""
+    probed, one call per sample, each alone; a probe that kills two replicas that had finished a shard before
+    (each alive as the probe started) names its sample, and the run fails naming its dataset index
+    (docs/FARM.md, faults)."""
     skip_poison: bool = False
     """Ray: instead of failing, leave such a sample out: its step runs again without it, and so does every
     later batch holding it (counted as ``skipped_samples`` in the farm's counters, listed per step in the

@@ -4,14 +4,18 @@ A replica that dies blames the tasks it was running: each becomes a *suspect*, w
 (no other call on its replica), after the tasks blamed less, so that a death while it runs blames it only.
 After ``farm.poison_deaths`` lone deaths of one task in a row (no other task dying alone in between), the
 task is split into one *probe* per sample, each run alone and kept out of the step's results. A probe that
-kills a *proven* replica (one that had finished a shard before) names its sample: the run fails naming its
-dataset index, or leaves it out (``farm.skip_poison``). Probes that all run through clear the task, which
-runs again whole.
+kills a *proven* replica (one that had finished a shard before) which was alive as the probe started (it
+answered a call sent right before the probe) is a *strike*; ``STRIKES`` strikes name the probe's sample: the
+run fails naming its dataset index, or leaves it out (``farm.skip_poison``). A struck probe runs only on a
+proven replica; a replica that has not proven itself first re-runs a sample found innocent (a *proof*).
+Probes that all run through clear the task, which runs again whole.
 
 A killer from outside (a preempted node, a kill storm) strikes whatever runs: its deaths spread over the
-tasks, and one that strikes every replica at its first shard never kills a proven one, so it is survived
-while the fault budget lasts and never names a sample; a poison sample kills every replica it lands on,
-proven or not. The scheduler carries this out (:mod:`flops_ray.farm.scheduler`).
+tasks, and one that strikes every replica at its first shard never kills a proven one; one that lands after
+a probe is done is found by the next probe's liveness call (the replica was dead before that probe started),
+and a death from outside while a probe runs is one strike, not a verdict. Such storms are survived while the
+fault budget lasts and never name a sample; a poison sample kills every replica it lands on, proven or not.
+The scheduler carries this out (:mod:`flops_ray.farm.scheduler`).
 
 >>> watch = PoisonWatch(deaths=2)
 >>> a, b = (0, 0, "main", 0), (0, 0, "main", 1)
@@ -27,11 +31,19 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import ray
 from ray.actor import ActorHandle
+from ray.exceptions import RayError
 
 from flops_ray.farm.errors import FarmError
 from flops_ray.messages import ShardTask, TaskKey
 from flops_ray.step.interface import PoisonSampleError
+
+STRIKES = 2
+"""Proven replicas, each alive as the probe started, that a probe must kill before its sample is named: a death
+from outside can land while a probe runs; a poison sample kills every replica it lands on."""
+LIVENESS_TIMEOUT_S = 30.0
+"""How long a dead replica's liveness call may take to resolve (it answered, or failed with its replica)."""
 
 
 class PoisonWatch:
@@ -87,11 +99,14 @@ class Death:
     """The position of the probe it was running (probes run alone), if any."""
     probing: bool
     """Its one task reached the lone-death streak: its samples are to be probed."""
+    started: bool = False
+    """The replica answered the liveness call sent right before its probe: it was alive as the probe started."""
 
     @property
     def evidence(self) -> bool:
-        """A probe killed a proven replica: the death names the sample, and costs no fault budget."""
-        return self.probe is not None and self.proven
+        """A probe killed a proven replica that was alive as the probe started: a strike against the sample,
+        which costs no fault budget."""
+        return self.probe is not None and self.proven and self.started
 
 
 class PoisonHunt:
@@ -116,11 +131,18 @@ class PoisonHunt:
         self._deaths: dict[int, int] = {}
         """Deaths each position was running in (probes share their task's key)."""
         self._proven: set[ActorHandle] = set()
-        """Replicas that have finished a shard: a probe that kills one of them names its sample."""
+        """Replicas that have finished a shard: a probe that kills one of them strikes its sample."""
+        self._liveness: dict[int, ray.ObjectRef] = {}
+        """Per probe in flight, the liveness call sent right before it to its replica."""
+        self._strikes: dict[int, int] = {}
+        """Strikes against each probe's sample (:attr:`Death.evidence`)."""
+        self._innocent: list[int] = []
+        """Probes that ran through, whose samples a replica re-runs to prove itself."""
 
     def start(self, tasks: list[ShardTask]) -> list[ShardTask]:
         """A new run of ``tasks``: nothing is suspect; returns :attr:`run`, which probes may extend."""
         self.run, self.tasks, self._probed, self._deaths = list(tasks), len(tasks), None, {}
+        self._liveness, self._strikes, self._innocent = {}, {}, []
         self.watch.new_run()
         return self.run
 
@@ -135,6 +157,23 @@ class PoisonHunt:
     def rank(self, pos: int) -> tuple[bool, int]:
         """Where ``pos`` goes in the queue before its cost: those running alone last, the most blamed last."""
         return self.alone(pos), self._deaths.get(pos, 0)
+
+    def sending(self, pos: int, liveness: ray.ObjectRef) -> None:
+        """The probe at ``pos`` is sent to a replica right after the call ``liveness`` (any cheap call): the
+        replica answers it only if it is alive as the probe starts (an actor runs its calls in order)."""
+        self._liveness[pos] = liveness
+
+    def fits(self, pos: int, handle: ActorHandle) -> bool:
+        """Whether the task at ``pos`` may run on ``handle``: a struck probe needs a proven replica."""
+        return pos not in self._strikes or handle in self._proven
+
+    def proof(self) -> int | None:
+        """A new probe, of a sample found innocent, for a replica to prove itself on; its position (in no
+        task's probes, so its result clears nothing), or None while no sample was found innocent."""
+        if not self._innocent:
+            return None
+        self.run.append(self.run[self._innocent[0]])
+        return len(self.run) - 1
 
     def finished(self, handle: ActorHandle) -> None:
         """The replica ``handle`` finished a shard: it is proven."""
@@ -151,17 +190,31 @@ class PoisonHunt:
         probe = next((pos for pos in positions if not self.own(pos)), None)
         keys = [self.run[pos].key for pos in positions]
         probing = probe is None and bool(keys) and self.watch.died(keys) and self._probed is None
-        return Death(handle in self._proven, probe, probing)
+        return Death(handle in self._proven, probe, probing, probe is not None and self._started(probe))
+
+    def _started(self, pos: int) -> bool:
+        """Whether the replica that died running the probe at ``pos`` answered the liveness call sent before it."""
+        liveness = self._liveness.pop(pos, None)
+        if liveness is None:
+            return False
+        try:
+            ray.get(liveness, timeout=LIVENESS_TIMEOUT_S)
+        except RayError:  # it failed with its replica, or never resolved: the replica died before the probe
+            return False
+        return True
 
     def follow(self, death: Death, positions: list[int], cause: BaseException) -> list[int]:
         """Act on ``death`` (the replica is replaced): returns the positions to queue again.
 
         Raises:
-            FarmError: a probe killed a proven replica: naming the sample (dataset index), its batch row, the task.
+            FarmError: a probe's ``STRIKES``-th strike: naming the sample (dataset index), its batch row, the task.
             PoisonSampleError: the same, with ``skip``.
         """
         if death.evidence:
-            raise self._verdict(death.probe, cause)
+            self._strikes[death.probe] = self._strikes.get(death.probe, 0) + 1
+            if self._strikes[death.probe] >= STRIKES:
+                raise self._verdict(death.probe, cause)
+            return positions
         if not death.probing:
             return positions
         (pos,) = positions
@@ -174,8 +227,10 @@ class PoisonHunt:
         """The probe at ``pos`` ran through: its sample is innocent. Returns the positions to queue again: the
         probed task, whole, once every probe has (the deaths came from outside, or its samples kill only
         together, which the fault budget ends)."""
+        self._liveness.pop(pos, None)
         if self._probed is None or pos not in self._probed[1]:
             return []
+        self._innocent.append(pos)
         self._probed[1].discard(pos)
         if self._probed[1]:
             return []
@@ -198,7 +253,8 @@ class PoisonHunt:
         message = (
             f"dataset sample {item.sample_id} (batch row {item.pos} of step {probe.step}) kills the replicas that "
             f"run it: {describe(parent)} was running in {self.watch.blamed(parent.key)} replica deaths, the last "
-            f"ones alone, then the sample alone killed a replica that had finished shards; the last death: {reason}"
+            f"ones alone, then the sample alone killed {STRIKES} replicas that had finished shards; the last death: "
+            f"{reason}"
         )
         if self.skip:
             return PoisonSampleError(item.sample_id, message)

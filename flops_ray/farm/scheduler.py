@@ -9,8 +9,8 @@
   never fail the step while shards keep finishing (the fault policy's budget; a replica lost while still
   starting is not charged); a stall does: no call finishing for ``stall_timeout`` seconds.
 - The tasks a death blames run alone, after the others; one that keeps killing alone has its samples probed
-  one by one, and a probe that kills a replica that had finished a shard names the sample
-  (:mod:`flops_ray.farm.poison`).
+  one by one, each right after a liveness call to its replica, and a probe that kills two replicas that had
+  finished a shard, each alive as it started, names the sample (:mod:`flops_ray.farm.poison`).
 
 Results are accepted exactly once: a call's result is only read while the call is still registered,
 and a dead replica's calls are unregistered before their tasks are queued again.
@@ -185,7 +185,8 @@ class Scheduler:
     def _fill(self, tasks: list[ShardTask], general: list[int]) -> None:
         """Top every ready replica up to ``in_flight`` calls, longest task first, one call per replica in turn: a
         pass per depth gives each replica with at most that many calls one more (the fewest-loaded first). A
-        suspect or a probe runs alone: only on a replica with no call in flight, and none joins it."""
+        suspect or a probe runs alone: only on a replica with no call in flight, and none joins it; a struck
+        probe only on a proven replica (an idle one that is not proven runs a proof when nothing else fits)."""
         for depth in range(self.in_flight):
             for slot in self.pool.slots:
                 if not general:
@@ -193,11 +194,14 @@ class Scheduler:
                 running = self.work.in_flight(slot)
                 if not slot.ready or len(running) > depth or any(self.hunt.alone(p) for p in running):
                     continue
-                pick = next((i for i, p in enumerate(general) if not running or not self.hunt.alone(p)), None)
-                if pick is None:
+                pick = next((i for i, p in enumerate(general) if self._fits(p, slot, running)), None)
+                if pick is not None:
+                    pos = general.pop(pick)
+                elif running or not general or (pos := self.hunt.proof()) is None:
                     continue
-                pos = general.pop(pick)
                 own = self.hunt.own(pos)  # a probe's result is not the step's: nothing kept, nothing returned
+                if not own:
+                    self.hunt.sending(pos, slot.handle.describe.remote())
                 ref = slot.handle.run.remote(tasks[pos], self.keep_partials and own, self.coefficients and own)
                 self.work.track(slot, ref, pos)
                 if own:
@@ -205,6 +209,10 @@ class Scheduler:
                 else:
                     self.counters.probes += 1
                 self.counters.bytes_sent += len(pickle.dumps(tasks[pos]))
+
+    def _fits(self, pos: int, slot: Slot, running: list[int]) -> bool:
+        """Whether the task at ``pos`` may join the calls ``running`` on ``slot``."""
+        return (not running or not self.hunt.alone(pos)) and self.hunt.fits(pos, slot.handle)
 
     def _requeue(
         self, slot: Slot, tasks: list[ShardTask], general: list[int], cause: Exception, by_itself: bool = False
