@@ -42,18 +42,33 @@ class Setting:
     model: str = "digits_vit_pretrained"
     batch_size: int = 32
     queries_per_sample: int = 16
-    per_block: bool = False
-    """One layer group per block (each block's MLP output projection) plus the head, instead of the default
-    config's two groups."""
+    blocks: tuple[str, int] | None = None
+    """One layer group per block, each a block's MLP output projection, plus the head, instead of the default
+    config's two groups: the module pattern with ``{i}`` for the block (``blocks.{i}.mlp.fc2``) and the block
+    count."""
     allocators: tuple[str, ...] | None = None
     """Compared with equal allocation in this setting (None: the benchmark's ``allocators``)."""
+
+
+PER_BLOCK = ("neyman/memory", "neyman/clean", "joint")
+"""The allocators compared where each block is a group."""
+VIT_BLOCKS = ("blocks.{i}.mlp.fc2", 4)
+"""The digits ViT's blocks."""
+MIXER_BLOCKS = ("blocks.{i}.mlp_channels.fc2", 6)
+"""The digits MLP-Mixer's blocks (its channel MLPs)."""
 
 
 @dataclass(frozen=True)
 class BenchConfig:
     """What the benchmark measures."""
 
-    settings: tuple[Setting, ...] = (Setting(), Setting(batch_size=64, queries_per_sample=8), Setting("digits_vit"))
+    settings: tuple[Setting, ...] = (
+        Setting(),
+        Setting(batch_size=64, queries_per_sample=8),
+        Setting("digits_vit"),
+        Setting(blocks=VIT_BLOCKS, allocators=PER_BLOCK),
+        Setting("digits_mixer_pretrained", blocks=MIXER_BLOCKS, allocators=PER_BLOCK),
+    )
     """The first is the headline (the default config's model and budget)."""
     steps: int = 300
     """Length of each training run."""
@@ -76,18 +91,18 @@ class BenchConfig:
 
 
 QUICK = BenchConfig(
-    settings=(Setting(), Setting(per_block=True, allocators=("neyman/memory", "neyman/clean", "joint"))),
+    settings=(Setting(), Setting("digits_mixer_pretrained", blocks=MIXER_BLOCKS, allocators=PER_BLOCK)),
     steps=150,
     checkpoints=(0, 75, 150),
     reps=200,
 )
 
 
-def per_block_groups(base: tuple[GroupConfig, ...], blocks: int = 4) -> tuple[GroupConfig, ...]:
-    """One group per block of the digits ViT (its MLP output projection, the top group's sigma) and the head."""
-    top, head = base
+def per_block_groups(base: tuple[GroupConfig, ...], blocks: tuple[str, int]) -> tuple[GroupConfig, ...]:
+    """One group per block (the module ``pattern`` names with ``{i}``, the top group's sigma) and the head."""
+    (top, head), (pattern, count) = base, blocks
     return (
-        *(dataclasses.replace(top, name=f"block{i}", modules=(f"blocks.{i}.mlp.fc2",)) for i in range(blocks)),
+        *(dataclasses.replace(top, name=f"block{i}", modules=(pattern.format(i=i),)) for i in range(count)),
         head,
     )
 
@@ -102,7 +117,7 @@ def run_setting(bench: BenchConfig, setting: Setting) -> list[dict]:
         seed=bench.seed,
         groups=tuple(
             dataclasses.replace(g, queries_per_sample=setting.queries_per_sample)
-            for g in (per_block_groups(base.groups) if setting.per_block else base.groups)
+            for g in (per_block_groups(base.groups, setting.blocks) if setting.blocks else base.groups)
         ),
         # Every step's main queries return their per-sample traces: the memory the /memory and joint rows read is fed.
         estimator=dataclasses.replace(base.estimator, telemetry_every=1),
@@ -158,7 +173,8 @@ if __name__ == "__main__":
         job_parser(
             __doc__,
             "bench_allocation",
-            "two settings (default groups; a group per block), 3 checkpoints over 150 steps each",
+            "two settings (the default; a second model family, an MLP-Mixer, a group per block), 3 checkpoints over "
+            "150 steps each",
         ),
         lambda args: main(QUICK if args.quick else BenchConfig(), args.out),
     )

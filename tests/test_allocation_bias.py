@@ -55,6 +55,7 @@ def _estimates(allocator: AllocatorConfig, pilot: int, step: int) -> np.ndarray:
             LocalBackend(Replica(BOX, ReplicaSpec(GROUPS, est, root_seed=seed))),
             groups=GROUPS,
             sizes=[D],
+            widths=[None],
             estimator=est,
             allocator=allocator,
             allocators=[create_allocator(allocator)],

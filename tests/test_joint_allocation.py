@@ -2,8 +2,8 @@
 
 The unbiasedness check is test_allocation_bias.py's, on a model with two layer groups: a two-layer linear
 network with a per-sample quadratic loss ``L_j = 1/2 a_j |f(x_j) - t_j|^2``, ``a_j`` spread over two decades.
-With one group perturbed at a time the loss is quadratic in that group's parameters, so SPSA's pair difference
-is exactly ``grad . eps``: any bias is the allocation's.
+With one group perturbed at a time the loss is quadratic in that group's parameters (and in its outputs), so
+SPSA's and LR's antithetic pair differences are exactly ``grad . eps``: any bias is the allocation's.
 
 Tolerance from theory: over ``N`` seeds, Hotelling's ``T^2 = N d^T S^-1 d`` (``d`` the mean estimate minus the
 exact gradient, ``S`` the estimates' sample covariance) is ``chi2_P`` under no bias for ``N >> P``;
@@ -41,7 +41,7 @@ GROUPS = (
     GroupConfig("lower", ("lower",), sigma=0.05, queries_per_sample=8),
     GroupConfig("upper", ("upper",), sigma=0.05, queries_per_sample=8),
 )
-ESTIMATOR = EstimatorConfig(kind="spsa")
+SPSA, LR = EstimatorConfig(kind="spsa"), EstimatorConfig(kind="lr")
 
 
 class TwoLinear(nn.Module):
@@ -68,14 +68,15 @@ def exact_gradient() -> np.ndarray:
     return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]).double().numpy()
 
 
-def _step(seed: int, allocator: AllocatorConfig) -> ForwardStep:
+def _step(seed: int, allocator: AllocatorConfig, estimator: EstimatorConfig) -> ForwardStep:
     model = TwoLinear()
-    sizes = [g.size for g in resolve_groups(model, GROUPS, linear_outputs=False)]
+    groups = resolve_groups(model, GROUPS, linear_outputs=estimator.kind == "lr")
     return ForwardStep(
-        LocalBackend(Replica(model, ReplicaSpec(GROUPS, ESTIMATOR, root_seed=seed, loss_fn=quadratic))),
+        LocalBackend(Replica(model, ReplicaSpec(GROUPS, estimator, root_seed=seed, loss_fn=quadratic))),
         groups=GROUPS,
-        sizes=sizes,
-        estimator=ESTIMATOR,
+        sizes=[g.size for g in groups],
+        widths=[g.noise_width for g in groups],
+        estimator=estimator,
         allocator=allocator,
         allocators=[create_allocator(allocator) for _ in GROUPS],
         memory=TraceMemory(len(GROUPS), B, allocator.memory_decay, allocator.memory_prior),
@@ -84,12 +85,14 @@ def _step(seed: int, allocator: AllocatorConfig) -> ForwardStep:
     )
 
 
-def _estimates(allocator: AllocatorConfig, seeds: int = SEEDS, step: int = 1) -> tuple[np.ndarray, list]:
+def _estimates(
+    allocator: AllocatorConfig, estimator: EstimatorConfig = SPSA, seeds: int = SEEDS, step: int = 1
+) -> tuple[np.ndarray, list]:
     """``(seeds, P)`` step-``step`` estimates of runs that differ only in their root seed (earlier steps feed the
     trace memory the joint allocation reads its groups' levels from), and the last run's counts."""
     out = []
     for seed in range(seeds):
-        forward = _step(seed, allocator)
+        forward = _step(seed, allocator, estimator)
         for t in range(step + 1):
             reduced, report = forward(t, X.numpy(), Y, np.arange(B))
         out.append(np.concatenate(reduced.grads))
@@ -135,19 +138,28 @@ def test_joint_needs_neyman():
         AllocatorConfig(kind="equal", joint=True).validate()
 
 
-def test_joint_moves_budget_between_groups_once_the_memory_holds_them():
-    forward = _step(0, AllocatorConfig(joint=True))
-    _, first = forward(0, X.numpy(), Y, np.arange(B))
-    _, second = forward(1, X.numpy(), Y, np.arange(B))
-    # Step 0: no level yet, each group keeps its budget; step 1: one budget of 2 x 64 over the 16 cells.
-    assert [int(c.sum()) for c in first.counts] == [64, 64]
-    assert sum(int(c.sum()) for c in second.counts) == 128 and [int(c.sum()) for c in second.counts] != [64, 64]
-    assert min(int(c.min()) for c in second.counts) >= 2
+def test_noise_widths_are_output_widths_under_lr_and_none_otherwise():
+    lr, spsa = resolve_groups(TwoLinear(), GROUPS, True), resolve_groups(TwoLinear(), GROUPS, False)
+    assert [g.noise_width for g in lr] == [3.0, 2.0] and [g.noise_width for g in spsa] == [None, None]
 
 
-@pytest.mark.slow  # 1500 seeds of two steps: a minute or two of CPU
-def test_joint_estimate_is_unbiased():
-    grads, counts = _estimates(AllocatorConfig(joint=True))
+@pytest.mark.parametrize("estimator, signal, moves_at", [(LR, "clean", 0), (SPSA, "clean", 1), (LR, "memory", 1)])
+def test_joint_moves_budget_between_groups(estimator, signal, moves_at):
+    """Under LR on clean-pass proxies times noise widths, from the first step; otherwise on the memory's levels,
+    once it holds every group (before, each group keeps its budget). One budget of 2 x 64 over the 16 cells,
+    never below the floor."""
+    forward = _step(0, AllocatorConfig(joint=True, signal=signal), estimator)
+    for step in range(moves_at + 1):
+        _, report = forward(step, X.numpy(), Y, np.arange(B))
+        sums = [int(c.sum()) for c in report.counts]
+        assert sum(sums) == 128 and (sums != [64, 64]) == (step == moves_at), (step, sums)
+    assert min(int(c.min()) for c in report.counts) >= 2
+
+
+@pytest.mark.slow  # 1500 seeds of one or two steps: a minute or two of CPU each
+@pytest.mark.parametrize("estimator, step", [(LR, 0), (SPSA, 1)])
+def test_joint_estimate_is_unbiased(estimator, step):
+    grads, counts = _estimates(AllocatorConfig(joint=True), estimator, step=step)
     assert [int(c.sum()) for c in counts] != [64, 64]  # the allocation under test really moved budget
     t2, z_along = _bias_scores(grads)
     assert t2 < 2.8, f"T^2 / P = {t2:.2f}"

@@ -5,10 +5,13 @@ A query perturbs one group, so the update's error is the sum over groups of each
 update, every group stepping with the same learning rate. Minimising ``sum_g sum_j T_gj / A_gj`` under one
 budget ``sum_g A0_g`` gives ``A_gj ~ sqrt(T_gj)`` over all cells (the proof of Theorem 2 with cells for
 samples), water-filled above the floor. Unlike the per-sample split, the traces must now be comparable
-across groups: a clean-pass proxy is only relative within its group, so each group's signal is scaled to
-the group's level, the mean trace its earlier visits measured (the trace memory). The level is the group's
-share of the update's variance; both it and the proxy come from outside the step's draws, so the counts
-never depend on the draws they weight and the estimate stays unbiased (docs/DESIGN.md section 3).
+across groups. Under LR a query term's trace is about the group's noise width (the linears' output width)
+times its clean-pass proxy, so when every group reads its proxy, proxies times widths are one scale (up to
+one factor common to all groups, which Neyman ignores), from the first step on. Otherwise (SPSA/ES, whose
+proxy only bounds the trace, or a signal from the trace memory) each group's signal is scaled to its
+group's level, the mean trace its earlier visits measured. Widths, proxies and levels all come from outside the
+step's draws, so the counts never depend on the draws they weight and the estimate stays unbiased
+(docs/DESIGN.md section 3).
 
 >>> counts = joint_counts([torch.tensor([1.0, 1.0]), torch.tensor([16.0, 64.0])], [8, 8], minimum=2, unit=2)
 >>> [c.tolist() for c in counts]
@@ -46,12 +49,21 @@ def leveled(signal: torch.Tensor, level: float | None) -> torch.Tensor | None:
     return signal.to(torch.float64) * (level / mean)
 
 
-def leveled_joint_counts(
-    signals: Sequence[torch.Tensor], levels: Sequence[float | None], budgets: Sequence[int], minimum: int, unit: int
+def scaled_joint_counts(
+    signals: Sequence[torch.Tensor],
+    widths: Sequence[float] | None,
+    levels: Sequence[float | None],
+    budgets: Sequence[int],
+    minimum: int,
+    unit: int,
 ) -> list[torch.Tensor] | None:
-    """:func:`joint_counts` on every group's signal ``(B,)`` scaled to its level (:func:`leveled`); None while a
-    group has no level, and each group then keeps its own budget."""
-    traces = [leveled(s, level) for s, level in zip(signals, levels)]
+    """:func:`joint_counts` on every group's signal ``(B,)`` put on one scale: clean-pass proxies times their
+    groups' noise ``widths`` (given when every group reads its proxy under LR), else each signal scaled to its
+    group's level (:func:`leveled`). None while a group has no level, and each group then keeps its own budget."""
+    if widths is not None:
+        traces = [s.to(torch.float64) * w for s, w in zip(signals, widths)]
+    else:
+        traces = [leveled(s, level) for s, level in zip(signals, levels)]
     if any(t is None for t in traces):
         return None
     return joint_counts(traces, budgets, minimum, unit)

@@ -43,11 +43,28 @@ def digits_vit(num_classes: int = 10, img_size: int = 8, **kwargs) -> nn.Module:
     )
 
 
+@register_model
+def digits_mixer(num_classes: int = 10, img_size: int = 8, **kwargs) -> nn.Module:
+    """A second model family for the allocation evidence: a 6-block MLP-Mixer on 8x8 one-channel digits (2x2
+    patches, 16 tokens, width 64: about the digits ViT's size)."""
+    from timm.models.mlp_mixer import MlpMixer
+
+    return MlpMixer(
+        num_classes=num_classes,
+        img_size=img_size,
+        in_chans=1,
+        patch_size=2,
+        num_blocks=6,
+        embed_dim=64,
+        **kwargs,
+    )
+
+
 @functools.lru_cache(maxsize=4)
-def _pretrained_digits_state(seed: int, img_size: int, steps: int) -> dict[str, torch.Tensor]:
+def _pretrained_digits_state(arch: str, seed: int, img_size: int, steps: int) -> dict[str, torch.Tensor]:
     from flops_ray.data.arrays import digits
 
-    model = digits_vit(num_classes=5, img_size=img_size)
+    model = MODELS[arch](num_classes=5, img_size=img_size)
     train = digits("train", img_size)
     keep = train.y < 5
     x, y = torch.from_numpy(train.x[keep]), torch.from_numpy(train.y[keep])
@@ -62,6 +79,17 @@ def _pretrained_digits_state(seed: int, img_size: int, steps: int) -> dict[str, 
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def _pretrained_on_digits(arch: str, num_classes: int, img_size: int, pretrain_steps: int, **kwargs) -> nn.Module:
+    """The registered ``arch`` pretrained by backprop on digits 0-4 only, with a fresh head for ``num_classes``."""
+    seed = torch.initial_seed()
+    model = MODELS[arch](num_classes=5, img_size=img_size, **kwargs)
+    model.load_state_dict(_pretrained_digits_state(arch, seed, img_size, pretrain_steps))
+    # Re-seed: the head must not depend on whether the pretrained state came from the cache.
+    torch.manual_seed(derive_seed(seed, STREAM_INIT, 2))
+    model.reset_classifier(num_classes)
+    return model
+
+
 @register_model
 def digits_vit_pretrained(num_classes: int = 10, img_size: int = 8, pretrain_steps: int = 600, **kwargs) -> nn.Module:
     """``digits_vit`` pretrained by backprop on digits 0-4 only, with a fresh head for ``num_classes``.
@@ -70,13 +98,13 @@ def digits_vit_pretrained(num_classes: int = 10, img_size: int = 8, pretrain_ste
     needs no hub, made by seconds of backprop and cached per process. Its features leave a linear probe on all
     ten digits well short of perfect, so forward-only fine-tuning has something to improve (docs/RESULTS.md).
     """
-    seed = torch.initial_seed()
-    model = digits_vit(num_classes=5, img_size=img_size, **kwargs)
-    model.load_state_dict(_pretrained_digits_state(seed, img_size, pretrain_steps))
-    # Re-seed: the head must not depend on whether the pretrained state came from the cache.
-    torch.manual_seed(derive_seed(seed, STREAM_INIT, 2))
-    model.reset_classifier(num_classes)
-    return model
+    return _pretrained_on_digits("digits_vit", num_classes, img_size, pretrain_steps, **kwargs)
+
+
+@register_model
+def digits_mixer_pretrained(num_classes: int = 10, img_size: int = 8, pretrain_steps: int = 600, **kwargs) -> nn.Module:
+    """``digits_mixer`` pretrained like ``digits_vit_pretrained`` (digits 0-4, a fresh head)."""
+    return _pretrained_on_digits("digits_mixer", num_classes, img_size, pretrain_steps, **kwargs)
 
 
 def create_model(

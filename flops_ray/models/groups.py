@@ -22,11 +22,24 @@ class ResolvedGroup:
     """LR targets: the group's ``nn.Linear`` modules, in model order."""
     params: list[tuple[str, nn.Parameter]]
     """Trained parameters in the group's flat order (for LR: each linear's weight then bias)."""
+    linear_outputs: bool = False
+    """The estimator perturbs the linears' outputs (LR), not the parameters (SPSA/ES)."""
 
     @property
     def size(self) -> int:
         """``P_g``: trainable coordinates of the group."""
         return sum(p.numel() for _, p in self.params)
+
+    @property
+    def noise_width(self) -> float | None:
+        """Under LR, the coordinates a query's noise spans per token of a sample: the linears' mean output width. A
+        query term's trace is then about this times the group's clean-pass proxy (:mod:`~flops_ray.allocation.
+        trace_proxy`; to leading order, where the linears share a width), so proxies times widths compare across
+        groups. None under SPSA/ES: there the proxy only bounds the trace, by a factor that differs between
+        groups (docs/RESULTS.md, allocation)."""
+        if not (self.linear_outputs and self.linears):
+            return None
+        return sum(lin.out_features for _, lin in self.linears) / len(self.linears)
 
     @property
     def sigma(self) -> float:
@@ -81,7 +94,7 @@ def resolve_groups(model: nn.Module, groups: tuple[GroupConfig, ...], linear_out
             if id(p) in owner:
                 raise ConfigError(f"{where}.modules: parameter {name} is already in group {owner[id(p)]!r}")
             owner[id(p)] = cfg.name
-        resolved.append(ResolvedGroup(i, cfg, linears, params))
+        resolved.append(ResolvedGroup(i, cfg, linears, params, linear_outputs))
     return resolved
 
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from flops_ray.allocation.allocators import AllocationFeatures, Allocator
 from flops_ray.allocation.fit import AllocatorFit, FitWork
-from flops_ray.allocation.joint import leveled_joint_counts
+from flops_ray.allocation.joint import scaled_joint_counts
 from flops_ray.allocation.trace_memory import TraceMemory
 from flops_ray.config import AllocatorConfig, EstimatorConfig, GroupConfig
 from flops_ray.estimators import queries_per_draw
@@ -81,7 +81,9 @@ class ForwardStep:
 
     Args:
         backend: where the queries run.
-        groups: layer groups; sizes: their parameter counts ``P_g``.
+        groups: layer groups; sizes: their parameter counts ``P_g``; widths: their noise widths
+            (:attr:`~flops_ray.models.groups.ResolvedGroup.noise_width`: the joint allocation reads clean-pass
+            proxies times widths where every group has one, else the trace memory's levels).
         estimator: estimator settings (pair size, pilot, floor).
         allocator: allocator settings (the trace signal; the kind is in ``allocators``).
         allocators: one per group, stateful across steps.
@@ -97,6 +99,7 @@ class ForwardStep:
         *,
         groups: tuple[GroupConfig, ...],
         sizes: list[int],
+        widths: list[float | None],
         estimator: EstimatorConfig,
         allocator: AllocatorConfig,
         allocators: list[Allocator],
@@ -108,6 +111,7 @@ class ForwardStep:
         self.backend = backend
         self.groups = groups
         self.sizes = sizes
+        self.widths = widths
         self.estimator = estimator
         self.allocator = allocator
         self.allocators = allocators
@@ -216,11 +220,21 @@ class ForwardStep:
         b, pilot_queries = len(sample_ids), self.estimator.pilot_queries
         feats, tasks = [], []
         signals = [self._signal(g, ids, clean.proxies, pilot.traces(g, b)[0]) for g in range(len(self.groups))]
-        # allocator.joint: one budget over all (group, sample) cells, each group's signal at its level in the memory.
-        levels = [self.memory.group_mean(g) for g in range(len(self.groups))]
+        # allocator.joint: one budget over all (group, sample) cells: clean proxies times noise widths, or each
+        # group's signal at its level in the memory.
+        on_proxies = (
+            self.allocator.signal == "clean"
+            and None not in self.widths
+            and not any(self._uses_memory(g, clean.proxies) for g in range(len(signals)))
+        )
         budgets = [cfg.queries_per_sample * b for cfg in self.groups]
-        joint = self.allocator.joint and leveled_joint_counts(
-            [torch.from_numpy(s) for s in signals], levels, budgets, self.minimum, self.unit
+        joint = self.allocator.joint and scaled_joint_counts(
+            [torch.from_numpy(s) for s in signals],
+            self.widths if on_proxies else None,
+            [self.memory.group_mean(g) for g in range(len(self.groups))],
+            budgets,
+            self.minimum,
+            self.unit,
         )
         for g, cfg in enumerate(self.groups):
             traces = signals[g]

@@ -139,6 +139,7 @@ def _forward_step(trainer: Trainer, backend: Backend, memory: dict, name: str, a
         backend,
         groups=cfg.groups,
         sizes=[g.size for g in trainer.groups],
+        widths=[g.noise_width for g in trainer.groups],
         estimator=dataclasses.replace(est, pilot_queries=4 if needs_pilot else est.pilot_queries),
         allocator=alloc_cfg,
         allocators=allocators,

@@ -88,6 +88,7 @@ def cosine_sweep(bench: EstimatorStudy) -> list[dict]:
                         backend,
                         groups=(GroupConfig("layer", (module,), bench.sigma, q),),
                         sizes=[engine.groups[0].size],
+                        widths=[engine.groups[0].noise_width],
                         estimator=est,
                         allocator=alloc_cfg,
                         allocators=[create_allocator(alloc_cfg)],

@@ -46,6 +46,7 @@ def make_step(
         backend_factory(cfg, model, loss_fn),
         groups=cfg.groups,
         sizes=[g.size for g in groups],
+        widths=[g.noise_width for g in groups],
         estimator=cfg.estimator,
         allocator=cfg.allocator,
         allocators=allocators,
