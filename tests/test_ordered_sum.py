@@ -11,7 +11,7 @@ import torch
 
 from flops_ray.messages import ShardResult, ShardTask, TaskKind
 from flops_ray.replica.ordered_sum import ordered_sums
-from flops_ray.step.forward import reduce_in_order
+from flops_ray.step.backend import reduce_in_order
 
 SIZES = [37, 5]
 TASKS = [ShardTask(TaskKind.MAIN, 0, g, i, ()) for g in range(len(SIZES)) for i in range(7)]

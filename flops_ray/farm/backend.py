@@ -1,4 +1,4 @@
-"""The Ray backend: the :class:`~flops_ray.step.forward.Backend` protocol over a farm of replica actors.
+"""The Ray backend: the :class:`~flops_ray.step.backend.Backend` protocol over a farm of replica actors.
 
 The replicas own the parameters and the optimizer; the driver plans, dispatches and sends each step's
 :class:`~flops_ray.messages.StepUpdate`, whose size does not grow with ``P`` for SPSA/ES (the scalar
@@ -37,7 +37,7 @@ from flops_ray.messages import ReplicaState, ShardResult, ShardTask, StepUpdate,
 from flops_ray.models.groups import resolve_groups
 from flops_ray.models.losses import LossFn, cross_entropy
 from flops_ray.replica.replica import ReplicaSpec
-from flops_ray.step.forward import reduce_in_order
+from flops_ray.step.backend import reduce_in_order
 from flops_ray.step.interface import Reduced
 
 

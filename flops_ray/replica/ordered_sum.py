@@ -1,7 +1,7 @@
 """The all-reduce's sum in canonical order: per-task partials held on many replicas, added as one replica would.
 
 The in-process backend adds each main task's float32 ``(P_g,)`` partial into a float64 sum in task order
-(:func:`~flops_ray.step.forward.reduce_in_order`). Floating-point addition is not associative, so a sum whose
+(:func:`~flops_ray.step.backend.reduce_in_order`). Floating-point addition is not associative, so a sum whose
 order follows which replica ran which task, or which finished first, differs in its last bits from run to
 run. Here every replica keeps each of its tasks' partials apart, and each member owns one contiguous range of
 every group's coordinates: the members send each range's partials to its owner (an all-to-all), every owner adds

@@ -11,7 +11,6 @@ reads them, :meth:`ForwardStep.apply` has the backend apply the reduced gradient
 from __future__ import annotations
 
 import time
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -23,52 +22,15 @@ from flops_ray.allocation.joint import scaled_joint_counts
 from flops_ray.allocation.trace_memory import TraceMemory
 from flops_ray.config import AllocatorConfig, EstimatorConfig, GroupConfig
 from flops_ray.estimators import queries_per_draw
-from flops_ray.messages import ReplicaState, ShardResult, ShardTask
+from flops_ray.messages import ReplicaState, ShardTask
 from flops_ray.models.groups import unflatten_into
 from flops_ray.seeding import STREAM_ALLOC, STREAM_ALLOC_FIT, generator
+from flops_ray.step.backend import Backend
 from flops_ray.step.checks import least_queries, reads_pilot, reuses_pilot
 from flops_ray.step.interface import PoisonSampleError, Reduced, StepReport
 from flops_ray.step.plan import plan_clean, plan_main, plan_pilot, plan_pilot_chunks
 from flops_ray.step.rounds import CleanPass, Round
 from flops_ray.step.telemetry import cosine, filled, signal_to_noise
-
-
-class Backend(Protocol):
-    """Executes shard tasks on replicas that own the parameters and hold the step's batch."""
-
-    def sync(self, step: int, x: np.ndarray, y: np.ndarray) -> None:
-        """Give every replica the step's batch (one broadcast)."""
-
-    def run(self, tasks: list[ShardTask]) -> list[ShardResult]:
-        """Evaluate ``tasks``; results come back in task order whatever order they finished in."""
-
-    def reduce(self, tasks: list[ShardTask], results: list[ShardResult], sizes: list[int]) -> Reduced:
-        """Sum the weighted tasks' gradients per group ``(P_g,)`` where the update will be applied."""
-
-    def apply(self) -> tuple[float, ...]:
-        """Apply the last reduced gradient on every replica (clip, optimizer step): the step is done. Returns
-        each group's gradient norm before clipping."""
-
-    def state(self) -> ReplicaState:
-        """The replicas' parameters and optimizer state (a checkpoint, an evaluation); checks they agree."""
-
-    def load_state(self, state: ReplicaState) -> None:
-        """Make ``state`` every replica's (a resumed run)."""
-
-    def where(self) -> str:
-        """One line for a run's start-up: how many replicas are up, on which devices."""
-
-    def close(self) -> None:
-        """Release replicas."""
-
-
-def reduce_in_order(tasks: list[ShardTask], results: list[ShardResult], sizes: list[int]) -> list[np.ndarray]:
-    """Sum the gradient partials of each group in float64, in task index order (deterministic)."""
-    grads = [np.zeros(n, dtype=np.float64) for n in sizes]
-    for task, res in sorted(zip(tasks, results), key=lambda tr: tr[0].order):
-        if res.grad is not None:
-            grads[task.group] += res.grad
-    return grads
 
 
 class ForwardStep:
@@ -208,6 +170,23 @@ class ForwardStep:
             return self.memory.estimate(g, ids).numpy()
         return proxies[:, g]
 
+    def _joint_counts(self, signals: list[np.ndarray], proxies: np.ndarray, b: int) -> list[torch.Tensor] | None:
+        """``allocator.joint``: one budget over all (group, sample) cells, on clean proxies times noise widths
+        where every group reads its proxy and has a width, else on each group's signal at its memory's level."""
+        on_proxies = (
+            self.allocator.signal == "clean"
+            and None not in self.widths
+            and not any(self._uses_memory(g, proxies) for g in range(len(signals)))
+        )
+        return scaled_joint_counts(
+            [torch.from_numpy(s) for s in signals],
+            self.widths if on_proxies else None,
+            [self.memory.group_mean(g) for g in range(len(self.groups))],
+            [cfg.queries_per_sample * b for cfg in self.groups],
+            self.minimum,
+            self.unit,
+        )
+
     def _allocate(
         self, step: int, ids: torch.Tensor, sample_ids: np.ndarray, clean: CleanPass, pilot: Round, report: StepReport
     ) -> tuple[list[AllocationFeatures], list[ShardTask]]:
@@ -220,22 +199,7 @@ class ForwardStep:
         b, pilot_queries = len(sample_ids), self.estimator.pilot_queries
         feats, tasks = [], []
         signals = [self._signal(g, ids, clean.proxies, pilot.traces(g, b)[0]) for g in range(len(self.groups))]
-        # allocator.joint: one budget over all (group, sample) cells: clean proxies times noise widths, or each
-        # group's signal at its level in the memory.
-        on_proxies = (
-            self.allocator.signal == "clean"
-            and None not in self.widths
-            and not any(self._uses_memory(g, clean.proxies) for g in range(len(signals)))
-        )
-        budgets = [cfg.queries_per_sample * b for cfg in self.groups]
-        joint = self.allocator.joint and scaled_joint_counts(
-            [torch.from_numpy(s) for s in signals],
-            self.widths if on_proxies else None,
-            [self.memory.group_mean(g) for g in range(len(self.groups))],
-            budgets,
-            self.minimum,
-            self.unit,
-        )
+        joint = self.allocator.joint and self._joint_counts(signals, clean.proxies, b)
         for g, cfg in enumerate(self.groups):
             traces = signals[g]
             feats.append(AllocationFeatures(torch.from_numpy(traces), torch.from_numpy(clean.losses), clean.embeddings))

@@ -9,7 +9,7 @@ import numpy as np
 from flops_ray.messages import ReplicaState, ShardResult, ShardTask, StepUpdate, UpdateSource
 from flops_ray.replica.replica import Replica
 from flops_ray.replica.threads import intra_op_threads
-from flops_ray.step.forward import reduce_in_order
+from flops_ray.step.backend import reduce_in_order
 from flops_ray.step.interface import Reduced
 
 

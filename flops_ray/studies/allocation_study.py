@@ -22,8 +22,9 @@ from flops_ray.estimators import queries_per_draw
 from flops_ray.messages import ShardItem, ShardTask, TaskKind
 from flops_ray.models.groups import resolve_groups
 from flops_ray.models.losses import cross_entropy
+from flops_ray.step.backend import Backend
 from flops_ray.step.checks import least_queries
-from flops_ray.step.forward import Backend, ForwardStep
+from flops_ray.step.forward import ForwardStep
 from flops_ray.studies.local_replicas import local_backend
 from flops_ray.training.trainer import Trainer
 

@@ -19,7 +19,7 @@ from flops_ray.data.arrays import digits
 from flops_ray.messages import ShardResult, ShardTask
 from flops_ray.models.factory import create_model
 from flops_ray.models.losses import LossFn
-from flops_ray.step.forward import Backend
+from flops_ray.step.backend import Backend
 from flops_ray.step.interface import Reduced
 from flops_ray.studies.step_time import Costs
 from flops_ray.training.trainer import Trainer, default_backend

@@ -13,8 +13,9 @@ from flops_ray.config import TrainConfig
 from flops_ray.estimators import estimator_family
 from flops_ray.models.groups import ResolvedGroup, resolve_groups
 from flops_ray.models.losses import LossFn
+from flops_ray.step.backend import Backend
 from flops_ray.step.backprop import BackpropStep
-from flops_ray.step.forward import Backend, ForwardStep
+from flops_ray.step.forward import ForwardStep
 from flops_ray.step.interface import TrainStep
 
 BackendFactory = Callable[[TrainConfig, nn.Module, LossFn], Backend]

@@ -31,9 +31,10 @@ from flops_ray.models.losses import LossFn, cross_entropy
 from flops_ray.replica.replica import Replica, ReplicaSpec
 from flops_ray.replica.threads import replica_threads
 from flops_ray.replica.update import make_optimizer
+from flops_ray.step.backend import Backend
 from flops_ray.step.backprop import model_input
 from flops_ray.step.checks import check_config
-from flops_ray.step.forward import Backend, ForwardStep
+from flops_ray.step.forward import ForwardStep
 from flops_ray.step.interface import StepReport
 from flops_ray.step.local_backend import LocalBackend
 from flops_ray.training.checkpoint import read_checkpoint, save_checkpoint
