@@ -11,7 +11,10 @@ for every allocator: paired repetitions) at the same total budget. Reported per 
 - ``joint_oracle``: Neyman over (group, sample) cells from the same exact traces, one budget for all groups.
 - ``cosine[A]``: mean cosine to the exact gradient.
 - ``memory_weight``: degrees of freedom in the run's trace memory (the training run feeds it: the ``/memory``
-  rows allocate from it, and ``joint`` reads each group's level from it).
+  rows allocate from it).
+- ``level``: per group, the mean of the oracle's measured traces; ``level_ratio``: that over the group's noise
+  width times its mean clean-pass proxy, the same for every group where ``joint`` (LR on clean proxies) puts
+  the groups on one scale.
 
 Allocators are named ``kind/signal`` (``neyman/clean``: Neyman from the clean-pass proxy; ``/memory``:
 from the run's per-sample trace memory; ``/pilot``: from this step's pilot, not reused;
@@ -132,6 +135,7 @@ def run_setting(bench: BenchConfig, setting: Setting) -> list[dict]:
             print(
                 f"step {row['step']:4d}: " + "  ".join(f"{k} {v:.3f}" for k, v in row["mse_ratio"].items()), flush=True
             )
+            print("  level / (width x proxy): " + " ".join(f"{r:.2f}" for r in row["level_ratio"] if r), flush=True)
             rows.append(row)
     return rows
 

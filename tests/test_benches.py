@@ -98,6 +98,9 @@ def test_bench_allocation_tiny(tmp_path, run_script):
         # The training run feeds its memory: the memory row measures what it names (it allocated equally when
         # the run it copies fed nothing).
         assert last["memory_weight"] > 0
+        # LR: every group has a noise width, so every group's level over width times proxy is measured once the
+        # fresh (zero) head passes errors down.
+        assert len(last["level_ratio"]) == len(last["level"]) and all(r > 0 for r in last["level_ratio"])
 
 
 def test_bench_engine_tiny(tmp_path, run_script):

@@ -72,9 +72,10 @@ def exact_gradient(cfg: TrainConfig, model: torch.nn.Module, x: np.ndarray, y: n
 
 def oracle_counts(
     cfg: TrainConfig, backend: Backend, step: int, batch: tuple, losses: np.ndarray, pilot: int
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     """Neyman counts from traces measured with ``pilot`` extra queries per sample of ``batch`` (``x``, ``y``,
-    sample ids), run as step ``step``: per group within its budget, and joint over (group, sample) cells."""
+    sample ids), run as step ``step``: per group within its budget, joint over (group, sample) cells, and the
+    traces ``(B,)`` per group."""
     x, y, ids = batch
     backend.sync(step, x, y)
     least, unit = least_queries(cfg.estimator, cfg.allocator), queries_per_draw(cfg.estimator)
@@ -84,7 +85,15 @@ def oracle_counts(
         task = ShardTask(kind=TaskKind.PILOT, step=step, group=g, index=0, items=items)
         traces.append(torch.from_numpy(backend.run([task])[0].traces))
     per_group = [to_counts(t.clamp_min(0).sqrt(), total, least, unit) for t, total in zip(traces, budgets)]
-    return per_group, joint_counts(traces, budgets, least, unit)
+    return per_group, joint_counts(traces, budgets, least, unit), traces
+
+
+def level_ratios(traces: list[torch.Tensor], proxies: list[np.ndarray], widths: list[float | None]) -> list:
+    """Per group, its mean measured trace over its noise width times its mean clean-pass proxy: one value for every
+    group where proxies times widths are on one scale (the joint allocation's premise); None without a width or
+    a positive proxy (a zero-initialised head above the group passes no error down)."""
+    means = [float(np.mean(p)) for p in proxies]
+    return [None if w is None or not m > 0 else float(t.mean()) / (w * m) for t, m, w in zip(traces, means, widths)]
 
 
 def compare_allocators(trainer: Trainer, allocators: tuple[str, ...], reps: int, oracle_pilot: int) -> dict:
@@ -104,7 +113,7 @@ def compare_allocators(trainer: Trainer, allocators: tuple[str, ...], reps: int,
         raise RuntimeError(f"step {s}: the run never fed its trace memory, so a memory row would allocate equally")
     clean = forward_step("equal", [create_allocator(AllocatorConfig("equal")) for _ in cfg.groups])
     _, report = clean(REP_STEP - 1, x, y, ids)
-    oracle, joint_oracle = oracle_counts(cfg, backend, REP_STEP - 2, (x, y, ids), report.losses, oracle_pilot)
+    oracle, joint_oracle, traces = oracle_counts(cfg, backend, REP_STEP - 2, (x, y, ids), report.losses, oracle_pilot)
     steps = {"equal": clean, "oracle": forward_step("equal", [FixedCounts(c) for c in oracle])}
     if any(allocator_config(n).joint for n in allocators):
         steps["joint_oracle"] = forward_step("equal", [FixedCounts(c) for c in joint_oracle])
@@ -125,6 +134,9 @@ def compare_allocators(trainer: Trainer, allocators: tuple[str, ...], reps: int,
         "cosine": {name: float(np.mean(c)) for name, c in cosines.items()},
         "train_loss": float(np.mean(report.losses)),
         "memory_weight": memory_weight,
+        # The clean step allocates equally on the clean signal: its report's traces are the proxies.
+        "level": [float(t.mean()) for t in traces],
+        "level_ratio": level_ratios(traces, report.traces, [g.noise_width for g in trainer.groups]),
     }
 
 
