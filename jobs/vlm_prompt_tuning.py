@@ -7,7 +7,7 @@ The CLIP is frozen and seen only through a loss function of prompts (the black b
 searched numbers). The loss function ships to the farm's replicas once, inside the box; each call evaluates
 many prompts at once. ``model: hf:standin`` (the default) pretrains a small CLIP contrastively on captioned
 synthetic images into ``OUT/standin`` (no download), loads it back with ``from_pretrained`` as a hub model would
-be, and tunes on three of its tasks (digits, shapes, places); ``hf:openai/clip-vit-base-patch32`` with Parquet
+be, and tunes on three of its tasks (digits, places, low_res_places); ``hf:openai/clip-vit-base-patch32`` with Parquet
 datasets is the paper's setting (jobs/configs/vlm/clip_b32_paper.yaml).
 
 Writes ``OUT/vlm_prompt_tuning.json``: ``{"rows": {method: {dataset: {"mean", "sd", "seeds"}}}, ...}`` with the

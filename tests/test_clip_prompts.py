@@ -112,3 +112,20 @@ def test_the_compositional_task_names_each_shape_at_each_place():
     (x, y), (tx, ty) = standin_clip.task_split("shape_places", 16, 100, seed=0, size=16)
     assert sorted(set(y.tolist())) == list(range(20)) and all((y == c).sum() == 16 for c in range(20))
     assert len(ty) == 100 and set(ty.tolist()) <= set(range(20)) and not (x[:, None] == tx[None]).all((2, 3, 4)).any()
+
+
+def test_low_res_places_ask_the_places_question_at_fewer_pixels():
+    """``low_res_places``: the labels and split of ``places`` (the same draws of shape, colour and place), each image
+    drawn at ``LOW_RES`` pixels and upscaled to the CLIP's side by its processor; ``rows`` merges the top and
+    bottom corners into their rows and has its own 16 shots of each."""
+    assert standin_clip.class_names("low_res_places") == standin_clip.class_names("places")
+    (x, y), (_, ty) = standin_clip.task_split("places", 16, 50, seed=0)
+    (lx, ly), (ltx, lty) = standin_clip.task_split("low_res_places", 16, 50, seed=0)
+    side = standin_clip.LOW_RES
+    assert x.shape[1:] == (3, 32, 32) and lx.shape[1:] == ltx.shape[1:] == (3, side, side)
+    assert (ly == y).all() and (lty == ty).all() and all((ly == c).sum() == 16 for c in range(5))
+    processor = standin_clip.image_processor(standin_clip.StandinCLIPSettings())
+    assert standin_clip.preprocess(processor, lx[:2]).shape == (2, 3, 32, 32)
+    (_, ry), (_, rty) = standin_clip.task_split("rows", 16, 50, seed=0)
+    assert standin_clip.class_names("rows") == ("top", "centre", "bottom")
+    assert all((ry == c).sum() == 16 for c in range(3)) and set(rty.tolist()) <= {0, 1, 2}

@@ -21,7 +21,7 @@ def test_quick_run_writes_every_row(tmp_path, run_script):
     assert "--quick is a plumbing check" in proc.stdout and result["quick"] is True
     assert result["config"]["backend"] == "ray" and result["seeds"] == [0, 1]
     assert set(result["rows"]) == METHODS
-    datasets = {"digits", "shapes", "places"}
+    datasets = {"digits", "places", "low_res_places"}
     for method, by_task in result["rows"].items():
         assert set(by_task) == datasets
         for name, row in by_task.items():

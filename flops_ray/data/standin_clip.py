@@ -1,5 +1,5 @@
 """The embedded default for vision-language prompt tuning: a small CLIP pretrained contrastively on captioned
-synthetic images, made locally, and three few-shot classification tasks it does imperfectly zero-shot.
+synthetic images, made locally, and few-shot classification tasks it does imperfectly zero-shot.
 
 No hub is reachable, so :func:`make_standin_clip` makes what one would give: a ``CLIPModel`` built from its
 Hugging Face config and trained by backprop (CLIP's symmetric contrastive loss) on :mod:`~flops_ray.data.shapes`'
@@ -10,9 +10,10 @@ captioned shapes and coloured digits, saved with ``save_pretrained`` beside a wo
 one of a few neutral openings; the class prompts of the tasks (``"a photo of a seven."``) name one attribute only,
 which is why zero-shot falls short of what a tuned prompt reaches.
 
-The tasks (:data:`TASKS`): ``digits`` (the digit of a coloured digit, 10 classes), ``shapes`` (the shape, 4),
-``colours`` (the colour of a shape, 4), ``places`` (where the shape is, 5) and ``shape_places`` (the shape and
-where it is, 20). Each has a ``shots``-per-class training set and a disjoint test set, from
+The tasks (:data:`TASKS`): ``digits`` (the digit of a coloured digit, 10 classes), ``digit_colours`` (its
+colour, 4), ``shapes`` (the shape, 4), ``colours`` (the colour of a shape, 4), ``places`` (where the shape is, 5),
+``low_res_places`` (the same scenes drawn at :data:`LOW_RES` pixels, 5), ``rows`` (the shape's row: top, centre or
+bottom, 3) and ``shape_places`` (the shape and where it is, 20). Each has a ``shots``-per-class training set and a disjoint test set, from
 images the pretraining never saw. Everything derives from the seed: the same seed writes the same bytes.
 """
 
@@ -37,10 +38,17 @@ caption ends at position 13, so a class text after a 12-token prompt reads some 
 (chains of openings that reach them made a CLIP whose manual prompt left tuning less room: docs/RESULTS.md)."""
 MANUAL_WORDS = ("photo", "of", ".")
 """Words of the manual prompt the captions never use: in the vocabulary, as a hub tokenizer's would be."""
-TASKS = ("digits", "shapes", "colours", "places", "shape_places")
+TASKS = ("digits", "digit_colours", "shapes", "colours", "places", "low_res_places", "rows", "shape_places")
 """The stand-in's classification tasks."""
 PLACE_NAMES = tuple(p.removeprefix("at the ").removeprefix("in the ") for p in PLACES)
 """A place's class name (``"top left"``, ..., ``"centre"``), by label."""
+LOW_RES = 16
+"""Side in pixels at which ``low_res_places`` draws its scenes (the image processor upscales them to the CLIP's
+side): the places question on images blurrier than any the pretraining showed."""
+ROW_NAMES = ("top", "centre", "bottom")
+"""A ``rows`` class name (the row a shape is in), by label."""
+PLACE_ROWS = np.array([0, 0, 2, 2, 1])
+"""The ``rows`` label of each place: the top and bottom corners share their row, the centre is the middle row."""
 SHAPE_PLACE_NAMES = tuple(f"{shape} {place}" for shape in SHAPES for place in PLACES)
 """A ``shape_places`` class name (``"square at the top left"``), label ``shape * len(PLACES) + place``: the
 captions' own words for what and where, so the class texts differ in two attributes at once."""
@@ -99,9 +107,12 @@ def class_names(task: str) -> tuple[str, ...]:
     """The class words of ``task``, in label order."""
     names = {
         "digits": DIGIT_WORDS,
+        "digit_colours": tuple(COLOURS),
         "shapes": SHAPES,
         "colours": tuple(COLOURS),
         "places": PLACE_NAMES,
+        "low_res_places": PLACE_NAMES,
+        "rows": ROW_NAMES,
         "shape_places": SHAPE_PLACE_NAMES,
     }
     if task not in names:
@@ -135,14 +146,17 @@ def task_split(
     never saw. Shape images are drawn until every class has its shots (a many-class task needs more than
     ``classes x shots + test_size``)."""
     names = class_names(task)
-    if task == "digits":
-        images, labels, _ = digit_images("test", derive_seed(seed, STREAM_DATA, _STANDIN, 3), size)
+    if task in ("digits", "digit_colours"):
+        images, digit, colour = digit_images("test", derive_seed(seed, STREAM_DATA, _STANDIN, 3), size)
+        labels = digit if task == "digits" else colour
     else:
         pool = len(names) * shots + test_size
+        base, side = ("places", LOW_RES) if task == "low_res_places" else (task, size)  # the same scenes, fewer pixels
         while True:
-            data = shape_images(pool, derive_seed(seed, STREAM_DATA, _STANDIN, 4), size)
+            data = shape_images(pool, derive_seed(seed, STREAM_DATA, _STANDIN, 4), side)
             images, by_task = data.images, {"shapes": data.shape, "colours": data.colour, "places": data.place}
-            labels = by_task[task] if task in by_task else data.shape * len(PLACES) + data.place  # shape_places
+            by_task["rows"] = PLACE_ROWS[data.place]
+            labels = by_task[base] if base in by_task else data.shape * len(PLACES) + data.place  # shape_places
             if np.bincount(labels, minlength=len(names)).min() >= shots or pool > 64 * len(names) * shots:
                 break
             pool *= 2

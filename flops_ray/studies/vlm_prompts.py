@@ -39,7 +39,8 @@ class TaskSpec:
     """One classification dataset: a stand-in task by name, or Parquet files of images and labels."""
 
     name: str
-    """The dataset's name in the results (a stand-in task: ``digits``, ``shapes``, ``colours`` or ``places``)."""
+    """The dataset's name in the results (a stand-in task of :data:`~flops_ray.data.standin_clip.TASKS`: ``digits``,
+    ``places``, ``low_res_places``, ...)."""
     train: str = ""
     """Parquet file of the training images (empty: the stand-in task ``name``)."""
     test: str = ""
@@ -58,7 +59,7 @@ class VLMPromptConfig:
     """Seed of the stand-in CLIP and its tasks (fixed across tuning seeds, as one released CLIP would be)."""
     standin_steps: int = 500
     """Contrastive pretraining steps of the stand-in."""
-    datasets: tuple[TaskSpec, ...] = (TaskSpec("digits"), TaskSpec("shapes"), TaskSpec("places"))
+    datasets: tuple[TaskSpec, ...] = (TaskSpec("digits"), TaskSpec("places"), TaskSpec("low_res_places"))
     """The classification datasets (columns of Table 2)."""
     shots: int = 16
     """Training images per class (C.2: the same 16-shot split for every method)."""
