@@ -118,7 +118,8 @@ def test_bench_engine_tiny(tmp_path, run_script):
         "lm": {"lr", "spsa"},
     }
     # A few rows timed three times are noise: plumbing only, never a speed threshold.
-    assert all(0 < e < 1.5 for figures in result["efficiency"].values() for e in figures.values())
+    # (A loaded host can time a plain forward slower than the queries: no upper bound.)
+    assert all(0 < e < np.inf for figures in result["efficiency"].values() for e in figures.values())
     assert set(result["lr_bound"]) == {"digits_vit", "vit_b16", "lm"}
     assert all(0 < b <= 1 for b in result["lr_bound"].values())
     # The digits group is blocks.3.mlp.fc2 (256 -> 64) on 17 tokens: weight and bias assembly per query.
