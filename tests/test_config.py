@@ -133,7 +133,7 @@ def test_overlapping_groups_are_rejected():
 
 def test_unknown_model_is_named():
     with pytest.raises(
-        UnknownNameError, match=r"^model: must be one of \['digits_vit', .* or a timm model name, got 'not_a_model'"
+        UnknownNameError, match=r"^model: must be one of \[.*'digits_vit'.*\] or a timm model name, got 'not_a_model'"
     ):
         create_model("not_a_model", 10, 8, 0)
 
