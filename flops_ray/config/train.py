@@ -41,7 +41,8 @@ class TrainConfig:
     """A whole forward-only training run. One root ``seed`` determines everything."""
 
     model: str = "digits_vit_pretrained"
-    """Model name in the flops_ray registry (``digits_vit``, ``digits_vit_pretrained``), any timm model name, or
+    """Model name in the flops_ray registry (``digits_vit``, ``digits_vit_pretrained``; ``digits_mixer(_pretrained)``,
+    an MLP-Mixer for the allocation evidence on a second family), any timm model name, or
     ``hf:<repo id or directory>``, a Hugging Face causal LM fine-tuned on a text dataset (README.md)."""
     pretrained: bool | str = False
     """Initial weights: ``false`` (or empty) for the seed's random init; ``true`` for timm's pretrained weights of
