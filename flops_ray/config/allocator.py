@@ -34,9 +34,10 @@ class AllocatorConfig:
     (docs/DESIGN.md section 3)."""
     joint: bool = False
     """Neyman over (group, sample) cells: one budget per step (the groups' budgets summed) split in proportion to
-    ``sqrt(T_gj)``, each group's signal scaled to the level of its measured traces in the trace memory (earlier
-    steps only), with the floor per cell; a step before the memory holds every group keeps the groups' own
-    budgets. Needs ``kind: neyman`` (docs/DESIGN.md section 3)."""
+    ``sqrt(T_gj)``, with the floor per cell. Under LR on the clean signal, the proxies times each group's noise
+    width (its linears' output width); otherwise each group's signal scaled to the level of its measured traces
+    in the trace memory (earlier steps only), and a step before the memory holds every group keeps the groups'
+    own budgets. Needs ``kind: neyman`` (docs/DESIGN.md section 3)."""
     memory_decay: float = 0.5
     """Trace memory: weight old evidence keeps at each new visit of a sample (traces drift as the model learns)."""
     memory_prior: float = 4.0
