@@ -99,7 +99,7 @@ class Death:
     """The position of the probe it was running (probes run alone), if any."""
     probing: bool
     """Its one task reached the lone-death streak: its samples are to be probed."""
-    started: bool = False
+    started: bool
     """The replica answered the liveness call sent right before its probe: it was alive as the probe started."""
 
     @property

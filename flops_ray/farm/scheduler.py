@@ -197,7 +197,7 @@ class Scheduler:
                 pick = next((i for i, p in enumerate(general) if self._fits(p, slot, running)), None)
                 if pick is not None:
                     pos = general.pop(pick)
-                elif running or not general or (pos := self.hunt.proof()) is None:
+                elif running or (pos := self.hunt.proof()) is None:
                     continue
                 own = self.hunt.own(pos)  # a probe's result is not the step's: nothing kept, nothing returned
                 if not own:

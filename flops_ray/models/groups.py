@@ -22,7 +22,7 @@ class ResolvedGroup:
     """LR targets: the group's ``nn.Linear`` modules, in model order."""
     params: list[tuple[str, nn.Parameter]]
     """Trained parameters in the group's flat order (for LR: each linear's weight then bias)."""
-    linear_outputs: bool = False
+    linear_outputs: bool
     """The estimator perturbs the linears' outputs (LR), not the parameters (SPSA/ES)."""
 
     @property
